@@ -1,0 +1,136 @@
+"""The optimizer built from the config, the train state, and the pure train / eval steps.
+
+The step differentiates only the trainable part of the parameters (`masking.split`), so XLA
+drops the backward pass below the first trainable layer and the weight gradients of the
+bias-only stratum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from spafit_jax import masking
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What changes during training (and what a checkpoint holds)."""
+
+    step: jax.Array
+    trainable: Any  # the params with None where a leaf is frozen
+    opt_state: Any
+    rng: jax.Array  # raw PRNG key data (uint32); dropout keys are folded from it and the step
+
+
+def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
+    """Linear warmup to `peak` over warmup_ratio * total_steps, then linear decay to 0."""
+    warmup = min(max(int(round(warmup_ratio * total_steps)), 0), total_steps)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))],
+        [warmup],
+    )
+
+
+def make_optimizer(labels, train_cfg, total_steps: int) -> optax.GradientTransformation:
+    """Gradient clipping, then one AdamW per label with its own learning-rate schedule.
+
+    `train_cfg` needs lr, lr_by_label, warmup_ratio, weight_decay and max_grad_norm.
+    """
+    present = {l for l in jax.tree_util.tree_leaves(labels) if l != "frozen"}
+    settings = {
+        label: {
+            "learning_rate": schedule(train_cfg.lr_by_label.get(label, train_cfg.lr), total_steps, train_cfg.warmup_ratio),
+            "weight_decay": train_cfg.weight_decay,
+        }
+        for label in sorted(present)
+    }
+    tx = masking.stratified_optimizer(labels, settings)
+    if train_cfg.max_grad_norm:
+        tx = optax.chain(optax.clip_by_global_norm(train_cfg.max_grad_norm), tx)
+    return tx
+
+
+def learning_rates(labels, train_cfg, total_steps: int, step) -> dict[str, float]:
+    """The learning rate of each trainable label at `step` (for logging)."""
+    present = sorted({l for l in jax.tree_util.tree_leaves(labels) if l != "frozen"})
+    return {
+        l: float(schedule(train_cfg.lr_by_label.get(l, train_cfg.lr), total_steps, train_cfg.warmup_ratio)(step))
+        for l in present
+    }
+
+
+def init_state(trainable, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0, fresh optimizer state, and the dropout key."""
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.key_data(jax.random.key(seed)))
+
+
+def loss_sum(logits, batch, is_regression: bool):
+    """(sum of weighted per-example losses, sum of weights): cross-entropy, or MSE for regression."""
+    weights = batch["weights"]
+    if is_regression:
+        losses = jnp.square(logits[..., 0] - batch["labels"])
+    else:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _inputs(batch):
+    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+
+
+def train_step(
+    state: TrainState,
+    frozen,
+    batch,
+    *,
+    apply_fn: Callable,
+    tx: optax.GradientTransformation,
+    is_regression: bool = False,
+    grad_accum: int = 1,
+    axis_name: str | None = None,
+):
+    """One optimizer step on `batch`; returns (new state, {"loss": mean loss}).
+
+    Gradients are taken w.r.t. `state.trainable` only. With grad_accum > 1 the batch is cut
+    into that many micro-batches whose gradients are summed in a scan. Under `pmap`, pass
+    axis_name so gradients and losses are summed across devices.
+    """
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if axis_name is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+    def loss(trainable, micro, key):
+        params = masking.merge(trainable, frozen)
+        logits = apply_fn({"params": params}, *_inputs(micro), deterministic=False, rngs={"dropout": key})
+        return loss_sum(logits, micro, is_regression)
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    if grad_accum == 1:
+        (total, count), grads = grad_fn(state.trainable, batch, key)
+    else:
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, inp):
+            i, mb = inp
+            (l, n), g = grad_fn(state.trainable, mb, jax.random.fold_in(key, i))
+            return jax.tree_util.tree_map(jnp.add, carry, (g, l, n)), None
+
+        zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.trainable), jnp.zeros(()), jnp.zeros(()))
+        (grads, total, count), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+    if axis_name is not None:
+        grads, total, count = jax.lax.psum((grads, total, count), axis_name)
+    grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+    return new, {"loss": total / jnp.maximum(count, 1.0)}
+
+
+def eval_step(trainable, frozen, batch, *, apply_fn: Callable):
+    """Logits [B, C] of the deterministic model (padding examples included; weights mask them)."""
+    return apply_fn({"params": masking.merge(trainable, frozen)}, *_inputs(batch), deterministic=True)

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Launch one training command on every worker of a TPU VM / pod slice, detached (tmux, or nohup
+# where tmux is missing) so that it survives the ssh session, with one log file per worker.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<EOF
+usage: $SCRIPT_NAME --name NAME --zone ZONE --workdir DIR [options] [-- TRAIN_ARGS...]
+
+Run on every worker, at the same time, in REMOTE_DIR:
+  .venv/bin/python -m spafit_jax.train [--config FILE]... --workdir DIR distributed.enabled=true TRAIN_ARGS...
+inside a detached tmux session (nohup where tmux is missing). Worker N (its index from the
+TPU VM metadata) streams its output with tee into LOG_DIR/NAME-workerN.log and, when the
+command ends, writes its exit status to LOG_DIR/NAME-workerN.exit (watch.sh reads worker 0's).
+distributed.enabled=true makes every worker call jax.distributed.initialize(), which finds the
+coordinator, the number of processes and its own index from the TPU VM metadata by itself.
+Re-running the same command with the same --workdir resumes from its last Orbax checkpoint.
+
+required:
+  --name NAME              TPU node id
+  --zone ZONE              zone of the node
+  --workdir DIR            run folder, the same for every worker; use gs://BUCKET/PATH (or a
+                           filesystem every worker mounts) so that checkpoints are shared and
+                           outlive a preempted VM
+
+options:
+  --config FILE            a config YAML, relative to REMOTE_DIR (repeatable; later wins), e.g.
+                           configs/glue/sst2.yaml then configs/methods/spafit.yaml
+  --project PROJECT        Google Cloud project (default: gcloud's configured project)
+  --worker SPEC            workers to launch on: all (default); a subset only for debugging
+  --remote-dir DIR         project folder on the workers (default: ~/$REMOTE_DIR_DEFAULT)
+  --log-dir DIR            log folder on the workers, relative to REMOTE_DIR (default: $LOG_DIR_DEFAULT)
+  --session NAME           tmux session name (default: $SESSION_DEFAULT)
+  --env KEY=VALUE          export KEY=VALUE for the training process (repeatable); the
+                           defaults are PYTHONUNBUFFERED=1 and JAX_PLATFORMS=tpu
+  --no-distributed         leave out distributed.enabled=true
+  --follow                 afterwards, stream worker 0's log here (Ctrl-C stops following,
+                           not the training)
+  --dry-run                print the gcloud commands instead of running them
+  -h, --help               show this help
+  -- TRAIN_ARGS...         passed to python -m spafit_jax.train as they are, e.g.
+                           train.max_steps=2000 train.batch_size=32
+
+example:
+  $SCRIPT_NAME --name sst2 --zone us-central2-b --workdir gs://my-bucket/runs/sst2-spafit \\
+      --config configs/glue/sst2.yaml --config configs/methods/spafit.yaml -- train.eval_every=500
+EOF
+}
+
+NAME="" ZONE="" PROJECT="" WORKDIR="" WORKER=all REMOTE_DIR=$REMOTE_DIR_DEFAULT
+LOG_DIR=$LOG_DIR_DEFAULT SESSION=$SESSION_DEFAULT DISTRIBUTED=1 FOLLOW=0
+CONFIGS=() ENVS=() TRAIN_ARGS=()
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --) shift; TRAIN_ARGS=("$@"); break ;;
+    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+    --name) need_value "$1" $# "${2-}"; NAME=$2; shift ;;
+    --zone) need_value "$1" $# "${2-}"; ZONE=$2; shift ;;
+    --project) need_value "$1" $# "${2-}"; PROJECT=$2; shift ;;
+    --workdir) need_value "$1" $# "${2-}"; WORKDIR=$2; shift ;;
+    --config) need_value "$1" $# "${2-}"; CONFIGS+=("$2"); shift ;;
+    --worker) need_value "$1" $# "${2-}"; WORKER=$2; shift ;;
+    --remote-dir) need_value "$1" $# "${2-}"; REMOTE_DIR=$2; shift ;;
+    --log-dir) need_value "$1" $# "${2-}"; LOG_DIR=$2; shift ;;
+    --session) need_value "$1" $# "${2-}"; SESSION=$2; shift ;;
+    --env) need_value "$1" $# "${2-}"; ENVS+=("$2"); shift ;;
+    --no-distributed) DISTRIBUTED=0 ;;
+    --follow) FOLLOW=1 ;;
+    --dry-run) DRY_RUN=1 ;;
+    *) unknown_option "$1" ;;
+  esac
+  shift
+done
+
+require "$NAME" --name
+require "$ZONE" --zone
+require "$WORKDIR" --workdir
+check_name "$NAME"
+check_worker "$WORKER"
+require "$REMOTE_DIR" --remote-dir
+require "$LOG_DIR" --log-dir
+[[ $SESSION =~ ^[A-Za-z0-9_-]+$ ]] || die "bad --session '$SESSION': use letters, digits, '_' and '-'"
+for kv in ${ENVS[@]+"${ENVS[@]}"}; do
+  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "bad --env '$kv': expected KEY=VALUE"
+done
+if [[ $WORKDIR != gs://* ]]; then
+  warn "--workdir $WORKDIR is not on GCS: every worker must see the same folder (a shared mount)," \
+    "and it must outlive the VM for a resume after preemption"
+fi
+location_flags
+
+# The training command and the runner that each worker keeps in LOG_DIR/NAME-launch.sh.
+train=(.venv/bin/python -m spafit_jax.train)
+for c in ${CONFIGS[@]+"${CONFIGS[@]}"}; do train+=(--config "$c"); done
+train+=(--workdir "$WORKDIR")
+((DISTRIBUTED)) && train+=(distributed.enabled=true)
+train+=(${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
+
+exports="export PYTHONUNBUFFERED=1 JAX_PLATFORMS=tpu"
+for kv in ${ENVS[@]+"${ENVS[@]}"}; do exports+="
+export $(q "$kv")"; done
+logbase="$(q "$LOG_DIR")/$NAME-worker"
+runner_path="$LOG_DIR/$NAME-launch.sh"
+runner="#!/usr/bin/env bash
+# Written by tpu_scripts/launch.sh: the training command of run $NAME on this worker.
+set -uo pipefail
+w=\$(curl -sf -m 5 -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number 2>/dev/null) || w=0
+[[ \$w =~ ^[0-9]+\$ ]] || w=0
+log=${logbase}\${w}.log
+rm -f ${logbase}\${w}.exit
+$exports
+echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) start on worker \$w (\$(hostname)), command in \$0\" >> \"\$log\"
+$(q "${train[@]}") 2>&1 | tee -a \"\$log\"
+status=\${PIPESTATUS[0]}
+echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) exit status \$status\" | tee -a \"\$log\"
+echo \$status > ${logbase}\${w}.exit
+exit \$status"
+
+script="set -euo pipefail
+cd $(q "$REMOTE_DIR")
+mkdir -p $(q "$LOG_DIR")
+cat > $(q "$runner_path") <<'SPAFIT_LAUNCH_EOF'
+$runner
+SPAFIT_LAUNCH_EOF
+if command -v tmux >/dev/null 2>&1; then
+  if tmux has-session -t $(q "$SESSION") 2>/dev/null; then
+    echo \"\$(hostname): tmux session $SESSION is still running; stop it first: tpu_scripts/ssh.sh --name $NAME --zone $ZONE --worker all -- tmux kill-session -t $SESSION\" >&2
+    exit 3
+  fi
+  tmux new-session -d -s $(q "$SESSION") -c \"\$PWD\" $(q "bash $(q "$runner_path")")
+else
+  nohup bash $(q "$runner_path") >/dev/null 2>&1 </dev/null &
+fi
+echo \"\$(hostname): launched; log in $(remote_path "$(remote_log "$REMOTE_DIR" "$LOG_DIR" "$NAME-worker<N>.log")")\""
+run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${LOC_FLAGS[@]}" --worker="$WORKER" --command "$script"
+
+if ((FOLLOW)); then
+  log0=$(remote_log "$REMOTE_DIR" "$LOG_DIR" "$NAME-worker0.log")
+  run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${LOC_FLAGS[@]}" --worker=0 \
+    --command "tail -n +1 -F $(q "$log0")"
+fi
