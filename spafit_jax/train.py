@@ -305,6 +305,7 @@ def _main_thread() -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; bad input is one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's routine notices
     try:
         cfg, args = config_lib.parse_args(argv)
         train_and_evaluate(cfg, args.workdir, overwrite=args.overwrite)

@@ -1,0 +1,158 @@
+"""End-to-end runs of `python -m spafit_jax.train` on a tiny BERT and on MiniLM with BBC News slices."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from spafit_jax import config as config_lib
+from spafit_jax.errors import CheckpointError
+from spafit_jax.train import main, train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(model_dir, *extra):
+    return [f"model.name={model_dir}", "data.limit_train=64", "data.limit_eval=24", "data.max_length=32",
+            "train.batch_size=8", "train.eval_batch_size=8", "method.n1=1", "method.n2=2", "train.log_every=2",
+            *extra]
+
+
+def cfg(model_dir, *extra):
+    return config_lib.load_config([], small(model_dir, *extra))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_short_run_writes_results_metrics_config_and_tensorboard(tiny_model_dir, tmp_path, capsys):
+    run = train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=6", "train.eval_every=4"), tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())
+    for key in ("task", "method", "trainable_params", "total_params", "eval", "train_seconds", "examples_per_second"):
+        assert key in res, key
+    assert res["task"] == "bbc_news" and res["method"] == "spafit" and res["steps"] == 6
+    assert 0 < res["trainable_params"] < res["total_params"] and set(res["eval"]) == {"accuracy", "macro_f1"}
+    assert res["compiled_shapes"] <= len(res["buckets"])
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    train = [r for r in records if r.get("kind") != "eval"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert all({"loss", "learning_rate"} <= set(r) for r in train)
+    assert [r["step"] for r in evals] == [4, 6] and "accuracy" in evals[0]
+    assert res["eval"]["accuracy"] == evals[-1]["accuracy"]
+    assert config_lib.load_config([str(tmp_path / "config.yaml")]).train.max_steps == 6
+    assert list((tmp_path / "tensorboard").iterdir())
+    out = capsys.readouterr().out
+    assert "trainable" in out and "accuracy" in out and "examples/s" in out
+    assert run.results == res
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "lora", "head_only"])
+def test_baselines_run_from_the_same_entry_point(tiny_model_dir, tmp_path, method):
+    res = train_and_evaluate(cfg(tiny_model_dir, f"method.name={method}", "train.max_steps=2"), tmp_path).results
+    counts = res["params_by_label"]
+    assert res["method"] == method
+    if method == "full":
+        assert "frozen" not in counts and counts["weight"] > 0
+    elif method == "head_only":
+        assert set(counts) == {"head", "pooler", "frozen"}
+    else:
+        assert ("lora" in counts) == (method == "lora") and ("bias" in counts) == (method == "bitfit")
+
+
+def test_minilm_on_a_slice_of_bbc_news_learns(tmp_path):
+    c = config_lib.load_config([], ["data.limit_train=96", "data.limit_eval=48", "data.max_length=64",
+                                    "train.batch_size=16", "train.eval_batch_size=16", "train.max_steps=6",
+                                    "train.lr=2e-3", "method.n1=2", "method.n2=4", "train.log_every=1"])
+    res = train_and_evaluate(c, tmp_path).results
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("kind") != "eval"]
+    assert losses[-1] < losses[0]
+    assert res["eval"]["accuracy"] > 0.4  # 5 classes: chance is 0.2
+
+
+def test_resume_is_exact(tiny_model_dir, tmp_path):
+    """20 steps straight == 10 steps, interrupt, resume 10 (params, optimizer state, step)."""
+    c = cfg(tiny_model_dir, "train.max_steps=20", "train.epochs=4")
+    straight = train_and_evaluate(c, tmp_path / "a")
+    stopped = train_and_evaluate(c, tmp_path / "b", stop_after=10)
+    assert stopped.results == {"stopped_at": 10} and not (tmp_path / "b/results.json").exists()
+    resumed = train_and_evaluate(c, tmp_path / "b")
+    assert int(resumed.state.step) == 20
+    leaves = lambda s: jax.tree_util.tree_leaves((s.trainable, s.opt_state, s.step))  # noqa: E731
+    for a, b in zip(leaves(straight.state), leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed.results["eval"] == straight.results["eval"]
+
+
+def test_resume_with_another_base_model_is_refused(tiny_model_dir, tmp_path, capsys):
+    train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=8"), tmp_path, stop_after=2)
+    capsys.readouterr()
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    other = small("minilm", "train.max_steps=8")
+    assert main(["--workdir", str(tmp_path), *other]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "different base model" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    with pytest.raises(CheckpointError, match="plan"):
+        train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=8", "method.n1=0"), tmp_path)
+
+
+def test_finished_run_is_not_overwritten_silently(tiny_model_dir, tmp_path, capsys):
+    args = ["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=2")]
+    assert main(args) == 0
+    first = (tmp_path / "results.json").read_text()
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == first
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_config_errors_exit_2_before_loading_anything(tmp_path, capsys):
+    assert main(["--workdir", str(tmp_path), "train.lr=-1"]) == 2
+    assert main(["--workdir", str(tmp_path), "trian.lr=1"]) == 2
+    assert main(["--workdir", str(tmp_path), "data.task=nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error:") for line in err)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_rows_are_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\nfine text,0\n,1\n")
+    rc = main(["--workdir", str(tmp_path / "run"), f"model.name={tiny_model_dir}", "data.task=local",
+               f"data.train_file={train}", f"data.eval_file={train}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "train.csv" in err and "row 2" in err
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_the_rerun_finishes(tiny_model_dir, tmp_path):
+    cmd = [sys.executable, "-m", "spafit_jax.train", "--workdir", str(tmp_path),
+           *small(tiny_model_dir, "train.max_steps=400", "train.epochs=100", "train.log_every=1")]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        metrics = tmp_path / "metrics.jsonl"
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "checkpoint saved" in err
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and not (tmp_path / "results.json").exists()
+    # the rerun resumes from that checkpoint (fewer steps left) and finishes
+    res = train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=400", "train.epochs=100", "train.log_every=1"),
+                             tmp_path, stop_after=1)
+    assert res.results["stopped_at"] == max(steps) + 1
