@@ -93,7 +93,10 @@ def read_config(folder: Path) -> BertConfig:
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
     """Flat {'/'-joined Flax path: array} from the folder's weight file, names mapped to our layout."""
     if (folder / SAFETENSORS_INDEX).is_file() or (folder / SAFETENSORS).is_file():
-        return _from_torch_names(_read_safetensors(folder))
+        state, flax_format = _read_safetensors(folder)
+        if flax_format:  # written by a Flax model: '.'-joined Flax paths, kernels already (in, out)
+            return _prefixed({k.replace(".", "/"): v for k, v in state.items()})
+        return _from_torch_names(state)
     if (folder / FLAX).is_file():
         return _read_flax(folder / FLAX)
     if (folder / TORCH).is_file():
@@ -101,7 +104,9 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     raise LoadError(f"{folder} has no weights; expected {SAFETENSORS}, {FLAX} or {TORCH}")
 
 
-def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
+def _read_safetensors(folder: Path) -> tuple[dict[str, np.ndarray], bool]:
+    """The tensors of model.safetensors (or its shards), and whether a Flax model wrote them."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     if (folder / SAFETENSORS_INDEX).is_file():
@@ -109,13 +114,15 @@ def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
         files = sorted(set(index["weight_map"].values()))
     else:
         files = [SAFETENSORS]
-    out = {}
+    out, flax_format = {}, False
     for f in files:
         try:
             out.update(load_file(str(folder / f)))
+            with safe_open(str(folder / f), "np") as handle:
+                flax_format |= (handle.metadata() or {}).get("format") == "flax"
         except Exception as e:  # noqa: BLE001 (safetensors raises its own error types)
             raise LoadError(f"{folder / f} is truncated or corrupt ({e}); re-download or re-save the model") from None
-    return out
+    return out, flax_format
 
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
@@ -137,10 +144,14 @@ def _read_flax(path: Path) -> dict[str, np.ndarray]:
         tree = msgpack_restore(path.read_bytes())
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{path} is truncated or corrupt ({type(e).__name__}); re-download or re-save the model") from None
-    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()}
-    if not any(k.startswith("bert/") for k in flat):  # a base model saved without the prefix
-        flat = {(k if k.startswith(("classifier/", "cls/")) else f"bert/{k}"): v for k, v in flat.items()}
-    return flat
+    return _prefixed({"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()})
+
+
+def _prefixed(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Adds the `bert/` prefix that Hugging Face base models (FlaxBertModel) save without."""
+    if any(k.startswith("bert/") for k in flat):
+        return flat
+    return {(k if k.startswith(("classifier/", "cls/")) else f"bert/{k}"): v for k, v in flat.items()}
 
 
 def _from_torch_names(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -184,8 +195,8 @@ def load_pretrained(
     weights = read_weights(folder)
     model = BertForSequenceClassification(config, dtype, param_dtype, lora, num_labels=num_labels)
     dummy = jnp.zeros((1, 8), jnp.int32)
-    init = jax.jit(lambda key: model.init(key, dummy)["params"])
-    fresh = {"/".join(k): v for k, v in flatten_dict(init(jax.random.key(seed))).items()}
+    # eager: a jitted init of the unrolled model would compile the whole graph on every call
+    fresh = {"/".join(k): v for k, v in flatten_dict(model.init(jax.random.key(seed), dummy)["params"]).items()}
 
     head = weights.get("classifier/kernel")
     if head is not None and head.shape[-1] != num_labels:

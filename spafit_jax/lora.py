@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
 import re
 from typing import Any, Mapping
 
@@ -44,9 +46,14 @@ class LoRAConfig:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("targets", tuple(self.targets))
+        set_("targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
         if self.layers is not None:
-            set_("layers", tuple(int(i) for i in self.layers))
+            try:
+                if any(isinstance(i, bool) for i in self.layers):
+                    raise TypeError
+                set_("layers", tuple(operator.index(i) for i in self.layers))
+            except TypeError:
+                raise ConfigError(f"LoRA layers must be integer layer indices, got {self.layers!r}") from None
         if isinstance(self.rank_pattern, Mapping):
             set_("rank_pattern", tuple(self.rank_pattern.items()))
         else:
@@ -54,9 +61,13 @@ class LoRAConfig:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError(f"LoRA rank must be a positive integer, got {self.rank!r}; set e.g. rank=8")
         for pattern, rank in self.rank_pattern:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"LoRA rank_pattern {pattern!r} is not a regular expression ({e})") from None
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"LoRA rank_pattern {pattern!r} gives rank {rank!r}; ranks must be positive integers")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise ConfigError(f"LoRA targets are empty; choose some of {', '.join(TARGETS)}")

@@ -193,6 +193,9 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | os.PathLike | None
     stop = {"signal": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)) \
         if _main_thread() else None
+    if lead and (workdir / "metrics.jsonl").exists():  # drop what was logged after the checkpoint we resume from
+        kept = [r for r in (workdir / "metrics.jsonl").read_text().splitlines() if r and json.loads(r)["step"] <= start]
+        (workdir / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
     writer = _Writer(workdir, lead)
     buckets = data.resolve_buckets(cfg.data)
     shapes: set[tuple] = set()

@@ -11,6 +11,11 @@ import shutil
 import pytest
 
 REQUIRE_REFERENCE = os.environ.get("SPAFIT_REQUIRE_REFERENCE") == "1"
+
+# Many tests compile the same tiny-model steps: share compiled executables between tests,
+# xdist workers and the subprocesses they start (same machine, same jax).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 TINY = dict(
     vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
     max_position_embeddings=128, type_vocab_size=2, hidden_act="gelu", layer_norm_eps=1e-12,

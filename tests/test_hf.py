@@ -121,6 +121,22 @@ def test_hugging_face_flax_checkpoint_fixture(folder):
     np.testing.assert_allclose(pooled, exp["pooler_output"], atol=ATOL)
 
 
+def test_flax_format_safetensors(tmp_path):
+    """Hugging Face Flax models can save model.safetensors with '.'-joined Flax paths."""
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save_file
+
+    folder = FIXTURES / "hf_flax_tiny"
+    _, params = load_pretrained(folder, num_labels=3)
+    shutil.copy(folder / "config.json", tmp_path)
+    flat = {".".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
+    save_file(flat, str(tmp_path / "model.safetensors"), metadata={"format": "flax"})
+    exp = np.load(folder / "expected.npz")
+    model, params2 = load_pretrained(tmp_path, num_labels=3)
+    logits = model.apply({"params": params2}, exp["input_ids"], exp["attention_mask"], exp["token_type_ids"])
+    np.testing.assert_allclose(logits, exp["logits"], atol=ATOL)
+
+
 def test_missing_head_is_initialised_from_seed_with_a_notice(tiny_model_dir, caplog):
     _, p0 = load_pretrained(tiny_model_dir, num_labels=4, seed=0)
     _, p1 = load_pretrained(tiny_model_dir, num_labels=4, seed=1)
