@@ -104,7 +104,7 @@ class TrainConfig:
     eval_batch_size: int = _field(64, "examples per evaluation batch")
     epochs: float = _field(1.0, "passes over the training data (fractions allowed)")
     max_steps: int | None = _field(None, "stop after this many optimizer steps (caps epochs)")
-    lr: float = _field(5e-4, "peak learning rate (warmup, then linear decay to 0)")
+    lr: float = _field(3e-3, "peak learning rate (warmup, then linear decay to 0)")
     lr_by_label: dict[str, float] = _field(help="per-label learning rate, e.g. {head: 1e-3}", factory=dict)
     warmup_ratio: float = _field(0.06, "fraction of steps spent in linear warmup, in [0, 1]")
     weight_decay: float = _field(0.01, "AdamW weight decay (matrices only, never biases/LayerNorm)")

@@ -39,7 +39,7 @@ def test_defaults_are_the_offline_demo():
     c = Config()
     assert (c.model.name, c.data.task, c.data.max_length) == ("minilm", "bbc_news", 128)
     assert (c.method.name, c.method.n1, c.method.n2) == ("spafit", None, None)
-    assert (c.train.epochs, c.train.batch_size, c.train.lr) == (1.0, 32, 5e-4)
+    assert (c.train.epochs, c.train.batch_size, c.train.lr) == (1.0, 32, 3e-3)
     assert c.method.lora_targets == ("query", "value")
     assert load_config() == c
 
