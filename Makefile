@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 train: $(STAMP)
 	$(PY) -m spafit_jax.train

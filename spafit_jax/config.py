@@ -141,6 +141,9 @@ class DistributedConfig:
     num_processes: int | None = _field(None, "number of processes (null = auto-detect)")
     process_id: int | None = _field(None, "this process's index (null = auto-detect)")
     initialization_timeout: int = _field(300, "seconds to wait for the other processes")
+    heartbeat_timeout: int = _field(
+        100, "seconds without heartbeats after which a process counts as dead and the others exit with an error"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,6 +565,7 @@ def _check(config: Config, origins: Mapping) -> None:
          "distributed.process_id", f"must be < distributed.num_processes={dist.num_processes}",
          "number processes 0..num_processes-1")
     need(dist.initialization_timeout > 0, "distributed.initialization_timeout", "must be > 0", "use e.g. 300")
+    need(dist.heartbeat_timeout > 0, "distributed.heartbeat_timeout", "must be > 0", "use e.g. 100")
 
 
 # ----------------------------------------------------------------------------------------------

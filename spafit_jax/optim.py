@@ -96,9 +96,10 @@ def train_step(
 ):
     """One optimizer step on `batch`; returns (new state, {"loss": mean loss}).
 
-    Gradients are taken w.r.t. `state.trainable` only. With grad_accum > 1 the batch is cut
-    into that many micro-batches whose gradients are summed in a scan. Under `pmap`, pass
-    axis_name so gradients and losses are summed across devices.
+    Gradients are taken w.r.t. `state.trainable` only. With grad_accum = k > 1 the batch is cut
+    into k micro-batches, rows i, i+k, i+2k, ... (so each device's rows split evenly and a
+    batch sharded over devices needs no re-sharding), whose gradients are summed in a scan.
+    Under `pmap`, pass axis_name so gradients and losses are summed across devices.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:
@@ -113,7 +114,7 @@ def train_step(
     if grad_accum == 1:
         (total, count), grads = grad_fn(state.trainable, batch, key)
     else:
-        micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, inp):
             i, mb = inp

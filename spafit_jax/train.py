@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from spafit_jax import checkpoint, config as config_lib, data, hf, masking, metrics, optim, parallel
 from spafit_jax.errors import ConfigError, SpafitError
@@ -49,7 +50,7 @@ def _init_distributed(cfg) -> None:
         return
     jax.distributed.initialize(
         coordinator_address=d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id,
-        initialization_timeout=d.initialization_timeout,
+        initialization_timeout=d.initialization_timeout, heartbeat_timeout_seconds=d.heartbeat_timeout,
     )
 
 
@@ -133,6 +134,9 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | os.PathLike | None
     _init_distributed(cfg)
     lead = jax.process_index() == 0
     spec = data.task_from_config(cfg.data)  # bad task names fail before anything heavy
+    t = cfg.train
+    parallel.check_batch(t.batch_size, "train.batch_size", t.grad_accum)  # and batches the devices cannot share
+    parallel.check_batch(t.eval_batch_size, "train.eval_batch_size")
     if workdir is None:
         if jax.process_count() > 1:
             raise ConfigError("multi-host runs need an explicit --workdir shared by all processes")
@@ -165,9 +169,6 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | os.PathLike | None
     n1, n2 = masking.resolve_strata(num_layers, m.n1, m.n2) if m.name == "spafit" else (None, None)
     trainable, frozen = masking.split(params, labels)
 
-    t = cfg.train
-    parallel.check_batch(t.batch_size, "train.batch_size", t.grad_accum)
-    parallel.check_batch(t.eval_batch_size, "train.eval_batch_size")
     per_epoch = data.steps_per_epoch(task.train, t.batch_size)
     total_steps = math.ceil(t.epochs * per_epoch)
     if t.max_steps:
@@ -191,8 +192,11 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | os.PathLike | None
     start = int(np.asarray(driver.host_state(state).step))
 
     stop = {"signal": False}
+    # On several hosts JAX's preemption service catches SIGTERM and names one step at which every
+    # process stops (reached_preemption_sync_point below); a handler of ours would replace its
+    # handler and let each process stop at another step, which hangs the others.
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)) \
-        if _main_thread() else None
+        if _main_thread() and jax.process_count() == 1 else None
     if lead and (workdir / "metrics.jsonl").exists():  # drop what was logged after the checkpoint we resume from
         kept = [r for r in (workdir / "metrics.jsonl").read_text().splitlines() if r and json.loads(r)["step"] <= start]
         (workdir / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
@@ -256,7 +260,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str | os.PathLike | None
                 save(step, next(iter(eval_results.values())))
             elif cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 save(step)
-            if stop["signal"] or (stop_after is not None and step - start >= stop_after):
+            preempted = stop["signal"] or multihost_utils.reached_preemption_sync_point(step)
+            if preempted or (stop_after is not None and step - start >= stop_after):
                 if step < total_steps:
                     save(step, force=True)
                     ckpt.wait()
