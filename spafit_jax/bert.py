@@ -64,6 +64,31 @@ class BertConfig:
         return cls(**{k: v for k, v in d.items() if k in names and (v is not None or k == "classifier_dropout")})
 
 
+class Dropout(nn.Module):
+    """Inverted dropout drawing 16-bit uniforms: half the threefry work of `nn.Dropout` (32 bits per element).
+
+    An element is dropped when its 16-bit draw is below round(rate * 65536), so the drop
+    probability is `rate` to within 2**-17; kept elements are scaled by the exact inverse of the
+    keep probability. Leading dimensions are kept as they are, so a batch-sharded input draws
+    batch-sharded bits.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate >= 1.0:
+            return jnp.zeros_like(x)
+        cut = round(self.rate * 65536)
+        *lead, last = x.shape
+        words = jax.random.bits(self.make_rng("dropout"), (*lead, (last + 1) // 2), jnp.uint32)
+        draws = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*lead, -1)[..., :last]
+        keep = draws >= jnp.uint16(cut)
+        return jnp.where(keep, x * jnp.asarray(65536 / (65536 - cut), x.dtype), jnp.zeros_like(x))
+
+
 class _Module(nn.Module):
     """Shared attributes of every BERT module; `layer` is the index of the enclosing layer."""
 
@@ -113,7 +138,7 @@ class BertEmbeddings(_Module):
             + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids_BxT)
         )
         x = self.layer_norm("LayerNorm")(x)
-        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        return Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class _SelfAttention(_Module):
@@ -132,7 +157,7 @@ class _SelfAttention(_Module):
         scores_BxHxTxT = jnp.einsum("bqhk,bthk->bhqt", q_BxTxHxK, k_BxTxHxK)
         scores_BxHxTxT = scores_BxHxTxT.astype(jnp.float32) + mask_bias_Bx1x1xT
         probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(self.dtype)
-        probs_BxHxTxT = nn.Dropout(c.attention_probs_dropout_prob)(probs_BxHxTxT, deterministic=deterministic)
+        probs_BxHxTxT = Dropout(c.attention_probs_dropout_prob)(probs_BxHxTxT, deterministic=deterministic)
         ctx_BxTxHxK = jnp.einsum("bhqt,bthk->bqhk", probs_BxHxTxT, v_BxTxHxK)
         return ctx_BxTxHxK.reshape(B, T, D)
 
@@ -145,7 +170,7 @@ class _Output(_Module):
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
         y = self.dense(residual.shape[-1], "dense", x, deterministic, target=self.target)
-        y = nn.Dropout(self.config.hidden_dropout_prob)(y, deterministic=deterministic)
+        y = Dropout(self.config.hidden_dropout_prob)(y, deterministic=deterministic)
         return self.layer_norm("LayerNorm")(y + residual)
 
 
@@ -232,6 +257,6 @@ class BertForSequenceClassification(_Module):
         c = self.config
         _, pooled = self.child(BertModel, "bert")(input_ids, attention_mask, token_type_ids, deterministic)
         rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
-        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+        pooled = Dropout(rate)(pooled, deterministic=deterministic)
         logits = self.dense(self.num_labels, "classifier", pooled, deterministic)
         return logits.astype(jnp.float32)

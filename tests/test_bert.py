@@ -109,3 +109,14 @@ def test_bad_config_is_a_clear_error():
         BertConfig(hidden_act="mish")
     with pytest.raises(ConfigError, match="multiple of num_attention_heads"):
         BertConfig(hidden_size=30, num_attention_heads=4)
+
+
+def test_dropout_drops_at_the_rate_and_keeps_the_mean():
+    from spafit_jax.bert import Dropout
+
+    x = jnp.ones((64, 1001))
+    y = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    dropped = float(jnp.mean(y == 0))
+    assert abs(dropped - 0.1) < 0.005 and abs(float(jnp.mean(y)) - 1.0) < 0.01
+    np.testing.assert_array_equal(Dropout(0.1).apply({}, x, deterministic=True), x)
+    assert float(jnp.abs(Dropout(1.0).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})).max()) == 0
