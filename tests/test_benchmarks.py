@@ -21,6 +21,9 @@ def run(script: str, *args: str, timeout: int = 240) -> list[dict]:
     # Unoptimised LLVM code generation: compiles about twice as fast, and no timing is checked here.
     xla_flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", XLA_FLAGS=xla_flags)
+    # No persistent compile cache here: an executable loaded from it prints other HLO text, and
+    # infer.py compares the merged model's program with the plain one's.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
