@@ -16,6 +16,7 @@ from spafit_jax.errors import ConfigError
 from spafit_jax.hf import load_pretrained
 from spafit_jax.lora import TARGETS, LoRA, LoRAConfig, adapters, merge, unmerge
 from tests.conftest import TINY
+from tests.test_hf import inputs  # the shared padded, sentence-pair batch
 
 CFG = BertConfig(**dict(TINY, vocab_size=120))  # 3 layers, hidden 32, intermediate 37
 L = CFG.num_hidden_layers
@@ -81,17 +82,6 @@ def randomize_b(params, seed=1, std=0.3, perturb=0.0):
     f = {p: (std * rng.randn(*v.shape) if p.endswith("lora_b") else v + perturb * rng.randn(*v.shape)).astype(v.dtype)
          for p, v in sorted(flat(params).items())}
     return unflatten_dict({tuple(p.split("/")): jnp.asarray(v) for p, v in f.items()})
-
-
-def inputs(B=3, T=11, vocab=120):
-    rng = np.random.RandomState(0)
-    ids = rng.randint(1, vocab, (B, T)).astype(np.int32)
-    mask = np.ones((B, T), np.int32)
-    mask[1, -4:] = 0
-    mask[2, -6:] = 0
-    types = np.zeros((B, T), np.int32)
-    types[2, 3:5] = 1
-    return ids, mask, types
 
 
 def with_adapters(params, ad):
