@@ -6,7 +6,11 @@ class SpafitError(Exception):
 
 
 class ConfigError(SpafitError):
-    """A config file, field or override is invalid."""
+    """A config file, field or override is invalid; `field` names the field at fault, when known."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class DataError(SpafitError):

@@ -7,11 +7,7 @@ A is Kaiming-uniform as in PEFT, B is zero, so a fresh adapter changes no output
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import numbers
-import operator
-import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -19,93 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from spafit_jax.errors import ConfigError
-
-# Module names our BERT exposes to LoRA, in the order they appear in a layer.
-TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
+from spafit_jax.methods import LORA_TARGETS as TARGETS, LoRAConfig  # noqa: F401 (re-exported)
 
 # PEFT initialises A with kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 kaiming_uniform_a = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    """Which modules of which layers get adapters, and how large.
-
-    targets: module names from `TARGETS`. layers: layer indices (None = every layer).
-    rank_pattern: {regex: rank} matched (re.search, first match wins) against
-    "layer/<i>/<target>", e.g. {"layer/(10|11)/value": 16}. rslora scales by alpha/sqrt(r).
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("query", "value")
-    layers: tuple[int, ...] | None = None
-    rank_pattern: tuple[tuple[str, int], ...] = ()
-    rslora: bool = False
-
-    def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
-        if self.layers is not None:
-            try:
-                if any(isinstance(i, bool) for i in self.layers):
-                    raise TypeError
-                set_("layers", tuple(operator.index(i) for i in self.layers))
-            except TypeError:
-                raise ConfigError(f"LoRA layers must be integer layer indices, got {self.layers!r}") from None
-        if isinstance(self.rank_pattern, Mapping):
-            set_("rank_pattern", tuple(self.rank_pattern.items()))
-        else:
-            set_("rank_pattern", tuple(tuple(p) for p in self.rank_pattern))
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"LoRA rank must be a positive integer, got {self.rank!r}; set e.g. rank=8")
-        for pattern, rank in self.rank_pattern:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as e:
-                raise ConfigError(f"LoRA rank_pattern {pattern!r} is not a regular expression ({e})") from None
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"LoRA rank_pattern {pattern!r} gives rank {rank!r}; ranks must be positive integers")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise ConfigError(f"LoRA targets are empty; choose some of {', '.join(TARGETS)}")
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown:
-            raise ConfigError(
-                f"LoRA targets {unknown} match no module; the modules that exist are: {', '.join(TARGETS)}"
-            )
-
-    def validate(self, num_layers: int) -> None:
-        """Fails when `layers` or `rank_pattern` name nothing in a model of `num_layers` layers."""
-        if self.layers is not None:
-            bad = [i for i in self.layers if not 0 <= i < num_layers]
-            if bad:
-                raise ConfigError(f"LoRA layers {bad} do not exist; the model has layers 0..{num_layers - 1}")
-        names = [f"layer/{i}/{t}" for i in range(num_layers) for t in self.targets if self.wraps(i, t)]
-        for pattern, _ in self.rank_pattern:
-            if not any(re.search(pattern, n) for n in names):
-                raise ConfigError(
-                    f"LoRA rank_pattern {pattern!r} matches no wrapped module; they are named like "
-                    f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-                )
-
-    def wraps(self, layer: int, target: str) -> bool:
-        """Whether module `target` of layer `layer` gets an adapter."""
-        return target in self.targets and (self.layers is None or layer in self.layers)
-
-    def rank_for(self, layer: int, target: str) -> int:
-        """The rank of the adapter on `target` in `layer` (rank_pattern first, then `rank`)."""
-        name = f"layer/{layer}/{target}"
-        for pattern, rank in self.rank_pattern:
-            if re.search(pattern, name):
-                return rank
-        return self.rank
-
-    def scaling(self, rank: int) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
 
 
 class LoRA(nn.Module):

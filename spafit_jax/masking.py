@@ -15,7 +15,6 @@ index in the path), not stacked by `nn.scan`.
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,16 +24,15 @@ import numpy as np
 import optax
 
 from spafit_jax.errors import MaskingError
+from spafit_jax.methods import (BIAS, FROZEN, HEAD, LAYERNORM, LORA, METHODS, POOLER,  # noqa: F401
+                                TRAINABLE_LABELS, WEIGHT, resolve_strata)
 
 __all__ = [
-    "MaskingError", "LAYER_PATTERN", "HEAD_PATTERN", "METHODS", "layer_index", "label_params",
+    "MaskingError", "LAYER_PATTERN", "HEAD_PATTERN", "METHODS", "layer_index", "label_params", "resolve_strata",
     "spafit_labels", "method_labels", "split", "merge", "count_params", "summary",
     "stratified_optimizer",
 ]
 
-FROZEN, WEIGHT, BIAS, LAYERNORM, LORA, HEAD, POOLER = (
-    "frozen", "weight", "bias", "layernorm", "lora", "head", "pooler")
-METHODS = ("full", "bitfit", "lora", "spafit", "head_only")
 #: layer/7, layers/7, layers_7, layer_7, h/7, block/7, blocks/7, blocks_7 (case-insensitive).
 LAYER_PATTERN = r"(?i)(?:^|/)(?:layers?|h|blocks?)[/_](\d+)(?:/|$)"
 HEAD_PATTERN = r"(^|/)(classifier|score|head|qa_outputs)(/|$)"
@@ -44,7 +42,7 @@ HEAD_PATTERN = r"(^|/)(classifier|score|head|qa_outputs)(/|$)"
 # "normal" or "kernel" do not match.
 _NORM_RE = re.compile(r"(?i)(^|_)(ln|norm|(layer|rms|batch|group)_?norm)(_|\d|$)")
 _LORA_RE = re.compile(r"(?i)lora_[ab]")
-_ORDER = (WEIGHT, BIAS, LAYERNORM, LORA, HEAD, POOLER)
+_ORDER = TRAINABLE_LABELS
 _ADAM_KEYS = ("learning_rate", "weight_decay", "b1", "b2", "eps")
 
 
@@ -135,45 +133,6 @@ def _num_layers(params: Any, layer_pattern: str | None) -> int:
                            "the layers as layers/0, blocks_0, h/0 ... or pass layer_pattern= a "
                            r"regex whose group 1 is the index, e.g. r'enc_(\d+)/'")
     return max(found) + 1
-
-
-def _resolve(name: str, value: Any, default: float, L: int) -> int:
-    """An int layer count 0..L, or a float in [0, 1] as a fraction of L (rounded half up)."""
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise MaskingError(f"{name}={value!r} is not a number; give a layer count 0..{L} or a "
-                           "fraction in [0, 1]")
-    if isinstance(value, numbers.Integral):
-        n = int(value)
-    elif not math.isfinite(value) or value < 0:
-        raise MaskingError(f"{name}={value!r} is a fraction outside [0, 1]; give a fraction in "
-                           f"[0, 1] or a layer count 0..{L}")
-    elif value <= 1:
-        n = math.floor(float(value) * L + 0.5)
-    elif float(value).is_integer():
-        n = int(value)
-    else:
-        raise MaskingError(f"{name}={value!r} is neither a whole layer count nor a fraction in "
-                           f"[0, 1]; give an int 0..{L} or a fraction such as 0.5")
-    if n < 0:
-        raise MaskingError(f"{name}={value!r} is negative; give a layer count 0..{L} or a "
-                           "fraction in [0, 1]")
-    if n > L:
-        raise MaskingError(f"{name}={value!r} exceeds the {L} layers of this model; give a layer "
-                           f"count 0..{L} or a fraction in [0, 1]")
-    return n
-
-
-def resolve_strata(num_layers: int, n1: int | float | None = None,
-                   n2: int | float | None = None) -> tuple[int, int]:
-    """(n1, n2) as layer counts: ints pass through, fractions of L are rounded, None is L/3, 2L/3."""
-    L = num_layers
-    n1 = _resolve("n1", n1, 1 / 3, L)
-    n2 = _resolve("n2", n2, 2 / 3, L)
-    if n1 > n2:
-        raise MaskingError(f"n1={n1} > n2={n2}; need 0 <= n1 <= n2 <= L={L} (stratum 1 comes first)")
-    return n1, n2
 
 
 def _plan(params: Any, in_layer: Callable[[int], frozenset], outside: frozenset, *,

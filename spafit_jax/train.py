@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from spafit_jax import checkpoint, config as config_lib, data, hf, masking, metrics, optim, parallel
+from spafit_jax import checkpoint, cli, config as config_lib, data, hf, masking, metrics, optim, parallel
 from spafit_jax.errors import ConfigError, SpafitError
 from spafit_jax.lora import LoRAConfig
 
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's routine notices
     try:
-        cfg, args = config_lib.parse_args(argv)
+        cfg, args = cli.parse_args(argv)
         train_and_evaluate(cfg, args.workdir, overwrite=args.overwrite)
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from spafit_jax import config as C
-from spafit_jax.config import Config, load_config, parse_args, save_config, to_dict
+from spafit_jax import methods, tasks
+from spafit_jax.cli import parse_args
+from spafit_jax.config import Config, load_config, save_config, to_dict
 from spafit_jax.errors import ConfigError, SpafitError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,8 +54,8 @@ def test_default_yaml_restates_defaults_with_explicit_strata():
 def test_shipped_files_present():
     names = {p.relative_to(CONFIGS).as_posix() for p in ALL_YAML}
     assert "default.yaml" in names
-    assert {f"glue/{t}.yaml" for t in C.GLUE_TASKS} <= names
-    assert {f"methods/{m}.yaml" for m in C.METHODS} <= names
+    assert {f"glue/{t}.yaml" for t in tasks.GLUE_TASKS} <= names
+    assert {f"methods/{m}.yaml" for m in methods.METHODS} <= names
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: p.relative_to(CONFIGS).as_posix())
@@ -63,7 +65,7 @@ def test_every_shipped_yaml_loads_and_starts_with_a_comment(path):
     assert path.read_text().startswith("# ")
 
 
-@pytest.mark.parametrize("task", C.GLUE_TASKS)
+@pytest.mark.parametrize("task", tasks.GLUE_TASKS)
 def test_glue_files(task):
     c = load_config([CONFIGS / "glue" / f"{task}.yaml"])
     assert (c.model.name, c.data.task, c.data.max_length, c.train.batch_size) == ("bert-large-cased", task, 128, 32)
@@ -79,7 +81,7 @@ METHOD_LRS = [("full", 2e-5), ("bitfit", 1e-3), ("lora", 5e-4), ("spafit", 5e-4)
 @pytest.mark.parametrize("method,lr", METHOD_LRS)
 def test_method_files_compose_with_any_task_in_either_order(method, lr):
     m = CONFIGS / "methods" / f"{method}.yaml"
-    for task in C.GLUE_TASKS:
+    for task in tasks.GLUE_TASKS:
         t = CONFIGS / "glue" / f"{task}.yaml"
         a, b = load_config([t, m]), load_config([m, t])
         assert a == b
@@ -170,9 +172,11 @@ def test_mixed_kinds_of_strata_are_not_compared():
     assert load_config(overrides=["method.n1=4", "method.n2=4"]).method.n1 == 4
 
 
-def test_local_task_needs_a_train_file():
+def test_local_task_needs_both_files():
     assert "data.train_file" in error(overrides=["data.task=local"])
-    c = load_config(overrides=["data.task=local", "data.train_file=train.csv", "data.text_pair_column=b"])
+    assert "data.eval_file" in error(overrides=["data.task=local", "data.train_file=train.csv"])
+    c = load_config(overrides=["data.task=local", "data.train_file=train.csv", "data.eval_file=dev.csv",
+                               "data.text_pair_column=b"])
     assert (c.data.train_file, c.data.text_pair_column) == ("train.csv", "b")
 
 
@@ -291,7 +295,7 @@ ROUND_TRIPS = [
     (["glue/stsb.yaml", "methods/lora.yaml"], ["method.lora_targets=[query,key,value]", "train.lr_by_label.head=1e-3",
                                                "data.buckets=[16,32,128]", "data.eval_splits=[validation]",
                                                "method.rank_pattern={'a.*b': 4}", "method.n1=0.25"]),
-    ([], ["data.task=local", "data.train_file='yes'", "data.label_column='null'", "train.max_grad_norm=null",
+    ([], ["data.task=local", "data.train_file='yes'", "data.eval_file=dev.csv", "data.label_column='null'", "train.max_grad_norm=null",
           "distributed.coordinator_address=10.0.0.1:1234", "train.best_metric=f1"]),
 ]
 
