@@ -223,6 +223,76 @@ def test_create_rejects_bad_values(sandbox, args, message):
     assert sandbox.calls() == []
 
 
+# ---------------------------------------------------------------- common.sh: parse_options
+
+# A script that parses its command line with common.sh's parse_options and prints the result.
+PARSE_DEMO = """\
+#!/usr/bin/env bash
+set -euo pipefail
+source {common}
+usage() {{ echo "usage: $SCRIPT_NAME demo"; }}
+VALUE="" ANY=() FLAG=0 REST=()
+script_option() {{
+  case $1 in
+    --) takes_rest "$@"; REST=("${{@:2}}") ;;
+    --value) takes_value "$@"; VALUE=$2 ;;
+    --any) takes_any_value "$@"; ANY+=("$2") ;;
+    --flag) FLAG=1 ;;
+    *) unknown_option "$1" ;;
+  esac
+}}
+parse_options "$@"
+printf '%s\\n' "name=$NAME" "zone=$ZONE" "project=$PROJECT" "dry_run=$DRY_RUN" "value=$VALUE" \\
+  "flag=$FLAG" ${{ANY[@]+"${{ANY[@]/#/any=}}"}} ${{REST[@]+"${{REST[@]/#/rest=}}"}}
+"""
+
+
+@pytest.fixture
+def parse_demo(tmp_path):
+    script = tmp_path / "demo.sh"
+    _write_exe(script, PARSE_DEMO.format(common=SCRIPTS_DIR / "common.sh"))
+
+    def run(*args):
+        return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=30)
+    return run
+
+
+def test_parse_options_reads_the_shared_and_the_script_options(parse_demo):
+    r = parse_demo("--flag", "--name=n1", "--any", "--net=x y", "--zone", "z", "--value=v=1",
+                   "--dry-run", "--project", "p", "--any=--name", "--", "--zone", "-h", "a b")
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.splitlines() == [
+        "name=n1", "zone=z", "project=p", "dry_run=1", "value=v=1", "flag=1", "any=--net=x y",
+        "any=--name", "rest=--zone", "rest=-h", "rest=a b"]
+    r = parse_demo("--name", "n", "--zone", "z", "--name", "m", "--")
+    assert r.returncode == 0
+    assert r.stdout.splitlines() == [
+        "name=m", "zone=z", "project=", "dry_run=0", "value=", "flag=0"]
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--name", "n", "--zone", "z", "--bogus"], "unknown option --bogus (see demo.sh --help)"),
+    (["--name", "n", "stray", "--zone", "z"], "unexpected argument 'stray' (see demo.sh --help)"),
+    (["--zone", "z", "--name"], "option --name needs a value (see demo.sh --help)"),
+    (["--name", "n", "--zone", "z", "--value", "--flag"],
+     "option --value needs a value (see demo.sh --help)"),
+    (["--name", "n", "--zone", "z", "--any"], "option --any needs a value (see demo.sh --help)"),
+    (["--zone", "z"], "missing required option --name (see demo.sh --help)"),
+    (["--name", "n", "--", "--zone", "z"], "missing required option --zone (see demo.sh --help)"),
+    (["--bogus", "--help"], "unknown option --bogus (see demo.sh --help)"),  # in order
+])
+def test_parse_options_errors_are_one_line_and_exit_2(parse_demo, args, error):
+    r = parse_demo(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"demo.sh: error: {error}"]
+
+
+def test_parse_options_help_wins_when_it_comes_first(parse_demo):
+    for args in (["-h", "--bogus"], ["--name", "n", "--help"], ["--help=x"]):
+        r = parse_demo(*args)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "usage: demo.sh demo\n", "")
+
+
 # ---------------------------------------------------------------- create / delete
 
 def test_create_dry_run_spot_v4(sandbox):

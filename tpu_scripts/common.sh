@@ -66,11 +66,54 @@ run() {
   "$@"
 }
 
-# need_value OPT ARGC [VALUE]: the option OPT takes a value.
-need_value() {
-  if (($2 < 2)) || [[ ${3-} == --* ]]; then
+# parse_options ARGS...: the option loop of every script; it reads the words in order.
+# It handles itself what all the scripts share:
+#   -h, --help     print the script's usage, exit 0
+#   --opt=value    read as the two words --opt value
+#   --name NAME, --zone ZONE, --project PROJECT, --dry-run   set NAME, ZONE, PROJECT, DRY_RUN
+# and hands every other word, with the words after it, to the script's own function
+# `script_option WORD [NEXT_WORDS...]`: a case that sets the script's variables and ends with
+# `*) unknown_option "$1" ;;`. An option that takes more words first calls one of
+#   takes_value "$@"      its value is the next word, which must not start with --
+#   takes_any_value "$@"  its value is the next word, whatever it is (e.g. a flag to pass on)
+#   takes_rest "$@"       for --: all the words after it are the script's; parsing stops
+# (they set OPT_USED, the number of words parse_options then moves past). At the end it checks
+# that --name and --zone were given: every script needs both.
+NAME="" ZONE="" PROJECT=""
+parse_options() {
+  while (($#)); do
+    OPT_USED=1
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+      --name) takes_value "$@"; NAME=$2 ;;
+      --zone) takes_value "$@"; ZONE=$2 ;;
+      --project) takes_value "$@"; PROJECT=$2 ;;
+      --dry-run) DRY_RUN=1 ;;
+      *) script_option "$@" ;;
+    esac
+    shift "$OPT_USED"
+  done
+  require "$NAME" --name
+  require "$ZONE" --zone
+}
+
+# takes_value OPT [WORDS...], takes_any_value OPT [WORDS...], takes_rest -- [WORDS...]: called
+# by script_option with its "$@"; see parse_options.
+takes_value() {
+  if (($# < 2)) || [[ $2 == --* ]]; then
     die "option $1 needs a value (see $SCRIPT_NAME --help)"
   fi
+  OPT_USED=2
+}
+
+takes_any_value() {
+  (($# >= 2)) || die "option $1 needs a value (see $SCRIPT_NAME --help)"
+  OPT_USED=2
+}
+
+takes_rest() {
+  OPT_USED=$#
 }
 
 # require VALUE OPT: a required option was given.

@@ -52,33 +52,24 @@ default_runtime() {
   esac
 }
 
-NAME="" ZONE="" PROJECT="" TYPE="" RUNTIME="" SPOT=0 PREEMPTIBLE=0 QUEUED=0 WAIT=1
-WAIT_TIMEOUT=3600 POLL=30
+TYPE="" RUNTIME="" SPOT=0 PREEMPTIBLE=0 QUEUED=0 WAIT=1 WAIT_TIMEOUT=3600 POLL=30
 EXTRA=()
-while (($#)); do
+script_option() { # all but --name, --zone (both required), --project, --dry-run: see parse_options
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
-    --name) need_value "$1" $# "${2-}"; NAME=$2; shift ;;
-    --zone) need_value "$1" $# "${2-}"; ZONE=$2; shift ;;
-    --project) need_value "$1" $# "${2-}"; PROJECT=$2; shift ;;
-    --type) need_value "$1" $# "${2-}"; TYPE=$2; shift ;;
-    --runtime-version) need_value "$1" $# "${2-}"; RUNTIME=$2; shift ;;
-    --wait-timeout) need_value "$1" $# "${2-}"; WAIT_TIMEOUT=$2; shift ;;
-    --poll-interval) need_value "$1" $# "${2-}"; POLL=$2; shift ;;
+    --) takes_rest "$@"; EXTRA=("${@:2}") ;;
+    --type) takes_value "$@"; TYPE=$2 ;;
+    --runtime-version) takes_value "$@"; RUNTIME=$2 ;;
+    --wait-timeout) takes_value "$@"; WAIT_TIMEOUT=$2 ;;
+    --poll-interval) takes_value "$@"; POLL=$2 ;;
     --spot) SPOT=1 ;;
     --preemptible) PREEMPTIBLE=1 ;;
     --queued) QUEUED=1 ;;
     --no-wait) WAIT=0 ;;
-    --dry-run) DRY_RUN=1 ;;
     *) unknown_option "$1" ;;
   esac
-  shift
-done
+}
+parse_options "$@"
 
-require "$NAME" --name
-require "$ZONE" --zone
 require "$TYPE" --type
 check_name "$NAME"
 check_uint "$WAIT_TIMEOUT" --wait-timeout

@@ -23,24 +23,16 @@ workers' disks is lost; checkpoints on GCS (gs://...) are not touched.
 EOF
 }
 
-NAME="" ZONE="" PROJECT="" QUEUED=0 YES=0
-while (($#)); do
+QUEUED=0 YES=0
+script_option() { # all but --name, --zone (both required), --project, --dry-run: see parse_options
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
-    --name) need_value "$1" $# "${2-}"; NAME=$2; shift ;;
-    --zone) need_value "$1" $# "${2-}"; ZONE=$2; shift ;;
-    --project) need_value "$1" $# "${2-}"; PROJECT=$2; shift ;;
     --queued) QUEUED=1 ;;
     --yes) YES=1 ;;
-    --dry-run) DRY_RUN=1 ;;
     *) unknown_option "$1" ;;
   esac
-  shift
-done
+}
+parse_options "$@"
 
-require "$NAME" --name
-require "$ZONE" --zone
 check_name "$NAME"
 location_flags
 if ((QUEUED)); then

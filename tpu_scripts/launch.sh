@@ -50,34 +50,26 @@ example:
 EOF
 }
 
-NAME="" ZONE="" PROJECT="" WORKDIR="" WORKER=all REMOTE_DIR=$REMOTE_DIR_DEFAULT
-LOG_DIR=$LOG_DIR_DEFAULT SESSION=$SESSION_DEFAULT DISTRIBUTED=1 FOLLOW=0
+WORKDIR="" WORKER=all REMOTE_DIR=$REMOTE_DIR_DEFAULT LOG_DIR=$LOG_DIR_DEFAULT
+SESSION=$SESSION_DEFAULT DISTRIBUTED=1 FOLLOW=0
 CONFIGS=() ENVS=() TRAIN_ARGS=()
-while (($#)); do
+script_option() { # all but --name, --zone (both required), --project, --dry-run: see parse_options
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --) shift; TRAIN_ARGS=("$@"); break ;;
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
-    --name) need_value "$1" $# "${2-}"; NAME=$2; shift ;;
-    --zone) need_value "$1" $# "${2-}"; ZONE=$2; shift ;;
-    --project) need_value "$1" $# "${2-}"; PROJECT=$2; shift ;;
-    --workdir) need_value "$1" $# "${2-}"; WORKDIR=$2; shift ;;
-    --config) need_value "$1" $# "${2-}"; CONFIGS+=("$2"); shift ;;
-    --worker) need_value "$1" $# "${2-}"; WORKER=$2; shift ;;
-    --remote-dir) need_value "$1" $# "${2-}"; REMOTE_DIR=$2; shift ;;
-    --log-dir) need_value "$1" $# "${2-}"; LOG_DIR=$2; shift ;;
-    --session) need_value "$1" $# "${2-}"; SESSION=$2; shift ;;
-    --env) need_value "$1" $# "${2-}"; ENVS+=("$2"); shift ;;
+    --) takes_rest "$@"; TRAIN_ARGS=("${@:2}") ;;
+    --workdir) takes_value "$@"; WORKDIR=$2 ;;
+    --config) takes_value "$@"; CONFIGS+=("$2") ;;
+    --worker) takes_value "$@"; WORKER=$2 ;;
+    --remote-dir) takes_value "$@"; REMOTE_DIR=$2 ;;
+    --log-dir) takes_value "$@"; LOG_DIR=$2 ;;
+    --session) takes_value "$@"; SESSION=$2 ;;
+    --env) takes_value "$@"; ENVS+=("$2") ;;
     --no-distributed) DISTRIBUTED=0 ;;
     --follow) FOLLOW=1 ;;
-    --dry-run) DRY_RUN=1 ;;
     *) unknown_option "$1" ;;
   esac
-  shift
-done
+}
+parse_options "$@"
 
-require "$NAME" --name
-require "$ZONE" --zone
 require "$WORKDIR" --workdir
 check_name "$NAME"
 check_worker "$WORKER"

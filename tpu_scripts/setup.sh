@@ -43,31 +43,23 @@ options:
 EOF
 }
 
-NAME="" ZONE="" PROJECT="" WORKER=all REMOTE_DIR=$REMOTE_DIR_DEFAULT PYTHON=python3 EXTRAS=tpu
+WORKER=all REMOTE_DIR=$REMOTE_DIR_DEFAULT PYTHON=python3 EXTRAS=tpu
 SRC=$REPO_DIR GIT_URL="" GIT_REF=HEAD FIND_LINKS=1
-while (($#)); do
+script_option() { # all but --name, --zone (both required), --project, --dry-run: see parse_options
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
-    --name) need_value "$1" $# "${2-}"; NAME=$2; shift ;;
-    --zone) need_value "$1" $# "${2-}"; ZONE=$2; shift ;;
-    --project) need_value "$1" $# "${2-}"; PROJECT=$2; shift ;;
-    --worker) need_value "$1" $# "${2-}"; WORKER=$2; shift ;;
-    --remote-dir) need_value "$1" $# "${2-}"; REMOTE_DIR=$2; shift ;;
-    --python) need_value "$1" $# "${2-}"; PYTHON=$2; shift ;;
-    --extras) need_value "$1" $# "${2-}"; EXTRAS=$2; shift ;;
-    --src) need_value "$1" $# "${2-}"; SRC=$2; shift ;;
-    --git-url) need_value "$1" $# "${2-}"; GIT_URL=$2; shift ;;
-    --git-ref) need_value "$1" $# "${2-}"; GIT_REF=$2; shift ;;
+    --worker) takes_value "$@"; WORKER=$2 ;;
+    --remote-dir) takes_value "$@"; REMOTE_DIR=$2 ;;
+    --python) takes_value "$@"; PYTHON=$2 ;;
+    --extras) takes_value "$@"; EXTRAS=$2 ;;
+    --src) takes_value "$@"; SRC=$2 ;;
+    --git-url) takes_value "$@"; GIT_URL=$2 ;;
+    --git-ref) takes_value "$@"; GIT_REF=$2 ;;
     --no-find-links) FIND_LINKS=0 ;;
-    --dry-run) DRY_RUN=1 ;;
     *) unknown_option "$1" ;;
   esac
-  shift
-done
+}
+parse_options "$@"
 
-require "$NAME" --name
-require "$ZONE" --zone
 check_name "$NAME"
 check_worker "$WORKER"
 require "$REMOTE_DIR" --remote-dir

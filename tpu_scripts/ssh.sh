@@ -34,29 +34,21 @@ examples:
 EOF
 }
 
-NAME="" ZONE="" PROJECT="" WORKER=0 LOGS=0 REMOTE_DIR=$REMOTE_DIR_DEFAULT LOG_DIR=$LOG_DIR_DEFAULT
+WORKER=0 LOGS=0 REMOTE_DIR=$REMOTE_DIR_DEFAULT LOG_DIR=$LOG_DIR_DEFAULT
 COMMAND=()
-while (($#)); do
+script_option() { # all but --name, --zone (both required), --project, --dry-run: see parse_options
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --) shift; COMMAND=("$@"); break ;;
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
-    --name) need_value "$1" $# "${2-}"; NAME=$2; shift ;;
-    --zone) need_value "$1" $# "${2-}"; ZONE=$2; shift ;;
-    --project) need_value "$1" $# "${2-}"; PROJECT=$2; shift ;;
-    --worker) need_value "$1" $# "${2-}"; WORKER=$2; shift ;;
-    --remote-dir) need_value "$1" $# "${2-}"; REMOTE_DIR=$2; shift ;;
-    --log-dir) need_value "$1" $# "${2-}"; LOG_DIR=$2; shift ;;
+    --) takes_rest "$@"; COMMAND=("${@:2}") ;;
+    --worker) takes_value "$@"; WORKER=$2 ;;
+    --remote-dir) takes_value "$@"; REMOTE_DIR=$2 ;;
+    --log-dir) takes_value "$@"; LOG_DIR=$2 ;;
     --all) WORKER=all ;;
     --logs) LOGS=1 ;;
-    --dry-run) DRY_RUN=1 ;;
     *) unknown_option "$1" ;;
   esac
-  shift
-done
+}
+parse_options "$@"
 
-require "$NAME" --name
-require "$ZONE" --zone
 check_name "$NAME"
 check_worker "$WORKER"
 location_flags

@@ -54,48 +54,40 @@ watch:
 EOF
 }
 
-NAME="" ZONE="" PROJECT="" TYPE="" RUNTIME="" WORKDIR="" QUEUED=0 PROVISION=""
+TYPE="" RUNTIME="" WORKDIR="" QUEUED=0 PROVISION=""
 SRC="" GIT_URL="" GIT_REF="" REMOTE_DIR=$REMOTE_DIR_DEFAULT LOG_DIR=$LOG_DIR_DEFAULT
 SESSION=$SESSION_DEFAULT DISTRIBUTED=1 INTERVAL=120 MAX_RETRIES=5 ONCE=0 SIMULATE=""
 CREATE_EXTRA=() SETUP_EXTRA=() CONFIGS=() ENVS=() TRAIN_ARGS=()
-while (($#)); do
+script_option() { # all but --name, --zone (both required), --project, --dry-run: see parse_options
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --) shift; TRAIN_ARGS=("$@"); break ;;
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
-    --name) need_value "$1" $# "${2-}"; NAME=$2; shift ;;
-    --zone) need_value "$1" $# "${2-}"; ZONE=$2; shift ;;
-    --project) need_value "$1" $# "${2-}"; PROJECT=$2; shift ;;
-    --type) need_value "$1" $# "${2-}"; TYPE=$2; shift ;;
-    --runtime-version) need_value "$1" $# "${2-}"; RUNTIME=$2; shift ;;
-    --workdir) need_value "$1" $# "${2-}"; WORKDIR=$2; shift ;;
-    --create-arg) (($# >= 2)) || need_value "$1" $#; CREATE_EXTRA+=("$2"); shift ;;
-    --setup-arg) (($# >= 2)) || need_value "$1" $#; SETUP_EXTRA+=("$2"); shift ;;
-    --src) need_value "$1" $# "${2-}"; SRC=$2; shift ;;
-    --git-url) need_value "$1" $# "${2-}"; GIT_URL=$2; shift ;;
-    --git-ref) need_value "$1" $# "${2-}"; GIT_REF=$2; shift ;;
-    --remote-dir) need_value "$1" $# "${2-}"; REMOTE_DIR=$2; shift ;;
-    --config) need_value "$1" $# "${2-}"; CONFIGS+=("$2"); shift ;;
-    --env) need_value "$1" $# "${2-}"; ENVS+=("$2"); shift ;;
-    --log-dir) need_value "$1" $# "${2-}"; LOG_DIR=$2; shift ;;
-    --session) need_value "$1" $# "${2-}"; SESSION=$2; shift ;;
-    --interval) need_value "$1" $# "${2-}"; INTERVAL=$2; shift ;;
-    --max-retries) need_value "$1" $# "${2-}"; MAX_RETRIES=$2; shift ;;
-    --simulate-state) need_value "$1" $# "${2-}"; SIMULATE=$2; shift ;;
+    --) takes_rest "$@"; TRAIN_ARGS=("${@:2}") ;;
+    --type) takes_value "$@"; TYPE=$2 ;;
+    --runtime-version) takes_value "$@"; RUNTIME=$2 ;;
+    --workdir) takes_value "$@"; WORKDIR=$2 ;;
+    --create-arg) takes_any_value "$@"; CREATE_EXTRA+=("$2") ;;
+    --setup-arg) takes_any_value "$@"; SETUP_EXTRA+=("$2") ;;
+    --src) takes_value "$@"; SRC=$2 ;;
+    --git-url) takes_value "$@"; GIT_URL=$2 ;;
+    --git-ref) takes_value "$@"; GIT_REF=$2 ;;
+    --remote-dir) takes_value "$@"; REMOTE_DIR=$2 ;;
+    --config) takes_value "$@"; CONFIGS+=("$2") ;;
+    --env) takes_value "$@"; ENVS+=("$2") ;;
+    --log-dir) takes_value "$@"; LOG_DIR=$2 ;;
+    --session) takes_value "$@"; SESSION=$2 ;;
+    --interval) takes_value "$@"; INTERVAL=$2 ;;
+    --max-retries) takes_value "$@"; MAX_RETRIES=$2 ;;
+    --simulate-state) takes_value "$@"; SIMULATE=$2 ;;
     --spot | --preemptible)
       [[ -z $PROVISION || $PROVISION == "$1" ]] || die "--spot and --preemptible exclude each other: pick one"
       PROVISION=$1 ;;
     --queued) QUEUED=1 ;;
     --no-distributed) DISTRIBUTED=0 ;;
     --once) ONCE=1 ;;
-    --dry-run) DRY_RUN=1 ;;
     *) unknown_option "$1" ;;
   esac
-  shift
-done
+}
+parse_options "$@"
 
-require "$NAME" --name
-require "$ZONE" --zone
 require "$TYPE" --type
 require "$WORKDIR" --workdir
 check_name "$NAME"
