@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax import hf, masking
+from spafit_jax import hf, methods
 from spafit_jax.bert import BertConfig, BertForSequenceClassification
-from spafit_jax.lora import LoRAConfig
+from spafit_jax.config import MethodConfig
+from spafit_jax.plan import Plan, make_plan
 
 # Random configs (weights drawn from the BERT initialiser; timing does not depend on them).
 RANDOM_MODELS: dict[str, dict[str, Any]] = {
@@ -32,7 +33,7 @@ RANDOM_MODELS: dict[str, dict[str, Any]] = {
     "bert-base": dict(),
     "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
-METHODS = ("full", "bitfit", "lora", "spafit")
+METHODS = tuple(m for m in methods.METHODS if m != "head_only")  # the methods of the paper
 
 # Dense bfloat16 peak FLOP/s of one JAX device, by device_kind (substring, lower case, first match).
 # TPU v2/v3 expose one device per core, later generations one per chip.
@@ -226,21 +227,8 @@ class Built:
     config: BertConfig
     model: BertForSequenceClassification
     params: dict
-    labels: Any
-    lora: LoRAConfig | None
-    n1: int
-    n2: int
+    plan: Plan  # the trainer's plan: strata, LoRA placement, labels
     folder: Path | None
-
-
-def lora_config(method: str, num_layers: int, n2: int, rank: int, alpha: float,
-                targets: tuple[str, ...] = ("query", "value")) -> LoRAConfig | None:
-    """As the trainer builds it: LoRA on every layer for `lora`, on layers n2..L-1 for `spafit`."""
-    if method == "lora":
-        return LoRAConfig(rank=rank, alpha=alpha, targets=targets)
-    if method == "spafit":
-        return LoRAConfig(rank=rank, alpha=alpha, targets=targets, layers=tuple(range(n2, num_layers)))
-    return None
 
 
 def model_config(name: str) -> tuple[BertConfig, Path | None]:
@@ -253,19 +241,18 @@ def model_config(name: str) -> tuple[BertConfig, Path | None]:
 
 def build(name: str, method: str, *, num_labels: int = 2, dtype: str = "float32", n1=None, n2=None,
           rank: int = 8, alpha: float = 16.0, seed: int = 0) -> Built:
-    """The model and parameters for `method` (LoRA placed as the trainer places it) and its labels."""
+    """The model and parameters for `method` with the trainer's plan (LoRA placement, labels)."""
     config, folder = model_config(name)
-    L = config.num_hidden_layers
-    n1_, n2_ = masking.resolve_strata(L, n1, n2)
-    lora = lora_config(method, L, n2_, rank, alpha)
+    plan = make_plan(MethodConfig(name=method, n1=n1, n2=n2, lora_rank=rank, lora_alpha=alpha),
+                     config.num_hidden_layers)
+    lora = plan.lora
     dt = jnp.dtype(dtype)
     if folder is None:
         model = BertForSequenceClassification(config, dt, jnp.float32, lora, num_labels=num_labels)
         params = random_params(model, config, seed)
     else:
         model, params = hf.load_pretrained(folder, num_labels=num_labels, dtype=dt, seed=seed, lora=lora)
-    labels = masking.method_labels(params, method, n1=n1_, n2=n2_)
-    return Built(name, config, model, params, labels, lora, n1_, n2_, folder)
+    return Built(name, config, model, params, plan.label(params), folder)
 
 
 def random_params(model, config: BertConfig, seed: int = 0) -> dict:

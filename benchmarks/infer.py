@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     built = common.build(args.model, "spafit", num_labels=args.num_labels, dtype=args.dtype, n1=args.n1, n2=args.n2,
                          rank=args.rank, alpha=args.alpha, seed=args.seed)
     unmerged = trained_adapters(built.params, args.seed)
-    merged = lora_lib.merge(unmerged, built.lora)
+    merged = lora_lib.merge(unmerged, built.plan.lora)
     plain_model = BertForSequenceClassification(built.config, built.model.dtype, built.model.param_dtype, None,
                                                 num_labels=args.num_labels)
     plain = unflatten_dict({p: v for p, v in flatten_dict(built.params).items() if p[-1] not in ("lora_a", "lora_b")})
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     env["loadavg_1m_end"] = common.load_average()
     for name in variants:
         med = common.median(times[name])
-        rec = {"benchmark": "infer", "variant": name, "model": args.model, "n1": built.n1, "n2": built.n2,
+        rec = {"benchmark": "infer", "variant": name, "model": args.model, "n1": built.plan.n1, "n2": built.plan.n2,
                "rank": args.rank, "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "steps": args.steps,
                "warmup": args.warmup, "call_s_median": med, "call_s_min": min(times[name]), "call_s": times[name],
                "examples_per_s": args.batch / med, **info[name]}

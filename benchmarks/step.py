@@ -47,8 +47,8 @@ class Runner:
 
 def jax_runner(built: common.Built, batch_np: dict, seed: int) -> Runner:
     """Our train step for `built` (jit, state donated), compiled ahead of time."""
-    trainable, frozen = masking.split(built.params, built.labels)
-    tx = optim.make_optimizer(built.labels, TrainConfig(), TOTAL_STEPS)
+    trainable, frozen = masking.split(built.params, built.plan.labels)
+    tx = optim.make_optimizer(built.plan.labels, TrainConfig(), TOTAL_STEPS)
     state = optim.init_state(trainable, tx, seed)
     batch = jax.device_put(batch_np)
     step = jax.jit(functools.partial(optim.train_step, apply_fn=built.model.apply, tx=tx), donate_argnums=0)
@@ -62,7 +62,7 @@ def jax_runner(built: common.Built, batch_np: dict, seed: int) -> Runner:
     full_tx = optim.make_optimizer(full_labels, TrainConfig(), TOTAL_STEPS)
     full_opt = jax.eval_shape(full_tx.init, full_trainable)
     full_opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(full_opt))
-    counts = masking.count_params(built.params, built.labels)
+    counts = masking.count_params(built.params, built.plan.labels)
     holder = {"state": state}
 
     def run():
@@ -128,10 +128,10 @@ def torch_model(built: common.Built, method: str, num_labels: int, rank: int, al
         raise RuntimeError(f"weights do not map onto torch BERT: missing {missing[:3]}, unexpected {unexpected[:3]}")
     L = built.config.num_hidden_layers
     if method in ("lora", "spafit"):
-        layers = list(range(L)) if method == "lora" else list(range(built.n2, L))
+        layers = list(range(L)) if method == "lora" else list(range(built.plan.n2, L))
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                                  target_modules=["query", "value"], layers_to_transform=layers))
-    first_bias_layer = {"bitfit": 0, "spafit": built.n1}.get(method)
+    first_bias_layer = {"bitfit": 0, "spafit": built.plan.n1}.get(method)
     for name, p in model.named_parameters():
         m = _LAYER.search(name)
         if method == "full" or ".classifier." in f".{name}" or ".pooler." in name:
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
                              n2=args.n2, rank=args.rank, alpha=args.alpha, seed=args.seed)
         batch = common.random_batch(built.config, args.batch, args.seq, args.num_labels, args.seed)
         ours = jax_runner(built, batch, args.seed)
-        setup[method] = {"n1": built.n1, "n2": built.n2, "num_layers": built.config.num_hidden_layers}
+        setup[method] = {"n1": built.plan.n1, "n2": built.plan.n2, "num_layers": built.config.num_hidden_layers}
         runners[f"{method}/jax"] = ours
         if args.vs_torch:
             theirs = torch_runner(built, method, batch, args, ours_logits=jax_logits(built, batch))

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from spafit_jax import optim
 from spafit_jax.errors import ConfigError
+from spafit_jax.schema import ParallelConfig
 
 AXIS = "data"
 FSDP = "fsdp"
@@ -98,7 +99,8 @@ class Driver:
     step: Callable  # (state, frozen, batch) -> (state, {"loss": scalar})
     eval_logits: Callable  # (trainable, frozen, batch) -> device logits of the global batch
     gather: Callable  # list of eval outputs -> one numpy array of every process's rows, in global order
-    host_state: Callable  # device state -> a numpy copy on this host (for checkpoints and results)
+    host_state: Callable  # device state -> a numpy copy on this host (for results)
+    saveable: Callable  # device state -> what a checkpoint saves (every process passes it to Orbax)
     mesh: Mesh | None = None  # the mesh of the mesh driver
 
 
@@ -157,6 +159,7 @@ def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp:
         eval_logits=jit_eval,
         gather=gather,
         host_state=lambda s: jax.tree_util.tree_map(to_host, s),
+        saveable=lambda s: s,  # global arrays: Orbax writes each process's shards
         mesh=mesh,
     )
 
@@ -210,15 +213,12 @@ def pmap_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1) -> Dr
         eval_logits=p_eval,
         gather=gather,
         host_state=host_state,
+        saveable=host_state,
     )
 
 
-def make_driver(mode: str, apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp: int = 1) -> Driver:
-    """The driver named by `parallel.mode` ("mesh" or "pmap")."""
-    if mode == "mesh":
-        return mesh_driver(apply_fn, tx, is_regression=is_regression, grad_accum=grad_accum, fsdp=fsdp)
-    if mode == "pmap":
-        if fsdp != 1:
-            raise ConfigError("parallel.fsdp needs parallel.mode=mesh; set parallel.fsdp=1 with pmap")
+def make_driver(cfg: ParallelConfig, apply_fn, tx, *, is_regression: bool, grad_accum: int = 1) -> Driver:
+    """The driver that `parallel.mode` names (its values are checked by the config)."""
+    if cfg.mode == "pmap":
         return pmap_driver(apply_fn, tx, is_regression=is_regression, grad_accum=grad_accum)
-    raise ConfigError(f"parallel.mode={mode!r} is unknown; use mesh or pmap")
+    return mesh_driver(apply_fn, tx, is_regression=is_regression, grad_accum=grad_accum, fsdp=cfg.fsdp)

@@ -234,7 +234,7 @@ def _suite(spec_path: str, out_path: str) -> int:
         trainable, frozen = masking.split(params, labels)
         tx = optim.make_optimizer(labels, config_lib.TrainConfig(), 4)
         for fsdp in spec["fsdp"]:
-            driver = parallel.make_driver("mesh", model.apply, tx, is_regression=False, fsdp=fsdp)
+            driver = parallel.make_driver(config_lib.ParallelConfig(fsdp=fsdp), model.apply, tx, is_regression=False)
             placed = driver.put_frozen(frozen)
             out["fsdp"][str(fsdp)] = {
                 jax.tree_util.keystr(p): {"spec": [None if s is None else str(s) for s in x.sharding.spec]

@@ -113,7 +113,7 @@ def test_torch_peer_trains_what_our_plan_trains(method):
 
     built = step.common.build("tiny", method)
     model = step.torch_model(built, method, num_labels=2, rank=8, alpha=16.0)
-    counts = masking.count_params(built.params, built.labels)
+    counts = masking.count_params(built.params, built.plan.labels)
     ours = {k: v for k, v in counts.items() if k != "frozen"}
     theirs = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert sum(theirs.values()) == sum(ours.values())
@@ -123,7 +123,7 @@ def test_torch_peer_trains_what_our_plan_trains(method):
     if method == "spafit":  # layers below n1 train nothing; LoRA only from n2
         layers = {int(m.group(1)) for n in theirs if (m := step._LAYER.search(n))}
         lora_layers = {int(m.group(1)) for n in theirs if "lora_" in n and (m := step._LAYER.search(n))}
-        assert min(layers) == built.n1 and min(lora_layers) == built.n2
+        assert min(layers) == built.plan.n1 and min(lora_layers) == built.plan.n2
 
 
 def test_isolate_runs_one_process_per_method(monkeypatch):

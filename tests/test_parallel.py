@@ -19,6 +19,7 @@ import pytest
 
 from spafit_jax import parallel
 from spafit_jax.errors import ConfigError
+from spafit_jax.schema import PARALLEL_MODES, ParallelConfig
 from tests.parallel_worker import PYTHON, ROOT, Procs, assert_same_run, dropout_free_copy, env, once, tail, tiny_run
 
 pytestmark = pytest.mark.xdist_group("parallel")  # and `once` shares the runs if xdist splits the module
@@ -136,11 +137,11 @@ def test_check_batch(monkeypatch):
         parallel.check_batch(0, "train.eval_batch_size")
 
 
-def test_make_driver_rejects_bad_settings():
-    with pytest.raises(ConfigError, match="parallel.mode='dp' is unknown; use mesh or pmap"):
-        parallel.make_driver("dp", None, None, is_regression=False)
+def test_bad_parallel_settings_fail_in_the_config_and_the_mesh():
+    with pytest.raises(ConfigError, match="parallel.mode must be one of mesh | pmap"):
+        ParallelConfig(mode="dp")
     with pytest.raises(ConfigError, match="parallel.fsdp needs parallel.mode=mesh"):
-        parallel.make_driver("pmap", None, None, is_regression=False, fsdp=2)
+        ParallelConfig(mode="pmap", fsdp=2)
     n = jax.device_count()
     with pytest.raises(ConfigError, match=f"parallel.fsdp={n + 1} does not divide the {n} devices"):
         parallel.make_mesh(n + 1)
@@ -149,8 +150,9 @@ def test_make_driver_rejects_bad_settings():
 def test_one_device_drivers_give_host_copies():
     import numpy as np
 
-    for mode in ("mesh", "pmap"):
-        driver = parallel.make_driver(mode, None, None, is_regression=False)
+    for mode in PARALLEL_MODES:  # one driver for every mode the config accepts
+        driver = parallel.make_driver(ParallelConfig(mode=mode), None, None, is_regression=False)
+        assert driver.mode == mode
         tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32(2.0)}
         back = driver.host_state(driver.put_state(tree))
         assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(back))

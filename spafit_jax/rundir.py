@@ -1,0 +1,94 @@
+"""The run folder: where a run's config, metrics, checkpoints and results live.
+
+`<workdir>/config.yaml` (the resolved config), `metrics.jsonl` and `tensorboard/` (written by
+process 0 through `MetricsWriter`), `checkpoints/` (Orbax, see `checkpoint`) and `results.json`
+(the summary, written last, atomically). A folder with `results.json` holds a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from spafit_jax import config as config_lib
+from spafit_jax.errors import ConfigError
+
+CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS = (
+    "config.yaml", "metrics.jsonl", "results.json", "tensorboard", "checkpoints")
+
+
+def choose(workdir: str | os.PathLike | None, cfg: config_lib.Config, *, overwrite: bool, processes: int) -> Path:
+    """The run folder: `workdir`, or runs/<task>-<method>-<time> on one host. Writes nothing.
+
+    Raises ConfigError for a folder holding a finished run without `overwrite`, and for a
+    multi-host run without an explicit folder.
+    """
+    if workdir is None:
+        if processes > 1:
+            raise ConfigError("multi-host runs need an explicit --workdir shared by all processes")
+        workdir = Path("runs") / f"{cfg.data.task}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    workdir = Path(workdir)
+    if (workdir / RESULTS).exists() and not overwrite:
+        raise ConfigError(f"{workdir} holds a finished run ({RESULTS}); pass --overwrite to replace it "
+                          "or choose another --workdir")
+    return workdir
+
+
+def prepare(workdir: Path, cfg: config_lib.Config, *, lead: bool) -> None:
+    """Creates the folder; a finished run in it (allowed by `choose`) is removed; writes config.yaml."""
+    if lead and (workdir / RESULTS).exists():
+        for name in (RESULTS, CHECKPOINTS, METRICS, TENSORBOARD):
+            path = workdir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if lead:
+        config_lib.save_config(cfg, workdir / CONFIG)
+
+
+def write_results(workdir: Path, results: dict) -> Path:
+    """results.json, written atomically (a crash leaves the old file or none)."""
+    path = workdir / RESULTS
+    tmp = path.with_name(RESULTS + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+    return path
+
+
+class MetricsWriter:
+    """metrics.jsonl and TensorBoard events, written by process 0 only (`enabled`).
+
+    Opening drops the records logged after `resume_step` (a run resumed from that checkpoint
+    logs them again).
+    """
+
+    def __init__(self, workdir: Path, *, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        path = workdir / METRICS
+        if path.exists():
+            kept = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
+            path.write_text("".join(r + "\n" for r in kept))
+        self.jsonl = open(path, "a")
+        self.tb = SummaryWriter(str(workdir / TENSORBOARD))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        prefix = record.get("kind", "train")
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
