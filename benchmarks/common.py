@@ -23,7 +23,7 @@ import numpy as np
 
 from spafit_jax import hf, methods
 from spafit_jax.bert import BertConfig, BertForSequenceClassification
-from spafit_jax.config import MethodConfig
+from spafit_jax.config import DTYPES, MethodConfig
 from spafit_jax.plan import Plan, make_plan
 
 # Random configs (weights drawn from the BERT initialiser; timing does not depend on them).
@@ -301,7 +301,7 @@ def add_model_args(p) -> None:
                    help="minilm | tiny | bert-base | bert-large (random configs) | a model folder")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     p.add_argument("--steps", type=int, default=10, help="timed steps (rounds)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (rounds) after compiling")
     p.add_argument("--num-labels", type=int, default=2)

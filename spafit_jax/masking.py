@@ -1,7 +1,7 @@
 """Trainability plans for any Flax parameter pytree: labels, split/merge, a stratified optimizer.
 
 A *plan* is a pytree of strings with the structure of the parameters: each leaf names the group
-its parameter belongs to ("frozen", "weight", "bias", "layernorm", "lora", "head", "pooler", or
+its parameter belongs to (the labels of `spafit_jax.methods`: frozen, weight, bias, layernorm, lora, head, pooler; or
 any label of your own from `label_params`). Everything here works on plain dicts, FrozenDict,
 `nnx.State` and Hugging Face Flax trees alike, through `jax.tree_util` key paths; the module
 imports only the standard library, numpy, jax and optax.
