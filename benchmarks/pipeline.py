@@ -1,4 +1,4 @@
-"""Input-pipeline benchmark: data.py's tokenisation and batching on BBC News vs the train step.
+"""Input-pipeline benchmark: tokenisation and batching (tokens.py, batching.py) on BBC News vs the train step.
 
     python benchmarks/pipeline.py --model minilm --method spafit --batch 16 --seq 128
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import step as step_bench  # noqa: E402
 
-from spafit_jax import data, hf  # noqa: E402
+from spafit_jax import batching, bbc_news, hf, sources, tasks, tokens  # noqa: E402
 
 
 def parse(argv=None):
@@ -59,16 +59,16 @@ def main(argv=None) -> int:
             "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset (library default)")}
 
     def read():
-        texts, labels, _ = data.read_bbc_news()
+        texts, labels, _ = bbc_news.read_articles()
         if args.limit:
             texts, labels = texts[:args.limit], labels[:args.limit]
-        return data.Examples(texts, None, labels)
+        return sources.Examples(texts, None, labels)
 
     stages: dict[str, dict] = {}
     sec, times, ex = timed_median(read, args.repeats)
     n = len(ex)
     stages["read"] = {"seconds": sec, "all_seconds": times}
-    sec, times, enc = timed_median(lambda: data.encode(tokenizer, ex, max_length=args.seq, cache=False), args.repeats)
+    sec, times, enc = timed_median(lambda: tokens.encode(tokenizer, ex, max_length=args.seq, cache=False), args.repeats)
     stages["tokenize"] = {"seconds": sec, "all_seconds": times,
                           "mean_tokens": float(enc.lengths.mean()),
                           "truncated_fraction": float((enc.lengths >= args.seq).mean())}
@@ -76,18 +76,18 @@ def main(argv=None) -> int:
         old = os.environ.get("SPAFIT_CACHE")
         os.environ["SPAFIT_CACHE"] = cache
         try:
-            data.encode(tokenizer, ex, max_length=args.seq)  # writes the cache
-            sec, times, _ = timed_median(lambda: data.encode(tokenizer, ex, max_length=args.seq), args.repeats)
+            tokens.encode(tokenizer, ex, max_length=args.seq)  # writes the cache
+            sec, times, _ = timed_median(lambda: tokens.encode(tokenizer, ex, max_length=args.seq), args.repeats)
         finally:
             if old is None:
                 os.environ.pop("SPAFIT_CACHE", None)
             else:
                 os.environ["SPAFIT_CACHE"] = old
     stages["cache_load"] = {"seconds": sec, "all_seconds": times, "note": "hashes the texts, then loads the .npz"}
-    buckets = data.default_buckets(args.seq)
+    buckets = batching.default_buckets(args.seq)
 
     def epoch():
-        return list(data.train_batches(enc, args.batch, seed=args.seed, epoch=0, buckets=buckets))
+        return list(batching.train_batches(enc, args.batch, seed=args.seed, epoch=0, buckets=buckets))
 
     sec, times, batches = timed_median(epoch, args.repeats)
     used = len(batches) * args.batch
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     # The train step on real batches of the longest bucket (what most BBC batches are).
     full = [b for b in batches if b["input_ids"].shape[1] == args.seq] or batches
-    built = common.build(args.model, args.method, num_labels=data.get_task("bbc_news").num_labels, dtype=args.dtype,
+    built = common.build(args.model, args.method, num_labels=tasks.get_task("bbc_news").num_labels, dtype=args.dtype,
                          n1=args.n1, n2=args.n2, rank=args.rank, alpha=args.alpha, seed=args.seed)
     runner = step_bench.jax_runner(built, full[0], args.seed)
     times = common.round_robin({"step": runner.run}, args.steps, args.warmup, args.gap)["step"]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from spafit_jax.data import TaskSpec, get_task
+from spafit_jax.tasks import TaskSpec, get_task
 from spafit_jax.errors import DataError
 
 

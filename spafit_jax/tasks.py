@@ -1,0 +1,101 @@
+"""The task registry: what each named task reads and how it is scored (no jax, no numpy).
+
+The one owner of task names: `config` validates `data.task` against `TASK_NAMES`, the data
+modules read `TASKS` and build ``local`` / ``hf`` specs with `mapped_task`, `metrics` reads a
+spec's metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from spafit_jax.errors import DataError
+
+GLUE_PATH = "nyu-mll/glue"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """What a task reads and how it is scored.
+
+    ``num_labels`` is 1 for regression. ``metrics`` are the names ``metrics.compute_metrics``
+    returns; ``main_metric`` (one of them, higher is better) selects the best checkpoint.
+    ``label_names`` maps class ids to names where known (bbc_news, string labels of local files).
+    """
+
+    name: str
+    text_a: str
+    text_b: str | None
+    label_column: str
+    num_labels: int
+    is_regression: bool
+    metrics: tuple[str, ...]
+    main_metric: str
+    train_split: str = "train"
+    eval_splits: tuple[str, ...] = ("validation",)
+    hf_path: str | None = None
+    hf_name: str | None = None
+    label_names: tuple[str, ...] | None = None
+
+
+def _glue(name, text_a, text_b, num_labels, metrics, main, eval_splits=("validation",)):
+    return TaskSpec(
+        name=name, text_a=text_a, text_b=text_b, label_column="label", num_labels=num_labels,
+        is_regression=num_labels == 1, metrics=metrics, main_metric=main,
+        eval_splits=eval_splits, hf_path=GLUE_PATH, hf_name=name)
+
+
+# Main metrics follow the BERT paper: F1 for MRPC/QQP, Spearman for STS-B, MCC for CoLA,
+# accuracy elsewhere.
+TASKS: dict[str, TaskSpec] = {
+    "cola": _glue("cola", "sentence", None, 2, ("matthews_correlation",), "matthews_correlation"),
+    "sst2": _glue("sst2", "sentence", None, 2, ("accuracy",), "accuracy"),
+    "mrpc": _glue("mrpc", "sentence1", "sentence2", 2, ("accuracy", "f1"), "f1"),
+    "qqp": _glue("qqp", "question1", "question2", 2, ("accuracy", "f1"), "f1"),
+    "stsb": _glue("stsb", "sentence1", "sentence2", 1, ("pearson", "spearmanr", "combined"),
+                  "spearmanr"),
+    "mnli": _glue("mnli", "premise", "hypothesis", 3, ("accuracy",), "accuracy",
+                  ("validation_matched", "validation_mismatched")),
+    "qnli": _glue("qnli", "question", "sentence", 2, ("accuracy",), "accuracy"),
+    "rte": _glue("rte", "sentence1", "sentence2", 2, ("accuracy",), "accuracy"),
+    "wnli": _glue("wnli", "sentence1", "sentence2", 2, ("accuracy",), "accuracy"),
+    "bbc_news": TaskSpec(
+        name="bbc_news", text_a="text", text_b=None, label_column="label", num_labels=5,
+        is_regression=False, metrics=("accuracy", "macro_f1"), main_metric="accuracy",
+        label_names=("business", "entertainment", "politics", "sports", "tech")),
+}
+GLUE_TASKS = tuple(n for n, s in TASKS.items() if s.hf_path == GLUE_PATH)
+#: tasks whose spec comes from the config's column settings: local files and any hub dataset.
+MAPPED_TASKS = ("local", "hf")
+#: every value `data.task` accepts.
+TASK_NAMES = tuple(TASKS) + MAPPED_TASKS
+
+
+def mapped_task(name: str, *, text_a: str, text_b: str | None, label_column: str,
+                is_regression: bool, num_labels: int = 1, **fields) -> TaskSpec:
+    """The spec of a ``local`` / ``hf`` task: the given columns, metrics chosen by its kind.
+
+    Classification scores accuracy (main) and macro F1; regression Pearson and Spearman (main).
+    """
+    return TaskSpec(
+        name=name, text_a=text_a, text_b=text_b, label_column=label_column,
+        num_labels=num_labels, is_regression=is_regression,
+        metrics=("pearson", "spearmanr") if is_regression else ("accuracy", "macro_f1"),
+        main_metric="spearmanr" if is_regression else "accuracy", **fields)
+
+
+def normalise_task_name(name: str) -> str:
+    """``"SST-2"`` -> ``"sst2"``."""
+    return str(name).strip().lower().replace("-", "")
+
+
+def get_task(name: str) -> TaskSpec:
+    """The registered spec of a GLUE task or ``bbc_news`` (``"SST-2"`` works too)."""
+    key = normalise_task_name(name)
+    if key in MAPPED_TASKS:
+        raise DataError(f"task {key!r} has no registered spec: its columns and labels come from "
+                        "the data config; build it with data.task_from_config(config.data)")
+    if key not in TASKS:
+        valid = ", ".join(TASK_NAMES)
+        raise DataError(f"unknown task {name!r}; set data.task to one of: {valid}")
+    return TASKS[key]
