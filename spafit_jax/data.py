@@ -2,7 +2,8 @@
 
 ``sources`` reads the raw examples and checks every row, ``tokens`` turns them into padded token
 ids (cached on disk), ``batching`` cuts them into bucketed batches; ``tasks`` is the registry
-they share. The trainer calls `load_task_data`, then the batching functions re-exported here.
+they share. The trainer calls `load_task_data`, then cuts ``TaskData.train`` / ``evals`` with
+`batching`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from spafit_jax import batching
-from spafit_jax.batching import eval_batches, steps_per_epoch, train_batches  # noqa: F401
 from spafit_jax.config import DataConfig
 from spafit_jax.errors import DataError
-from spafit_jax.sources import Examples, read_task, task_from_config  # noqa: F401
+from spafit_jax.sources import Examples, read_task, task_from_config
 from spafit_jax.tasks import TaskSpec
 from spafit_jax.tokens import Encoded, encode
+
+__all__ = ["TaskData", "load_task_data", "load_task_texts", "task_from_config"]
 
 _SUBSET_SALT = 0  # seeds limit subsets with the run's seed; changing it moves every subset
 
@@ -71,7 +72,3 @@ def load_task_data(cfg: DataConfig, tokenizer: Any, *, seed: int) -> TaskData:
                     {s: encode(tokenizer, ex, max_length=cfg.max_length)
                      for s, ex in evals.items()})
 
-
-def resolve_buckets(cfg: DataConfig) -> list[int]:
-    """Bucket lengths of a ``data:`` config section (the rule is `batching.resolve_buckets`)."""
-    return batching.resolve_buckets(cfg.max_length, cfg.padding, cfg.buckets)

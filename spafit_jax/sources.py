@@ -250,7 +250,7 @@ def read_file(path: str | os.PathLike) -> datasets.Dataset:
                         f"{', '.join(FILE_BUILDERS)}")
     builder, kw = FILE_BUILDERS[p.suffix.lower()]
     if builder == "csv":
-        with open(p, newline="", encoding="utf-8", errors="replace") as f:
+        with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
             header = next(csv.reader(f, delimiter=kw["delimiter"]), [])
         kw = dict(kw, keep_default_na=False, na_values=[], encoding_errors="replace",
                   features=datasets.Features({c: datasets.Value("string") for c in header}))

@@ -20,7 +20,8 @@ class TaskSpec:
 
     ``num_labels`` is 1 for regression. ``metrics`` are the names ``metrics.compute_metrics``
     returns; ``main_metric`` (one of them, higher is better) selects the best checkpoint.
-    ``label_names`` maps class ids to names where known (bbc_news, string labels of local files).
+    ``label_names`` maps class ids to names where known (bbc_news, string labels of local or hub
+    data, a hub dataset's ClassLabel).
     """
 
     name: str

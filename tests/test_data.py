@@ -166,7 +166,7 @@ def test_local_formats(tmp_path, tokenizer, fmt):
 
 def test_csv_cells_stay_strings(tmp_path):
     f = tmp_path / "n.csv"
-    f.write_text("text,label\n007,1\n1.50,0\n")
+    f.write_bytes(b"\xef\xbb\xbftext,label\r\n007,1\r\n1.50,0\r\n")  # Excel: BOM, CRLF
     _, train, _ = data.load_task_texts(cfg(train_file=str(f), eval_file=str(f)), seed=0)
     assert train.texts_a == ["007", "1.50"] and train.labels.tolist() == [1, 0]
 
@@ -369,6 +369,21 @@ def test_hf_parquet_folder_string_labels_and_bad_row(tmp_path):
         data.load_task_texts(c, seed=0)
 
 
+def test_hf_example_config_on_a_local_copy(tmp_path):
+    from spafit_jax.config import load_config
+
+    feats = datasets.Features({"text": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["neg", "pos"])})
+    split = datasets.Dataset.from_dict({"text": ["great", "awful", "fine"], "label": [1, 0, 1]},
+                                       features=feats)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "imdb"))
+    repo = Path(__file__).resolve().parents[1]
+    c = load_config([str(repo / "configs" / "hf" / "imdb.yaml")],
+                    [f"data.hf_path={tmp_path / 'imdb'}"])
+    spec, train, evals = data.load_task_texts(c.data, seed=0)
+    assert spec.label_names == ("neg", "pos") and list(evals) == ["test"] and len(train) == 3
+
+
 def test_hf_unreachable_says_what_to_download(monkeypatch):
     def load_dataset(*a, **k):
         raise ConnectionError("Couldn't reach 'someone/reviews' on the Hub (OfflineModeIsEnabled)")
@@ -462,9 +477,9 @@ def test_default_and_resolved_buckets():
     assert batching.default_buckets(16) == [8, 16]
     assert batching.default_buckets(30) == [15, 30]
     assert batching.default_buckets(8) == [8]
-    assert data.resolve_buckets(cfg(task="bbc_news", max_length=64)) == [16, 32, 64]
-    assert data.resolve_buckets(cfg(task="bbc_news", max_length=64, padding="max_length")) == [64]
-    assert data.resolve_buckets(cfg(task="bbc_news", max_length=64, buckets=(24, 64))) == [24, 64]
+    assert batching.resolve_buckets(64) == [16, 32, 64]
+    assert batching.resolve_buckets(64, "max_length", [16, 64]) == [64]
+    assert batching.resolve_buckets(64, "bucket", (24, 64)) == [24, 64]
     for bad in ([16, 32], [64, 24], [24, 24, 64], [0, 64]):
         with pytest.raises(ConfigError, match="largest"):
             batching.resolve_buckets(64, "bucket", bad)
