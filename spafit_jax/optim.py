@@ -15,6 +15,11 @@ import jax.numpy as jnp
 import optax
 
 from spafit_jax import masking
+from spafit_jax.errors import SpafitError
+
+
+class DivergedError(SpafitError):
+    """Training hit `train.max_bad_steps` consecutive steps with a non-finite loss or gradient."""
 
 
 @flax.struct.dataclass
@@ -94,7 +99,13 @@ def train_step(
     grad_accum: int = 1,
     axis_name: str | None = None,
 ):
-    """One optimizer step on `batch`; returns (new state, {"loss": mean loss}).
+    """One optimizer step on `batch`; returns (new state, {"loss": mean loss, "finite": bool}).
+
+    A step whose loss, gradients or updated parameters are not all finite is skipped: the
+    parameters and the optimizer state stay as they were (the step counter still advances, so
+    the data moves on) and "finite" is False. Unlike `optax.apply_if_finite` this keeps the
+    optimizer state's structure (checkpoints stay compatible) and never gives up and applies
+    a NaN; the trainer decides when to stop (`train.max_bad_steps`).
 
     Gradients are taken w.r.t. `state.trainable` only. With grad_accum = k > 1 the batch is cut
     into k micro-batches, rows i, i+k, i+2k, ... (so each device's rows split evenly and a
@@ -126,10 +137,20 @@ def train_step(
     if axis_name is not None:
         grads, total, count = jax.lax.psum((grads, total, count), axis_name)
     grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    mean_loss = total / jnp.maximum(count, 1.0)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
+    finite = jnp.isfinite(mean_loss) & all_finite(grads) & all_finite(trainable)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    trainable, opt_state = jax.tree_util.tree_map(keep, (trainable, opt_state), (state.trainable, state.opt_state))
     new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-    return new, {"loss": total / jnp.maximum(count, 1.0)}
+    return new, {"loss": mean_loss, "finite": finite}
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every element of every (inexact) leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def eval_step(trainable, frozen, batch, *, apply_fn: Callable):

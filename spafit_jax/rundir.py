@@ -8,6 +8,7 @@ process 0 through `MetricsWriter`), `checkpoints/` (Orbax, see `checkpoint`) and
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -48,11 +49,22 @@ def prepare(workdir: Path, cfg: config_lib.Config, *, lead: bool) -> None:
         config_lib.save_config(cfg, workdir / CONFIG)
 
 
+def finite_json(obj):
+    """`obj` with every non-finite float replaced by None, so that it is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_results(workdir: Path, results: dict) -> Path:
     """results.json, written atomically (a crash leaves the old file or none)."""
     path = workdir / RESULTS
     tmp = path.with_name(RESULTS + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
+    tmp.write_text(json.dumps(finite_json(results), indent=2, allow_nan=False))
     tmp.replace(path)
     return path
 
@@ -80,7 +92,8 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        record = finite_json(record)  # NaN / inf as null: every line stays valid JSON
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
         prefix = record.get("kind", "train")
         for key, value in record.items():

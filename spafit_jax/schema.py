@@ -168,6 +168,8 @@ class TrainConfig:
     log_every: int = _field(10, "log training metrics every N steps")
     eval_every: int = _field(0, "evaluate every N steps (0 = only at the end)")
     best_metric: str | None = _field(None, "metric that picks the best checkpoint (null = the task's main metric)")
+    max_bad_steps: int = _field(5, "stop (exit 2) after this many consecutive steps with a non-finite loss or "
+                                   "gradient; such steps are skipped, never applied")
 
     def __post_init__(self):
         _need(self, self.seed >= 0, "seed", "must be >= 0", "use e.g. train.seed=0")
@@ -192,6 +194,7 @@ class TrainConfig:
         _need(self, self.eval_every >= 0, "eval_every", "must be >= 0", "use 0 to evaluate only at the end")
         _need(self, self.best_metric is None or bool(self.best_metric.strip()), "best_metric", "is empty",
               "name a metric or use null for the task's main metric")
+        _need(self, self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1", "use e.g. train.max_bad_steps=5")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -118,7 +118,8 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         state, extra = ckpt.restore(state)
         log.warning("resuming from step %d in %s", int(state.step), workdir)
     loop = _Loop(cfg, driver, ckpt, run.task, plan, workdir, best_metric, per_epoch, total_steps,
-                 start=int(state.step), best=extra.get("best"), train_seconds=float(extra.get("train_seconds", 0.0)))
+                 start=int(state.step), best=extra.get("best"), train_seconds=float(extra.get("train_seconds", 0.0)),
+                 bad_steps=int(extra.get("bad_steps", 0)))
     try:
         state, done = loop.run(driver.put_state(state), driver.put_frozen(frozen), stop_after)
     finally:
@@ -132,7 +133,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
         "steps": loop.step, "train_seconds": loop.train_seconds, "eval_seconds": loop.eval_seconds,
         "examples_per_second": (loop.step - loop.start) * t.batch_size / max(loop.train_seconds, 1e-9)
         if loop.step > loop.start else 0.0,
-        "compiled_shapes": len(loop.shapes), "buckets": list(loop.buckets),
+        "compiled_shapes": len(loop.shapes), "buckets": list(loop.buckets), "bad_steps": loop.bad_steps,
         "devices": jax.device_count(), "processes": jax.process_count(), "parallel": driver.mode,
     }
     if lead:
@@ -146,12 +147,14 @@ class _Loop:
     """The training loop of one invocation: steps, logging, evaluation, checkpoints, preemption."""
 
     def __init__(self, cfg, driver, ckpt, task, plan, workdir, best_metric, per_epoch, total_steps, *,
-                 start, best, train_seconds):
+                 start, best, train_seconds, bad_steps=0):
         self.cfg, self.driver, self.ckpt, self.task, self.plan = cfg, driver, ckpt, task, plan
         self.workdir, self.best_metric, self.per_epoch, self.total_steps = workdir, best_metric, per_epoch, total_steps
         self.start = self.step = start
         self.best, self.train_seconds, self.eval_seconds = best, train_seconds, 0.0
         self.eval_results: dict = {}
+        self.pending: list = []  # (step, "finite" flag) of steps not yet checked
+        self.bad_steps, self.bad_in_a_row = bad_steps, 0
         self.shapes: set[tuple] = set()
         d = cfg.data
         self.buckets = batching.resolve_buckets(d.max_length, d.padding, d.buckets)
@@ -169,8 +172,9 @@ class _Loop:
             self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
 
     def save(self, state, metrics_for_best: dict | None = None, force: bool = False) -> None:
+        self.check(upto=self.step)
         extra = {"best": self.best, "train_seconds": self.train_seconds, "epoch": self.step // self.per_epoch,
-                 "batch_in_epoch": self.step % self.per_epoch}
+                 "batch_in_epoch": self.step % self.per_epoch, "bad_steps": self.bad_steps}
         self.ckpt.save(self.step, self.driver.saveable(state), extra=extra, metrics=metrics_for_best, force=force)
 
     def evaluate(self, state, frozen) -> dict:
@@ -183,12 +187,33 @@ class _Loop:
         self.eval_results = results
         return first
 
+    def check(self, upto: int) -> None:
+        """Counts the skipped (non-finite) steps up to step `upto`; raises DivergedError after
+        `train.max_bad_steps` in a row. Checking lags one step behind so the host does not wait
+        for the device after every step."""
+        while self.pending and self.pending[0][0] <= upto:
+            step, finite = self.pending.pop(0)
+            if bool(finite):
+                self.bad_in_a_row = 0
+                continue
+            self.bad_steps, self.bad_in_a_row = self.bad_steps + 1, self.bad_in_a_row + 1
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, self.bad_in_a_row)
+            limit = self.cfg.train.max_bad_steps
+            if self.bad_in_a_row >= limit:
+                self.writer.write({"kind": "diverged", "step": step, "bad_steps": self.bad_steps})
+                raise optim.DivergedError(
+                    f"training diverged: {limit} steps in a row (up to step {step}) had a non-finite loss or gradient "
+                    f"and were skipped; nothing was saved since; lower train.lr, set train.max_grad_norm, check the "
+                    f"data, or raise train.max_bad_steps (checkpoints in {self.workdir} hold the last good state)")
+
     def log(self, losses: list, n_examples: int, since: float) -> None:
         t = self.cfg.train
+        self.check(upto=self.step)
         loss, now = float(np.mean([float(x) for x in losses])), time.perf_counter()
         lr = optim.learning_rates(self.plan.labels, t, self.total_steps, self.step - 1)
         self.writer.write({"step": self.step, "loss": loss, "learning_rate": max(lr.values()),
                            "examples_per_second": n_examples / (now - since), "epoch": self.step / self.per_epoch,
+                           "bad_steps": self.bad_steps,
                            **{f"lr/{k}": v for k, v in lr.items()}})
         self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{n_examples / (now - since):.1f}")
 
@@ -209,6 +234,8 @@ class _Loop:
             state, out = self.driver.step(state, frozen, batch)
             losses.append(out["loss"])
             self.step += 1
+            self.pending.append((self.step, out["finite"]))
+            self.check(upto=self.step - 1)
             n_log += t.batch_size
             self.bar.update(1)
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -229,6 +256,7 @@ class _Loop:
                 return state, False
         self.bar.close()
         jax.block_until_ready(state)
+        self.check(upto=self.step)
         t_eval = time.perf_counter()
         first = self.evaluate(state, frozen)
         self.eval_seconds = time.perf_counter() - t_eval

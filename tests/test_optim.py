@@ -128,3 +128,23 @@ def test_per_label_learning_rates():
     _, _, labels, _, _, _, _ = setup("spafit")
     lrs = optim.learning_rates(labels, TRAIN, 10, 1)
     assert lrs["head"] == pytest.approx(2 * lrs["bias"]) and set(lrs) == {"bias", "lora", "head", "pooler"}
+
+
+def test_a_non_finite_step_is_skipped_and_flagged():
+    model, _, _, tx, state, frozen, batch = setup("bitfit")
+    step = step_fn(model, tx)
+    good, out = step(state, frozen, batch)
+    assert bool(out["finite"]) and int(good.step) == 1
+    bad_batch = dict(batch, weights=batch["weights"] * np.float32("nan"))
+    after, out = step(good, frozen, bad_batch)
+    assert not bool(out["finite"]) and not np.isfinite(float(out["loss"]))
+    assert int(after.step) == 2  # the data moves on ...
+    for a, b in zip(jax.tree_util.tree_leaves((good.trainable, good.opt_state)),
+                    jax.tree_util.tree_leaves((after.trainable, after.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # ... the parameters do not
+
+
+def test_all_finite():
+    assert bool(optim.all_finite({"a": jnp.ones(3), "b": None, "n": jnp.arange(3)}))
+    assert not bool(optim.all_finite({"a": jnp.array([1.0, jnp.inf])}))
+    assert bool(optim.all_finite({}))

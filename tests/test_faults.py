@@ -1,0 +1,95 @@
+"""Hostile cases for the trainer (issue 10): divergence, torn logs, a second run on one workdir,
+bad settings caught before anything is written. Each asserts the exit status, a one-line error
+without a traceback, and what is left in the workdir."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spafit_jax import rundir
+from spafit_jax.errors import SpafitError
+from spafit_jax.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(model_dir, *extra):
+    return [f"model.name={model_dir}", "data.limit_train=16", "data.limit_eval=8", "data.max_length=32",
+            "train.batch_size=8", "train.eval_batch_size=8", "train.max_steps=2", "method.n1=1", "method.n2=2",
+            "train.log_every=1", *extra]
+
+
+def one_error_line(err: str) -> str:
+    """The error line of `err`; asserts it is the only one and that there is no traceback."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def records(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def restore_latest(workdir):
+    """The TrainState of the newest checkpoint in `workdir`, restored as a resume would."""
+    from spafit_jax import checkpoint, config as config_lib, optim, train
+
+    cfg = config_lib.load_config([str(Path(workdir) / "config.yaml")])
+    loaded = train.load(cfg)
+    trainable, frozen = loaded.plan.split(loaded.params)
+    tx = optim.make_optimizer(loaded.plan.labels, cfg.train, cfg.train.max_steps)
+    fp = checkpoint.fingerprint(frozen, loaded.plan.labels, model_name=cfg.model.name)
+    with checkpoint.Checkpointer(Path(workdir) / "checkpoints", fingerprint=fp, keep=2, keep_best=False,
+                                 best_metric="accuracy") as ck:
+        return ck.restore(optim.init_state(trainable, tx, 0))[0]
+
+
+DIVERGE = ["method.name=full", "train.lr=1e30", "train.max_grad_norm=null", "train.epochs=10"]
+
+
+def test_divergence_stops_with_one_line_and_no_nan_reaches_params_or_disk(tiny_model_dir, tmp_path, capsys):
+    args = ["--workdir", str(tmp_path), *small(tiny_model_dir, *DIVERGE, "train.max_steps=12",
+                                                "train.max_bad_steps=3", "checkpoint.every=1")]
+    assert main(args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "diverged" in line and "3 steps in a row" in line and "train.max_bad_steps" in line
+    assert not (tmp_path / "results.json").exists()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    recs = records(tmp_path)  # strict JSON: non-finite numbers are null
+    assert recs[-1]["kind"] == "diverged" and recs[-1]["bad_steps"] == 3
+    train = [r for r in recs if "loss" in r]
+    assert train[0]["loss"] is not None and train[-1]["loss"] is None and train[-1]["bad_steps"] >= 2
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and max(steps) < recs[-1]["step"]  # nothing saved once the limit was reached
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(restore_latest(tmp_path).trainable)
+    assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+
+
+def test_divergence_under_pmap_is_the_same_error(tiny_model_dir, tmp_path, capsys):
+    args = ["--workdir", str(tmp_path), *small(tiny_model_dir, *DIVERGE, "train.max_steps=8",
+                                                "train.max_bad_steps=2", "parallel.mode=pmap")]
+    assert main(args) == 2
+    assert "diverged" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "results.json").exists() and records(tmp_path)[-1]["kind"] == "diverged"
+
+
+def test_a_few_bad_steps_are_skipped_and_counted(tiny_model_dir, tmp_path, capsys):
+    """max_bad_steps above the run length: the run finishes, its parameters finite, bad steps counted."""
+    args = ["--workdir", str(tmp_path), *small(tiny_model_dir, *DIVERGE, "train.max_steps=5",
+                                                "train.max_bad_steps=100")]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["bad_steps"] >= 1 and records(tmp_path)[-1]["kind"] == "eval"
+    assert all(v is None or math.isfinite(v) for v in res["eval"].values())
