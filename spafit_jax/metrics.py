@@ -61,12 +61,8 @@ _REGRESSION = {"pearson": _correlation("pearson"), "spearmanr": _correlation("sp
 
 
 def _spec(spec_or_task_name: TaskSpec | str) -> TaskSpec:
-    if isinstance(spec_or_task_name, TaskSpec):
-        return spec_or_task_name
-    if str(spec_or_task_name).strip().lower() == "local":
-        raise DataError("task 'local' has no fixed metrics; pass its TaskSpec "
-                        "(TaskData.spec or data.task_from_config(config.data))")
-    return get_task(spec_or_task_name)
+    """A spec as it is; a task name through the registry (local and hf tasks need their TaskSpec)."""
+    return spec_or_task_name if isinstance(spec_or_task_name, TaskSpec) else get_task(spec_or_task_name)
 
 
 def main_metric(spec: TaskSpec | str) -> str:

@@ -95,7 +95,7 @@ def get_task(name: str) -> TaskSpec:
     key = normalise_task_name(name)
     if key in MAPPED_TASKS:
         raise DataError(f"task {key!r} has no registered spec: its columns and labels come from "
-                        "the data config; build it with data.task_from_config(config.data)")
+                        "the data config; pass its TaskSpec (TaskData.spec or data.task_from_config(config.data))")
     if key not in TASKS:
         valid = ", ".join(TASK_NAMES)
         raise DataError(f"unknown task {name!r}; set data.task to one of: {valid}")
