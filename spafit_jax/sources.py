@@ -23,26 +23,21 @@ import datasets
 import numpy as np
 
 from spafit_jax import bbc_news
-from spafit_jax.config import DataConfig
+from spafit_jax.schema import DataConfig
 from spafit_jax.errors import DataError
-from spafit_jax.tasks import MAPPED_TASKS, TaskSpec, get_task, mapped_task, normalise_task_name
+from spafit_jax.tasks import (
+    MAPPED_TASKS,
+    TaskSpec,
+    get_task,
+    mapped_task,
+    normalise_task_name,
+)
+from spafit_jax.tokens import Examples
 
 #: local file suffix -> (``datasets`` builder, its arguments)
 FILE_BUILDERS = {".csv": ("csv", {"delimiter": ","}), ".tsv": ("csv", {"delimiter": "\t"}),
                  ".json": ("json", {}), ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
 _SPLIT_HINTS = {"local": "data.train_file / data.eval_file", "hf": "data.train_split"}
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Examples:
-    """Checked, untokenised examples of one split (labels int32, or float32 for regression)."""
-
-    texts_a: list[str]
-    texts_b: list[str] | None
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.texts_a)
 
 
 def task_from_config(cfg: DataConfig) -> TaskSpec:

@@ -12,17 +12,26 @@ import hashlib
 import itertools
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from spafit_jax.errors import DataError
 
-if TYPE_CHECKING:
-    from spafit_jax.sources import Examples
-
 _CACHE_VERSION = 1
 _TOKENIZE_CHUNK = 8192
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Examples:
+    """Checked, untokenised examples of one split (labels int32, or float32 for regression)."""
+
+    texts_a: list[str]
+    texts_b: list[str] | None
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.texts_a)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
