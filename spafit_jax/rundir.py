@@ -8,6 +8,7 @@ process 0 through `MetricsWriter`), `checkpoints/` (Orbax, see `checkpoint`) and
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -15,10 +16,16 @@ import time
 from pathlib import Path
 
 from spafit_jax import config as config_lib
-from spafit_jax.errors import ConfigError
+from spafit_jax.errors import ConfigError, SpafitError
+
+log = logging.getLogger("spafit_jax")
 
 CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS = (
     "config.yaml", "metrics.jsonl", "results.json", "tensorboard", "checkpoints")
+
+
+class WorkdirError(SpafitError):
+    """The run folder cannot be used as it is (a damaged log, a run already in it)."""
 
 
 def choose(workdir: str | os.PathLike | None, cfg: config_lib.Config, *, overwrite: bool, processes: int) -> Path:
@@ -73,7 +80,7 @@ class MetricsWriter:
     """metrics.jsonl and TensorBoard events, written by process 0 only (`enabled`).
 
     Opening drops the records logged after `resume_step` (a run resumed from that checkpoint
-    logs them again).
+    logs them again) and a torn last line (what a crash or a full disk leaves), with a warning.
     """
 
     def __init__(self, workdir: Path, *, enabled: bool, resume_step: int = 0):
@@ -84,12 +91,15 @@ class MetricsWriter:
 
         path = workdir / METRICS
         if path.exists():
-            kept = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
-            path.write_text("".join(r + "\n" for r in kept))
+            kept = [line for line, record in read_metrics(path) if record["step"] <= resume_step]
+            tmp = path.with_name(METRICS + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
         self.jsonl = open(path, "a")
         self.tb = SummaryWriter(str(workdir / TENSORBOARD))
 
     def write(self, record: dict) -> None:
+        """Appends one record (a dict with "step") to metrics.jsonl and its numbers to TensorBoard."""
         if not self.enabled:
             return
         record = finite_json(record)  # NaN / inf as null: every line stays valid JSON
@@ -105,3 +115,30 @@ class MetricsWriter:
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of each record of a metrics.jsonl. A torn last line is dropped with a
+    warning; any other line that is not a JSON object with an integer "step" is a WorkdirError."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise WorkdirError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); move it aside to "
+                           "start the log afresh") from None
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    out = []
+    for i, line in numbered:
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and isinstance(record.get("step"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if ok:
+            out.append((line, record))
+        elif i == numbered[-1][0]:
+            log.warning("%s: dropping the torn last line %d (a crash or a full disk cut it short): %.60r",
+                        path, i, line)
+        else:
+            raise WorkdirError(f"{path} line {i} is not a metrics record ({line[:60]!r}); fix or delete that "
+                               "line, or move the file aside")
+    return out

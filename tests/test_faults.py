@@ -93,3 +93,42 @@ def test_a_few_bad_steps_are_skipped_and_counted(tiny_model_dir, tmp_path, capsy
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["bad_steps"] >= 1 and records(tmp_path)[-1]["kind"] == "eval"
     assert all(v is None or math.isfinite(v) for v in res["eval"].values())
+
+
+def write_log(workdir, *lines):
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    (Path(workdir) / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def test_metrics_log_torn_last_line_is_dropped_with_a_warning(tmp_path, caplog):
+    write_log(tmp_path, '{"step": 1, "loss": 2.0}', '{"step": 2, "loss": 1.5}', '{"step": 3, "lo')
+    writer = rundir.MetricsWriter(tmp_path, enabled=True, resume_step=2)
+    writer.write({"step": 3, "loss": float("nan")})
+    writer.close()
+    assert "torn last line 3" in caplog.text
+    assert records(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": None}]
+
+
+@pytest.mark.parametrize("bad", ['{"step": 2, "lo', "NaN", '["step", 2]', '{"loss": 1.0}'])
+def test_metrics_log_damaged_inside_is_one_line_naming_file_and_line(tmp_path, bad):
+    write_log(tmp_path, '{"step": 1}', bad, '{"step": 3}')
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(rundir.WorkdirError) as e:
+        rundir.MetricsWriter(tmp_path, enabled=True, resume_step=3)
+    msg = str(e.value)
+    assert "metrics.jsonl line 2" in msg and "\n" not in msg
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing lost
+
+
+def test_resume_over_a_torn_log_finishes_and_the_log_is_valid(tiny_model_dir, tmp_path, capsys):
+    args = ["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=4", "train.epochs=10", "checkpoint.every=2")]
+    from spafit_jax import config as config_lib
+    from spafit_jax.train import train_and_evaluate
+
+    train_and_evaluate(config_lib.load_config([], args[2:]), tmp_path, stop_after=2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.6')  # a crash mid-write
+    assert main(args) == 0
+    steps = [r["step"] for r in records(tmp_path) if r.get("kind") != "eval"]
+    assert steps == [1, 2, 3, 4]
+    assert "Traceback" not in capsys.readouterr().err
