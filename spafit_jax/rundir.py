@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from spafit_jax.errors import ConfigError, SpafitError
 
 log = logging.getLogger("spafit_jax")
 
-CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS = (
-    "config.yaml", "metrics.jsonl", "results.json", "tensorboard", "checkpoints")
+CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS, LOCK = (
+    "config.yaml", "metrics.jsonl", "results.json", "tensorboard", "checkpoints", ".lock")
 
 
 class WorkdirError(SpafitError):
@@ -43,6 +44,82 @@ def choose(workdir: str | os.PathLike | None, cfg: config_lib.Config, *, overwri
         raise ConfigError(f"{workdir} holds a finished run ({RESULTS}); pass --overwrite to replace it "
                           "or choose another --workdir")
     return workdir
+
+
+class Lock:
+    """`with Lock(workdir, enabled=...)`: `<workdir>/.lock` holds {"host", "pid"} of the one
+    process (process 0) that runs in the folder, from before anything is written to the end
+    (exceptions included). A lock of a process that no longer exists on this host is stale and
+    taken over with a warning; any other lock is a WorkdirError naming its holder. A folder that
+    the lock created and that is still empty at the end is removed again.
+    """
+
+    def __init__(self, workdir: Path, *, enabled: bool):
+        self.workdir, self.enabled, self.path = Path(workdir), enabled, Path(workdir) / LOCK
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.created = False
+
+    def __enter__(self) -> Lock:
+        if not self.enabled:
+            return self
+        self.created = not self.workdir.exists()
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            for _ in range(3):
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    self._take_over(self._holder())
+                    continue
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.me, f)
+                return self
+        except OSError as e:
+            raise WorkdirError(f"cannot use {self.workdir} as the run folder ({e.strerror or e}: {e.filename or self.path}); "
+                               "choose a writable --workdir") from None
+        raise WorkdirError(f"{self.workdir}: another run keeps taking {self.path}; run one at a time")
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+        except (OSError, ValueError):
+            return None
+
+    def _take_over(self, holder: dict | None) -> None:
+        """Removes a stale lock; raises WorkdirError for a live (or unknown) holder."""
+        if holder is None:  # being written just now, or damaged: stale only once it is old
+            try:
+                if time.time() - self.path.stat().st_mtime < 10:
+                    raise WorkdirError(f"{self.workdir} is being taken by another run ({self.path}); run one at a time")
+            except FileNotFoundError:
+                return
+            log.warning("%s: removing an unreadable lock file", self.path)
+        elif holder.get("host") != self.me["host"] or _alive(holder["pid"]):
+            raise WorkdirError(
+                f"{self.workdir} is in use by pid {holder['pid']} on {holder.get('host')} (since {holder.get('since')}); "
+                f"wait for that run to end, use another --workdir, or delete {self.path} if that run is gone")
+        else:
+            log.warning("%s: taking over the stale lock of pid %d on %s (that process is gone)",
+                        self.path, holder["pid"], holder.get("host"))
+        self.path.unlink(missing_ok=True)
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.enabled or self._holder() != self.me:
+            return
+        self.path.unlink(missing_ok=True)
+        if self.created and not any(self.workdir.iterdir()):
+            self.workdir.rmdir()  # nothing was written: leave no trace
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare(workdir: Path, cfg: config_lib.Config, *, lead: bool) -> None:

@@ -99,6 +99,13 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     parallel.check_batch(t.batch_size, "train.batch_size", t.grad_accum)  # batches the devices cannot share
     parallel.check_batch(t.eval_batch_size, "train.eval_batch_size")
     workdir = rundir.choose(workdir, cfg, overwrite=overwrite, processes=jax.process_count())
+    with rundir.Lock(workdir, enabled=lead):  # taken before anything is written, released at the end
+        return _train(cfg, workdir, stop_after)
+
+
+def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
+    """`train_and_evaluate` in its locked run folder."""
+    lead, t = jax.process_index() == 0, cfg.train
     run = load(cfg)
     plan, spec = run.plan, run.task.spec
     rundir.prepare(workdir, cfg, lead=lead)  # only once the model, the plan and the data are good

@@ -62,7 +62,7 @@ def test_divergence_stops_with_one_line_and_no_nan_reaches_params_or_disk(tiny_m
     assert main(args) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "diverged" in line and "3 steps in a row" in line and "train.max_bad_steps" in line
-    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / rundir.LOCK).exists()
     text = (tmp_path / "metrics.jsonl").read_text()
     assert "NaN" not in text and "Infinity" not in text
     recs = records(tmp_path)  # strict JSON: non-finite numbers are null
@@ -132,3 +132,67 @@ def test_resume_over_a_torn_log_finishes_and_the_log_is_valid(tiny_model_dir, tm
     steps = [r["step"] for r in records(tmp_path) if r.get("kind") != "eval"]
     assert steps == [1, 2, 3, 4]
     assert "Traceback" not in capsys.readouterr().err
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_lock_is_held_during_the_run_and_released_on_exit_and_on_errors(tmp_path):
+    work = tmp_path / "run"
+    with rundir.Lock(work, enabled=True):
+        held = json.loads((work / rundir.LOCK).read_text())
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+        (work / "kept").write_text("x")
+    assert not (work / rundir.LOCK).exists() and (work / "kept").exists()
+    with pytest.raises(ValueError):
+        with rundir.Lock(work, enabled=True):
+            raise ValueError("boom")
+    assert not (work / rundir.LOCK).exists()
+    with rundir.Lock(tmp_path / "empty", enabled=True):
+        pass
+    assert not (tmp_path / "empty").exists()  # created by the lock, nothing written: removed
+    with rundir.Lock(tmp_path / "other", enabled=False):
+        assert not (tmp_path / "other").exists()  # processes other than 0 take no lock
+
+
+def test_a_second_run_on_a_workdir_in_use_fails_at_once_naming_the_holder(tiny_model_dir, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": holder.pid, "since": "2026-01-01 00:00:00"}
+        (tmp_path / rundir.LOCK).write_text(json.dumps(lock))
+        t0 = time.time()
+        assert main(["--workdir", str(tmp_path), *small(tiny_model_dir)]) == 2
+        assert time.time() - t0 < 10  # at once: before the model and the data are loaded
+        line = one_error_line(capsys.readouterr().err)
+        assert f"in use by pid {holder.pid} on {socket.gethostname()}" in line and rundir.LOCK in line
+        assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.LOCK]  # nothing written
+        assert json.loads((tmp_path / rundir.LOCK).read_text()) == lock  # the holder's lock is kept
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_on_another_host_is_never_taken_over(tmp_path):
+    (tmp_path / rundir.LOCK).write_text(json.dumps({"host": "elsewhere-0", "pid": dead_pid()}))
+    with pytest.raises(rundir.WorkdirError, match="on elsewhere-0"):
+        with rundir.Lock(tmp_path, enabled=True):
+            pass
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(tiny_model_dir, tmp_path, capsys, caplog):
+    pid = dead_pid()
+    (tmp_path / rundir.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+    assert main(["--workdir", str(tmp_path), *small(tiny_model_dir)]) == 0
+    assert f"stale lock of pid {pid}" in caplog.text
+    assert (tmp_path / "results.json").exists() and not (tmp_path / rundir.LOCK).exists()
+
+
+def test_an_unusable_workdir_is_one_line(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["--workdir", str(tmp_path / "file"), *small(tiny_model_dir)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "cannot use" in line and "file" in line
+    assert (tmp_path / "file").read_text() == "not a folder"
