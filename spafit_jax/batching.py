@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from spafit_jax.tokens import Encoded
 
 PADDINGS = ("bucket", "max_length")
+GROUP_BATCHES = 50  # length grouping sorts chunks of this many batches (as Hugging Face's megabatches)
 
 
 def default_buckets(max_length: int) -> list[int]:
@@ -25,17 +26,26 @@ def default_buckets(max_length: int) -> list[int]:
     return sorted({b for b in (m // 4, m // 2) if b >= 8} | {m})
 
 
-def resolve_buckets(max_length: int, padding: str = "bucket",
-                    buckets: Sequence[int] | None = None) -> list[int]:
-    """Bucket lengths from ``data.padding`` / ``data.buckets`` / ``data.max_length``.
+def resolve_buckets(max_length: int, padding: str = "bucket", buckets: Sequence[int] | None = None,
+                    multiple: int | None = None) -> list[int]:
+    """Bucket lengths from ``data.padding`` / ``data.buckets`` / ``data.bucket_multiple`` / ``data.max_length``.
 
-    Raises ConfigError unless the buckets are positive, strictly increasing and end at max_length.
+    ``multiple`` N gives every multiple of N below max_length, then max_length (fine buckets, at
+    most max_length / N compiled shapes). Raises ConfigError unless the buckets are positive,
+    strictly increasing and end at max_length.
     """
     if padding == "max_length":
         return [int(max_length)]
     if padding != "bucket":
         raise ConfigError(f"data.padding={padding!r} is unknown; use one of "
                           f"{' | '.join(PADDINGS)}")
+    if multiple is not None:
+        if int(multiple) < 1:
+            raise ConfigError(f"data.bucket_multiple={multiple} must be >= 1; use e.g. data.bucket_multiple=16")
+        if buckets is not None:
+            raise ConfigError(f"data.bucket_multiple={multiple} and data.buckets={list(buckets)} are both set; "
+                              "set one of them to null")
+        return list(range(int(multiple), int(max_length), int(multiple))) + [int(max_length)]
     if buckets is None:
         return default_buckets(max_length)
     b = [int(x) for x in buckets]
@@ -89,15 +99,41 @@ def _batch(enc: Encoded, idx: np.ndarray, length: int, weights: np.ndarray
     }
 
 
+def train_order(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+                group_by_length: bool = False) -> np.ndarray:
+    """Example indices of each global train batch of one epoch: int [steps, batch_size].
+
+    A permutation drawn from (seed, epoch), the ragged remainder dropped. With `group_by_length`
+    the permutation is cut into chunks of GROUP_BATCHES batches, each chunk sorted by length (so
+    a batch holds examples of similar length and pads little), and the batches shuffled again.
+    Deterministic in (seed, epoch): every host computes the same order.
+    """
+    steps = len(lengths) // batch_size
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    perm = rng.permutation(len(lengths))
+    if not group_by_length:
+        return perm[:steps * batch_size].reshape(steps, batch_size)
+    perm = perm[:steps * batch_size]
+    chunk = GROUP_BATCHES * batch_size
+    groups = [c[np.argsort(-lengths[c], kind="stable")] for c in np.split(perm, range(chunk, len(perm), chunk))]
+    order = np.concatenate(groups).reshape(steps, batch_size)
+    return order[rng.permutation(steps)]
+
+
+def padding_efficiency(batch: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(real tokens, padded tokens) of a batch."""
+    mask = batch["attention_mask"] * (batch["weights"][:, None] > 0)
+    return int(mask.sum()), int(batch["attention_mask"].size)
+
+
 def train_batches(enc: Encoded, batch_size: int, *, seed: int, epoch: int,
                   buckets: Sequence[int], start: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of each global train batch of one epoch.
+                  process_count: int = 1, group_by_length: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of each global train batch of one epoch, in `train_order`.
 
-    The order is a permutation drawn from (seed, epoch); the ragged remainder is dropped. Each
-    global batch is padded to the smallest bucket holding its longest example, so all processes
-    agree on the shape. Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)``. ``start`` skips that
-    many batches (resume) without building them. Arguments are checked on the call.
+    Each global batch is padded to the smallest bucket holding its longest example, so all
+    processes agree on the shape. Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)``. ``start``
+    skips that many batches (resume) without building them. Arguments are checked on the call.
     """
     local = _check_sharding(batch_size, process_index, process_count)
     steps = steps_per_epoch(enc, batch_size)
@@ -106,12 +142,11 @@ def train_batches(enc: Encoded, batch_size: int, *, seed: int, epoch: int,
     if not 0 <= start <= steps:
         raise DataError(f"start {start} is outside the epoch's {steps} batches")
     pick_bucket(int(enc.lengths.max()), buckets)
-    perm = np.random.default_rng([int(seed), int(epoch)]).permutation(len(enc))
+    order = train_order(enc.lengths, batch_size, seed=seed, epoch=epoch, group_by_length=group_by_length)
     lo = process_index * local
 
     def batches():
-        for b in range(start, steps):
-            idx = perm[b * batch_size:(b + 1) * batch_size]
+        for idx in order[start:]:
             length = pick_bucket(int(enc.lengths[idx].max()), buckets)
             yield _batch(enc, idx[lo:lo + local], length, np.ones(local, np.float32))
 
@@ -124,9 +159,10 @@ def num_eval_batches(enc: Encoded, batch_size: int) -> int:
 
 
 def eval_batches(enc: Encoded, batch_size: int, *, buckets: Sequence[int],
-                 process_index: int = 0, process_count: int = 1
+                 process_index: int = 0, process_count: int = 1, group_by_length: bool = False
                  ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of each global eval batch: every example once, in order.
+    """This process's rows of each global eval batch: every example once, in order (in order
+    of length with `group_by_length`, which pads less; metrics do not depend on the order).
 
     The last global batch is filled up to ``batch_size`` with copies of its last example,
     weighted 0. Sharding across processes as in ``train_batches``.
@@ -136,10 +172,11 @@ def eval_batches(enc: Encoded, batch_size: int, *, buckets: Sequence[int],
     if n:
         pick_bucket(int(enc.lengths.max()), buckets)
     lo = process_index * local
+    order = np.argsort(enc.lengths, kind="stable") if group_by_length else np.arange(n)
 
     def batches():
         for b in range(num_eval_batches(enc, batch_size)):
-            real = np.arange(b * batch_size, min((b + 1) * batch_size, n))
+            real = order[b * batch_size:(b + 1) * batch_size]
             idx = np.concatenate([real, np.full(batch_size - len(real), real[-1])])
             weights = (np.arange(batch_size) < len(real)).astype(np.float32)
             length = pick_bucket(int(enc.lengths[real].max()), buckets)

@@ -84,6 +84,9 @@ class DataConfig:
     max_length: int = _field(128, "maximum tokens per example (longer ones are truncated)")
     padding: str = _field("bucket", "bucket (pad to the smallest bucket that fits) | max_length")
     buckets: tuple[int, ...] | None = _field(None, "bucket lengths ending at max_length (null = max_length/4, /2, /1)")
+    bucket_multiple: int | None = _field(None, "buckets every N tokens up to max_length, e.g. 16 (instead of data.buckets)")
+    group_by_length: bool = _field(False, "batch examples of similar length together (less padding; the order "
+                                          "stays seeded and resumable)")
     limit_train: int | None = _field(None, "use at most this many training examples")
     limit_eval: int | None = _field(None, "use at most this many examples per evaluation split")
     eval_splits: tuple[str, ...] | None = _field(None, "evaluation splits (null = the task's default)")
@@ -99,7 +102,7 @@ class DataConfig:
               "set data.hf_path to a hub dataset id or a local dataset folder")
         _need(self, self.max_length >= 8, "max_length", "must be >= 8", "use e.g. data.max_length=128")
         _one_of(self, "padding", batching.PADDINGS)
-        _ask(self, "buckets", batching.resolve_buckets, self.max_length, self.padding, self.buckets)
+        _ask(self, "bucket_multiple" if self.bucket_multiple is not None else "buckets", self.bucket_lengths)
         _need(self, self.num_labels is None or self.num_labels >= 1, "num_labels", "must be >= 1",
               "use null to infer it")
         _need(self, not (self.is_regression and self.num_labels not in (None, 1)), "num_labels",
@@ -109,6 +112,12 @@ class DataConfig:
                   "use null for no limit")
         _need(self, self.eval_splits is None or len(self.eval_splits) > 0, "eval_splits", "is empty",
               "name at least one split or use null for the task's default")
+
+    def bucket_lengths(self) -> list[int]:
+        """The lengths batches are padded to (`batching.resolve_buckets`)."""
+        from spafit_jax import batching
+
+        return batching.resolve_buckets(self.max_length, self.padding, self.buckets, self.bucket_multiple)
 
 
 @dataclasses.dataclass(frozen=True)
