@@ -122,15 +122,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def prepare(workdir: Path, cfg: config_lib.Config, *, lead: bool) -> None:
-    """Creates the folder; a finished run in it (allowed by `choose`) is removed; writes config.yaml."""
+def prepare(workdir: Path, *, lead: bool) -> None:
+    """Creates the folder; a finished run in it (allowed by `choose`) is removed."""
     if lead and (workdir / RESULTS).exists():
         for name in (RESULTS, CHECKPOINTS, METRICS, TENSORBOARD):
             path = workdir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    if lead:
-        config_lib.save_config(cfg, workdir / CONFIG)
+
+
+def save_config(workdir: Path, cfg: config_lib.Config) -> Path:
+    """config.yaml, written atomically once the run is accepted (a refused resume keeps the old one)."""
+    path = workdir / CONFIG
+    tmp = path.with_name(CONFIG + ".tmp")
+    config_lib.save_config(cfg, tmp)
+    tmp.replace(path)
+    return path
 
 
 def finite_json(obj):

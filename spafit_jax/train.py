@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from spafit_jax import batching, checkpoint, cli, data, hf, metrics, optim, parallel, rundir
 from spafit_jax.config import Config
-from spafit_jax.errors import SpafitError
+from spafit_jax.errors import ConfigError, SpafitError
 from spafit_jax.plan import Plan, make_plan
 
 log = logging.getLogger("spafit_jax")
@@ -51,9 +51,16 @@ class Loaded:
 
 
 def load(cfg: Config) -> Loaded:
-    """Resolve the model, plan its trainability, load and tokenise the task, load the weights."""
+    """Resolve the model, plan its trainability, load and tokenise the task, load the weights.
+
+    Settings that do not fit the model (data.max_length above its positions) are refused first."""
     folder = hf.resolve(cfg.model.name)
-    plan = make_plan(cfg.method, hf.read_config(folder).num_hidden_layers)
+    model_cfg = hf.read_config(folder)
+    if cfg.data.max_length > model_cfg.max_position_embeddings:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {model_cfg.max_position_embeddings} "
+                          f"positions of {cfg.model.name} (max_position_embeddings in {folder / 'config.json'}); use "
+                          f"data.max_length={model_cfg.max_position_embeddings} or less", "data.max_length")
+    plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
     task = data.load_task_data(cfg.data, hf.load_tokenizer(folder), seed=cfg.train.seed)
     model, params = hf.load_pretrained(folder, num_labels=task.spec.num_labels, dtype=jnp.dtype(cfg.model.dtype),
                                        param_dtype=jnp.dtype(cfg.model.param_dtype), seed=cfg.train.seed,
@@ -108,7 +115,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
     lead, t = jax.process_index() == 0, cfg.train
     run = load(cfg)
     plan, spec = run.plan, run.task.spec
-    rundir.prepare(workdir, cfg, lead=lead)  # only once the model, the plan and the data are good
+    rundir.prepare(workdir, lead=lead)  # only once the model, the plan and the data are good
 
     trainable, frozen = plan.split(run.params)
     per_epoch = batching.steps_per_epoch(run.task.train, t.batch_size)
@@ -124,6 +131,8 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
     if ckpt.latest_step() is not None:
         state, extra = ckpt.restore(state)
         log.warning("resuming from step %d in %s", int(state.step), workdir)
+    if lead:  # the run is accepted (the checkpoints fit it): its config replaces the old one
+        rundir.save_config(workdir, cfg)
     loop = _Loop(cfg, driver, ckpt, run.task, plan, workdir, best_metric, per_epoch, total_steps,
                  start=int(state.step), best=extra.get("best"), train_seconds=float(extra.get("train_seconds", 0.0)),
                  bad_steps=int(extra.get("bad_steps", 0)))

@@ -196,3 +196,11 @@ def test_an_unusable_workdir_is_one_line(tiny_model_dir, tmp_path, capsys):
     line = one_error_line(capsys.readouterr().err)
     assert "cannot use" in line and "file" in line
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_max_length_above_the_model_positions_is_refused_before_anything_is_written(tiny_model_dir, tmp_path, capsys):
+    work = tmp_path / "run"
+    assert main(["--workdir", str(work), *small(tiny_model_dir, "data.max_length=256")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "data.max_length=256" in line and "max_position_embeddings" in line and "128" in line
+    assert not work.exists()

@@ -96,6 +96,7 @@ def test_resume_with_another_base_model_is_refused(tiny_model_dir, tmp_path, cap
     train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=8"), tmp_path, stop_after=2)
     capsys.readouterr()
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    config_yaml = (tmp_path / "config.yaml").read_text()
     other = small("minilm", "train.max_steps=8")
     assert main(["--workdir", str(tmp_path), *other]) == 2
     err = capsys.readouterr().err
@@ -103,6 +104,8 @@ def test_resume_with_another_base_model_is_refused(tiny_model_dir, tmp_path, cap
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     with pytest.raises(CheckpointError, match="plan"):
         train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=8", "method.n1=0"), tmp_path)
+    assert (tmp_path / "config.yaml").read_text() == config_yaml  # a refused resume keeps the run's config
+    assert not (tmp_path / ".lock").exists()
 
 
 def test_finished_run_is_not_overwritten_silently(tiny_model_dir, tmp_path, capsys):
