@@ -134,6 +134,14 @@ class Checkpointer:
         """The newest finalised step, or None when the folder holds no checkpoint."""
         return self._mngr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The finalised steps in the folder, oldest first."""
+        return sorted(self._mngr.all_steps())
+
+    def best_step(self) -> int | None:
+        """The step with the best `best_metric` among those ranked (None without `keep_best` or ranked steps)."""
+        return self._mngr.best_step() if self._best else None
+
     def save(self, step: int, state: Any, *, extra: Mapping[str, Any], metrics: Mapping[str, Any] | None = None,
              force: bool = False) -> bool:
         """Save the pytree `state` and the JSON `extra` as step `step`.

@@ -1,0 +1,185 @@
+"""Reload a finished (or stopped) run from its folder: `load_run(workdir)` -> a `LoadedRun` that predicts.
+
+A run folder holds config.yaml, checkpoints/ and, written when the run starts (`save_assets`),
+tokenizer/ (the tokenizer files) and task.json (the task spec: label names, regression or not,
+text columns). A folder without those assets still loads: the tokenizer then comes from the base
+model named in config.yaml and the spec from the task registry / data config. The frozen base
+weights are read from the model config.yaml names (`model.name`); the checkpoint holds only the
+trained half, and its fingerprint proves that the base is the one the run was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spafit_jax import batching, hf, lora as lora_lib, masking, optim, rundir
+from spafit_jax import checkpoint as ckpt_lib
+from spafit_jax.config import Config, load_config
+from spafit_jax.errors import CheckpointError, DataError, LoadError
+from spafit_jax.metrics import main_metric
+from spafit_jax.plan import Plan, make_plan
+from spafit_jax.tasks import TaskSpec
+from spafit_jax.tokens import Examples, encode
+
+log = logging.getLogger("spafit_jax")
+
+TOKENIZER, TASK = "tokenizer", "task.json"
+
+
+def save_assets(workdir: str | os.PathLike, tokenizer: Any, spec: TaskSpec) -> None:
+    """Writes the tokenizer files (`<workdir>/tokenizer/`) and the task spec (`<workdir>/task.json`),
+    so that the run folder alone says how to read text and name labels. Call on process 0."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(workdir / TOKENIZER))
+    tmp = workdir / (TASK + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+    tmp.replace(workdir / TASK)
+
+
+def load_spec(workdir: Path, cfg: Config) -> TaskSpec:
+    """The run's task spec: task.json, else the registry / data config (a local or hub task reads its train split)."""
+    path = workdir / TASK
+    if path.is_file():
+        raw = json.loads(path.read_text())
+        return TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    from spafit_jax.sources import task_from_config
+
+    return task_from_config(cfg.data)
+
+
+def load_model(cfg: Config, num_labels: int) -> tuple[Any, Any, Plan]:
+    """(model, params, labelled plan) of a config: the base weights with the method's LoRA adapters."""
+    folder = hf.resolve(cfg.model.name)
+    plan = make_plan(cfg.method, hf.read_config(folder).num_hidden_layers)
+    model, params = hf.load_pretrained(folder, num_labels=num_labels, dtype=jnp.dtype(cfg.model.dtype),
+                                       param_dtype=jnp.dtype(cfg.model.param_dtype), seed=cfg.train.seed,
+                                       lora=plan.lora)
+    return model, params, plan.label(params)
+
+
+@dataclasses.dataclass(eq=False)
+class LoadedRun:
+    """A reloaded run: the model, its parameters (trained + frozen, adapters unmerged), the
+    tokenizer, the task spec, the resolved config, the plan and the checkpoint step."""
+
+    workdir: Path
+    config: Config
+    spec: TaskSpec
+    tokenizer: Any
+    model: Any
+    params: Any
+    plan: Plan
+    step: int
+    _logits_fn: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return list(self.spec.label_names) if self.spec.label_names else None
+
+    def merged_params(self) -> Any:
+        """The parameters with every LoRA adapter folded into its kernel (a plain BERT tree)."""
+        return lora_lib.merge(self.params, self.plan.lora) if self.plan.lora else self.params
+
+    def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, batch_size: int = 32,
+               progress: bool = False) -> np.ndarray:
+        """Logits [N, num_labels] in input order; batches padded to the training buckets."""
+        texts = list(texts)
+        if text_pairs is not None and len(text_pairs) != len(texts):
+            raise DataError(f"{len(texts)} texts but {len(text_pairs)} text pairs; pass one pair per text")
+        if (text_pairs is None) != (self.spec.text_b is None):
+            need = "pairs (text_pairs=...)" if self.spec.text_b else "single texts (no text_pairs)"
+            raise DataError(f"task {self.spec.name} was trained on {need}; pass the same kind of input")
+        n = len(texts)
+        if n == 0:
+            return np.zeros((0, self.spec.num_labels), np.float32)
+        d = self.config.data
+        enc = encode(self.tokenizer, Examples(texts, None if text_pairs is None else list(text_pairs),
+                                              np.zeros(n, np.int32)), max_length=d.max_length, cache=False)
+        if self._logits_fn is None:
+            apply = self.model.apply
+            self._logits_fn = jax.jit(lambda p, b: apply({"params": p}, b["input_ids"], b["attention_mask"],
+                                                         b["token_type_ids"]))
+        batch_size = max(1, min(int(batch_size), n))
+        buckets = batching.resolve_buckets(d.max_length, d.padding, d.buckets)
+        out = []
+        from tqdm.auto import tqdm
+
+        batches = batching.eval_batches(enc, batch_size, buckets=buckets)
+        for b in tqdm(batches, total=batching.num_eval_batches(enc, batch_size), disable=not progress,
+                      desc="predict", mininterval=1.0):
+            logits = np.asarray(self._logits_fn(self.params, b))
+            out.append(logits[b["weights"] > 0])
+        return np.concatenate(out).astype(np.float32)
+
+    def predict(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, batch_size: int = 32,
+                progress: bool = False) -> np.ndarray:
+        """Class probabilities [N, num_labels] (softmax), or scores [N] for a regression task."""
+        logits = self.logits(texts, text_pairs, batch_size=batch_size, progress=progress)
+        if self.spec.is_regression:
+            return logits[:, 0]
+        return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+
+def _pick_step(ckpt: ckpt_lib.Checkpointer, which: str | int, directory: Path) -> int:
+    steps = ckpt.all_steps()
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {directory}; the run saved none (train it, or let it reach a save)")
+    if which == "last":
+        return max(steps)
+    if which == "best":
+        best = ckpt.best_step()
+        if best is None:
+            log.warning("%s ranks no checkpoint by metric; using the last step %d", directory, max(steps))
+            return max(steps)
+        return best
+    try:
+        step = int(which)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"checkpoint={which!r} is not best, last or a step number") from None
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {directory} (found: {sorted(steps)}); pick one")
+    return step
+
+
+def load_run(workdir: str | os.PathLike, checkpoint: str | int = "best") -> LoadedRun:
+    """Reload a run folder at a checkpoint: "best" (the best eval metric; the last step when the run
+    ranked none), "last" or a step number. Needs the folder and the base weights config.yaml names."""
+    workdir = Path(workdir)
+    if not (workdir / rundir.CONFIG).is_file():
+        raise LoadError(f"{workdir} is not a run folder (no {rundir.CONFIG}); pass the --workdir of a training run")
+    cfg = load_config([str(workdir / rundir.CONFIG)])
+    directory = workdir / rundir.CHECKPOINTS
+    if not directory.is_dir():
+        raise CheckpointError(f"{workdir} has no {rundir.CHECKPOINTS}/; the run saved no checkpoint yet")
+    spec = load_spec(workdir, cfg)
+    quiet, log.disabled = log.disabled, True  # the head and adapters come from the checkpoint, not the base
+    try:
+        model, params, plan = load_model(cfg, spec.num_labels)
+    except LoadError as e:
+        raise LoadError(f"the base model of {workdir} (model.name={cfg.model.name}) is not available: {e}") from None
+    finally:
+        log.disabled = quiet
+    tokenizer = hf.load_tokenizer(workdir / TOKENIZER if (workdir / TOKENIZER).is_dir() else cfg.model.name)
+    trainable, frozen = plan.split(params)
+    tx = optim.make_optimizer(plan.labels, cfg.train, 1)
+    template = jax.eval_shape(lambda t: optim.init_state(t, tx, cfg.train.seed), trainable)
+    fingerprint = ckpt_lib.fingerprint(frozen, plan.labels, model_name=cfg.model.name)
+    with ckpt_lib.Checkpointer(directory, fingerprint=fingerprint,
+                                 keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
+                                 best_metric=cfg.train.best_metric or main_metric(spec)) as ckpt:
+        step = _pick_step(ckpt, checkpoint, directory)
+        state, _ = ckpt.restore(template, step=step)
+    restored = jax.tree.map(lambda x: jnp.asarray(x), state.trainable)
+    params = masking.merge(restored, frozen)
+    return LoadedRun(workdir, cfg, spec, tokenizer, model, params, plan, step)
+
