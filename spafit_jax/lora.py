@@ -8,6 +8,7 @@ A is Kaiming-uniform as in PEFT, B is zero, so a fresh adapter changes no output
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -110,3 +111,105 @@ def unmerge(merged, adapter_leaves: Mapping, lora: LoRAConfig):
     if missing:
         raise ConfigError(f"unmerge: adapters for {sorted(missing)} have no module in this tree; pass the tree merge() returned")
     return out
+
+
+# ---- PEFT adapter folders (adapter_config.json + adapter_model.safetensors) ----------------------
+#: our LoRA target -> its module inside `bert.encoder.layer.<i>` (PyTorch names)
+PEFT_MODULES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+                "attention_output": "attention.output.dense", "intermediate": "intermediate.dense",
+                "output": "output.dense"}
+PEFT_PREFIX = "base_model.model."
+
+
+def _module_name(layer: int, target: str) -> str:
+    return f"bert.encoder.layer.{layer}.{PEFT_MODULES[target]}"
+
+
+def to_peft_config(lora: LoRAConfig, num_layers: int, *, base_model: str, modules_to_save: list[str],
+                   bias: str) -> dict:
+    """adapter_config.json for `lora` on a model of `num_layers` layers, as PEFT's LoraConfig writes it.
+
+    Targets are PEFT suffix names with `layers_to_transform` when that selects exactly our
+    modules; otherwise (FFN `output` without `attention_output`, whose suffix `output.dense`
+    would match both) a regex naming each module. Per-module ranks become exact `rank_pattern` keys.
+    """
+    lora.validate(num_layers)
+    wrapped = [(i, t) for i in range(num_layers) for t in lora.targets if lora.wraps(i, t)]
+    names = sorted({PEFT_MODULES[t] for t in lora.targets})
+    if "output" in lora.targets and "attention_output" not in lora.targets:
+        targets, layers = "|".join(re.escape(_module_name(i, t)) for i, t in wrapped), None
+    else:
+        targets, layers = names, None if lora.layers is None else sorted(lora.layers)
+    ranks = {re.escape(_module_name(i, t).removeprefix("bert.encoder.")): lora.rank_for(i, t)
+             for i, t in wrapped if lora.rank_for(i, t) != lora.rank}
+    return {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model, "r": lora.rank,
+            "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": targets,
+            "layers_to_transform": layers, "layers_pattern": None, "rank_pattern": ranks, "alpha_pattern": {},
+            "use_rslora": lora.rslora, "use_dora": False, "bias": bias, "modules_to_save": modules_to_save,
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True}
+
+
+def _peft_targets(raw: Mapping, num_layers: int, need) -> list[tuple[int, str]]:
+    """The (layer, target) pairs PEFT would wrap under `raw` (its own matching rules)."""
+    targets, layers = raw.get("target_modules"), need("layers_to_transform", (list, int, type(None)))
+    layers = [layers] if isinstance(layers, int) else layers
+    found = []
+    for i in range(num_layers):
+        for t in TARGETS:
+            key = _module_name(i, t)
+            if isinstance(targets, str):
+                hit = re.fullmatch(targets, key) is not None
+            else:
+                hit = any(key == m or key.endswith("." + m) for m in targets)
+                hit = hit and (layers is None or i in layers)
+            if hit:
+                found.append((i, t))
+    return found
+
+
+def from_peft_config(raw: Mapping, num_layers: int, *, source: str = "adapter_config.json") -> LoRAConfig:
+    """Our LoRAConfig for a PEFT LoRA adapter_config.json on a BERT of `num_layers` layers.
+
+    Refuses (one line naming the field) what our LoRA cannot express: other PEFT types, DoRA,
+    alpha_pattern, target modules BERT-for-classification has no LoRA slot for.
+    """
+
+    def need(key, types):
+        value = raw.get(key)
+        if not isinstance(value, types):
+            raise ConfigError(f"{source}: {key}={value!r} is not supported by spafit_jax's LoRA")
+        return value
+
+    if raw.get("peft_type") != "LORA":
+        raise ConfigError(f"{source}: peft_type={raw.get('peft_type')!r} is not supported; spafit_jax imports LORA adapters")
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False)):
+        if raw.get(key, ok) not in (ok, None):
+            raise ConfigError(f"{source}: {key}={raw[key]!r} is not supported; spafit_jax imports plain LoRA")
+    for key in ("alpha_pattern", "layer_replication", "target_parameters", "trainable_token_indices"):
+        if raw.get(key):
+            raise ConfigError(f"{source}: {key}={raw[key]!r} is not supported; spafit_jax imports plain LoRA")
+    targets = need("target_modules", (list, str))
+    found = _peft_targets(raw, num_layers, need)
+    if not found:
+        raise ConfigError(f"{source}: target_modules={targets!r} matches no module spafit_jax can adapt; "
+                          f"those are {', '.join(sorted(set(PEFT_MODULES.values())))} in bert.encoder.layer.<i>")
+    if not isinstance(targets, str):
+        unknown = [m for m in targets if not any(_module_name(i, t).endswith("." + m) for i, t in found)]
+        if unknown:
+            raise ConfigError(f"{source}: target_modules {unknown} name modules spafit_jax has no LoRA for; "
+                              f"the modules are {', '.join(sorted(set(PEFT_MODULES.values())))}")
+    names = tuple(t for t in TARGETS if any(t == f for _, f in found))
+    layers = tuple(sorted({i for i, _ in found}))
+    if set(found) != {(i, t) for i in layers for t in names}:
+        raise ConfigError(f"{source}: target_modules={targets!r} adapts different modules in different layers; "
+                          "spafit_jax's LoRA needs the same targets in every adapted layer")
+    r = need("r", int)
+    ranks = need("rank_pattern", (dict, type(None))) or {}
+    pattern = {}
+    for i, t in found:
+        key = next((k for k in ranks if re.match(rf"(.*\.)?({k})$", _module_name(i, t))), None)
+        if key is not None and ranks[key] != r:
+            pattern[f"^layer/{i}/{t}$"] = int(ranks[key])
+    return LoRAConfig(rank=r, alpha=float(need("lora_alpha", (int, float))), dropout=float(raw.get("lora_dropout") or 0.0),
+                      targets=names, layers=None if len(layers) == num_layers else layers,
+                      rank_pattern=pattern, rslora=bool(raw.get("use_rslora", False)))

@@ -1,0 +1,132 @@
+"""`python -m spafit_jax.export --workdir RUN --out DIR --format hf|peft|flax`: take a trained model out.
+
+- `hf`: a merged PyTorch-transformers folder (LoRA folded into the kernels): config.json with
+  id2label / label2id (problem_type for regression), model.safetensors in PyTorch names, the
+  tokenizer. `AutoModelForSequenceClassification.from_pretrained(DIR)` loads it.
+- `peft`: adapter_config.json + adapter_model.safetensors for `PeftModel.from_pretrained(base, DIR)`:
+  the LoRA adapters as trained (layers_to_transform, target_modules, rank_pattern, use_rslora),
+  the trained biases (`bias="all"`) and the head and pooler (`modules_to_save`).
+- `flax`: config.json + flax_model.msgpack (merged) + tokenizer, for `hf.load_pretrained(DIR)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from spafit_jax import hf
+from spafit_jax import lora as lora_lib
+from spafit_jax.errors import ConfigError, SpafitError
+from spafit_jax.methods import BIAS, HEAD, LAYERNORM, LORA, POOLER, WEIGHT
+
+FORMATS = ("hf", "peft", "flax")
+
+
+def label_fields(spec) -> dict[str, Any]:
+    """config.json fields naming the labels: num_labels, id2label, label2id, problem_type."""
+    n = spec.num_labels
+    names = list(spec.label_names) if spec.label_names else [f"LABEL_{i}" for i in range(n)]
+    return {"num_labels": n, "id2label": {str(i): name for i, name in enumerate(names)},
+            "label2id": {name: i for i, name in enumerate(names)},
+            "problem_type": "regression" if spec.is_regression else "single_label_classification"}
+
+
+def base_model_name(name: str) -> str:
+    """A name others can load: a hub id as it is; an alias or local folder as its absolute path."""
+    if name in hf.ALIASES or Path(name).expanduser().exists():
+        return str(hf.resolve(name).resolve())
+    return name
+
+
+def export_hf(run, out: Path) -> Path:
+    """A merged PyTorch transformers folder (see the module docstring)."""
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    raw = json.loads((hf.resolve(run.config.model.name) / "config.json").read_text())
+    raw.update(label_fields(run.spec), model_type="bert", architectures=["BertForSequenceClassification"])
+    raw.pop("_name_or_path", None)
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    save_file(hf.to_torch_names(run.merged_params()), str(out / hf.SAFETENSORS), metadata={"format": "pt"})
+    run.tokenizer.save_pretrained(str(out))
+    return out
+
+
+def export_flax(run, out: Path) -> Path:
+    """A merged folder our `hf.load_pretrained` reads (config.json, flax_model.msgpack, tokenizer)."""
+    config = hf.read_config(hf.resolve(run.config.model.name))
+    hf.save_pretrained(out, config, run.merged_params(), num_labels=run.spec.num_labels,
+                       extra=label_fields(run.spec))
+    run.tokenizer.save_pretrained(str(out))
+    return out
+
+
+def peft_parts(plan) -> tuple[str, list[str]]:
+    """PEFT's `bias` and `modules_to_save` for a plan; a plan PEFT cannot express is a ConfigError."""
+    counts = plan.counts
+    fix = "export with --format hf (a merged model) instead"
+    if plan.lora is None or LORA not in counts:
+        raise ConfigError(f"method {plan.method.name} trains no LoRA adapters, which a PEFT LoRA adapter needs; {fix}")
+    for label, what in ((WEIGHT, "whole weight matrices"), (LAYERNORM, "LayerNorm scales")):
+        if label in counts:
+            raise ConfigError(f"method {plan.method.name} trains {what}, which a PEFT LoRA adapter cannot carry; {fix}")
+    modules = (["classifier"] if HEAD in counts else []) + (["pooler"] if POOLER in counts else [])
+    return ("all" if BIAS in counts else "none"), modules
+
+
+def export_peft(run, out: Path) -> Path:
+    """adapter_config.json + adapter_model.safetensors (see the module docstring)."""
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save_file
+
+    bias, modules = peft_parts(run.plan)
+    labels = {"/".join(k): v for k, v in flatten_dict(run.plan.labels).items()}
+    keep = {p for p, label in labels.items() if label in (BIAS, HEAD, POOLER)}
+    config = lora_lib.to_peft_config(run.plan.lora, run.plan.num_layers, bias=bias, modules_to_save=modules,
+                                     base_model=base_model_name(run.config.model.name))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / hf.PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+    save_file(hf.peft_state(run.params, keep.__contains__), str(out / hf.PEFT_WEIGHTS), metadata={"format": "pt"})
+    run.tokenizer.save_pretrained(str(out))
+    return out
+
+
+def export(run, out: str | os.PathLike, fmt: str) -> Path:
+    """Writes the reloaded run `run` (`run.load_run`) to folder `out` in format hf, peft or flax."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is unknown; use one of {' | '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists() \
+            and not (out / hf.PEFT_CONFIG).exists():
+        raise ConfigError(f"{out} exists and holds other files; pass an empty or new --out folder")
+    return {"hf": export_hf, "peft": export_peft, "flax": export_flax}[fmt](run, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad input is one line on stderr and exit status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    p = argparse.ArgumentParser(prog="python -m spafit_jax.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="the run folder")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--format", required=True, choices=FORMATS, help="hf (merged PyTorch), peft (adapter) or flax")
+    p.add_argument("--checkpoint", default="best", help="best | last | a step number (default: best)")
+    args = p.parse_args(argv)
+    try:
+        from spafit_jax.run import load_run
+
+        out = export(load_run(args.workdir, args.checkpoint), args.out, args.format)
+    except SpafitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.format} export to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
