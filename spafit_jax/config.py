@@ -32,7 +32,10 @@ __all__ = [
     "save_config", "default", "format_value",
 ]
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs: inside the installed package (a wheel maps configs/ to spafit_jax/configs),
+# else the checkout's configs/ folder.
+_PACKAGED = Path(__file__).resolve().parent / "configs"
+CONFIGS_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
@@ -87,8 +90,21 @@ def _missing_file_message(path: str) -> str:
     return f"{msg}; pass an existing YAML file (the shipped ones are under {CONFIGS_DIR})"
 
 
+def shipped_config(path: str) -> Path | None:
+    """The shipped config a relative name means when no such file exists here: `glue/mrpc.yaml` or
+    `configs/glue/mrpc.yaml` -> <CONFIGS_DIR>/glue/mrpc.yaml (so commands work outside the checkout)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return None
+    parts = p.parts[1:] if p.parts[:1] == ("configs",) else p.parts
+    guess = CONFIGS_DIR.joinpath(*parts) if parts else None
+    return guess if guess is not None and guess.is_file() else None
+
+
 def _read_yaml(path: str) -> dict:
     p = Path(path)
+    if not p.exists():
+        p = shipped_config(str(path)) or p
     if not p.exists():
         raise ConfigError(_missing_file_message(str(path)))
     if p.is_dir():
