@@ -189,7 +189,7 @@ class MetricsWriter:
         record = finite_json(record)  # NaN / inf as null: every line stays valid JSON
         self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
-        prefix = record.get("kind", "train")
+        prefix = "/".join(str(record[k]) for k in ("kind", "split") if k in record) or "train"
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
                 self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])

@@ -84,7 +84,8 @@ def _evaluate(driver, state, frozen, task: data.TaskData, cfg: Config, buckets) 
     for split, enc in task.evals.items():
         logits, labels, weights = [], [], []
         for local in batching.eval_batches(enc, cfg.train.eval_batch_size, buckets=buckets,
-                                           process_index=jax.process_index(), process_count=jax.process_count()):
+                                           process_index=jax.process_index(), process_count=jax.process_count(),
+                                           group_by_length=cfg.data.group_by_length):
             batch = driver.put_batch(local)
             logits.append(driver.eval_logits(state.trainable, frozen, batch))
             labels.append(batch["labels"])
@@ -147,8 +148,8 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
         "task": spec.name, "method": cfg.method.name, "model": str(cfg.model.name), **plan.describe(),
         "eval": next(iter(loop.eval_results.values())), "eval_splits": loop.eval_results, "best": loop.best,
         "steps": loop.step, "train_seconds": loop.train_seconds, "eval_seconds": loop.eval_seconds,
-        "examples_per_second": (loop.step - loop.start) * t.batch_size / max(loop.train_seconds, 1e-9)
-        if loop.step > loop.start else 0.0,
+        "examples_per_second": loop.examples_per_second(), "compile_seconds": loop.compile_seconds,
+        "padding_efficiency": loop.efficiency("run"),
         "compiled_shapes": len(loop.shapes), "buckets": list(loop.buckets), "bad_steps": loop.bad_steps,
         "devices": jax.device_count(), "processes": jax.process_count(), "parallel": driver.mode,
     }
@@ -173,7 +174,9 @@ class _Loop:
         self.bad_steps, self.bad_in_a_row = bad_steps, 0
         self.shapes: set[tuple] = set()
         d = cfg.data
-        self.buckets = batching.resolve_buckets(d.max_length, d.padding, d.buckets)
+        self.buckets = d.bucket_lengths()
+        self.tokens = {"log": [0, 0], "epoch": [0, 0], "run": [0, 0]}  # [real, padded] since the last log / epoch / start
+        self.run_seconds = self.compile_seconds = 0.0  # this invocation's step time, and that of steps that compiled
         self.writer = rundir.MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
         self.stop = False
         from tqdm.auto import tqdm
@@ -203,6 +206,22 @@ class _Loop:
         self.eval_results = results
         return first
 
+    def count_tokens(self, real: int, padded: int) -> None:
+        for counts in self.tokens.values():
+            counts[0], counts[1] = counts[0] + real, counts[1] + padded
+
+    def efficiency(self, since: str) -> float:
+        """Real tokens / padded tokens of this process's rows since the last log, epoch or start; resets."""
+        real, padded = self.tokens[since]
+        self.tokens[since] = [0, 0]
+        return real / max(padded, 1)
+
+    def examples_per_second(self) -> float:
+        """Steady-state training throughput of this invocation: steps that compiled are left out."""
+        steps = self.step - self.start - len(self.shapes)
+        seconds = self.run_seconds - self.compile_seconds
+        return steps * self.cfg.train.batch_size / seconds if steps > 0 and seconds > 0 else 0.0
+
     def check(self, upto: int) -> None:
         """Counts the skipped (non-finite) steps up to step `upto`; raises DivergedError after
         `train.max_bad_steps` in a row. Checking lags one step behind so the host does not wait
@@ -229,7 +248,7 @@ class _Loop:
         lr = optim.learning_rates(self.plan.labels, t, self.total_steps, self.step - 1)
         self.writer.write({"step": self.step, "loss": loss, "learning_rate": max(lr.values()),
                            "examples_per_second": n_examples / (now - since), "epoch": self.step / self.per_epoch,
-                           "bad_steps": self.bad_steps,
+                           "bad_steps": self.bad_steps, "padding_efficiency": self.efficiency("log"),
                            **{f"lr/{k}": v for k, v in lr.items()}})
         self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{n_examples / (now - since):.1f}")
 
@@ -243,9 +262,14 @@ class _Loop:
             if batches is None or in_epoch == 0:
                 batches = batching.train_batches(
                     self.task.train, t.batch_size, seed=t.seed, epoch=epoch, buckets=self.buckets, start=in_epoch,
-                    process_index=jax.process_index(), process_count=jax.process_count())
-            batch = self.driver.put_batch(next(batches))
-            self.shapes.add(tuple(batch["input_ids"].shape))
+                    process_index=jax.process_index(), process_count=jax.process_count(),
+                    group_by_length=self.cfg.data.group_by_length)
+            local = next(batches)
+            self.count_tokens(*batching.padding_efficiency(local))
+            batch = self.driver.put_batch(local)
+            shape = tuple(batch["input_ids"].shape)
+            compiles = shape not in self.shapes
+            self.shapes.add(shape)
             t0 = time.perf_counter()
             state, out = self.driver.step(state, frozen, batch)
             losses.append(out["loss"])
@@ -257,7 +281,12 @@ class _Loop:
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 self.log(losses, n_log, since)
                 losses, since, n_log = [], time.perf_counter(), 0
-            self.train_seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.train_seconds, self.run_seconds = self.train_seconds + dt, self.run_seconds + dt
+            self.compile_seconds += dt if compiles else 0.0
+            if self.step % self.per_epoch == 0:
+                self.writer.write({"kind": "epoch", "step": self.step, "epoch": self.step // self.per_epoch,
+                                   "padding_efficiency": self.efficiency("epoch")})
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                 self.save(state, self.evaluate(state, frozen))
             elif ckpt_every and self.step % ckpt_every == 0:
