@@ -1,8 +1,12 @@
-"""BERT in flax.linen, with the parameter tree of Hugging Face's Flax BERT.
+"""BERT-family encoders in flax.linen, with the parameter trees of Hugging Face's Flax models.
 
-Layers are unrolled and named "0" .. "L-1" (`bert/encoder/layer/7/attention/self/query/kernel`),
-so a parameter's path names its layer. `dtype` is the compute dtype; parameters stay in
-`param_dtype`. Optional LoRA adapters (see `lora.py`) sit beside the kernels they adapt.
+One set of layer modules serves every family of `families.FAMILIES` (bert, roberta, xlm-roberta,
+electra, distilbert); `config.model_type` picks the family's names, embeddings and head. Layers
+are unrolled and named "0" .. "L-1" (`bert/encoder/layer/7/attention/self/query/kernel`,
+`distilbert/transformer/layer/7/attention/q_lin/kernel`), so a parameter's path names its layer.
+`dtype` is the compute dtype; parameters stay in `param_dtype`. Optional LoRA adapters (see
+`lora.py`) sit beside the kernels they adapt; LoRA targets keep their abstract names (`query`
+is DistilBERT's `q_lin`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from spafit_jax import families
 from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRA, LoRAConfig
 
@@ -30,7 +36,11 @@ ACTIVATIONS: dict[str, Callable] = {
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
-    """The fields of a Hugging Face BertConfig that the encoder uses (defaults: bert-base)."""
+    """The fields of a Hugging Face config that the encoder uses (defaults: bert-base).
+
+    Other families use the same names (`families.config_fields` translates DistilBERT's);
+    `embedding_size` is ELECTRA's (None: the hidden size), `sinusoidal_pos_embds` DistilBERT's.
+    """
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -46,8 +56,13 @@ class BertConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     classifier_dropout: float | None = None
+    model_type: str = "bert"
+    embedding_size: int | None = None
+    sinusoidal_pos_embds: bool = False
 
     def __post_init__(self):
+        if self.model_type not in families.FAMILIES:
+            raise ConfigError(f"model_type {self.model_type!r} is not supported; use one of {families.SUPPORTED}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(
                 f"hidden_act {self.hidden_act!r} is not supported; use one of {', '.join(ACTIVATIONS)}"
@@ -62,6 +77,10 @@ class BertConfig:
         """Keeps the known keys of a config.json dict and ignores the rest."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names and (v is not None or k == "classifier_dropout")})
+
+    @property
+    def family(self) -> families.Family:
+        return families.FAMILIES[self.model_type]
 
 
 class Dropout(nn.Module):
@@ -123,26 +142,49 @@ class _Module(nn.Module):
         )
 
 
+def _sinusoidal_init(key, shape, dtype=jnp.float32):
+    """DistilBERT's fixed position table: sin on even, cos on odd features."""
+    n_pos, dim = shape
+    angles = np.arange(n_pos)[:, None] / np.power(10000, 2 * (np.arange(dim) // 2) / dim)[None]
+    return jnp.asarray(np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles)), dtype)
+
+
+def position_ids(input_ids_BxT, config: BertConfig):
+    """0, 1, ... T-1; RoBERTa's: pad_token_id + 1, + 2, ... over real tokens, pad_token_id on padding."""
+    if not config.family.position_offset:
+        return jnp.arange(input_ids_BxT.shape[-1])[None]
+    real_BxT = (input_ids_BxT != config.pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(real_BxT, axis=-1) * real_BxT + config.pad_token_id
+
+
 class BertEmbeddings(_Module):
+    """Word + position (+ token type) embeddings of size `embedding_size or hidden_size`, LayerNorm, dropout."""
+
     @nn.compact
     def __call__(self, input_ids_BxT, token_type_ids_BxT, deterministic: bool):
         c = self.config
-        embed = lambda n, name: nn.Embed(  # noqa: E731
-            n, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range),
+        embed = lambda n, name, init=nn.initializers.normal(c.initializer_range): nn.Embed(  # noqa: E731
+            n, c.embedding_size or c.hidden_size, embedding_init=init,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         )
-        positions_T = jnp.arange(input_ids_BxT.shape[-1])
-        x = (
-            embed(c.vocab_size, "word_embeddings")(input_ids_BxT)
-            + embed(c.max_position_embeddings, "position_embeddings")(positions_T)[None]
-            + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids_BxT)
-        )
+        positions = embed(c.max_position_embeddings, "position_embeddings",
+                          *([_sinusoidal_init] if c.sinusoidal_pos_embds else []))(position_ids(input_ids_BxT, c))
+        if c.sinusoidal_pos_embds:  # fixed, as in transformers
+            positions = jax.lax.stop_gradient(positions)
+        x = embed(c.vocab_size, "word_embeddings")(input_ids_BxT) + positions
+        if c.family.token_types:  # with one type (RoBERTa) every token is type 0
+            types_BxT = token_type_ids_BxT if c.type_vocab_size > 1 else jnp.zeros_like(token_type_ids_BxT)
+            x = x + embed(c.type_vocab_size, "token_type_embeddings")(types_BxT)
         x = self.layer_norm("LayerNorm")(x)
         return Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class _SelfAttention(_Module):
-    """`self/{query,key,value}`: scaled dot-product attention over a padding mask."""
+    """`self/{query,key,value}` (DistilBERT: `attention/{q_lin,k_lin,v_lin}` and `out_lin`):
+    scaled dot-product attention over a padding mask, then the `out` projection if it is named."""
+
+    names: tuple[str, str, str] = ("query", "key", "value")
+    out: str | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD, mask_bias_Bx1x1xT, deterministic: bool):
@@ -150,16 +192,18 @@ class _SelfAttention(_Module):
         H = c.num_attention_heads
         B, T, D = x_BxTxD.shape
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (
-            self.dense(D, name, x_BxTxD, deterministic, target=name).reshape(B, T, H, D // H)
-            for name in ("query", "key", "value")
+            self.dense(D, name, x_BxTxD, deterministic, target=target).reshape(B, T, H, D // H)
+            for name, target in zip(self.names, ("query", "key", "value"))
         )
         q_BxTxHxK = q_BxTxHxK / jnp.sqrt(D // H).astype(q_BxTxHxK.dtype)
         scores_BxHxTxT = jnp.einsum("bqhk,bthk->bhqt", q_BxTxHxK, k_BxTxHxK)
         scores_BxHxTxT = scores_BxHxTxT.astype(jnp.float32) + mask_bias_Bx1x1xT
         probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(self.dtype)
         probs_BxHxTxT = Dropout(c.attention_probs_dropout_prob)(probs_BxHxTxT, deterministic=deterministic)
-        ctx_BxTxHxK = jnp.einsum("bhqt,bthk->bqhk", probs_BxHxTxT, v_BxTxHxK)
-        return ctx_BxTxHxK.reshape(B, T, D)
+        ctx_BxTxD = jnp.einsum("bhqt,bthk->bqhk", probs_BxHxTxT, v_BxTxHxK).reshape(B, T, D)
+        if self.out is None:
+            return ctx_BxTxD
+        return self.dense(D, self.out, ctx_BxTxD, deterministic, target="attention_output")
 
 
 class _Output(_Module):
@@ -200,8 +244,32 @@ class BertLayer(_Module):
         return self.child(_Output, "output", target="output")(inter_BxTxF, h_BxTxD, deterministic)
 
 
+class _FFN(_Module):
+    """DistilBERT's `ffn/{lin1,lin2}`: lin1, activation, lin2, dropout."""
+
+    @nn.compact
+    def __call__(self, x_BxTxD, deterministic: bool):
+        c = self.config
+        y = self.dense(c.intermediate_size, "lin1", x_BxTxD, deterministic, target="intermediate")
+        y = self.dense(c.hidden_size, "lin2", ACTIVATIONS[c.hidden_act](y), deterministic, target="output")
+        return Dropout(c.hidden_dropout_prob)(y, deterministic=deterministic)
+
+
+class DistilBertLayer(_Module):
+    """DistilBERT's TransformerBlock: the same computation as `BertLayer` under its own names."""
+
+    @nn.compact
+    def __call__(self, x_BxTxD, mask_bias_Bx1x1xT, deterministic: bool):
+        attention = self.child(_SelfAttention, "attention", names=("q_lin", "k_lin", "v_lin"), out="out_lin")
+        h_BxTxD = self.layer_norm("sa_layer_norm")(attention(x_BxTxD, mask_bias_Bx1x1xT, deterministic) + x_BxTxD)
+        return self.layer_norm("output_layer_norm")(self.child(_FFN, "ffn")(h_BxTxD, deterministic) + h_BxTxD)
+
+
+LAYERS = {"bert": BertLayer, "distilbert": DistilBertLayer}
+
+
 class _Encoder(_Module):
-    """`encoder/layer/<i>` for i in 0 .. L-1, unrolled."""
+    """`encoder/layer/<i>` (DistilBERT: `transformer/layer/<i>`) for i in 0 .. L-1, unrolled."""
 
     @nn.compact
     def __call__(self, x, mask_bias, deterministic: bool):
@@ -213,13 +281,16 @@ class _Layers(_Module):
     @nn.compact
     def __call__(self, x, mask_bias, deterministic: bool):
         for i in range(self.config.num_hidden_layers):
-            layer = BertLayer(self.config, self.dtype, self.param_dtype, self.lora, i, name=str(i))
+            layer = LAYERS[self.config.family.layer](self.config, self.dtype, self.param_dtype, self.lora, i, name=str(i))
             x = layer(x, mask_bias, deterministic)
         return x
 
 
 class BertModel(_Module):
-    """Embeddings, L unrolled encoder layers and the pooler; returns (last_hidden_BxTxD, pooled_BxD)."""
+    """Embeddings, L unrolled layers and (BERT) the pooler; returns (last_hidden_BxTxD, pooled_BxD or None).
+
+    ELECTRA projects embeddings of `embedding_size` to the hidden size (`embeddings_project`).
+    """
 
     add_pooling_layer: bool = True
 
@@ -231,12 +302,14 @@ class BertModel(_Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.child(BertEmbeddings, "embeddings")(input_ids, token_type_ids, deterministic)
+        if c.embedding_size not in (None, c.hidden_size):
+            x = self.dense(c.hidden_size, "embeddings_project", x, deterministic)
         mask_bias_Bx1x1xT = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         if self.lora is not None:
             self.lora.validate(c.num_hidden_layers)
-        x = self.child(_Encoder, "encoder")(x, mask_bias_Bx1x1xT, deterministic)
+        x = self.child(_Encoder, c.family.encoder)(x, mask_bias_Bx1x1xT, deterministic)
         pooled = None
-        if self.add_pooling_layer:
+        if self.add_pooling_layer and c.family.head == "pooler":
             pooled = jnp.tanh(self.child(_Pooler, "pooler")(x[:, 0], deterministic))
         return x, pooled
 
@@ -247,16 +320,48 @@ class _Pooler(_Module):
         return self.dense(self.config.hidden_size, "dense", cls_BxD, deterministic)
 
 
+class _ClassificationHead(_Module):
+    """RoBERTa's / ELECTRA's `classifier/{dense,out_proj}` on the first token: dropout, dense, tanh
+    (ELECTRA: exact gelu), dropout, out_proj."""
+
+    num_labels: int = 2
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, first_BxD, deterministic: bool):
+        act = jnp.tanh if self.config.family.head == "tanh" else ACTIVATIONS["gelu"]
+        x = Dropout(self.rate)(first_BxD, deterministic=deterministic)
+        x = act(self.dense(self.config.hidden_size, "dense", x, deterministic))
+        x = Dropout(self.rate)(x, deterministic=deterministic)
+        return self.dense(self.num_labels, "out_proj", x, deterministic)
+
+
 class BertForSequenceClassification(_Module):
-    """BERT + dropout + `classifier`; logits [B, num_labels] (num_labels == 1: a regressor)."""
+    """An encoder of `config.model_type` under its prefix (`bert`, `roberta`, ...) and the family's
+    head; logits [B, num_labels] (num_labels == 1: a regressor).
+
+    Heads: BERT pooler -> dropout -> `classifier`; RoBERTa / ELECTRA `classifier/dense` -> tanh /
+    gelu -> `classifier/out_proj` on the first token; DistilBERT `pre_classifier` -> ReLU ->
+    dropout -> `classifier` on the first token.
+    """
 
     num_labels: int = 2
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
-        c = self.config
-        _, pooled = self.child(BertModel, "bert")(input_ids, attention_mask, token_type_ids, deterministic)
+        c, head = self.config, self.config.family.head
+        x, pooled = self.child(BertModel, c.family.prefix)(input_ids, attention_mask, token_type_ids, deterministic)
         rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
+        if head in ("tanh", "gelu"):
+            logits = self.child(_ClassificationHead, "classifier", num_labels=self.num_labels, rate=rate)(
+                x[:, 0], deterministic)
+            return logits.astype(jnp.float32)
+        if head == "pre_classifier":
+            pooled = jax.nn.relu(self.dense(c.hidden_size, "pre_classifier", x[:, 0], deterministic))
         pooled = Dropout(rate)(pooled, deterministic=deterministic)
         logits = self.dense(self.num_labels, "classifier", pooled, deterministic)
         return logits.astype(jnp.float32)
+
+
+#: the same class serves every family; this name reads better outside BERT.
+EncoderForSequenceClassification = BertForSequenceClassification

@@ -35,7 +35,9 @@ __all__ = [
 
 #: layer/7, layers/7, layers_7, layer_7, h/7, block/7, blocks/7, blocks_7 (case-insensitive).
 LAYER_PATTERN = r"(?i)(?:^|/)(?:layers?|h|blocks?)[/_](\d+)(?:/|$)"
-HEAD_PATTERN = r"(^|/)(classifier|score|head|qa_outputs)(/|$)"
+#: task heads: BERT's / DistilBERT's classifier (and DistilBERT's pre_classifier), RoBERTa's and
+#: ELECTRA's classifier/dense + classifier/out_proj, and the usual names of other libraries.
+HEAD_PATTERN = r"(^|/)(classifier|pre_classifier|score|head|qa_outputs)(/|$)"
 # A path component naming a normalisation module (its scale/bias are labelled "layernorm"):
 # LayerNorm, layer_norm, ln, ln_1, ln_f, norm, norm1, final_layer_norm, input_layernorm,
 # RMSNorm_0, BatchNorm_0, GroupNorm, ... (case-insensitive, whole words between '_');

@@ -1,0 +1,170 @@
+"""The encoder families spafit_jax loads, and what differs between them: the one owner of these facts.
+
+A `Family` says, for one Hugging Face `model_type`, where the base model and its layers sit in the
+parameter tree (`roberta/encoder/layer/3`, `distilbert/transformer/layer/3`), which classification
+head it carries, how its positions and token types work, how its config.json names its sizes
+(DistilBERT's `dim`, `n_layers`, ...), which PyTorch modules are pre-training heads to drop, and
+where each LoRA target sits inside a layer (`query` is `attention/self/query` in BERT,
+`attention/q_lin` in DistilBERT; PEFT names the same modules with '.'). `bert.py` builds the model
+from these facts and `hf.py` maps weight names with them. Imports no jax or flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from spafit_jax.errors import LoadError
+
+_BERT_MODULES = {"query": "attention/self/query", "key": "attention/self/key", "value": "attention/self/value",
+                 "attention_output": "attention/output/dense", "intermediate": "intermediate/dense",
+                 "output": "output/dense"}
+_DISTILBERT_MODULES = {"query": "attention/q_lin", "key": "attention/k_lin", "value": "attention/v_lin",
+                       "attention_output": "attention/out_lin", "intermediate": "ffn/lin1", "output": "ffn/lin2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """The facts of one encoder family (see the module docstring)."""
+
+    model_type: str
+    prefix: str  # the base model's name in the tree: bert, roberta, electra, distilbert
+    architecture: str  # transformers' sequence-classification class
+    head: str  # pooler (BERT: pooler -> classifier), tanh / gelu (classifier/dense -> act -> classifier/out_proj),
+    #            pre_classifier (DistilBERT: pre_classifier -> ReLU -> classifier)
+    encoder: str = "encoder"  # the module holding layer/<i>
+    layer: str = "bert"  # layer layout: bert (attention/self/query, ...) or distilbert (attention/q_lin, ...)
+    position_offset: bool = False  # RoBERTa: real tokens at pad_token_id + 1, +2, ...; padding at pad_token_id
+    token_types: bool = True
+    heads: tuple[str, ...] = ("classifier",)  # top-level task-head modules beside the base model
+    dropped: tuple[str, ...] = ()  # top-level pre-training modules a sequence classifier drops
+    config_keys: tuple[tuple[str, str], ...] = ()  # (config.json name, our BertConfig name)
+    fixed: tuple[tuple[str, Any], ...] = ()  # BertConfig values the family does not read from config.json
+
+    @property
+    def modules(self) -> dict[str, str]:
+        """LoRA target -> its module path inside one layer ('/'-joined; PEFT joins the same names with '.')."""
+        return dict(_DISTILBERT_MODULES if self.layer == "distilbert" else _BERT_MODULES)
+
+    @property
+    def layers(self) -> str:
+        """The path prefix of the layers: `bert/encoder/layer`, `distilbert/transformer/layer`."""
+        return f"{self.prefix}/{self.encoder}/layer"
+
+    @property
+    def logits_kernel(self) -> str:
+        """The path of the kernel that outputs the logits."""
+        return "classifier/out_proj/kernel" if self.head in ("tanh", "gelu") else "classifier/kernel"
+
+    def peft_module(self, layer: int, target: str) -> str:
+        """PyTorch / PEFT module name of LoRA target `target` in layer `layer`."""
+        return f"{self.layers}/{layer}/{self.modules[target]}".replace("/", ".")
+
+
+_ROBERTA = dict(prefix="roberta", head="tanh", position_offset=True, dropped=("lm_head",))
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("bert", "bert", "BertForSequenceClassification", "pooler", dropped=("cls",)),
+    Family("roberta", architecture="RobertaForSequenceClassification", **_ROBERTA),
+    Family("xlm-roberta", architecture="XLMRobertaForSequenceClassification", **_ROBERTA),
+    Family("electra", "electra", "ElectraForSequenceClassification", "gelu",
+           dropped=("discriminator_predictions", "generator_predictions", "generator_lm_head")),
+    Family("distilbert", "distilbert", "DistilBertForSequenceClassification", "pre_classifier",
+           encoder="transformer", layer="distilbert", token_types=False, heads=("pre_classifier", "classifier"),
+           dropped=("vocab_transform", "vocab_layer_norm", "vocab_projector"),
+           config_keys=(("dim", "hidden_size"), ("n_layers", "num_hidden_layers"), ("n_heads", "num_attention_heads"),
+                        ("hidden_dim", "intermediate_size"), ("activation", "hidden_act"),
+                        ("dropout", "hidden_dropout_prob"), ("attention_dropout", "attention_probs_dropout_prob"),
+                        ("seq_classif_dropout", "classifier_dropout")),
+           fixed=(("layer_norm_eps", 1e-12), ("type_vocab_size", 1))),
+)}
+SUPPORTED = ", ".join(FAMILIES)
+
+
+def get(model_type: str) -> Family:
+    """The Family of `model_type`; a LoadError naming the supported types otherwise."""
+    if model_type not in FAMILIES:
+        raise LoadError(f"model_type {model_type!r} is not supported; spafit_jax loads {SUPPORTED}")
+    return FAMILIES[model_type]
+
+
+# ----------------------------------------------------------------------------------- config.json
+def config_fields(raw: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """A config.json dict in our BertConfig names (model_type checked, DistilBERT's names translated)."""
+    model_type = raw.get("model_type", "bert")
+    if model_type not in FAMILIES:
+        raise LoadError(f"{source} describes a {model_type!r} model; spafit_jax loads model_type {SUPPORTED}")
+    fam = FAMILIES[model_type]
+    if raw.get("position_embedding_type", "absolute") != "absolute":
+        raise LoadError(f"{source}: position_embedding_type {raw['position_embedding_type']!r} is not supported; "
+                        "use 'absolute'")
+    out = dict(raw, model_type=model_type)
+    for theirs, ours in fam.config_keys:
+        if theirs in raw:
+            out[ours] = raw[theirs]
+    out.update(fam.fixed)
+    if model_type == "electra" and out.get("embedding_size") == out.get("hidden_size", 768):
+        out["embedding_size"] = None  # no embeddings_project
+    return out
+
+
+def hf_config(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of `config_fields`: our BertConfig fields as the family's config.json names them."""
+    fam = get(fields.get("model_type", "bert"))
+    out = {k: v for k, v in fields.items() if k not in dict(fam.fixed) and v is not None}
+    for theirs, ours in fam.config_keys:
+        if ours in out:
+            out[theirs] = out.pop(ours)
+    if fam.model_type == "electra":
+        out.setdefault("embedding_size", fields["hidden_size"])
+    if fam.model_type != "distilbert":
+        out.pop("sinusoidal_pos_embds", None)
+    return dict(out, model_type=fam.model_type, architectures=[fam.architecture])
+
+
+# ----------------------------------------------------------------------------------- weight names
+def family_of_names(names: Any, model_type: str | None = None) -> Family:
+    """`model_type`'s family, or (None) the one whose prefix starts the names; BERT otherwise."""
+    if model_type is not None:
+        return get(model_type)
+    firsts = {n.replace("/", ".").split(".")[0] for n in names}
+    return next((f for f in FAMILIES.values() if f.prefix in firsts), FAMILIES["bert"])
+
+
+_NORM = re.compile(r"(^LayerNorm$|layer_norm$)")
+
+
+def from_torch_names(state: Mapping[str, Any], model_type: str | None = None) -> dict[str, np.ndarray]:
+    """PyTorch names ('roberta.encoder.layer.0.attention.self.query.weight') to our Flax paths.
+
+    Base-model names without the prefix get it; the family's pre-training heads are dropped;
+    Linear weights are transposed to Flax kernels, LayerNorm weights become scales.
+    """
+    fam = family_of_names(state, model_type)
+    out = {}
+    for name, value in state.items():
+        parts = name.split(".")
+        if parts[0] in fam.dropped:
+            continue
+        if parts[0] not in (fam.prefix, *fam.heads):
+            parts = [fam.prefix] + parts
+        leaf, value = parts[-1], np.asarray(value)
+        if _NORM.search(parts[-2]) or leaf in ("gamma", "beta"):
+            leaf = {"weight": "scale", "gamma": "scale", "beta": "bias"}.get(leaf, leaf)
+        elif leaf == "weight" and parts[-2].endswith("_embeddings"):
+            leaf = "embedding"
+        elif leaf == "weight":
+            leaf, value = "kernel", value.T
+        out["/".join(parts[:-1] + [leaf])] = value
+    return out
+
+
+def with_prefix(flat: Mapping[str, Any], model_type: str | None = None) -> dict[str, Any]:
+    """Flax paths of a base model saved without its prefix (FlaxBertModel) get it; pre-training heads are dropped."""
+    fam = family_of_names(flat, model_type)
+    kept = {k: v for k, v in flat.items() if k.split("/")[0] not in fam.dropped}
+    if any(k.startswith(fam.prefix + "/") for k in kept):
+        return kept
+    return {(k if k.split("/")[0] in fam.heads else f"{fam.prefix}/{k}"): v for k, v in kept.items()}
