@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from spafit_jax import hf
 from spafit_jax import lora as lora_lib
-from spafit_jax.errors import ConfigError, SpafitError
+from spafit_jax.errors import ConfigError
 from spafit_jax.methods import BIAS, HEAD, LAYERNORM, LORA, POOLER, WEIGHT
 
 FORMATS = ("hf", "peft", "flax")
@@ -117,15 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--format", required=True, choices=FORMATS, help="hf (merged PyTorch), peft (adapter) or flax")
     p.add_argument("--checkpoint", default="best", help="best | last | a step number (default: best)")
     args = p.parse_args(argv)
-    try:
-        from spafit_jax.run import load_run
+    from spafit_jax.run import cli_main, load_run
 
+    def work():
         out = export(load_run(args.workdir, args.checkpoint), args.out, args.format)
-    except SpafitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.format} export to {out}")
-    return 0
+        print(f"wrote {args.format} export to {out}")
+
+    return cli_main(work)
 
 
 if __name__ == "__main__":

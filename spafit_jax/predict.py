@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from spafit_jax.errors import DataError, SpafitError
+from spafit_jax.errors import DataError
 
 PROGRESS_ABOVE = 1000  # rows: show a progress bar on longer inputs
 
@@ -104,22 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
-    try:
-        from spafit_jax.run import load_run
+    from spafit_jax.run import cli_main, load_run
 
+    def work():
         run = load_run(args.workdir, args.checkpoint)
-        spec = run.spec
-        text_column = args.text_column or spec.text_a
-        pair_column = args.text_pair_column or spec.text_b
-        texts, pairs = read_texts(args.input, text_column, pair_column)
+        texts, pairs = read_texts(args.input, args.text_column or run.spec.text_a,
+                                  args.text_pair_column or run.spec.text_b)
         batch = args.batch_size or run.config.train.eval_batch_size
         outputs = run.predict(texts, pairs, batch_size=batch, progress=len(texts) > PROGRESS_ABOVE)
         write(rows(run, outputs), args.output)
-    except SpafitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
+    return cli_main(work)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,8 +14,9 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import numpy as np
 from spafit_jax import batching, hf, lora as lora_lib, masking, optim, rundir
 from spafit_jax import checkpoint as ckpt_lib
 from spafit_jax.config import Config, load_config
-from spafit_jax.errors import CheckpointError, DataError, LoadError
+from spafit_jax.errors import CheckpointError, DataError, LoadError, SpafitError
 from spafit_jax.metrics import main_metric
 from spafit_jax.plan import Plan, make_plan
 from spafit_jax.tasks import TaskSpec
@@ -44,6 +45,16 @@ def save_assets(workdir: str | os.PathLike, tokenizer: Any, spec: TaskSpec) -> N
     tmp = workdir / (TASK + ".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(spec), indent=2))
     tmp.replace(workdir / TASK)
+
+
+def cli_main(work: Callable[[], Any]) -> int:
+    """Runs a command line's `work`: a SpafitError is one line on stderr and exit status 2, else 0."""
+    try:
+        work()
+    except SpafitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def load_spec(workdir: Path, cfg: Config) -> TaskSpec:
