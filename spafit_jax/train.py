@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from spafit_jax import batching, checkpoint, cli, data, hf, metrics, optim, parallel, rundir
+from spafit_jax import run as run_lib
 from spafit_jax.config import Config
 from spafit_jax.errors import ConfigError, SpafitError
 from spafit_jax.plan import Plan, make_plan
@@ -48,6 +49,7 @@ class Loaded:
     params: Any
     plan: Plan
     task: data.TaskData
+    tokenizer: Any
 
 
 def load(cfg: Config) -> Loaded:
@@ -61,11 +63,12 @@ def load(cfg: Config) -> Loaded:
                           f"positions of {cfg.model.name} (max_position_embeddings in {folder / 'config.json'}); use "
                           f"data.max_length={model_cfg.max_position_embeddings} or less", "data.max_length")
     plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
-    task = data.load_task_data(cfg.data, hf.load_tokenizer(folder), seed=cfg.train.seed)
+    tokenizer = hf.load_tokenizer(folder)
+    task = data.load_task_data(cfg.data, tokenizer, seed=cfg.train.seed)
     model, params = hf.load_pretrained(folder, num_labels=task.spec.num_labels, dtype=jnp.dtype(cfg.model.dtype),
                                        param_dtype=jnp.dtype(cfg.model.param_dtype), seed=cfg.train.seed,
                                        lora=plan.lora)
-    return Loaded(model, params, plan.label(params), task)
+    return Loaded(model, params, plan.label(params), task, tokenizer)
 
 
 def _init_distributed(cfg: Config) -> None:
@@ -134,6 +137,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
         log.warning("resuming from step %d in %s", int(state.step), workdir)
     if lead:  # the run is accepted (the checkpoints fit it): its config replaces the old one
         rundir.save_config(workdir, cfg)
+        run_lib.save_assets(workdir, run.tokenizer, spec)  # the folder alone reloads the run (load_run)
     loop = _Loop(cfg, driver, ckpt, run.task, plan, workdir, best_metric, per_epoch, total_steps,
                  start=int(state.step), best=extra.get("best"), train_seconds=float(extra.get("train_seconds", 0.0)),
                  bad_steps=int(extra.get("bad_steps", 0)))

@@ -29,6 +29,12 @@ def cfg(model_dir, *extra):
     return config_lib.load_config([], small(model_dir, *extra))
 
 
+def data_labels():
+    from spafit_jax import tasks
+
+    return list(tasks.get_task("bbc_news").label_names)
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
@@ -50,6 +56,8 @@ def test_short_run_writes_results_metrics_config_and_tensorboard(tiny_model_dir,
     assert res["eval"]["accuracy"] == evals[-1]["accuracy"]
     assert config_lib.load_config([str(tmp_path / "config.yaml")]).train.max_steps == 6
     assert list((tmp_path / "tensorboard").iterdir())
+    assert (tmp_path / "tokenizer" / "tokenizer_config.json").is_file()  # the folder alone reloads the run
+    assert json.loads((tmp_path / "task.json").read_text())["label_names"] == data_labels()
     out = capsys.readouterr().out
     assert "trainable" in out and "accuracy" in out and "examples/s" in out
     assert run.results == res
