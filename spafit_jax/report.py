@@ -1,0 +1,454 @@
+"""`python -m spafit_jax.report EXP [RUN_FOLDERS...] [--out DIR]`: finished runs as a table and pictures.
+
+Reads every run folder's results.json, config.yaml and metrics.jsonl: the experiment's cells
+`EXP/runs/<task>/<method>/seed<k>` (named by their path), and any other run folders given (named
+by their results: task, method, `@n1=..,n2=..` for spafit, `train.seed`). Writes to DIR (default
+EXP/report): summary.csv (a row per run), table.md (the paper's layout), pictures as PNG and SVG
+(matplotlib, no global backend state) and index.html showing them together.
+
+The score of a run is its task's main metric (results' best.metric) on the first eval split at the
+end of training, shown x100 as mean ± sample std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import html
+import json
+import math
+import re
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from spafit_jax import config as config_lib
+from spafit_jax import rundir
+from spafit_jax.errors import SpafitError
+from spafit_jax.experiment import ERROR
+
+KINDS = {"frozen": "#d9d9d9", "bias only": "#9ecae1", "LoRA": "#fdd0a2", "LoRA + bias": "#e6550d",
+         "all weights": "#31a354"}
+
+
+class ReportError(SpafitError):
+    """Nothing to report, or a run folder that is not one."""
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """One finished run: its names, results.json, config (None when unreadable) and metrics.jsonl records."""
+
+    folder: Path
+    task: str
+    method: str
+    seed: int
+    results: dict
+    config: config_lib.Config | None
+    records: list[dict]
+
+    @property
+    def metric(self) -> str:
+        return self.results["best"]["metric"]
+
+    @property
+    def value(self) -> float | None:
+        return self.results["eval"].get(self.metric)
+
+
+def _read_run(folder: Path, names: tuple[str, str, int] | None = None) -> RunRecord:
+    try:
+        results = json.loads((folder / rundir.RESULTS).read_text())
+    except (OSError, ValueError) as e:
+        raise ReportError(f"{folder}: cannot read {rundir.RESULTS} ({e}); pass finished run folders") from None
+    try:
+        cfg = config_lib.load_config([folder / rundir.CONFIG])
+    except SpafitError:
+        cfg = None  # an older schema: the strata diagram leaves this run out
+    metrics = folder / rundir.METRICS
+    records = [r for _, r in rundir.read_metrics(metrics)] if metrics.exists() else []
+    if names is None:
+        method = results["method"] + (f"@n1={results['n1']},n2={results['n2']}" if results.get("n1") is not None else "")
+        names = (results["task"], method, cfg.train.seed if cfg else 0)
+    return RunRecord(folder, *names, results, cfg, records)
+
+
+def collect(exp: str | Path | None, folders: Sequence[str | Path] = ()) -> tuple[list[RunRecord], dict[str, str]]:
+    """(finished runs, {cell: error} of failed cells) of experiment folder `exp` and extra run `folders`."""
+    runs, failures = [], {}
+    if exp is not None and (Path(exp) / rundir.RESULTS).exists():
+        folders, exp = [exp, *folders], None
+    if exp is not None:
+        for path in sorted((Path(exp) / "runs").glob("*/*/seed*")):
+            seed = path.name[len("seed"):]
+            if not seed.isdigit():
+                continue
+            names = (path.parent.parent.name, path.parent.name, int(seed))
+            if (path / rundir.RESULTS).exists():
+                runs.append(_read_run(path, names))
+            elif (path / ERROR).exists():
+                failures[f"{names[0]}/{names[1]}/seed{seed}"] = (path / ERROR).read_text().strip()
+    for folder in folders:
+        runs.append(_read_run(Path(folder)))
+    return runs, failures
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+class Groups:
+    """Runs grouped by (task, method): tasks sorted by name, methods by trainable parameters (most first)."""
+
+    def __init__(self, runs: Sequence[RunRecord]):
+        self.runs = list(runs)
+        self.by: dict[tuple[str, str], list[RunRecord]] = {}
+        for r in self.runs:
+            self.by.setdefault((r.task, r.method), []).append(r)
+        self.tasks = sorted({r.task for r in self.runs})
+        size = {m: statistics.fmean(r.results["trainable_params"] for r in self.runs if r.method == m)
+                for m in {r.method for r in self.runs}}
+        self.methods = sorted(size, key=lambda m: (-size[m], m))
+
+    def score(self, task: str, method: str) -> tuple[float | None, float | None]:
+        """(mean, std) of the runs' scores (std None for one seed)."""
+        return _mean_std([r.value for r in self.by.get((task, method), [])])
+
+    def params(self, task: str, method: str) -> float:
+        return statistics.fmean(r.results["trainable_params"] for r in self.by[(task, method)])
+
+    def metric(self, task: str) -> str:
+        return next(r.metric for r in self.runs if r.task == task)
+
+
+def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """A row per run: names, strata, parameter counts, main metric, every metric of every split, timings."""
+    rows = []
+    for r in runs:
+        res = r.results
+        row = {"task": r.task, "method": r.method, "seed": r.seed, "n1": res.get("n1"), "n2": res.get("n2"),
+               "trainable_params": res["trainable_params"], "total_params": res["total_params"],
+               "trainable_percent": res["trainable_percent"], "main_metric": r.metric, "main_value": r.value,
+               "best_step": res["best"]["step"], "best_value": res["best"]["value"]}
+        for split, values in res.get("eval_splits", {"eval": res["eval"]}).items():
+            row.update({f"{split}/{k}": v for k, v in values.items()})
+        row.update({k: res.get(k) for k in ("steps", "train_seconds", "eval_seconds", "examples_per_second")})
+        rows.append({**row, "folder": str(r.folder)})
+    return rows
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    """summary.csv: the union of the rows' columns, in first-seen order."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def count_text(n: float) -> str:
+    """A parameter count as 950, 12.3K or 1.23M."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else f"{n:.0f}"
+
+
+def _spread(values: list[float], fmt) -> str:
+    lo, hi = min(values), max(values)
+    return fmt(lo) if fmt(lo) == fmt(hi) else f"{fmt(lo)}–{fmt(hi)}"
+
+
+def table(groups: Groups) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """(header, rows of (text, best?)): a row per method with trainable params (count, %), a column per
+    task (mean ± std x100), the average over tasks; the best mean of each column is marked."""
+    header = ["Method", "Trainable params", "%"] + [f"{t} ({groups.metric(t)})" for t in groups.tasks] + ["Avg."]
+    cols: dict[str, list[str]] = {}
+    for m in groups.methods:
+        runs = [r for r in groups.runs if r.method == m]
+        scores = [groups.score(t, m) for t in groups.tasks]
+        means = [mean for mean, _ in scores]
+        cells = ["–" if mean is None else f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
+                 for mean, std in scores]
+        avg = "–" if None in means else f"{100 * statistics.fmean(means):.1f}"
+        cols[m] = [m, _spread([r.results["trainable_params"] for r in runs], count_text),
+                   _spread([r.results["trainable_percent"] for r in runs], lambda p: f"{p:.2f}"), *cells, avg]
+    rows = [[(text, False) for text in cols[m]] for m in groups.methods]
+    for j in range(3, len(header)):
+        shown = [float(row[j][0].split(" ")[0]) for row in rows if row[j][0] != "–"]
+        for row in rows:
+            if shown and row[j][0] != "–" and float(row[j][0].split(" ")[0]) == max(shown):
+                row[j] = (row[j][0], True)
+    return header, rows
+
+
+def _caption(groups: Groups) -> str:
+    seeds = sorted({len(v) for v in groups.by.values()})
+    return (f"Main metric x100 on the first eval split at the end of training, mean ± sample std over "
+            f"{'/'.join(map(str, seeds))} seed(s); best per column in bold; trainable parameters include the head.")
+
+
+def table_markdown(groups: Groups) -> str:
+    """table.md: the paper's table as Markdown, with its caption."""
+    header, rows = table(groups)
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    lines += ["| " + " | ".join(f"**{t}**" if best else t for t, best in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n\n" + _caption(groups) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- pictures
+def _figure(n: int, title: str, width: float = 4.5, height: float = 3.6):
+    from matplotlib.figure import Figure  # the object API: no pyplot, no backend switch
+
+    cols = min(n, 3)
+    fig = Figure(figsize=(width * cols, height * math.ceil(n / cols)), layout="constrained")
+    axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, axes
+
+
+def _save(fig, out: Path, name: str) -> list[str]:
+    fig.savefig(out / f"{name}.png", dpi=110)
+    fig.savefig(out / f"{name}.svg", metadata={"Date": None})
+    return [f"{name}.png", f"{name}.svg"]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats with fewer (or equal) parameters and a higher score, by parameters."""
+    front = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def plot_params_vs_metric(groups: Groups, out: Path) -> list[str]:
+    """Main metric vs trainable parameters (log x) per task, error bars over seeds, the Pareto front dashed."""
+    fig, axes = _figure(len(groups.tasks), "Main metric vs trainable parameters")
+    for ax, task in zip(axes, groups.tasks):
+        points = []
+        for i, m in enumerate(groups.methods):
+            mean, std = groups.score(task, m)
+            if mean is None:
+                continue
+            x = groups.params(task, m)
+            points.append((x, 100 * mean))
+            ax.errorbar(x, 100 * mean, yerr=None if std is None else 100 * std, fmt="o", capsize=3, color=f"C{i % 10}")
+            ax.annotate(m, (x, 100 * mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = pareto_front(points)
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls="--", color="0.5", label="Pareto front")
+        ax.set(xscale="log", xlabel="trainable parameters", ylabel=f"{groups.metric(task)} x100", title=task)
+        ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, out, "params_vs_metric")
+
+
+def _curves(ax, runs: list[RunRecord], label: str, color: str, pick) -> None:
+    """Mean over runs of the series `pick(run)` {step: value} on their common steps, with a ±std band."""
+    import numpy as np
+
+    series = [pick(r) for r in runs]
+    steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    if not steps:
+        return
+    ys = np.array([[s[k] for k in steps] for s in series], dtype=float)
+    mean = np.nanmean(ys, axis=0)
+    ax.plot(steps, mean, color=color, label=label)
+    if len(series) > 1:
+        std = np.nanstd(ys, axis=0, ddof=1)
+        ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+
+
+def _per_method_curves(groups: Groups, out: Path, name: str, title: str, ylabel, pick) -> list[str]:
+    fig, axes = _figure(len(groups.tasks), title)
+    for ax, task in zip(axes, groups.tasks):
+        for i, m in enumerate(groups.methods):
+            if (task, m) in groups.by:
+                _curves(ax, groups.by[(task, m)], m, f"C{i % 10}", pick)
+        ax.set(xlabel="step", ylabel=ylabel(task), title=task)
+        ax.legend(fontsize=8)
+    return _save(fig, out, name)
+
+
+def _eval_series(r: RunRecord) -> dict[int, float]:
+    split = next(iter(r.results.get("eval_splits", {None: None})))
+    return {e["step"]: e.get(r.metric) for e in r.records
+            if e.get("kind") == "eval" and e.get("split", split) == split and e.get(r.metric) is not None}
+
+
+def plot_loss(groups: Groups, out: Path) -> list[str]:
+    """Training loss vs step per task: mean over seeds per method, a ±std band."""
+    def pick(r: RunRecord):
+        return {e["step"]: e["loss"] for e in r.records if e.get("kind", "train") == "train" and "loss" in e}
+    if not any(pick(r) for r in groups.runs):
+        return []
+    return _per_method_curves(groups, out, "loss_curves", "Training loss", lambda t: "training loss", pick)
+
+
+def plot_eval(groups: Groups, out: Path) -> list[str]:
+    """The main metric vs step, where runs evaluated during training (two evaluations or more)."""
+    if not any(len(_eval_series(r)) > 1 for r in groups.runs):
+        return []
+    return _per_method_curves(groups, out, "eval_curves", "Evaluation during training",
+                              groups.metric, _eval_series)
+
+
+def plot_heatmap(groups: Groups, out: Path) -> list[str]:
+    """The main metric x100 over (N1, N2) per task, averaged over the spafit runs at each split."""
+    import numpy as np
+
+    strata = [r for r in groups.runs if r.results.get("n1") is not None and r.value is not None]
+    if len({(r.results["n1"], r.results["n2"]) for r in strata}) < 2:
+        return []
+    tasks = sorted({r.task for r in strata})
+    fig, axes = _figure(len(tasks), "SPAFIT: main metric x100 over (N1, N2)", 4.5, 4.0)
+    for ax, task in zip(axes, tasks):
+        runs = [r for r in strata if r.task == task]
+        n1s, n2s = sorted({r.results["n1"] for r in runs}), sorted({r.results["n2"] for r in runs})
+        grid = np.full((len(n1s), len(n2s)), np.nan)
+        for a, n1 in enumerate(n1s):
+            for b, n2 in enumerate(n2s):
+                mean = _mean_std([r.value for r in runs if (r.results["n1"], r.results["n2"]) == (n1, n2)])[0]
+                grid[a, b] = np.nan if mean is None else mean
+        image = ax.imshow(100 * grid, cmap="viridis", origin="lower", aspect="auto")
+        middle = 50 * (np.nanmin(grid) + np.nanmax(grid))
+        for (a, b), v in np.ndenumerate(100 * grid):
+            if np.isfinite(v):
+                ax.text(b, a, f"{v:.1f}", ha="center", va="center", color="k" if v > middle else "w", fontsize=9)
+        ax.set(xticks=range(len(n2s)), xticklabels=n2s, yticks=range(len(n1s)), yticklabels=n1s,
+               xlabel="N2 (LoRA + bias from layer)", ylabel="N1 (bias only from layer)", title=task)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    return _save(fig, out, "heatmap_n1_n2")
+
+
+def layer_kinds(cfg: config_lib.Config) -> list[str]:
+    """What each encoder layer trains under this config's plan: one of KINDS per layer.
+
+    The plan (`plan.make_plan`) labels the model's parameter shapes (no weights are read); a layer's
+    kind is the set of labels its trainable leaves carry."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from spafit_jax import bert, hf
+    from spafit_jax import plan as plan_lib
+
+    model_cfg = hf.read_config(hf.resolve(cfg.model.name))
+    plan = plan_lib.make_plan(cfg.method, model_cfg.num_hidden_layers)
+    model = bert.BertForSequenceClassification(model_cfg, lora=plan.lora, num_labels=2)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    labels = traverse_util.flatten_dict(plan.label(shapes).labels, sep="/")
+    trained: list[set] = [set() for _ in range(plan.num_layers)]
+    for path, label in labels.items():
+        found = re.search(r"/layer/(\d+)/", path)
+        if found and label != "frozen":
+            trained[int(found.group(1))].add(label)
+    return ["all weights" if "weight" in s else "LoRA + bias" if {"lora", "bias"} <= s else "LoRA" if "lora" in s
+            else "bias only" if s else "frozen" for s in trained]
+
+
+def plot_strata(groups: Groups, out: Path) -> list[str]:
+    """Layers x methods, each cell coloured by what that layer trains (frozen, bias only, LoRA (+ bias), all)."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    rows = {}
+    for m in groups.methods:
+        cfg = next((r.config for r in groups.runs if r.method == m and r.config is not None), None)
+        try:
+            rows[m] = layer_kinds(cfg) if cfg is not None else None
+        except SpafitError:  # the model cannot be resolved here (a hub model not in the cache)
+            rows[m] = None
+    rows = {m: k for m, k in rows.items() if k}
+    if not rows:
+        return []
+    names, width = list(KINDS), max(len(k) for k in rows.values())
+    grid = np.full((len(rows), width), np.nan)
+    for i, kinds in enumerate(rows.values()):
+        grid[i, :len(kinds)] = [names.index(k) for k in kinds]
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 3.4 + 0.35 * width), 1.2 + 0.4 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(grid, cmap=ListedColormap(list(KINDS.values())), vmin=-0.5, vmax=len(names) - 0.5, aspect="auto")
+    ax.set(xticks=range(width), yticks=range(len(rows)), yticklabels=list(rows), title="What each encoder layer trains",
+           xlabel="encoder layer (embeddings: frozen but in full; the head always trains)")
+    ax.set_xticks(np.arange(-0.5, width), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
+    ax.grid(which="minor", color="w", linewidth=2)
+    ax.tick_params(which="minor", length=0)
+    used = sorted({k for kinds in rows.values() for k in kinds}, key=names.index)
+    ax.legend(handles=[Patch(color=KINDS[k], label=k) for k in used], loc="center left", bbox_to_anchor=(1.01, 0.5),
+              fontsize=8, frameon=False)
+    return _save(fig, out, "strata")
+
+
+PICTURES = {"params_vs_metric": plot_params_vs_metric, "loss_curves": plot_loss, "eval_curves": plot_eval,
+            "heatmap_n1_n2": plot_heatmap, "strata": plot_strata}
+
+
+_STYLE = ("<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} "
+          "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right} td:first-child{text-align:left} "
+          "img{max-width:100%}</style>")
+
+
+def write_html(groups: Groups, failures: dict[str, str], pictures: list[str], path: Path, title: str) -> None:
+    """index.html: the table, the failed cells and every picture (SVG, linking to the PNG)."""
+    header, rows = table(groups)
+    esc = html.escape
+    cells = "".join("<tr>" + "".join(f"<td>{'<b>' + esc(t) + '</b>' if best else esc(t)}</td>" for t, best in row)
+                    + "</tr>\n" for row in rows)
+    parts = [f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{esc(title)}</title>{_STYLE}</head>",
+             f"<body><h1>{esc(title)}</h1><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>\n"
+             + cells + f"</table><p>{esc(_caption(groups))}</p>",
+             "<p><a href='summary.csv'>summary.csv</a> · <a href='table.md'>table.md</a></p>"]
+    if failures:
+        parts.append("<h2>Failed cells</h2><ul>" + "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in failures.items())
+                     + "</ul>")
+    for svg in (p for p in pictures if p.endswith(".svg")):
+        png = svg[:-4] + ".png"
+        parts.append(f"<h2>{esc(svg[:-4].replace('_', ' '))}</h2><a href='{png}'><img src='{svg}' alt='{esc(svg)}'></a>")
+    path.write_text("\n".join(parts) + "\n</body></html>\n", encoding="utf-8")
+
+
+def write_report(exp: str | Path | None, folders: Sequence[str | Path] = (), out: str | Path | None = None) -> dict[str, Path]:
+    """Writes summary.csv, table.md, the pictures and index.html to `out` (default EXP/report); returns {file name: path}."""
+    runs, failures = collect(exp, folders)
+    if not runs:
+        raise ReportError(f"no finished runs (results.json) in {exp}/runs or the folders given; run the experiment first")
+    out = Path(out) if out is not None else Path(exp if exp is not None else folders[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    groups = Groups(runs)
+    write_csv(summary_rows(runs), out / "summary.csv")
+    (out / "table.md").write_text(table_markdown(groups), encoding="utf-8")
+    pictures = [name for plot in PICTURES.values() for name in plot(groups, out)]
+    write_html(groups, failures, pictures, out / "index.html", f"spafit_jax report: {Path(exp or out).name}")
+    return {name: out / name for name in ["summary.csv", "table.md", *pictures, "index.html"]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; bad input is one line on stderr and exit status 2."""
+    p = argparse.ArgumentParser(prog="python -m spafit_jax.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("exp", metavar="EXP", help="experiment folder (its runs/), or a run folder")
+    p.add_argument("folders", nargs="*", metavar="RUN_FOLDER", help="more run folders to compare")
+    p.add_argument("--out", metavar="DIR", help="where to write (default EXP/report)")
+    args = p.parse_args(argv)
+    if not Path(args.exp).is_dir():
+        print(f"error: {args.exp} is not a folder; pass an experiment folder (--workdir of the experiment)", file=sys.stderr)
+        return 2
+    try:
+        files = write_report(args.exp, args.folders, args.out)
+    except SpafitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {files['index.html']} ({', '.join(files)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
