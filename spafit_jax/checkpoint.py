@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -36,6 +37,8 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from spafit_jax.errors import CheckpointError
+
+log = logging.getLogger("spafit_jax")
 
 FORMAT = 2
 
@@ -90,6 +93,10 @@ def _broken_step(directory: str) -> int | None:
 
 def _describe(x: Any) -> str:
     return f"{np.dtype(x.dtype)}{list(x.shape)}"
+
+
+class _Unreadable(CheckpointError):
+    """A step whose files cannot be read (an older step may still be)."""
 
 
 class Checkpointer:
@@ -189,22 +196,32 @@ class Checkpointer:
         return os.path.join(self.directory, str(step))
 
     def _unreadable(self, step: int, e: BaseException) -> CheckpointError:
-        return CheckpointError(f"checkpoint {self._where(step)} is unreadable ({_one_line(e)}); delete that folder "
+        return _Unreadable(f"checkpoint {self._where(step)} is unreadable ({_one_line(e)}); delete that folder "
                                "to resume from an earlier step, or use a new --workdir")
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore step `step` (latest if None) as host numpy arrays in the structure of `template`.
 
         `template` is a host state like the saved one (numpy or jax arrays; only the structure,
-        shapes and dtypes are used). Returns (state, extra). Raises a one-line CheckpointError
-        when the step is missing or unreadable, the fingerprint differs, or the saved leaves do not
-        fit the template. Every process must call this.
+        shapes and dtypes are used). Returns (state, extra). Without `step`, an unreadable newest
+        checkpoint falls back to the newest readable one, with a warning naming both. Raises a
+        one-line CheckpointError when the step is missing or unreadable, the fingerprint differs,
+        or the saved leaves do not fit the template. Every process must call this.
         """
-        steps = self._mngr.all_steps()
+        steps = sorted(self._mngr.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}; train from scratch or point --workdir at a "
                                   "run that saved one")
-        step = max(steps) if step is None else int(step)
+        if step is not None:
+            return self._restore(template, int(step), steps)
+        for newer, older in zip(steps, steps[1:]):
+            try:
+                return self._restore(template, newer, steps)
+            except _Unreadable as e:
+                log.warning("%s; trying the next older one, step %d, instead", e, older)
+        return self._restore(template, steps[-1], steps)
+
+    def _restore(self, template: Any, step: int, steps: list[int]) -> tuple[Any, dict]:
         if step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (found: {sorted(steps)}); "
                                   "pick one of those steps")

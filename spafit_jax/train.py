@@ -146,7 +146,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
     finally:
         loop.close()
     if not done:
-        return Run({"stopped_at": loop.step}, driver.host_state(state), workdir)
+        return Run({"stopped_at": loop.step, "interrupted": loop.interrupted}, driver.host_state(state), workdir)
 
     results = {
         "task": spec.name, "method": cfg.method.name, "model": str(cfg.model.name), **plan.describe(),
@@ -190,9 +190,17 @@ class _Loop:
         # On several hosts JAX's preemption service catches SIGTERM and names one step at which every
         # process stops (reached_preemption_sync_point below); a handler of ours would replace its
         # handler and let each process stop at another step, which hangs the others.
-        self.previous = None
+        # Ctrl-C stops like SIGTERM (checkpoint, then exit 130); a second Ctrl-C aborts at once.
+        self.previous, self.interrupted = {}, False
         if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-            self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop", True))
+            self.previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self.on_signal),
+                             signal.SIGINT: signal.signal(signal.SIGINT, self.on_signal)}
+
+    def on_signal(self, signum, frame) -> None:
+        self.stop = True
+        if signum == signal.SIGINT:
+            self.interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def save(self, state, metrics_for_best: dict | None = None, force: bool = False) -> None:
         self.check(upto=self.step)
@@ -317,8 +325,8 @@ class _Loop:
         self.bar.close()
         self.writer.close()
         self.ckpt.close()
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _summary(run: Loaded, results: dict) -> str:
@@ -338,14 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's routine notices
     try:
         cfg, args = cli.parse_args(argv)
-        train_and_evaluate(cfg, args.workdir, overwrite=args.overwrite)
+        run = train_and_evaluate(cfg, args.workdir, overwrite=args.overwrite)
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        print("interrupted; nothing was saved since the last checkpoint (if any); re-run the same command to "
+              "resume from it", file=sys.stderr)
         return 130
-    return 0
+    return 130 if run.results.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ without a traceback, and what is left in the workdir."""
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,6 @@ import numpy as np
 import pytest
 
 from spafit_jax import rundir
-from spafit_jax.errors import SpafitError
 from spafit_jax.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,3 +204,43 @@ def test_max_length_above_the_model_positions_is_refused_before_anything_is_writ
     line = one_error_line(capsys.readouterr().err)
     assert "data.max_length=256" in line and "max_position_embeddings" in line and "128" in line
     assert not work.exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130_honestly(tiny_model_dir, tmp_path):
+    cmd = [sys.executable, "-m", "spafit_jax.train", "--workdir", str(tmp_path),
+           *small(tiny_model_dir, "train.max_steps=400", "train.epochs=100")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, log = time.time() + 240, tmp_path / "metrics.jsonl"
+        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "checkpoint saved" in err
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) >= 3 and not (tmp_path / "results.json").exists()
+    assert not (tmp_path / rundir.LOCK).exists()
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_newest_readable_one(tiny_model_dir, tmp_path, capsys,
+                                                                            caplog):
+    from spafit_jax import config as config_lib
+    from spafit_jax.train import train_and_evaluate
+
+    extra = ("train.max_steps=6", "train.epochs=10", "checkpoint.every=2", "checkpoint.keep=3")
+    cfg = config_lib.load_config([], small(tiny_model_dir, *extra))
+    assert train_and_evaluate(cfg, tmp_path, stop_after=4).results["stopped_at"] == 4
+    for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"not a checkpoint")
+    assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, *extra)]) == 0
+    warning = " ".join(r.getMessage() for r in caplog.records if "unreadable" in r.getMessage())
+    assert "checkpoints/4" in warning and "step 2" in warning
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 6
+    train_steps = [r["step"] for r in records(tmp_path) if "kind" not in r]
+    assert train_steps == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 logged again after resuming from 2, once each
