@@ -82,6 +82,11 @@ class BertConfig:
     def family(self) -> families.Family:
         return families.FAMILIES[self.model_type]
 
+    @property
+    def max_tokens(self) -> int:
+        """The longest input the position table holds (RoBERTa: max_position_embeddings - pad_token_id - 1)."""
+        return self.max_position_embeddings - (self.pad_token_id + 1 if self.family.position_offset else 0)
+
 
 class Dropout(nn.Module):
     """Inverted dropout drawing 16-bit uniforms: half the threefry work of `nn.Dropout` (32 bits per element).

@@ -211,8 +211,8 @@ def load_pretrained(
     if adapter is not None:
         if lora is not None:
             raise LoadError("pass either lora= or adapter= (the adapter folder brings its own LoRA config)")
-        lora, adapted = read_peft(adapter, config.num_hidden_layers)
-        if "classifier/kernel" in adapted:
+        lora, adapted = read_peft(adapter, config.num_hidden_layers, config.model_type)
+        if config.family.logits_kernel in adapted:
             weights = {k: v for k, v in weights.items() if not k.startswith("classifier/")}
         weights.update(adapted)
     model = BertForSequenceClassification(config, dtype, param_dtype, lora, num_labels=num_labels)
@@ -253,8 +253,9 @@ def load_pretrained(
     return model, unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
 
 
-def read_peft(folder: str | os.PathLike, num_layers: int) -> tuple[LoRAConfig, dict[str, np.ndarray]]:
-    """The LoRAConfig and the tensors (our flat paths) of a PEFT LoRA adapter folder."""
+def read_peft(folder: str | os.PathLike, num_layers: int,
+              model_type: str = "bert") -> tuple[LoRAConfig, dict[str, np.ndarray]]:
+    """The LoRAConfig and the tensors (our flat paths) of a PEFT LoRA adapter folder on a `model_type` base."""
     from safetensors.numpy import load_file
 
     from spafit_jax import lora as lora_lib
@@ -262,7 +263,8 @@ def read_peft(folder: str | os.PathLike, num_layers: int) -> tuple[LoRAConfig, d
     folder = Path(folder)
     if not (folder / PEFT_CONFIG).is_file():
         raise LoadError(f"{folder} has no {PEFT_CONFIG}; pass the folder PeftModel.save_pretrained wrote")
-    lora = lora_lib.from_peft_config(_json_file(folder / PEFT_CONFIG), num_layers, source=str(folder / PEFT_CONFIG))
+    lora = lora_lib.from_peft_config(_json_file(folder / PEFT_CONFIG), num_layers, source=str(folder / PEFT_CONFIG),
+                                     model_type=model_type)
     path = folder / PEFT_WEIGHTS
     if not path.is_file():
         raise LoadError(f"{folder} has no {PEFT_WEIGHTS}; re-save the adapter with safetensors")
@@ -270,7 +272,7 @@ def read_peft(folder: str | os.PathLike, num_layers: int) -> tuple[LoRAConfig, d
         state = load_file(str(path))
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{path} is truncated or corrupt ({e}); re-save the adapter") from None
-    return lora, from_peft_state(state)
+    return lora, from_peft_state(state, model_type)
 
 
 def peft_state(params: Mapping, keep) -> dict[str, np.ndarray]:
@@ -294,7 +296,7 @@ def peft_state(params: Mapping, keep) -> dict[str, np.ndarray]:
     return out
 
 
-def from_peft_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def from_peft_state(state: Mapping[str, np.ndarray], model_type: str | None = None) -> dict[str, np.ndarray]:
     """Inverse of `peft_state` for anything PEFT saves: {our flat path: array}; PEFT's wrappers
     (`base_layer`, `modules_to_save.<name>`) are looked through, `original_module` copies dropped."""
     from spafit_jax.lora import PEFT_PREFIX
@@ -310,7 +312,7 @@ def from_peft_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             adapters[f"{m.group(1).replace('.', '/')}/lora_{m.group(2).lower()}"] = np.asarray(value, np.float32).T
         else:
             others[name] = np.asarray(value, np.float32)
-    return {**_from_torch_names(others), **adapters}
+    return {**_from_torch_names(others, model_type), **adapters}
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):

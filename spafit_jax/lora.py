@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spafit_jax import families
 from spafit_jax.errors import ConfigError
 from spafit_jax.methods import LORA_TARGETS as TARGETS, LoRAConfig  # noqa: F401 (re-exported)
 
@@ -114,19 +115,24 @@ def unmerge(merged, adapter_leaves: Mapping, lora: LoRAConfig):
 
 
 # ---- PEFT adapter folders (adapter_config.json + adapter_model.safetensors) ----------------------
-#: our LoRA target -> its module inside `bert.encoder.layer.<i>` (PyTorch names)
-PEFT_MODULES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-                "attention_output": "attention.output.dense", "intermediate": "intermediate.dense",
-                "output": "output.dense"}
+#: our LoRA target -> its module inside `bert.encoder.layer.<i>` (PyTorch names); other families: `_peft_modules`
 PEFT_PREFIX = "base_model.model."
 
 
-def _module_name(layer: int, target: str) -> str:
-    return f"bert.encoder.layer.{layer}.{PEFT_MODULES[target]}"
+def _peft_modules(model_type: str = "bert") -> dict[str, str]:
+    """LoRA target -> its PyTorch module inside one layer of `model_type` (DistilBERT: query -> attention.q_lin)."""
+    return {t: m.replace("/", ".") for t, m in families.get(model_type).modules.items()}
+
+
+PEFT_MODULES = _peft_modules()
+
+
+def _module_name(layer: int, target: str, model_type: str = "bert") -> str:
+    return families.get(model_type).peft_module(layer, target)
 
 
 def to_peft_config(lora: LoRAConfig, num_layers: int, *, base_model: str, modules_to_save: list[str],
-                   bias: str) -> dict:
+                   bias: str, model_type: str = "bert") -> dict:
     """adapter_config.json for `lora` on a model of `num_layers` layers, as PEFT's LoraConfig writes it.
 
     Targets are PEFT suffix names with `layers_to_transform` when that selects exactly our
@@ -135,12 +141,14 @@ def to_peft_config(lora: LoRAConfig, num_layers: int, *, base_model: str, module
     """
     lora.validate(num_layers)
     wrapped = [(i, t) for i in range(num_layers) for t in lora.targets if lora.wraps(i, t)]
-    names = sorted({PEFT_MODULES[t] for t in lora.targets})
-    if "output" in lora.targets and "attention_output" not in lora.targets:
-        targets, layers = "|".join(re.escape(_module_name(i, t)) for i, t in wrapped), None
+    fam, modules = families.get(model_type), _peft_modules(model_type)
+    names = sorted({modules[t] for t in lora.targets})
+    others = [m for t, m in modules.items() if t not in lora.targets]
+    if any(o.endswith("." + m) for m in names for o in others):  # BERT's output.dense alone would match attention's
+        targets, layers = "|".join(re.escape(_module_name(i, t, model_type)) for i, t in wrapped), None
     else:
         targets, layers = names, None if lora.layers is None else sorted(lora.layers)
-    ranks = {re.escape(_module_name(i, t).removeprefix("bert.encoder.")): lora.rank_for(i, t)
+    ranks = {re.escape(_module_name(i, t, model_type).removeprefix(f"{fam.prefix}.{fam.encoder}.")): lora.rank_for(i, t)
              for i, t in wrapped if lora.rank_for(i, t) != lora.rank}
     return {"peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_model, "r": lora.rank,
             "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": targets,
@@ -149,14 +157,14 @@ def to_peft_config(lora: LoRAConfig, num_layers: int, *, base_model: str, module
             "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True}
 
 
-def _peft_targets(raw: Mapping, num_layers: int, need) -> list[tuple[int, str]]:
+def _peft_targets(raw: Mapping, num_layers: int, need, model_type: str = "bert") -> list[tuple[int, str]]:
     """The (layer, target) pairs PEFT would wrap under `raw` (its own matching rules)."""
     targets, layers = raw.get("target_modules"), need("layers_to_transform", (list, int, type(None)))
     layers = [layers] if isinstance(layers, int) else layers
     found = []
     for i in range(num_layers):
         for t in TARGETS:
-            key = _module_name(i, t)
+            key = _module_name(i, t, model_type)
             if isinstance(targets, str):
                 hit = re.fullmatch(targets, key) is not None
             else:
@@ -167,8 +175,9 @@ def _peft_targets(raw: Mapping, num_layers: int, need) -> list[tuple[int, str]]:
     return found
 
 
-def from_peft_config(raw: Mapping, num_layers: int, *, source: str = "adapter_config.json") -> LoRAConfig:
-    """Our LoRAConfig for a PEFT LoRA adapter_config.json on a BERT of `num_layers` layers.
+def from_peft_config(raw: Mapping, num_layers: int, *, source: str = "adapter_config.json",
+                     model_type: str = "bert") -> LoRAConfig:
+    """Our LoRAConfig for a PEFT LoRA adapter_config.json on a `model_type` encoder of `num_layers` layers.
 
     Refuses (one line naming the field) what our LoRA cannot express: other PEFT types, DoRA,
     alpha_pattern, target modules BERT-for-classification has no LoRA slot for.
@@ -189,15 +198,16 @@ def from_peft_config(raw: Mapping, num_layers: int, *, source: str = "adapter_co
         if raw.get(key):
             raise ConfigError(f"{source}: {key}={raw[key]!r} is not supported; spafit_jax imports plain LoRA")
     targets = need("target_modules", (list, str))
-    found = _peft_targets(raw, num_layers, need)
+    found = _peft_targets(raw, num_layers, need, model_type)
+    modules = ", ".join(sorted(_peft_modules(model_type).values()))
     if not found:
         raise ConfigError(f"{source}: target_modules={targets!r} matches no module spafit_jax can adapt; "
-                          f"those are {', '.join(sorted(set(PEFT_MODULES.values())))} in bert.encoder.layer.<i>")
+                          f"those are {modules} in {families.get(model_type).layers.replace('/', '.')}.<i>")
     if not isinstance(targets, str):
-        unknown = [m for m in targets if not any(_module_name(i, t).endswith("." + m) for i, t in found)]
+        unknown = [m for m in targets if not any(_module_name(i, t, model_type).endswith("." + m) for i, t in found)]
         if unknown:
             raise ConfigError(f"{source}: target_modules {unknown} name modules spafit_jax has no LoRA for; "
-                              f"the modules are {', '.join(sorted(set(PEFT_MODULES.values())))}")
+                              f"the modules are {modules}")
     names = tuple(t for t in TARGETS if any(t == f for _, f in found))
     layers = tuple(sorted({i for i, _ in found}))
     if set(found) != {(i, t) for i in layers for t in names}:
@@ -207,7 +217,7 @@ def from_peft_config(raw: Mapping, num_layers: int, *, source: str = "adapter_co
     ranks = need("rank_pattern", (dict, type(None))) or {}
     pattern = {}
     for i, t in found:
-        key = next((k for k in ranks if re.match(rf"(.*\.)?({k})$", _module_name(i, t))), None)
+        key = next((k for k in ranks if re.match(rf"(.*\.)?({k})$", _module_name(i, t, model_type))), None)
         if key is not None and ranks[key] != r:
             pattern[f"^layer/{i}/{t}$"] = int(ranks[key])
     return LoRAConfig(rank=r, alpha=float(need("lora_alpha", (int, float))), dropout=float(raw.get("lora_dropout") or 0.0),

@@ -3,6 +3,7 @@ tiny random models, labelled by the SPAFIT plans, and trained for two steps on t
 
 import json
 import math
+import re
 import shutil
 
 import jax
@@ -16,7 +17,7 @@ from spafit_jax import families, masking
 from spafit_jax.bert import BertConfig, BertEmbeddings, BertForSequenceClassification, BertModel
 from spafit_jax.errors import ConfigError, LoadError
 from spafit_jax.hf import load_pretrained, read_config, save_pretrained
-from spafit_jax.lora import LoRAConfig, adapters
+from spafit_jax.lora import LoRAConfig, adapters, from_peft_config, to_peft_config
 from spafit_jax.methods import LORA_TARGETS
 
 ATOL = 1e-5
@@ -100,6 +101,13 @@ def torch_kw(family, ids, mask, types):
     return kw
 
 
+def shapes(family, lora=None):
+    """The parameter tree (ShapeDtypeStructs, traced only) of a tiny model of `family`."""
+    config = BertConfig(**dict(SIZES, vocab_size=120), model_type=family, embedding_size=16 if family == "electra" else None)
+    model = BertForSequenceClassification(config, lora=lora, num_labels=2)
+    return jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
+
+
 def masked(h, mask):
     return np.asarray(h) * mask[..., None]
 
@@ -128,12 +136,7 @@ def test_logits_and_hidden_states_match_torch(saved, family, fmt):
 
 
 def test_parameter_trees_have_hugging_face_flax_names():
-    names = {}
-    for family in FAMILIES + ("bert",):
-        config = BertConfig(**dict(SIZES, vocab_size=120), model_type=family, embedding_size=16 if family == "electra" else None)
-        model = BertForSequenceClassification(config, num_labels=2)
-        tree = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
-        names[family] = {"/".join(k) for k in flatten_dict(tree)}
+    names = {family: set(flatten_dict(shapes(family), sep="/")) for family in (*FAMILIES, "bert")}
     assert "roberta/encoder/layer/2/attention/self/query/kernel" in names["roberta"]
     assert {"classifier/dense/kernel", "classifier/out_proj/bias"} <= names["roberta"] & names["electra"]
     assert not any("pooler" in p or "token_type" in p for p in names["distilbert"])
@@ -142,11 +145,14 @@ def test_parameter_trees_have_hugging_face_flax_names():
             "distilbert/embeddings/position_embeddings/embedding"} <= names["distilbert"]
     assert {"electra/embeddings_project/kernel", "electra/embeddings/word_embeddings/embedding"} <= names["electra"]
     assert names["xlm-roberta"] == names["roberta"] and "bert/pooler/dense/kernel" in names["bert"]
+    for family, fam in families.FAMILIES.items():  # every LoRA target has its module in every family, and it exists
+        assert list(fam.modules) == list(LORA_TARGETS)
+        assert {f"{fam.layers}/0/{m}/kernel" for m in fam.modules.values()} <= names[family]
 
 
 @pytest.mark.reference
 @pytest.mark.parametrize("family", ["roberta", "electra", "distilbert"])
-def test_lora_on_late_layers_matches_peft_logits_and_gradients(saved, family):
+def test_lora_on_late_layers_matches_peft_logits_gradients_and_adapter_folder(saved, tmp_path, family):
     import torch
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
@@ -199,14 +205,28 @@ def test_lora_on_late_layers_matches_peft_logits_and_gradients(saved, family):
         worst = max(worst, float(np.abs(grads[path]["lora_a"] - a.grad.numpy().T).max()),
                     float(np.abs(grads[path]["lora_b"] - b.grad.numpy().T).max()))
     print(f"{family}: max |grad diff| {worst:.2e}")
+    ref.save_pretrained(tmp_path)  # PEFT's adapter folder loads onto our model of the family
+    imported, imported_params = load_pretrained(folder, num_labels=NUM_LABELS, adapter=tmp_path)
+    assert imported.lora == cfg
+    np.testing.assert_allclose(imported.apply({"params": imported_params}, ids, mask, types), logits, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta"])
+def test_peft_config_names_the_family_modules(family):
+    lora = LoRAConfig(rank=4, targets=("query", "output"), layers=(2,), rank_pattern={"^layer/2/output$": 2})
+    raw = to_peft_config(lora, L, base_model="b", modules_to_save=["classifier"], bias="none", model_type=family)
+    if family == "distilbert":  # lin2 is no suffix of another module: plain names with layers_to_transform
+        assert raw["target_modules"] == ["attention.q_lin", "ffn.lin2"] and raw["layers_to_transform"] == [2]
+    else:  # output.dense alone would also match attention.output.dense: a regex naming each module
+        assert re.fullmatch(raw["target_modules"], "roberta.encoder.layer.2.output.dense")
+        assert not re.fullmatch(raw["target_modules"], "roberta.encoder.layer.2.attention.output.dense")
+    assert from_peft_config(raw, L, model_type=family) == lora
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_spafit_strata_and_head_per_family(family):
     fam = families.FAMILIES[family]
-    config = BertConfig(**dict(SIZES, vocab_size=120), model_type=family, embedding_size=16 if family == "electra" else None)
-    model = BertForSequenceClassification(config, lora=LoRAConfig(layers=(2,)), num_labels=2)
-    tree = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
+    tree = shapes(family, LoRAConfig(layers=(2,)))
     labels = flatten_dict(masking.method_labels(tree, "spafit", n1=1, n2=2), sep="/")
     heads = {p for p in labels if p.split("/")[0] in fam.heads}
     assert heads and all(labels[p] == masking.HEAD for p in heads)
@@ -255,21 +275,23 @@ def test_config_translation_and_unsupported_types(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="distilbert"):
         BertConfig(model_type="albert")
+    assert BertConfig(model_type="roberta", max_position_embeddings=514, pad_token_id=1).max_tokens == 512
+    assert BertConfig(model_type="electra").max_tokens == 512
 
 
 def test_sinusoidal_positions_are_distilberts_table_and_fixed():
     import importlib.util
 
     config = BertConfig(**dict(SIZES, vocab_size=120), model_type="distilbert", sinusoidal_pos_embds=True)
-    model = BertForSequenceClassification(config, num_labels=2)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    table = np.asarray(params["distilbert"]["embeddings"]["position_embeddings"]["embedding"])
+    embeddings, ids = BertEmbeddings(config), jnp.arange(8)[None] + 3
+    params = embeddings.init(jax.random.key(0), ids, ids, True)["params"]
+    table = np.asarray(params["position_embeddings"]["embedding"])
     pos, j = 5, 7
     assert math.isclose(table[pos, j], math.cos(pos / 10000 ** (2 * (j // 2) / 32)), abs_tol=1e-6)
-    embeddings, ids = BertEmbeddings(config), jnp.ones((1, 8), jnp.int32)
-    grads = jax.grad(lambda p: embeddings.apply({"params": p}, ids, ids, True).sum())(params["distilbert"]["embeddings"])
+    weights = jnp.arange(32.0)  # LayerNorm outputs sum to a constant: weigh the features
+    grads = jax.grad(lambda p: (embeddings.apply({"params": p}, ids, ids, True) * weights).sum())(params)
     assert not np.any(grads["position_embeddings"]["embedding"]) and np.any(grads["word_embeddings"]["embedding"])
-    if importlib.util.find_spec("transformers"):
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
         import torch
         from transformers.models.distilbert.modeling_distilbert import _create_sinusoidal_embeddings
 
