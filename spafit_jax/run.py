@@ -68,10 +68,14 @@ def load_spec(workdir: Path, cfg: Config) -> TaskSpec:
     return task_from_config(cfg.data)
 
 
-def load_model(cfg: Config, num_labels: int) -> tuple[Any, Any, Plan]:
-    """(model, params, labelled plan) of a config: the base weights with the method's LoRA adapters."""
-    folder = hf.resolve(cfg.model.name)
-    plan = make_plan(cfg.method, hf.read_config(folder).num_hidden_layers)
+def load_model(cfg: Config, num_labels: int, folder: Path | None = None,
+               plan: Plan | None = None) -> tuple[Any, Any, Plan]:
+    """(model, params, labelled plan) of a config: the base weights with the method's LoRA adapters.
+
+    `folder` and `plan` are resolved from the config when not given (the trainer plans before it
+    reads the data, so bad strata fail early, and passes its plan here)."""
+    folder = hf.resolve(cfg.model.name) if folder is None else folder
+    plan = make_plan(cfg.method, hf.read_config(folder).num_hidden_layers) if plan is None else plan
     model, params = hf.load_pretrained(folder, num_labels=num_labels, dtype=jnp.dtype(cfg.model.dtype),
                                        param_dtype=jnp.dtype(cfg.model.param_dtype), seed=cfg.train.seed,
                                        lora=plan.lora)

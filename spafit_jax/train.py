@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -65,10 +64,8 @@ def load(cfg: Config) -> Loaded:
     plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
     tokenizer = hf.load_tokenizer(folder)
     task = data.load_task_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    model, params = hf.load_pretrained(folder, num_labels=task.spec.num_labels, dtype=jnp.dtype(cfg.model.dtype),
-                                       param_dtype=jnp.dtype(cfg.model.param_dtype), seed=cfg.train.seed,
-                                       lora=plan.lora)
-    return Loaded(model, params, plan.label(params), task, tokenizer)
+    model, params, plan = run_lib.load_model(cfg, task.spec.num_labels, folder, plan)
+    return Loaded(model, params, plan, task, tokenizer)
 
 
 def _init_distributed(cfg: Config) -> None:
