@@ -15,10 +15,13 @@ An experiment file (YAML) names what every cell shares and what varies:
 Each cell is an ordinary run folder `EXP/runs/<task>/<method>/seed<k>` trained in this process
 by `train.train_and_evaluate`, so resume, checkpoints and logs hold per cell. A cell's config is
 `load_config(base + task + method files, base + task + method + grid keys, train.seed, command
-line overrides)`; a grid point's values become part of its method name (`spafit@n1=1,n2=3`),
-and grid points that are not valid configs (n1 > n2) are dropped with a note. Re-running skips
-finished cells (results.json), resumes unfinished ones and retries failed ones; a failing cell
-writes its one-line error to `<cell>/error.txt` and the grid goes on (`--fail-fast` stops).
+line overrides)`. A bare name (`tasks: [bbc_news]`, `methods: [bitfit]`) sets data.task or
+method.name; a file name (`tasks: [configs/glue/rte.yaml]`) is a config file. A grid point's
+values become part of its method name (`spafit@n1=1,n2=3`); grid points that are not valid
+configs (n1 > n2) are dropped with a note. Re-running skips finished cells (results.json; a
+note names the keys in which their config.yaml differs from the cell's config now), resumes
+unfinished ones and retries failed ones; a failing cell writes its one-line error to
+`<cell>/error.txt` and the grid goes on (`--fail-fast` stops).
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def _entry(name: Any, raw: Any, default_key: str, base: Path, where: str) -> tup
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise ExperimentError(f"{where}: names must be non-empty strings without '/'")
     if raw is None:
-        raw = {} if name.endswith((".yaml", ".yml")) else {default_key: name}
+        raw = {default_key: name}  # a bare name: data.task=name, method.name=name
     if not isinstance(raw, dict):
         raise ExperimentError(f"{where}: must be a mapping of config keys (and optional config:, grid:), got {raw!r}")
     paths = [_find(p, base, where) for p in _as_list(raw.get("config", raw.get("configs")))]
@@ -244,6 +247,16 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _changed(cell: Cell, saved: Path) -> list[str]:
+    """The config keys in which a finished cell's config.yaml differs from the cell's config now."""
+    try:
+        old = config_lib.to_dict(config_lib.load_config([saved]))
+    except SpafitError:
+        return ["everything (its config.yaml is missing or unreadable)"]
+    new = config_lib.to_dict(cell.config())
+    return [f"{s}.{k}" for s in new for k in new[s] if old[s].get(k) != new[s][k]]
+
+
 def _echo(line: str) -> None:
     print(line, flush=True)
 
@@ -264,7 +277,9 @@ def run_cells(cells: Sequence[Cell], workdir: str | os.PathLike, *, fail_fast: b
         folder, head = cell.folder(workdir), f"[{i}/{len(cells)}] {cell.name}"
         if (folder / rundir.RESULTS).exists():
             status[cell.name] = "skipped"
-            echo(f"{head}: finished before, skipped")
+            changed = _changed(cell, folder / rundir.CONFIG)
+            echo(f"{head}: finished before, skipped" + (f" (its config.yaml differs in {', '.join(changed)}; delete "
+                                                        f"{folder} to run it again)" if changed else ""))
             continue
         echo(f"{head}: {'resuming' if (folder / rundir.CHECKPOINTS).exists() else 'starting'}")
         t0 = time.perf_counter()

@@ -108,8 +108,9 @@ def test_report_at_the_end_holds_the_runs_numbers(grid, tiny_model_dir):
 
 
 def test_rerun_trains_nothing_and_retries_failures(grid):
-    rc, out = run_main("--config", grid["path"], "--workdir", grid["exp"], "--no-report")
+    rc, out = run_main("--config", grid["path"], "--workdir", grid["exp"], "--no-report", "train.lr=0.5")
     assert rc == 1 and "0 trained, 4 finished before, 2 failed" in out
+    assert "bbc_news/spafit/seed1: finished before, skipped (its config.yaml differs in train.lr; delete" in out
     assert grid["exp"].joinpath("runs/bbc_news/bitfit/seed0/results.json").stat().st_mtime_ns == grid["kept"]
 
 
