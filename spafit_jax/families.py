@@ -136,6 +136,11 @@ def family_of_names(names: Any, model_type: str | None = None) -> Family:
 _NORM = re.compile(r"(^LayerNorm$|layer_norm$)")
 
 
+def _dropped(fam: Family, parts: list[str]) -> bool:
+    """A pre-training head, or a pooler the family's classifier does not use (roberta-base ships one)."""
+    return parts[0] in fam.dropped or (fam.head != "pooler" and "pooler" in parts[:2])
+
+
 def from_torch_names(state: Mapping[str, Any], model_type: str | None = None) -> dict[str, np.ndarray]:
     """PyTorch names ('roberta.encoder.layer.0.attention.self.query.weight') to our Flax paths.
 
@@ -146,7 +151,7 @@ def from_torch_names(state: Mapping[str, Any], model_type: str | None = None) ->
     out = {}
     for name, value in state.items():
         parts = name.split(".")
-        if parts[0] in fam.dropped:
+        if _dropped(fam, parts):
             continue
         if parts[0] not in (fam.prefix, *fam.heads):
             parts = [fam.prefix] + parts
@@ -164,7 +169,7 @@ def from_torch_names(state: Mapping[str, Any], model_type: str | None = None) ->
 def with_prefix(flat: Mapping[str, Any], model_type: str | None = None) -> dict[str, Any]:
     """Flax paths of a base model saved without its prefix (FlaxBertModel) get it; pre-training heads are dropped."""
     fam = family_of_names(flat, model_type)
-    kept = {k: v for k, v in flat.items() if k.split("/")[0] not in fam.dropped}
+    kept = {k: v for k, v in flat.items() if not _dropped(fam, k.split("/"))}
     if any(k.startswith(fam.prefix + "/") for k in kept):
         return kept
     return {(k if k.split("/")[0] in fam.heads else f"{fam.prefix}/{k}"): v for k, v in kept.items()}

@@ -261,6 +261,23 @@ def test_flax_msgpack_round_trip(saved, tmp_path, family):
                                   model.apply({"params": params}, ids, mask, types))
 
 
+def test_name_map_drops_pretraining_heads_and_unused_poolers():
+    state = {"roberta.pooler.dense.weight": np.ones((2, 2)), "lm_head.dense.weight": np.ones((2, 2)),
+             "roberta.encoder.layer.0.attention.output.LayerNorm.weight": np.ones(2),
+             "classifier.out_proj.weight": np.ones((3, 2))}
+    assert set(families.from_torch_names(state, "roberta")) == {
+        "roberta/encoder/layer/0/attention/output/LayerNorm/scale", "classifier/out_proj/kernel"}
+    bare = {"embeddings.word_embeddings.weight": np.ones((5, 2)), "transformer.layer.0.ffn.lin1.weight": np.ones((3, 2)),
+            "transformer.layer.0.sa_layer_norm.weight": np.ones(2), "vocab_projector.bias": np.ones(5)}
+    flat = families.from_torch_names(bare, "distilbert")
+    assert set(flat) == {"distilbert/embeddings/word_embeddings/embedding", "distilbert/transformer/layer/0/ffn/lin1/kernel",
+                         "distilbert/transformer/layer/0/sa_layer_norm/scale"}
+    assert flat["distilbert/transformer/layer/0/ffn/lin1/kernel"].shape == (2, 3)
+    assert set(families.with_prefix({"pre_classifier/kernel": 0, "transformer/layer/0/ffn/lin1/bias": 0}, "distilbert")) == {
+        "pre_classifier/kernel", "distilbert/transformer/layer/0/ffn/lin1/bias"}
+    assert families.family_of_names(["electra.embeddings.word_embeddings.weight"]).model_type == "electra"
+
+
 def test_config_translation_and_unsupported_types(tmp_path):
     raw = {"model_type": "distilbert", "dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 99,
            "activation": "relu", "dropout": 0.0, "attention_dropout": 0.2, "seq_classif_dropout": 0.3}
