@@ -174,3 +174,6 @@ def test_shipped_experiments_load():
     assert len(paper) == 15 and {c.method for c in paper} == {"full", "bitfit", "lora", "spafit-2-4", "spafit-1-3"}
     assert {(c.config().method.n1, c.config().method.n2) for c in paper if c.method.startswith("spafit")} == {(2, 4), (1, 3)}
     assert all(c.config().model.name == "minilm" for c in paper) and len(cells["smoke"]) == 6
+    glue = cells["glue_paper"]
+    assert len(glue) == 135 and len({c.task for c in glue}) == 9
+    assert {c.config().model.name for c in glue} == {"bert-large-cased"}
