@@ -358,7 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp.write_text(Path(args.config).read_text(encoding="utf-8"))
     tmp.replace(workdir / "experiment.yaml")
     _use_compile_cache(workdir)
-    status = run_cells(cells, workdir, fail_fast=args.fail_fast)
+    try:
+        status = run_cells(cells, workdir, fail_fast=args.fail_fast)
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume (finished cells are kept)", file=sys.stderr)
+        return 130
     failed = [f"  {name}: {s[len('failed: '):]}" for name, s in status.items() if s.startswith("failed")]
     counts = {k: sum(s.split(":")[0] == k for s in status.values()) for k in ("done", "skipped", "failed")}
     print(f"{counts['done']} trained, {counts['skipped']} finished before, {counts['failed']} failed, "
