@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from spafit_jax import hf
+from spafit_jax import families, hf
 from spafit_jax import lora as lora_lib
 from spafit_jax.errors import ConfigError
 from spafit_jax.methods import BIAS, HEAD, LAYERNORM, LORA, POOLER, WEIGHT
@@ -49,7 +49,7 @@ def export_hf(run, out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     raw = json.loads((hf.resolve(run.config.model.name) / "config.json").read_text())
-    raw.update(label_fields(run.spec), model_type="bert", architectures=["BertForSequenceClassification"])
+    raw.update(label_fields(run.spec), architectures=[families.get(raw.get("model_type", "bert")).architecture])
     raw.pop("_name_or_path", None)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     save_file(hf.to_torch_names(run.merged_params()), str(out / hf.SAFETENSORS), metadata={"format": "pt"})
@@ -66,8 +66,9 @@ def export_flax(run, out: Path) -> Path:
     return out
 
 
-def peft_parts(plan) -> tuple[str, list[str]]:
-    """PEFT's `bias` and `modules_to_save` for a plan; a plan PEFT cannot express is a ConfigError."""
+def peft_parts(plan, heads: tuple[str, ...] = ("classifier",)) -> tuple[str, list[str]]:
+    """PEFT's `bias` and `modules_to_save` for a plan whose model has the task-head modules `heads`;
+    a plan PEFT cannot express is a ConfigError."""
     counts = plan.counts
     fix = "export with --format hf (a merged model) instead"
     if plan.lora is None or LORA not in counts:
@@ -75,7 +76,7 @@ def peft_parts(plan) -> tuple[str, list[str]]:
     for label, what in ((WEIGHT, "whole weight matrices"), (LAYERNORM, "LayerNorm scales")):
         if label in counts:
             raise ConfigError(f"method {plan.method.name} trains {what}, which a PEFT LoRA adapter cannot carry; {fix}")
-    modules = (["classifier"] if HEAD in counts else []) + (["pooler"] if POOLER in counts else [])
+    modules = (list(heads) if HEAD in counts else []) + (["pooler"] if POOLER in counts else [])
     return ("all" if BIAS in counts else "none"), modules
 
 
@@ -84,11 +85,13 @@ def export_peft(run, out: Path) -> Path:
     from flax.traverse_util import flatten_dict
     from safetensors.numpy import save_file
 
-    bias, modules = peft_parts(run.plan)
+    model_config = hf.read_config(hf.resolve(run.config.model.name))
+    bias, modules = peft_parts(run.plan, model_config.family.heads)
     labels = {"/".join(k): v for k, v in flatten_dict(run.plan.labels).items()}
     keep = {p for p, label in labels.items() if label in (BIAS, HEAD, POOLER)}
     config = lora_lib.to_peft_config(run.plan.lora, run.plan.num_layers, bias=bias, modules_to_save=modules,
-                                     base_model=base_model_name(run.config.model.name))
+                                     base_model=base_model_name(run.config.model.name),
+                                     model_type=model_config.model_type)
     out.mkdir(parents=True, exist_ok=True)
     (out / hf.PEFT_CONFIG).write_text(json.dumps(config, indent=2))
     save_file(hf.peft_state(run.params, keep.__contains__), str(out / hf.PEFT_WEIGHTS), metadata={"format": "pt"})

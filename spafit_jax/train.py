@@ -57,10 +57,10 @@ def load(cfg: Config) -> Loaded:
     Settings that do not fit the model (data.max_length above its positions) are refused first."""
     folder = hf.resolve(cfg.model.name)
     model_cfg = hf.read_config(folder)
-    if cfg.data.max_length > model_cfg.max_position_embeddings:
-        raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {model_cfg.max_position_embeddings} "
-                          f"positions of {cfg.model.name} (max_position_embeddings in {folder / 'config.json'}); use "
-                          f"data.max_length={model_cfg.max_position_embeddings} or less", "data.max_length")
+    if cfg.data.max_length > model_cfg.max_tokens:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {model_cfg.max_tokens} positions of "
+                          f"{cfg.model.name} (from max_position_embeddings in {folder / 'config.json'}); use "
+                          f"data.max_length={model_cfg.max_tokens} or less", "data.max_length")
     plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
     tokenizer = hf.load_tokenizer(folder)
     task = data.load_task_data(cfg.data, tokenizer, seed=cfg.train.seed)

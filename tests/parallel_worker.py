@@ -257,12 +257,12 @@ def _train(argv: list[str]) -> int:
 
     import jax
 
-    from spafit_jax import config as config_lib
+    from spafit_jax import cli as cli_lib
     from spafit_jax import train
     from spafit_jax.errors import SpafitError
 
     try:
-        cfg, cli = config_lib.parse_args(rest)
+        cfg, cli = cli_lib.parse_args(rest)
         d = cfg.distributed
         if d.enabled and args.heartbeat_timeout is not None:
             # train._init_distributed does nothing once the runtime is up.

@@ -17,7 +17,8 @@ from spafit_jax.errors import ConfigError, SpafitError
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
+ALL_YAML = sorted(p for p in CONFIGS.rglob("*.yaml") if "experiments" not in p.parts)  # run configs (test_experiment
+# checks the experiment files)
 
 
 def write(tmp_path, name, text):

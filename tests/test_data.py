@@ -389,6 +389,8 @@ def test_hf_unreachable_says_what_to_download(monkeypatch):
         raise ConnectionError("Couldn't reach 'someone/reviews' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(sources.datasets, "load_dataset", load_dataset)
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # CI sets them; this is the online case
+        monkeypatch.delenv(name, raising=False)
     with pytest.raises(DataError) as e:
         data.load_task_texts(cfg(task="hf", hf_path="someone/reviews", hf_name="en"), seed=0)
     msg = str(e.value)
