@@ -272,7 +272,7 @@ def test_meta_from_elsewhere_is_refused(tmp_path):
             ck.restore({"w": np.zeros(2, np.float32)})
 
 
-def test_corrupt_checkpoint_is_an_error_with_its_path(tmp_path):
+def test_corrupt_checkpoint_is_an_error_with_its_path(tmp_path, caplog):
     with _ckpt(tmp_path) as ck:
         ck.save(1, {"w": np.arange(64.0)}, extra={})
         ck.save(2, {"w": np.arange(64.0)}, extra={})
@@ -284,9 +284,26 @@ def test_corrupt_checkpoint_is_an_error_with_its_path(tmp_path):
     fix = "delete that folder to resume from an earlier step, or use a new --workdir"
     with _ckpt(tmp_path) as ck:
         with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / '2'} is unreadable .*{fix}"):
-            ck.restore({"w": np.zeros(64)})
+            ck.restore({"w": np.zeros(64)}, step=2)
         with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / '1'} is unreadable .*{fix}"):
             ck.restore({"w": np.zeros(64)}, step=1)
+        # the latest: 2 is unreadable (a warning names it and the fallback), then 1 is too: its error
+        with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / '1'} is unreadable .*{fix}"):
+            ck.restore({"w": np.zeros(64)})
+    assert any(f"{tmp_path / '2'} is unreadable" in r.getMessage() and "step 1" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_an_unreadable_latest_step_falls_back_to_an_older_one(tmp_path, caplog):
+    with _ckpt(tmp_path) as ck:
+        ck.save(1, {"w": np.arange(64.0)}, extra={"at": 1})
+        ck.save(2, {"w": np.arange(64.0) * 2}, extra={"at": 2})
+    (tmp_path / "2" / "meta" / "metadata").write_text("{not json")
+    with _ckpt(tmp_path) as ck:
+        state, extra = ck.restore({"w": np.zeros(64)})
+    np.testing.assert_array_equal(state["w"], np.arange(64.0))
+    assert extra == {"at": 1}
+    assert any(f"{tmp_path / '2'} is unreadable" in r.getMessage() for r in caplog.records)
 
 
 def test_broken_metrics_fail_on_open_naming_the_step(tmp_path):

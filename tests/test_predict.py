@@ -77,22 +77,25 @@ def train(base, data, workdir, method="spafit", pairs=True, regression=False, *e
     return workdir
 
 
-RUNS = {  # name: (method, pairs, regression)
-    "spafit_pairs": ("spafit", True, False), "lora_single": ("lora", False, False),
-    "bitfit_pairs": ("bitfit", True, False), "full_single": ("full", False, False),
-    "spafit_regression": ("spafit", False, True),
+RUNS = {  # name: (method, pairs, regression, base: the tiny torch BERT or the real MiniLM weights)
+    "spafit_pairs": ("spafit", True, False, "tiny"), "lora_single": ("lora", False, False, "tiny"),
+    "bitfit_pairs": ("bitfit", True, False, "tiny"), "full_single": ("full", False, False, "tiny"),
+    "spafit_regression": ("spafit", False, True, "tiny"), "minilm_spafit_pairs": ("spafit", True, False, "minilm"),
 }
+EXTRA = {"minilm_spafit_pairs": ("train.lr=0.002",)}  # real weights: a gentler step keeps the outputs unsaturated
 
 
 @pytest.fixture(scope="session")
-def trained(torch_base_dir, data_dir, tmp_path_factory):
+def trained(torch_base_dir, minilm_dir, data_dir, tmp_path_factory):
     """run name -> its workdir, trained on first use (session-wide)."""
     done = {}
 
     def get(name):
         if name not in done:
-            method, pairs, regression = RUNS[name]
-            done[name] = train(torch_base_dir, data_dir, tmp_path_factory.mktemp(name), method, pairs, regression)
+            method, pairs, regression, base = RUNS[name]
+            base = {"tiny": torch_base_dir, "minilm": minilm_dir}[base]
+            done[name] = train(base, data_dir, tmp_path_factory.mktemp(name), method, pairs, regression,
+                               *EXTRA.get(name, ()))
         return done[name]
 
     return get

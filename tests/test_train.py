@@ -91,7 +91,7 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
     c = cfg(tiny_model_dir, "train.max_steps=20", "train.epochs=4")
     straight = train_and_evaluate(c, tmp_path / "a")
     stopped = train_and_evaluate(c, tmp_path / "b", stop_after=10)
-    assert stopped.results == {"stopped_at": 10} and not (tmp_path / "b/results.json").exists()
+    assert stopped.results == {"stopped_at": 10, "interrupted": False} and not (tmp_path / "b/results.json").exists()
     resumed = train_and_evaluate(c, tmp_path / "b")
     assert int(resumed.state.step) == 20
     leaves = lambda s: jax.tree_util.tree_leaves((s.trainable, s.opt_state, s.step))  # noqa: E731
