@@ -65,6 +65,15 @@ class ModelConfig:
         _one_of(self, "param_dtype", DTYPES)
 
 
+def _is_codec(name: Any) -> bool:
+    import codecs
+
+    try:
+        return isinstance(name, str) and codecs.lookup(name)._is_text_encoding
+    except LookupError:
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The task, its files and how text becomes batches."""
@@ -90,6 +99,7 @@ class DataConfig:
     limit_train: int | None = _field(None, "use at most this many training examples")
     limit_eval: int | None = _field(None, "use at most this many examples per evaluation split")
     eval_splits: tuple[str, ...] | None = _field(None, "evaluation splits (null = the task's default)")
+    encoding: str = _field("utf-8", "local task: text encoding of csv/tsv/json/jsonl files, e.g. latin-1, cp1252")
 
     def __post_init__(self):
         from spafit_jax import batching  # imports numpy: only when a config is built
@@ -112,6 +122,8 @@ class DataConfig:
                   "use null for no limit")
         _need(self, self.eval_splits is None or len(self.eval_splits) > 0, "eval_splits", "is empty",
               "name at least one split or use null for the task's default")
+        _need(self, _is_codec(self.encoding), "encoding", "is not a text encoding Python knows",
+              "use e.g. data.encoding=utf-8, latin-1 or cp1252")
 
     def bucket_lengths(self) -> list[int]:
         """The lengths batches are padded to (`batching.resolve_buckets`)."""
@@ -179,6 +191,10 @@ class TrainConfig:
     best_metric: str | None = _field(None, "metric that picks the best checkpoint (null = the task's main metric)")
     max_bad_steps: int = _field(5, "stop (exit 2) after this many consecutive steps with a non-finite loss or "
                                    "gradient; such steps are skipped, never applied")
+    cache_frozen: bool = _field(False, "compute the frozen embeddings + first N1 layers once per example (no dropout "
+                                       "there) and train from their cached output (spafit, bitfit-like plans)")
+    cache_dtype: str = _field("float32", "dtype of the frozen-stratum cache on the host: float32 | bfloat16")
+    cache_max_gb: float = _field(4.0, "largest frozen-stratum cache (GB of host memory per process)")
 
     def __post_init__(self):
         _need(self, self.seed >= 0, "seed", "must be >= 0", "use e.g. train.seed=0")
@@ -204,6 +220,8 @@ class TrainConfig:
         _need(self, self.best_metric is None or bool(self.best_metric.strip()), "best_metric", "is empty",
               "name a metric or use null for the task's main metric")
         _need(self, self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1", "use e.g. train.max_bad_steps=5")
+        _one_of(self, "cache_dtype", DTYPES)
+        _need(self, self.cache_max_gb > 0, "cache_max_gb", "must be > 0", "use e.g. train.cache_max_gb=4")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ the file (or dataset split) and the row.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import json
@@ -116,9 +117,11 @@ def _mapped_spec(cfg: DataConfig, tables: Mapping[str, datasets.Dataset]) -> Tas
     if isinstance(feature, datasets.ClassLabel):
         names = tuple(feature.names)
     else:
-        raw = [v for v in train[spec.label_column][:] if not _blank(v)]
-        ids = [_as_int(v) for v in raw]
-        names = None if raw and None not in ids else tuple(sorted({str(v) for v in raw}))
+        raw = [(row, v) for row, v in enumerate(train[spec.label_column][:], 1)
+               if not (_blank(v) or _missing_label(v))]  # check_rows names those rows
+        ids = [_as_int(v) for _, v in raw]
+        _one_label_kind(raw, ids, spec.label_column, source)
+        names = None if raw and None not in ids else tuple(sorted({str(v) for _, v in raw}))
     found = max(ids) + 1 if names is None else len(names)
     num_labels = found if cfg.num_labels is None else cfg.num_labels
     if num_labels < 2:
@@ -128,6 +131,20 @@ def _mapped_spec(cfg: DataConfig, tables: Mapping[str, datasets.Dataset]) -> Tas
         raise DataError(f"{source}: {len(names)} distinct labels but data.num_labels="
                         f"{cfg.num_labels}; raise data.num_labels or unset it")
     return dataclasses.replace(spec, num_labels=num_labels, label_names=names)
+
+
+def _one_label_kind(raw: list[tuple[int, Any]], ids: list[int | None], column: str, source: str) -> None:
+    """Raises naming the first row of the rarer kind when a label column mixes integer class ids
+    and class names (a typo or a stray value, not a task with string classes)."""
+    named = [r for r, i in zip(raw, ids) if i is None]
+    numbered = [r for r, i in zip(raw, ids) if i is not None]
+    if not (named and numbered):
+        return
+    (row, value), other = (named[0], numbered) if len(named) <= len(numbered) else (numbered[0], named)
+    kind, others = ("a class name", "integer class ids") if other is numbered else ("an integer class id", "names")
+    raise DataError(f"{source} row {row}: label {value!r} is {kind} but {len(other)} other label(s) in column "
+                    f"{column!r} are {others} (e.g. {other[0][1]!r} in row {other[0][0]}); one column holds ids or "
+                    "names, not both: fix the row (numbers to predict: set data.is_regression=true)")
 
 
 def _check_splits(spec: TaskSpec, available: Mapping[str, Any], hint: str) -> None:
@@ -152,6 +169,13 @@ def _need_columns(columns, spec: TaskSpec, source: str) -> None:
 def _blank(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (
         isinstance(v, str) and not v.strip())
+
+
+_MISSING_LABELS = ("nan", "null", "<na>", "n/a", "#n/a")  # what exports write for an empty cell
+
+
+def _missing_label(v: Any) -> bool:
+    return isinstance(v, str) and v.strip().lower() in _MISSING_LABELS
 
 
 def _as_int(v: Any) -> int | None:
@@ -195,6 +219,8 @@ def check_rows(table: datasets.Dataset, spec: TaskSpec, source: str) -> Examples
                 kind = "empty" if isinstance(v, str) else "missing"
                 raise DataError(f"{where}: {kind} {what} in column {col!r}; fix or drop the row")
         raw = cols[spec.label_column][i]
+        if _missing_label(raw) and not spec.is_regression and not (label_ids and str(raw) in label_ids):
+            raise DataError(f"{where}: missing label ({raw!r}) in column {spec.label_column!r}; fix or drop the row")
         if spec.is_regression:
             y = _as_float(raw)
             if y is None:
@@ -221,7 +247,7 @@ def check_rows(table: datasets.Dataset, spec: TaskSpec, source: str) -> Examples
 def _mapped_tables(cfg: DataConfig) -> Mapping[str, datasets.Dataset]:
     """The splits of a ``local`` task (its two files) or an ``hf`` task (the whole dataset)."""
     if normalise_task_name(cfg.task) == "local":
-        return {"train": read_file(cfg.train_file), "validation": read_file(cfg.eval_file)}
+        return {"train": read_file(cfg.train_file, cfg.encoding), "validation": read_file(cfg.eval_file, cfg.encoding)}
     return load_hub(cfg.hf_path, cfg.hf_name, "dataset", "; or fix data.hf_path / data.hf_name")
 
 
@@ -232,10 +258,12 @@ def _source(spec: TaskSpec, cfg: DataConfig, split: str) -> str:
     return f"{spec.hf_path}{'/' + spec.hf_name if spec.hf_name else ''} split {split}"
 
 
-def read_file(path: str | os.PathLike) -> datasets.Dataset:
+def read_file(path: str | os.PathLike, encoding: str = "utf-8") -> datasets.Dataset:
     """A csv/tsv/json/jsonl/parquet file as a Dataset (csv cells kept as the strings written).
 
-    json files hold records: one object per line, or one list of objects.
+    json files hold records: one object per line, or one list of objects. Text files are read
+    in `encoding` (utf-8: a byte-order mark is skipped); bytes it cannot decode raise naming
+    the line.
     """
     p = Path(path)
     if not p.is_file():
@@ -244,15 +272,18 @@ def read_file(path: str | os.PathLike) -> datasets.Dataset:
         raise DataError(f"{p}: unsupported file type {p.suffix.lower()!r}; use one of "
                         f"{', '.join(FILE_BUILDERS)}")
     builder, kw = FILE_BUILDERS[p.suffix.lower()]
+    if builder != "parquet":
+        _check_decodes(p, encoding)
+        kw = dict(kw, encoding=encoding) if builder == "csv" or _codec(encoding) != "utf-8" else kw
     if builder == "csv":
-        with open(p, newline="", encoding="utf-8-sig", errors="replace") as f:
+        with open(p, newline="", encoding=_text_encoding(encoding)) as f:
             header = next(csv.reader(f, delimiter=kw["delimiter"]), [])
-        kw = dict(kw, keep_default_na=False, na_values=[], encoding_errors="replace",
+        kw = dict(kw, keep_default_na=False, na_values=[],
                   features=datasets.Features({c: datasets.Value("string") for c in header}))
     try:
         table = datasets.load_dataset(builder, data_files=str(p), split="train", **kw)
     except Exception as e:  # the builders' errors name neither the line nor the fix
-        where = (_bad_json(p) if builder == "json" else None) or \
+        where = (_bad_json(p, encoding) if builder == "json" else None) or \
             f": cannot read it ({_one_line(e.__cause__ or e)})"
         raise DataError(f"{p}{where}; fix the file") from e
     if builder == "json" and len(table) == 1 and all(isinstance(v, list)
@@ -266,9 +297,37 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or ['-'])[0]}"
 
 
-def _bad_json(p: Path) -> str | None:
+def _codec(encoding: str) -> str:
+    return codecs.lookup(encoding).name
+
+
+def _text_encoding(encoding: str) -> str:
+    """The codec to open a file with: utf-8 skips a byte-order mark (Excel writes one)."""
+    return "utf-8-sig" if _codec(encoding) == "utf-8" else encoding
+
+
+def _check_decodes(p: Path, encoding: str) -> None:
+    """Raises naming the line of the first bytes of `p` that `encoding` cannot decode."""
+    decoder = codecs.getincrementaldecoder(_text_encoding(encoding))("strict")
+    line = 1
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.readline(1 << 20), b""):
+            try:
+                line += decoder.decode(chunk).count("\n")
+            except UnicodeDecodeError as e:
+                bad = e.object[e.start:e.end]
+                raise DataError(f"{p} line {line}: bytes {bad!r} are not valid {encoding} ({e.reason}); set "
+                                "data.encoding to the file's encoding (e.g. latin-1, cp1252) or save it as UTF-8") from None
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p} line {line}: the file ends inside a {encoding} character ({e.reason}); "
+                            "it is cut short or not in that encoding: fix it or set data.encoding") from None
+
+
+def _bad_json(p: Path, encoding: str = "utf-8") -> str | None:
     """`` line N: <what is wrong>`` for the first bad line of a json/jsonl file, if any."""
-    text = p.read_text(encoding="utf-8", errors="replace")
+    text = p.read_text(encoding=_text_encoding(encoding), errors="replace")
     listed = text.lstrip().startswith("[")  # one list of records, else one record per line
     for n, doc in [(1, text)] if listed else enumerate(text.splitlines(), 1):
         try:

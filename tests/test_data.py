@@ -582,3 +582,61 @@ def test_batching_errors():
         batching.eval_batches(enc, 4, buckets=[2])
     with pytest.raises(DataError, match="positive"):
         batching.steps_per_epoch(enc, 0)
+
+
+# ------------------------------------------------------------------ mixed, missing, undecodable
+
+
+def test_mixed_label_types_name_the_file_and_the_odd_row(tmp_path):
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(5)] + [{"text": "x", "label": "pos"}]
+    f = write(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        data.load_task_texts(cfg(train_file=str(f), eval_file=str(f)), seed=0)
+    msg = str(e.value)
+    assert "mixed.jsonl row 6: label 'pos' is a class name" in msg and "integer class ids" in msg
+    assert "\n" not in msg
+    f = write(tmp_path / "m.csv", [{"text": "a", "label": "neg"}, {"text": "b", "label": "pos"},
+                                   {"text": "c", "label": "1"}])  # csv: every cell a string
+    with pytest.raises(DataError, match=r"m\.csv row 3: label '1' is an integer class id but 2 other"):
+        data.load_task_texts(cfg(train_file=str(f), eval_file=str(f)), seed=0)
+    f = write(tmp_path / "r.json", [{"text": "a", "label": 1}, {"text": "b", "label": 2.5}, {"text": "c", "label": 0}])
+    with pytest.raises(DataError, match=r"r\.json row 2: label 2\.5 is a class name.*data\.is_regression=true"):
+        data.load_task_texts(cfg(train_file=str(f), eval_file=str(f)), seed=0)
+
+
+@pytest.mark.parametrize("fmt,raw", [("jsonl", '{"text": "b", "label": NaN}'),
+                                     ("jsonl", '{"text": "b", "label": null}'),
+                                     ("csv", "b,NaN"), ("tsv", "b\tnull")])
+def test_nan_and_null_labels_name_the_file_and_row(tmp_path, fmt, raw):
+    f = tmp_path / f"n.{fmt}"
+    if fmt == "jsonl":
+        f.write_text('{"text": "a", "label": 1}\n{"text": "c", "label": 0}\n' + raw + "\n")
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        f.write_text(f"text{sep}label\na{sep}1\nc{sep}0\n{raw}\n")
+    with pytest.raises(DataError) as e:
+        data.load_task_texts(cfg(train_file=str(f), eval_file=str(f)), seed=0)
+    assert f"n.{fmt} row 3: " in str(e.value) and "missing label" in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_undecodable_bytes_name_the_line_and_data_encoding_reads_them(tmp_path, fmt):
+    sep = {"csv": ",", "tsv": "\t"}.get(fmt)
+    lines = ([f"text{sep}label", f"plain{sep}0", f"caf\u00e9 cr\u00e8me{sep}1", f"ok{sep}0"] if sep else
+             ['{"text": "plain", "label": 0}', '{"text": "caf\u00e9 cr\u00e8me", "label": 1}', '{"text": "ok", "label": 0}'])
+    f = tmp_path / f"latin.{fmt}"
+    f.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    line = 3 if sep else 2
+    with pytest.raises(DataError) as e:
+        data.load_task_texts(cfg(train_file=str(f), eval_file=str(f)), seed=0)
+    msg = str(e.value)
+    assert f"latin.{fmt} line {line}: bytes b'\\xe9" in msg and "data.encoding" in msg and "\n" not in msg
+    _, train, _ = data.load_task_texts(cfg(train_file=str(f), eval_file=str(f), encoding="latin-1"), seed=0)
+    assert train.texts_a[1] == "caf\u00e9 cr\u00e8me" and train.labels.tolist() == [0, 1, 0]
+
+
+def test_data_encoding_must_be_a_text_codec():
+    from spafit_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.encoding is not a text encoding"):
+        cfg(train_file="a.csv", eval_file="a.csv", encoding="rot-13-nope")

@@ -244,3 +244,21 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_newest_readable_one(t
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 6
     train_steps = [r["step"] for r in records(tmp_path) if "kind" not in r]
     assert train_steps == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 logged again after resuming from 2, once each
+
+
+@pytest.mark.parametrize("content,expect", [
+    (b"text,label\na,0\nb,1\nc,pos\n", "row 3: label 'pos' is a class name"),
+    (b"text,label\na,0\nb,NaN\nc,1\n", "row 2: missing label ('NaN')"),
+    (b"text,label\na,0\ncaf\xe9,1\nc,1\n", "line 3: bytes b'\\xe9"),
+])
+def test_bad_data_is_one_line_naming_the_file_and_nothing_is_written(tiny_model_dir, tmp_path, capsys, content,
+                                                                     expect):
+    f = tmp_path / "d.csv"
+    f.write_bytes(content)
+    work = tmp_path / "run"
+    args = ["--workdir", str(work), *small(tiny_model_dir, "data.task=local", f"data.train_file={f}",
+                                           f"data.eval_file={f}", "data.limit_train=null", "data.limit_eval=null")]
+    assert main(args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{f} {expect}" in line
+    assert not work.exists()
