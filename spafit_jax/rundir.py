@@ -131,6 +131,18 @@ def prepare(workdir: Path, *, lead: bool) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
 
 
+def check_resume_step(step: int, total_steps: int, train_cfg, checkpoints: Path) -> None:
+    """Refuses (writing nothing) a resume whose checkpoint is past the run's last step."""
+    if step <= total_steps:
+        return
+    if train_cfg.max_steps is not None and train_cfg.max_steps <= total_steps:
+        limit, fix = f"train.max_steps={train_cfg.max_steps}", "raise train.max_steps"
+    else:
+        limit, fix = f"the {total_steps} steps of train.epochs={train_cfg.epochs:g}", "raise train.epochs"
+    raise ConfigError(f"the checkpoint in {checkpoints} is at step {step}, past {limit}; {fix} or use a new "
+                      "--workdir", "max_steps")
+
+
 def save_config(workdir: Path, cfg: config_lib.Config) -> Path:
     """config.yaml, written atomically once the run is accepted (a refused resume keeps the old one)."""
     path = workdir / CONFIG

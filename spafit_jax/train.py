@@ -131,6 +131,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
     state, extra = optim.init_state(trainable, tx, t.seed), {"best": None, "train_seconds": 0.0}
     if ckpt.latest_step() is not None:
         state, extra = ckpt.restore(state)
+        rundir.check_resume_step(int(state.step), total_steps, t, ckpt.directory)
         log.warning("resuming from step %d in %s", int(state.step), workdir)
     if lead:  # the run is accepted (the checkpoints fit it): its config replaces the old one
         rundir.save_config(workdir, cfg)

@@ -262,3 +262,25 @@ def test_bad_data_is_one_line_naming_the_file_and_nothing_is_written(tiny_model_
     line = one_error_line(capsys.readouterr().err)
     assert f"{f} {expect}" in line
     assert not work.exists()
+
+
+def snapshot(workdir):
+    """{relative path: bytes} of every file under `workdir`: what "nothing lost, nothing written" compares."""
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(Path(workdir).rglob("*")) if p.is_file()}
+
+
+def test_resume_with_max_steps_below_the_checkpoint_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    from spafit_jax import config as config_lib
+    from spafit_jax.train import train_and_evaluate
+
+    extra = ("train.max_steps=6", "train.epochs=10")
+    assert train_and_evaluate(config_lib.load_config([], small(tiny_model_dir, *extra)), tmp_path,
+                              stop_after=3).results["stopped_at"] == 3
+    before = snapshot(tmp_path)
+    assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, "train.epochs=10")]) == 2  # max_steps=2
+    line = one_error_line(capsys.readouterr().err)
+    assert "is at step 3, past train.max_steps=2; raise train.max_steps or use a new --workdir" in line
+    assert snapshot(tmp_path) == before
+    assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=null", "train.epochs=1")]) == 2
+    assert "past the 2 steps of train.epochs=1; raise train.epochs" in one_error_line(capsys.readouterr().err)
+    assert snapshot(tmp_path) == before
