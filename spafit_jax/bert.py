@@ -277,15 +277,17 @@ class _Encoder(_Module):
     """`encoder/layer/<i>` (DistilBERT: `transformer/layer/<i>`) for i in 0 .. L-1, unrolled."""
 
     @nn.compact
-    def __call__(self, x, mask_bias, deterministic: bool):
+    def __call__(self, x, mask_bias, deterministic: bool, start: int = 0, stop: int | None = None):
         layers = _Layers(self.config, self.dtype, self.param_dtype, self.lora, name="layer")
-        return layers(x, mask_bias, deterministic)
+        return layers(x, mask_bias, deterministic, start, stop)
 
 
 class _Layers(_Module):
+    """Layers start .. stop-1 (default: all of them)."""
+
     @nn.compact
-    def __call__(self, x, mask_bias, deterministic: bool):
-        for i in range(self.config.num_hidden_layers):
+    def __call__(self, x, mask_bias, deterministic: bool, start: int = 0, stop: int | None = None):
+        for i in range(start, self.config.num_hidden_layers if stop is None else stop):
             layer = LAYERS[self.config.family.layer](self.config, self.dtype, self.param_dtype, self.lora, i, name=str(i))
             x = layer(x, mask_bias, deterministic)
         return x
@@ -295,24 +297,35 @@ class BertModel(_Module):
     """Embeddings, L unrolled layers and (BERT) the pooler; returns (last_hidden_BxTxD, pooled_BxD or None).
 
     ELECTRA projects embeddings of `embedding_size` to the hidden size (`embeddings_project`).
+    A part of the model runs alone (the frozen-stratum cache, `frozen.py`): `stop=n` returns
+    (hidden states after layer n-1, None); `hidden_BxTxD` given with `start=n` replaces the
+    embeddings and layers 0 .. n-1 by those hidden states.
     """
 
     add_pooling_layer: bool = True
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
+                 hidden_BxTxD=None, start: int = 0, stop: int | None = None):
         c = self.config
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        x = self.child(BertEmbeddings, "embeddings")(input_ids, token_type_ids, deterministic)
-        if c.embedding_size not in (None, c.hidden_size):
-            x = self.dense(c.hidden_size, "embeddings_project", x, deterministic)
+        if hidden_BxTxD is None:
+            if attention_mask is None:
+                attention_mask = jnp.ones_like(input_ids)
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(input_ids)
+            x = self.child(BertEmbeddings, "embeddings")(input_ids, token_type_ids, deterministic)
+            if c.embedding_size not in (None, c.hidden_size):
+                x = self.dense(c.hidden_size, "embeddings_project", x, deterministic)
+        else:
+            x = hidden_BxTxD.astype(self.dtype)
+            if attention_mask is None:
+                attention_mask = jnp.ones(x.shape[:2], jnp.int32)
         mask_bias_Bx1x1xT = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         if self.lora is not None:
             self.lora.validate(c.num_hidden_layers)
-        x = self.child(_Encoder, c.family.encoder)(x, mask_bias_Bx1x1xT, deterministic)
+        x = self.child(_Encoder, c.family.encoder)(x, mask_bias_Bx1x1xT, deterministic, start, stop)
+        if stop is not None:
+            return x, None
         pooled = None
         if self.add_pooling_layer and c.family.head == "pooler":
             pooled = jnp.tanh(self.child(_Pooler, "pooler")(x[:, 0], deterministic))
@@ -353,9 +366,13 @@ class BertForSequenceClassification(_Module):
     num_labels: int = 2
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
+                 hidden_BxTxD=None, start: int = 0, stop: int | None = None):
         c, head = self.config, self.config.family.head
-        x, pooled = self.child(BertModel, c.family.prefix)(input_ids, attention_mask, token_type_ids, deterministic)
+        x, pooled = self.child(BertModel, c.family.prefix)(input_ids, attention_mask, token_type_ids, deterministic,
+                                                           hidden_BxTxD, start, stop)
+        if stop is not None:
+            return x
         rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
         if head in ("tanh", "gelu"):
             logits = self.child(_ClassificationHead, "classifier", num_labels=self.num_labels, rate=rate)(
@@ -366,6 +383,16 @@ class BertForSequenceClassification(_Module):
         pooled = Dropout(rate)(pooled, deterministic=deterministic)
         logits = self.dense(self.num_labels, "classifier", pooled, deterministic)
         return logits.astype(jnp.float32)
+
+    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int):
+        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout."""
+        return self(input_ids, attention_mask, token_type_ids, True, stop=n1)
+
+    def upper(self, hidden_BxTxD, attention_mask=None, token_type_ids=None, deterministic: bool = True, *,
+              n1: int, **unused):
+        """Logits [B, num_labels] from the hidden states that enter layer n1 (`lower`'s output):
+        layers n1 .. L-1, the pooler and the head; `token_type_ids` are not needed past the embeddings."""
+        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1)
 
 
 #: the same class serves every family; this name reads better outside BERT.

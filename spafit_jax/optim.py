@@ -85,7 +85,10 @@ def loss_sum(logits, batch, is_regression: bool):
 
 
 def _inputs(batch):
-    return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+    """The model's positional inputs; a batch of the frozen-stratum cache (`frozen.py`) starts from
+    its "hidden" states (the step's `apply_fn` is then `frozen.Cache.apply_fn`)."""
+    first = batch["hidden"] if "hidden" in batch else batch["input_ids"]
+    return first, batch["attention_mask"], batch["token_type_ids"]
 
 
 def train_step(

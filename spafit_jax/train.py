@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from spafit_jax import batching, checkpoint, cli, data, hf, metrics, optim, parallel, rundir
+from spafit_jax import frozen as frozen_cache
 from spafit_jax import run as run_lib
 from spafit_jax.config import Config
 from spafit_jax.errors import ConfigError, SpafitError
@@ -124,6 +125,12 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
     tx = optim.make_optimizer(plan.labels, t, total_steps)
     driver = parallel.make_driver(cfg.parallel, run.model.apply, tx, is_regression=spec.is_regression,
                                   grad_accum=t.grad_accum)
+    cache = None
+    if t.cache_frozen:  # the step starts at layer n1 from cached hidden states; evaluation runs the whole model
+        cache = frozen_cache.build_cache(run.model, plan, run.params, run.task.train, t, t.eval_batch_size,
+                                         cfg.data.bucket_lengths())
+        driver = dataclasses.replace(driver, step=parallel.make_driver(
+            cfg.parallel, cache.apply_fn, tx, is_regression=spec.is_regression, grad_accum=t.grad_accum).step)
     best_metric = t.best_metric or metrics.main_metric(spec)
     ckpt = checkpoint.Checkpointer(
         workdir / rundir.CHECKPOINTS, fingerprint=checkpoint.fingerprint(frozen, plan.labels, model_name=cfg.model.name),
@@ -138,7 +145,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
         run_lib.save_assets(workdir, run.tokenizer, spec)  # the folder alone reloads the run (load_run)
     loop = _Loop(cfg, driver, ckpt, run.task, plan, workdir, best_metric, per_epoch, total_steps,
                  start=int(state.step), best=extra.get("best"), train_seconds=float(extra.get("train_seconds", 0.0)),
-                 bad_steps=int(extra.get("bad_steps", 0)))
+                 bad_steps=int(extra.get("bad_steps", 0)), cache=cache)
     try:
         state, done = loop.run(driver.put_state(state), driver.put_frozen(frozen), stop_after)
     finally:
@@ -166,7 +173,7 @@ class _Loop:
     """The training loop of one invocation: steps, logging, evaluation, checkpoints, preemption."""
 
     def __init__(self, cfg, driver, ckpt, task, plan, workdir, best_metric, per_epoch, total_steps, *,
-                 start, best, train_seconds, bad_steps=0):
+                 start, best, train_seconds, bad_steps=0, cache=None):
         self.cfg, self.driver, self.ckpt, self.task, self.plan = cfg, driver, ckpt, task, plan
         self.workdir, self.best_metric, self.per_epoch, self.total_steps = workdir, best_metric, per_epoch, total_steps
         self.start = self.step = start
@@ -174,6 +181,7 @@ class _Loop:
         self.eval_results: dict = {}
         self.pending: list = []  # (step, "finite" flag) of steps not yet checked
         self.bad_steps, self.bad_in_a_row = bad_steps, 0
+        self.cache = cache  # frozen.Cache: batches carry the frozen stratum's output
         self.shapes: set[tuple] = set()
         d = cfg.data
         self.buckets = d.bucket_lengths()
@@ -270,9 +278,9 @@ class _Loop:
         while self.step < self.total_steps:
             epoch, in_epoch = divmod(self.step, self.per_epoch)
             if batches is None or in_epoch == 0:
-                batches = batching.train_batches(
-                    self.task.train, t.batch_size, seed=t.seed, epoch=epoch, buckets=self.buckets, start=in_epoch,
-                    process_index=jax.process_index(), process_count=jax.process_count(),
+                batches = frozen_cache.train_batches(
+                    self.cache, self.task.train, t.batch_size, seed=t.seed, epoch=epoch, buckets=self.buckets,
+                    start=in_epoch, process_index=jax.process_index(), process_count=jax.process_count(),
                     group_by_length=self.cfg.data.group_by_length)
             local = next(batches)
             self.count_tokens(*batching.padding_efficiency(local))

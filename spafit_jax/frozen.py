@@ -1,0 +1,133 @@
+"""The frozen-stratum cache (`train.cache_frozen=true`): the embeddings and the first N1 layers run once.
+
+When a plan freezes the embeddings and layers 0 .. N1-1, their output never changes during
+training. `build_cache` runs them once over the train split (deterministic, so without dropout:
+the one change to the maths), batched in length order, and keeps each example's hidden states on
+the host at its real length (float32 or bfloat16, under `train.cache_max_gb`). The train step then
+starts at layer N1 (`Cache.apply_fn`, `bert.BertForSequenceClassification.upper`); evaluation runs
+the whole model as before. Padding positions of a cached batch are zeros: attention never reads
+them, so the real positions are those of the uncached step.
+
+Resume rebuilds the cache (the same parameters give the same cache). Each process of a
+multi-host run builds it on its first local device; every process holds every train row, since
+the seeded shuffle hands a process other rows in every epoch, and attaches its own rows to its
+share of each batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from spafit_jax import batching
+from spafit_jax.errors import ConfigError
+
+DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}
+
+
+def frozen_depth(labels: Any, family) -> int:
+    """How many leading layers are frozen together with the embeddings (0 when the embeddings train).
+
+    `labels` is a plan's label tree; `family` names the prefix and the encoder (`families.Family`).
+    """
+    base = labels.get(family.prefix, {})
+    frozen = lambda tree: all(l == "frozen" for l in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    if not all(frozen(base.get(k, {})) for k in ("embeddings", "embeddings_project")):
+        return 0
+    layers = base.get(family.encoder, {}).get("layer", {})
+    n = 0
+    while str(n) in layers and frozen(layers[str(n)]):
+        n += 1
+    return n
+
+
+@dataclasses.dataclass
+class Cache:
+    """Hidden states entering layer `n1` of every train example: rows `offsets[i]:offsets[i+1]` of `flat`."""
+
+    n1: int
+    flat: np.ndarray  # [sum of lengths, D]
+    offsets: np.ndarray  # [N + 1]
+    apply_fn: Callable  # model.apply of the layers n1 .. L-1 and the head (the step's apply_fn)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.flat.nbytes)
+
+    def hidden(self, idx: np.ndarray, length: int) -> np.ndarray:
+        """[len(idx), length, D] hidden states of examples `idx`, zeros past each real length."""
+        out = np.zeros((len(idx), length, self.flat.shape[1]), self.flat.dtype)
+        for row, i in enumerate(idx):
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            out[row, :hi - lo] = self.flat[lo:hi]
+        return out
+
+
+def _refuse(plan, n1: int) -> None:
+    if n1 == 0:
+        raise ConfigError(f"train.cache_frozen=true needs frozen embeddings and a frozen first layer, but method "
+                          f"{plan.method.name}" + (f" with n1={plan.n1}" if plan.n1 is not None else "")
+                          + " trains them; use method.name=spafit with method.n1 >= 1, or train.cache_frozen=false",
+                          "cache_frozen")
+
+
+def build_cache(model, plan, params, enc, train_cfg, batch_size: int, buckets) -> Cache:
+    """Runs the embeddings and the frozen layers once over every example of `enc` (batches of
+    `batch_size` in length order, padded to `buckets`) and keeps their output on the host.
+
+    Raises ConfigError (one line) when the plan does not freeze them, or when the cache would
+    exceed `train_cfg.cache_max_gb`.
+    """
+    n1 = frozen_depth(plan.labels, model.config.family)
+    _refuse(plan, n1)
+    dtype = np.dtype(DTYPES[train_cfg.cache_dtype])
+    lengths = np.asarray(enc.lengths, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    dim = model.config.hidden_size
+    need = int(offsets[-1]) * dim * dtype.itemsize
+    if need > train_cfg.cache_max_gb * 1e9:
+        raise ConfigError(f"train.cache_frozen: the cache of {len(lengths)} examples ({int(offsets[-1])} tokens x "
+                          f"{dim} x {train_cfg.cache_dtype}) needs {need / 1e9:.2f} GB, above train.cache_max_gb="
+                          f"{train_cfg.cache_max_gb}; raise it, use train.cache_dtype=bfloat16, or set "
+                          "train.cache_frozen=false", "cache_max_gb")
+    device = jax.local_devices()[0]
+    lower = jax.jit(functools.partial(model.apply, method="lower", n1=n1))  # runs where its inputs are
+    variables = {"params": jax.device_put(params, device)}
+    flat = np.empty((int(offsets[-1]), dim), dtype)
+    order = np.argsort(lengths, kind="stable")  # the order of eval_batches(group_by_length=True)
+    batches = batching.eval_batches(enc, batch_size, buckets=buckets, group_by_length=True)
+    for b, batch in enumerate(batches):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        assert np.array_equal(batch["attention_mask"][:len(idx)].sum(1), lengths[idx]), "batch order changed"
+        inputs = jax.device_put([batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")], device)
+        out = np.asarray(lower(variables, *inputs))
+        for row, i in enumerate(idx):
+            flat[offsets[i]:offsets[i + 1]] = out[row, :lengths[i]].astype(dtype)
+    return Cache(n1, flat, offsets, functools.partial(model.apply, method="upper", n1=n1))
+
+
+def train_batches(cache: Cache | None, enc, batch_size: int, *, seed: int, epoch: int, buckets, start: int = 0,
+                  process_index: int = 0, process_count: int = 1, group_by_length: bool = False
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """`batching.train_batches` (same arguments after `cache`), each batch with its rows' cached
+    "hidden" states added when `cache` is not None."""
+    batches = batching.train_batches(enc, batch_size, seed=seed, epoch=epoch, buckets=buckets, start=start,
+                                     process_index=process_index, process_count=process_count,
+                                     group_by_length=group_by_length)
+    if cache is None:
+        return batches
+    order = batching.train_order(enc.lengths, batch_size, seed=seed, epoch=epoch, group_by_length=group_by_length)
+    local = batch_size // process_count
+    lo = process_index * local
+
+    def with_hidden():
+        for idx, batch in zip(order[start:], batches):
+            rows = idx[lo:lo + local]
+            yield {**batch, "hidden": cache.hidden(rows, batch["input_ids"].shape[1])}
+
+    return with_hidden()
