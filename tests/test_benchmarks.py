@@ -139,3 +139,30 @@ def test_strata_arguments_are_counts_or_fractions():
     common = _import("common")
     assert common.strata_arg("4") == 4 and isinstance(common.strata_arg("4"), int)
     assert common.strata_arg("0.5") == 0.5 and common.strata_arg("1.0") == 1.0
+
+
+@pytest.mark.reference
+def test_epoch_runs_the_trainer_and_the_torch_peer_on_real_pairs():
+    records = run("epoch.py", "--task", "pairs", "--model", "minilm", "--limit-train", "32", "--limit-eval", "16",
+                  "--max-length", "32", "--batch", "8", "--eval-batch", "16", "--pairs-train", "48",
+                  "--pairs-eval", "16", "--variants", "plain", "grouped", "--torch")
+    (data,) = by(records, benchmark="epoch_data")
+    assert (data["train_examples"], data["eval_examples"]) == (32, 16) and data["mean_tokens_train"] > 10
+    assert data["pairs"]["train_pairs"] == 48
+    plain, grouped = (by(records, benchmark="epoch", impl="spafit_jax", variant=v)[0] for v in ("plain", "grouped"))
+    (theirs,) = by(records, benchmark="epoch", impl="torch+peft")
+    for r in (plain, grouped, theirs):
+        for key in ("train_s", "eval_s", "epoch_plus_eval_s", "wall_s", "examples_per_s", "padding_efficiency",
+                    "tokens_per_s", "train_tokens_real", "loadavg_1m_start", "loadavg_1m_end", *ENV_FIELDS):
+            assert r[key] is not None, key
+        assert r["steps"] == r["steps_per_epoch"] == 4 and r["train_s"] > 0 and 0 < r["padding_efficiency"] <= 1
+        assert 0 <= r["eval"]["accuracy"] <= 1
+    for r in (plain, grouped):
+        assert r["compile_s"] > 0 and r["compiled_shapes"] >= 1
+        assert r["padding_efficiency"] == pytest.approx(r["padding_efficiency_computed"])
+    assert grouped["padding_efficiency"] >= plain["padding_efficiency"]
+    assert grouped["buckets"] == [16, 32] and plain["buckets"] == [8, 16, 32]
+    assert theirs["trainable_params"] == plain["trainable_params"] and theirs["threads"] >= 1
+    ratios = {r["a"]: r for r in by(records, benchmark="epoch_ratio")}
+    assert set(ratios) == {"ours/plain", "ours/grouped"}
+    assert all(r["b"] == "torch/grouped" and r["epoch_plus_eval_ratio"] > 0 for r in ratios.values())
