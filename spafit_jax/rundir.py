@@ -7,6 +7,8 @@ process 0 through `MetricsWriter`), `checkpoints/` (Orbax, see `checkpoint`) and
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -27,6 +29,31 @@ CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS, LOCK = (
 
 class WorkdirError(SpafitError):
     """The run folder cannot be used as it is (a damaged log, a run already in it)."""
+
+
+@contextlib.contextmanager
+def naming(path: Path):
+    """Re-raises an OSError that names no file (a failed write or flush) as one naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError that reached the top level: the path, what happened, what to do."""
+    what = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = ("free disk space (or use a --workdir on another disk), then re-run the same command: it resumes "
+               "from the last checkpoint")
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make it writable or choose another --workdir"
+    else:
+        fix = "check the path and its disk, then re-run the same command (it resumes from the last checkpoint)"
+    path = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+    return f"{path}: {what}; {fix}" if path else f"{what} ({e}); {fix}"
 
 
 def choose(workdir: str | os.PathLike | None, cfg: config_lib.Config, *, overwrite: bool, processes: int) -> Path:
@@ -71,12 +98,15 @@ class Lock:
                 except FileExistsError:
                     self._take_over(self._holder())
                     continue
-                with os.fdopen(fd, "w") as f:
-                    json.dump(self.me, f)
+                try:
+                    with naming(self.path), os.fdopen(fd, "w") as f:
+                        json.dump(self.me, f)
+                except OSError:
+                    self.path.unlink(missing_ok=True)  # a full disk: leave no empty lock behind
+                    raise
                 return self
         except OSError as e:
-            raise WorkdirError(f"cannot use {self.workdir} as the run folder ({e.strerror or e}: {e.filename or self.path}); "
-                               "choose a writable --workdir") from None
+            raise WorkdirError(f"cannot use {self.workdir} as the run folder: {describe_os_error(e)}") from None
         raise WorkdirError(f"{self.workdir}: another run keeps taking {self.path}; run one at a time")
 
     def _holder(self) -> dict | None:
@@ -147,7 +177,8 @@ def save_config(workdir: Path, cfg: config_lib.Config) -> Path:
     """config.yaml, written atomically once the run is accepted (a refused resume keeps the old one)."""
     path = workdir / CONFIG
     tmp = path.with_name(CONFIG + ".tmp")
-    config_lib.save_config(cfg, tmp)
+    with naming(tmp):
+        config_lib.save_config(cfg, tmp)
     tmp.replace(path)
     return path
 
@@ -166,10 +197,20 @@ def finite_json(obj):
 def write_results(workdir: Path, results: dict) -> Path:
     """results.json, written atomically (a crash leaves the old file or none)."""
     path = workdir / RESULTS
-    tmp = path.with_name(RESULTS + ".tmp")
-    tmp.write_text(json.dumps(finite_json(results), indent=2, allow_nan=False))
-    tmp.replace(path)
+    _write_atomic(path, json.dumps(finite_json(results), indent=2, allow_nan=False))
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` or what it held before (a full disk leaves no half file, and no tmp file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with naming(tmp), open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class MetricsWriter:
@@ -177,6 +218,8 @@ class MetricsWriter:
 
     Opening drops the records logged after `resume_step` (a run resumed from that checkpoint
     logs them again) and a torn last line (what a crash or a full disk leaves), with a warning.
+    An eval record of a step and split already kept is not written again (resuming from the
+    final checkpoint re-runs the same final evaluation), so no record is ever duplicated.
     """
 
     def __init__(self, workdir: Path, *, enabled: bool, resume_step: int = 0):
@@ -186,21 +229,25 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
 
         path = workdir / METRICS
+        self.path, self.evals = path, set()
         if path.exists():
-            kept = [line for line, record in read_metrics(path) if record["step"] <= resume_step]
-            tmp = path.with_name(METRICS + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
-        self.jsonl = open(path, "a")
+            kept = [(line, r) for line, r in read_metrics(path) if r["step"] <= resume_step]
+            _write_atomic(path, "".join(line + "\n" for line, _ in kept))
+            self.evals = {(r["step"], r.get("split")) for _, r in kept if r.get("kind") == "eval"}
+        with naming(path):
+            self.jsonl = open(path, "a", encoding="utf-8")
         self.tb = SummaryWriter(str(workdir / TENSORBOARD))
 
     def write(self, record: dict) -> None:
         """Appends one record (a dict with "step") to metrics.jsonl and its numbers to TensorBoard."""
         if not self.enabled:
             return
+        if record.get("kind") == "eval" and (record["step"], record.get("split")) in self.evals:
+            return
         record = finite_json(record)  # NaN / inf as null: every line stays valid JSON
-        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self.jsonl.flush()
+        with naming(self.path):  # a full disk: the caller stops; a torn line is dropped on resume
+            self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+            self.jsonl.flush()
         prefix = "/".join(str(record[k]) for k in ("kind", "split") if k in record) or "train"
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
@@ -209,8 +256,11 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
+            try:
+                self.tb.close()
+            finally:
+                with naming(self.path):
+                    self.jsonl.close()
 
 
 def read_metrics(path: Path) -> list[tuple[str, dict]]:

@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the workdir or its disk (full, read-only): the path and what to do
+        print(f"error: {rundir.describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was saved since the last checkpoint (if any); re-run the same command to "
               "resume from it", file=sys.stderr)

@@ -284,3 +284,121 @@ def test_resume_with_max_steps_below_the_checkpoint_is_one_line_and_writes_nothi
     assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=null", "train.epochs=1")]) == 2
     assert "past the 2 steps of train.epochs=1; raise train.epochs" in one_error_line(capsys.readouterr().err)
     assert snapshot(tmp_path) == before
+
+
+def disk_full_after(monkeypatch, name, writes):
+    """Makes `rundir`'s writes to files named `name` fail with ENOSPC after `writes` writes (the failing
+    write lands half its text, as a full disk would)."""
+    import builtins
+    import errno
+
+    count = [0]
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            count[0] += 1
+            if count[0] > writes:
+                self.f.write(text[: len(text) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(text)
+
+        def __getattr__(self, attr):
+            return getattr(self.f, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, *args, **kwargs):
+        f = builtins.open(path, *args, **kwargs)
+        return Full(f) if Path(path).name == name else f
+
+    monkeypatch.setattr(rundir, "open", fake_open, raising=False)
+
+
+def test_a_full_disk_while_logging_is_one_line_keeps_the_checkpoint_and_a_rerun_resumes(
+        tiny_model_dir, tmp_path, capsys, monkeypatch, caplog):
+    args = ["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=4", "train.epochs=10",
+                                                "checkpoint.every=2")]
+    disk_full_after(monkeypatch, "metrics.jsonl", 3)  # steps 1 and 2 and epoch 1 logged; step 3 fails
+    assert main(args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'metrics.jsonl'}: No space left on device; free disk space" in line and "resumes" in line
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / rundir.LOCK).exists()
+    assert not (tmp_path / "metrics.jsonl").read_text().endswith("\n")  # torn, as a full disk leaves it
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert "resuming from step 2" in caplog.text and "torn last line" in caplog.text
+    assert [r["step"] for r in records(tmp_path) if "kind" not in r] == [1, 2, 3, 4]
+
+
+def test_a_full_disk_while_writing_results_keeps_the_final_checkpoint_and_a_rerun_finishes(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    args = ["--workdir", str(tmp_path), *small(tiny_model_dir)]
+    disk_full_after(monkeypatch, "results.json.tmp", 0)
+    assert main(args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "results.json.tmp: No space left on device" in line
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "checkpoints", "config.yaml", "metrics.jsonl", "task.json", "tensorboard", "tokenizer"]  # no half file
+    assert "2" in [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2
+    evals = [r for r in records(tmp_path) if r.get("kind") == "eval"]
+    assert len(evals) == 1  # the final eval is logged once across the crash
+
+
+def test_an_unwritable_workdir_file_is_one_line_naming_the_path(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").mkdir()  # a folder where the log goes: IsADirectoryError at open
+    assert main(["--workdir", str(tmp_path), *small(tiny_model_dir)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(tmp_path / "metrics.jsonl") in line and "Is a directory" in line
+    assert not (tmp_path / rundir.LOCK).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 8 MiB tmpfs (skipped where the test cannot mount one)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_really_full_disk_is_one_line_keeps_the_checkpoint_and_a_rerun_resumes(tiny_model_dir, small_disk,
+                                                                                 capsys, caplog):
+    from spafit_jax import config as config_lib
+    from spafit_jax.train import train_and_evaluate
+
+    work = small_disk / "run"
+    extra = ("train.max_steps=6", "train.epochs=10", "checkpoint.every=1")
+    train_and_evaluate(config_lib.load_config([], small(tiny_model_dir, *extra)), work, stop_after=2)
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_CREAT | os.O_WRONLY)
+    for size in (1 << 16, 1):  # fill the disk to the last byte
+        try:
+            while True:
+                os.write(fd, b"\0" * size)
+        except OSError:
+            pass
+    os.close(fd)
+    args = ["--workdir", str(work), *small(tiny_model_dir, *extra)]
+    assert main(args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "No space left on device" in line or "free disk space" in line, line
+    assert not (work / rundir.LOCK).exists() and not (work / "results.json").exists()
+    filler.unlink()
+    caplog.clear()
+    assert main(args) == 0
+    assert "resuming from step 2" in caplog.text
+    assert [r["step"] for r in records(work) if "kind" not in r] == [1, 2, 3, 4, 5, 6]
