@@ -2,7 +2,8 @@
 
 `<workdir>/config.yaml` (the resolved config), `metrics.jsonl` and `tensorboard/` (written by
 process 0 through `MetricsWriter`), `checkpoints/` (Orbax, see `checkpoint`) and `results.json`
-(the summary, written last, atomically). A folder with `results.json` holds a finished run.
+(the summary, written last, atomically). A folder with `results.json` holds a finished run;
+`--overwrite` moves it to `.overwritten-<time>/` until the new run has written a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ log = logging.getLogger("spafit_jax")
 
 CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS, LOCK = (
     "config.yaml", "metrics.jsonl", "results.json", "tensorboard", "checkpoints", ".lock")
+OVERWRITTEN = ".overwritten-"  # + time: a finished run replaced by --overwrite, until the new one has a checkpoint
 
 
 class WorkdirError(SpafitError):
@@ -153,12 +155,30 @@ def _alive(pid: int) -> bool:
 
 
 def prepare(workdir: Path, *, lead: bool) -> None:
-    """Creates the folder; a finished run in it (allowed by `choose`) is removed."""
+    """Creates the folder. A finished run in it (allowed by `choose`: --overwrite) is moved aside
+    to `<workdir>/.overwritten-<time>/`, whole, and deleted by `discard_overwritten` only once
+    the new run has written its first checkpoint: until then a failed new run loses nothing."""
     if lead and (workdir / RESULTS).exists():
-        for name in (RESULTS, CHECKPOINTS, METRICS, TENSORBOARD):
-            path = workdir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        from spafit_jax.run import TASK, TOKENIZER
+
+        aside = workdir / f"{OVERWRITTEN}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        with naming(aside):
+            aside.mkdir()
+            for name in (RESULTS, CHECKPOINTS, METRICS, TENSORBOARD, CONFIG, TASK, TOKENIZER):
+                if (workdir / name).exists():
+                    os.replace(workdir / name, aside / name)
+        log.warning("--overwrite: moved the finished run to %s; it is deleted once this run has written its first "
+                    "checkpoint", aside)
     workdir.mkdir(parents=True, exist_ok=True)
+
+
+def discard_overwritten(workdir: Path) -> None:
+    """Deletes the runs `prepare` moved aside once `<workdir>/checkpoints` holds a finished step."""
+    asides = [p for p in Path(workdir).glob(OVERWRITTEN + "*") if p.is_dir()]
+    ckpts = Path(workdir) / CHECKPOINTS
+    if asides and ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+        for aside in asides:
+            shutil.rmtree(aside)
 
 
 def check_resume_step(step: int, total_steps: int, train_cfg, checkpoints: Path) -> None:

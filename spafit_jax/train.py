@@ -150,6 +150,8 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
         state, done = loop.run(driver.put_state(state), driver.put_frozen(frozen), stop_after)
     finally:
         loop.close()
+        if lead:
+            rundir.discard_overwritten(workdir)
     if not done:
         return Run({"stopped_at": loop.step, "interrupted": loop.interrupted}, driver.host_state(state), workdir)
 
@@ -213,6 +215,8 @@ class _Loop:
         extra = {"best": self.best, "train_seconds": self.train_seconds, "epoch": self.step // self.per_epoch,
                  "batch_in_epoch": self.step % self.per_epoch, "bad_steps": self.bad_steps}
         self.ckpt.save(self.step, self.driver.saveable(state), extra=extra, metrics=metrics_for_best, force=force)
+        if jax.process_index() == 0:
+            rundir.discard_overwritten(self.workdir)  # a run moved aside by --overwrite, once a checkpoint is on disk
 
     def evaluate(self, state, frozen) -> dict:
         results = _evaluate(self.driver, state, frozen, self.task, self.cfg, self.buckets)

@@ -402,3 +402,25 @@ def test_a_really_full_disk_is_one_line_keeps_the_checkpoint_and_a_rerun_resumes
     assert main(args) == 0
     assert "resuming from step 2" in caplog.text
     assert [r["step"] for r in records(work) if "kind" not in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_overwrite_moves_the_old_run_aside_and_deletes_it_only_after_the_first_new_checkpoint(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from spafit_jax import checkpoint
+
+    args = ["--workdir", str(tmp_path), *small(tiny_model_dir)]
+    assert main(args) == 0
+    old = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("tensorboard")}
+    # a new run that fails before its first checkpoint (diverged at step 2): the old run is all kept, aside
+    assert main([*args, *DIVERGE, "train.max_bad_steps=1", "--overwrite"]) == 2
+    assert "diverged" in one_error_line(capsys.readouterr().err)
+    [aside] = tmp_path.glob(".overwritten-*")
+    assert {k: v for k, v in snapshot(aside).items() if not k.startswith("tensorboard")} == old
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    seen = []  # whether the old run is still aside when the new run saves a checkpoint
+    save = checkpoint.Checkpointer.save
+    monkeypatch.setattr(checkpoint.Checkpointer, "save",
+                        lambda self, *a, **k: seen.append(aside.exists()) or save(self, *a, **k))
+    assert main(args) == 0
+    assert seen[0] and not aside.exists() and not list(tmp_path.glob(".overwritten-*"))
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2
