@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -54,6 +55,7 @@ class Cache:
     flat: np.ndarray  # [sum of lengths, D]
     offsets: np.ndarray  # [N + 1]
     apply_fn: Callable  # model.apply of the layers n1 .. L-1 and the head (the step's apply_fn)
+    seconds: float = 0.0  # time spent building it
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +97,7 @@ def build_cache(model, plan, params, enc, train_cfg, batch_size: int, buckets) -
                           f"{dim} x {train_cfg.cache_dtype}) needs {need / 1e9:.2f} GB, above train.cache_max_gb="
                           f"{train_cfg.cache_max_gb}; raise it, use train.cache_dtype=bfloat16, or set "
                           "train.cache_frozen=false", "cache_max_gb")
-    device = jax.local_devices()[0]
+    t0, device = time.perf_counter(), jax.local_devices()[0]
     lower = jax.jit(functools.partial(model.apply, method="lower", n1=n1))  # runs where its inputs are
     variables = {"params": jax.device_put(params, device)}
     flat = np.empty((int(offsets[-1]), dim), dtype)
@@ -108,7 +110,7 @@ def build_cache(model, plan, params, enc, train_cfg, batch_size: int, buckets) -
         out = np.asarray(lower(variables, *inputs))
         for row, i in enumerate(idx):
             flat[offsets[i]:offsets[i + 1]] = out[row, :lengths[i]].astype(dtype)
-    return Cache(n1, flat, offsets, functools.partial(model.apply, method="upper", n1=n1))
+    return Cache(n1, flat, offsets, functools.partial(model.apply, method="upper", n1=n1), time.perf_counter() - t0)
 
 
 def train_batches(cache: Cache | None, enc, batch_size: int, *, seed: int, epoch: int, buckets, start: int = 0,

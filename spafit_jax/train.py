@@ -163,6 +163,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
         "padding_efficiency": loop.efficiency("run"),
         "compiled_shapes": len(loop.shapes), "buckets": list(loop.buckets), "bad_steps": loop.bad_steps,
         "devices": jax.device_count(), "processes": jax.process_count(), "parallel": driver.mode,
+        "frozen_cache": None if cache is None else {"n1": cache.n1, "bytes": cache.nbytes, "seconds": cache.seconds},
     }
     if lead:
         path = rundir.write_results(workdir, results)

@@ -79,7 +79,8 @@ def reference(nodrop, tmp_path_factory):
 def test_cached_training_equals_uncached_without_dropout(nodrop, reference, tmp_path):
     run = train_and_evaluate(run_cfg(nodrop, "train.cache_frozen=true"), tmp_path / "cached")
     assert_same_run(tmp_path / "cached", reference["plain"])
-    assert run.results["steps"] == 4
+    assert run.results["steps"] == 4 and run.results["frozen_cache"]["n1"] == 1
+    assert run.results["frozen_cache"]["bytes"] > 0 and run.results["frozen_cache"]["seconds"] > 0
 
 
 def test_cached_training_with_length_grouping(nodrop, reference, tmp_path):
