@@ -141,6 +141,24 @@ class Procs:
         self.close()
 
 
+def signal_after_records(workdir: Path, args: list[str], signum: int, records: int = 3) -> tuple[int, str]:
+    """Runs `python -m spafit_jax.train --workdir workdir *args`, sends `signum` once metrics.jsonl holds
+    `records` lines, and returns (exit status, stderr)."""
+    cmd = [PYTHON, "-m", "spafit_jax.train", "--workdir", str(workdir), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, log = time.time() + 240, Path(workdir) / "metrics.jsonl"
+        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= records):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
 def tail(path: Path, n: int = 4000) -> str:
     text = Path(path).read_text(errors="replace") if Path(path).exists() else "(no output)"
     return text[-n:]

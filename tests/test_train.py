@@ -1,11 +1,7 @@
 """End-to-end runs of `python -m spafit_jax.train` on a tiny BERT and on MiniLM with BBC News slices."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -15,6 +11,7 @@ import pytest
 from spafit_jax import config as config_lib
 from spafit_jax.errors import CheckpointError
 from spafit_jax.train import main, train_and_evaluate
+from tests.parallel_worker import signal_after_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,21 +142,9 @@ def test_bad_rows_are_a_clear_error(tiny_model_dir, tmp_path, capsys):
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_the_rerun_finishes(tiny_model_dir, tmp_path):
-    cmd = [sys.executable, "-m", "spafit_jax.train", "--workdir", str(tmp_path),
-           *small(tiny_model_dir, "train.max_steps=400", "train.epochs=100", "train.log_every=1")]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        metrics = tmp_path / "metrics.jsonl"
-        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    rc, err = signal_after_records(
+        tmp_path, small(tiny_model_dir, "train.max_steps=400", "train.epochs=100", "train.log_every=1"), signal.SIGTERM)
+    assert rc == 0, err
     assert "checkpoint saved" in err
     steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps and not (tmp_path / "results.json").exists()
