@@ -13,7 +13,6 @@ from spafit_jax.errors import CheckpointError
 from spafit_jax.train import main, train_and_evaluate
 from tests.parallel_worker import signal_after_records
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def small(model_dir, *extra):
