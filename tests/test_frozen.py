@@ -2,7 +2,8 @@
 
 With dropout off, training from the cache must give the losses, parameters, optimizer state and
 eval metrics of training without it (to 1e-5): on one device, with length-grouped batches, after
-a resume, and with the mesh and pmap drivers on 8 simulated CPU devices (a subprocess).
+a resume, with the mesh and pmap drivers on 8 simulated CPU devices, and on 2 processes x 2 CPU
+devices (each process builds its cache); the subprocess runs are compared with the one-device run.
 """
 
 import time
@@ -18,15 +19,8 @@ from spafit_jax.bert import BertConfig, BertForSequenceClassification
 from spafit_jax.errors import ConfigError
 from spafit_jax.families import FAMILIES
 from spafit_jax.train import main, train_and_evaluate
-from tests.parallel_worker import (
-    PYTHON,
-    Procs,
-    assert_same_run,
-    dropout_free_copy,
-    env,
-    tail,
-    tiny_run,
-)
+from tests.parallel_worker import (PYTHON, ROOT, Procs, assert_same_run, dropout_free_copy, env, free_ports, tail,
+                                   tiny_run)
 
 TINY = dict(vocab_size=60, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=24,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -155,3 +149,20 @@ def test_mesh_and_pmap_on_8_devices_match_one_device_without_cache(nodrop, refer
         res = (tmp_path / name / "results.json").read_text()
         assert '"devices": 8' in res and f'"parallel": "{name}"' in res
         assert_same_run(tmp_path / name, reference["plain"])
+
+
+def test_two_processes_each_with_its_cache_match_one_device_without_cache(nodrop, reference, tmp_path):
+    port = free_ports(1)[0]
+    dist = ["distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
+            "distributed.num_processes=2", "distributed.initialization_timeout=300"]
+    with Procs() as procs:
+        pair = [procs.start([PYTHON, str(ROOT / "tests" / "parallel_worker.py"), "train", "--workdir",
+                             str(tmp_path / "two"), *tiny_run(nodrop), "train.cache_frozen=true", *dist,
+                             f"distributed.process_id={i}"], env(2, tmp_path / "tokens"), tmp_path / f"p{i}.txt")
+                for i in range(2)]
+        deadline = time.monotonic() + 600
+        for i, proc in enumerate(pair):
+            assert procs.wait(proc, deadline) == 0, tail(tmp_path / f"p{i}.txt")
+    res = (tmp_path / "two" / "results.json").read_text()
+    assert '"processes": 2' in res and '"devices": 4' in res
+    assert_same_run(tmp_path / "two", reference["plain"])
