@@ -42,9 +42,9 @@ from typing import Any
 import yaml
 
 from spafit_jax import config as config_lib
+from spafit_jax import rundir
 from spafit_jax.errors import ConfigError, SpafitError
 
-ERROR = "error.txt"
 FILE_KEYS = ("configs", "overrides", "tasks", "methods", "grid", "seeds", "description")
 ROOT = config_lib.CONFIGS_DIR.parent
 
@@ -288,10 +288,10 @@ def run_cells(cells: Sequence[Cell], workdir: str | os.PathLike, *, fail_fast: b
         except SpafitError as e:
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / ERROR).write_text(f"{type(e).__name__}: {message}\n")
+            (folder / rundir.ERROR).write_text(f"{type(e).__name__}: {message}\n")
             status[cell.name], outcome = f"failed: {message}", f"FAILED ({type(e).__name__}: {message})"
         else:
-            (folder / ERROR).unlink(missing_ok=True)
+            (folder / rundir.ERROR).unlink(missing_ok=True)
             if "stopped_at" in run.results:
                 status[cell.name] = "stopped"
                 echo(f"{head}: stopped at step {run.results['stopped_at']}; re-run the same command to resume")
@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         for i, cell in enumerate(cells, 1):
             folder = cell.folder(workdir)
-            state = ("finished" if (folder / "results.json").exists() else "failed before" if (folder / ERROR).exists()
+            state = ("finished" if (folder / rundir.RESULTS).exists() else "failed before" if (folder / rundir.ERROR).exists()
                      else "unfinished" if folder.exists() else "to do")
             print(f"[{i}/{len(cells)}] {cell.name}: {state} -> {folder}")
         return 0

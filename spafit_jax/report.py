@@ -28,7 +28,6 @@ from typing import Any
 from spafit_jax import config as config_lib
 from spafit_jax import rundir
 from spafit_jax.errors import SpafitError
-from spafit_jax.experiment import ERROR
 
 KINDS = {"frozen": "#d9d9d9", "bias only": "#9ecae1", "LoRA": "#fdd0a2", "LoRA + bias": "#e6550d",
          "all weights": "#31a354"}
@@ -89,8 +88,8 @@ def collect(exp: str | Path | None, folders: Sequence[str | Path] = ()) -> tuple
             names = (path.parent.parent.name, path.parent.name, int(seed))
             if (path / rundir.RESULTS).exists():
                 runs.append(_read_run(path, names))
-            elif (path / ERROR).exists():
-                failures[f"{names[0]}/{names[1]}/seed{seed}"] = (path / ERROR).read_text().strip()
+            elif (path / rundir.ERROR).exists():
+                failures[f"{names[0]}/{names[1]}/seed{seed}"] = (path / rundir.ERROR).read_text().strip()
     for folder in folders:
         runs.append(_read_run(Path(folder)))
     return runs, failures

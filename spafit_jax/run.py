@@ -33,7 +33,7 @@ from spafit_jax.tokens import Examples, encode
 
 log = logging.getLogger("spafit_jax")
 
-TOKENIZER, TASK = "tokenizer", "task.json"
+TOKENIZER, TASK = rundir.TOKENIZER, rundir.TASK  # the run folder names them
 
 
 def save_assets(workdir: str | os.PathLike, tokenizer: Any, spec: TaskSpec) -> None:

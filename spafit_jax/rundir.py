@@ -26,6 +26,8 @@ log = logging.getLogger("spafit_jax")
 
 CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS, LOCK = (
     "config.yaml", "metrics.jsonl", "results.json", "tensorboard", "checkpoints", ".lock")
+TOKENIZER, TASK = "tokenizer", "task.json"  # what `run.save_assets` writes: the folder alone reloads the run
+ERROR = "error.txt"  # the one-line error of an experiment cell that failed
 OVERWRITTEN = ".overwritten-"  # + time: a finished run replaced by --overwrite, until the new one has a checkpoint
 
 
@@ -159,7 +161,6 @@ def prepare(workdir: Path, *, lead: bool) -> None:
     to `<workdir>/.overwritten-<time>/`, whole, and deleted by `discard_overwritten` only once
     the new run has written its first checkpoint: until then a failed new run loses nothing."""
     if lead and (workdir / RESULTS).exists():
-        from spafit_jax.run import TASK, TOKENIZER
 
         aside = workdir / f"{OVERWRITTEN}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         with naming(aside):
