@@ -29,7 +29,7 @@ from spafit_jax.schema import (DTYPES, PARALLEL_MODES, CheckpointConfig, Config,
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "MethodConfig", "TrainConfig", "CheckpointConfig",
     "ParallelConfig", "DistributedConfig", "SECTIONS", "load_config", "config_from_dict", "to_dict",
-    "save_config", "default", "format_value",
+    "save_config", "config_yaml", "default", "format_value",
 ]
 
 # The shipped configs: inside the installed package (a wheel maps configs/ to spafit_jax/configs),
@@ -406,17 +406,21 @@ def to_dict(config: Config) -> dict:
     }
 
 
-def save_config(config: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (every field); `load_config([path]) == config`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def config_yaml(config: Config, path: str | os.PathLike) -> str:
+    """The resolved config as the YAML text of a file at `path` (a header naming it, then every field)."""
     header = (
         "# Resolved spafit_jax config (defaults + --config files + overrides), written by the trainer.\n"
         f"# Load it with: python -m spafit_jax.train --config {path}\n"
     )
-    body = yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+    return header + yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (every field); `load_config([path]) == config`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + body, encoding="utf-8")
+    tmp.write_text(config_yaml(config, path), encoding="utf-8")
     os.replace(tmp, path)
 
 

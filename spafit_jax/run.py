@@ -42,9 +42,7 @@ def save_assets(workdir: str | os.PathLike, tokenizer: Any, spec: TaskSpec) -> N
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(workdir / TOKENIZER))
-    tmp = workdir / (TASK + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(spec), indent=2))
-    tmp.replace(workdir / TASK)
+    rundir.write_atomic(workdir / TASK, json.dumps(dataclasses.asdict(spec), indent=2))
 
 
 def cli_main(work: Callable[[], Any]) -> int:

@@ -197,10 +197,7 @@ def check_resume_step(step: int, total_steps: int, train_cfg, checkpoints: Path)
 def save_config(workdir: Path, cfg: config_lib.Config) -> Path:
     """config.yaml, written atomically once the run is accepted (a refused resume keeps the old one)."""
     path = workdir / CONFIG
-    tmp = path.with_name(CONFIG + ".tmp")
-    with naming(tmp):
-        config_lib.save_config(cfg, tmp)
-    tmp.replace(path)
+    write_atomic(path, config_lib.config_yaml(cfg, path))
     return path
 
 
@@ -218,11 +215,11 @@ def finite_json(obj):
 def write_results(workdir: Path, results: dict) -> Path:
     """results.json, written atomically (a crash leaves the old file or none)."""
     path = workdir / RESULTS
-    _write_atomic(path, json.dumps(finite_json(results), indent=2, allow_nan=False))
+    write_atomic(path, json.dumps(finite_json(results), indent=2, allow_nan=False))
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """`path` holds `text` or what it held before (a full disk leaves no half file, and no tmp file)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -253,7 +250,7 @@ class MetricsWriter:
         self.path, self.evals = path, set()
         if path.exists():
             kept = [(line, r) for line, r in read_metrics(path) if r["step"] <= resume_step]
-            _write_atomic(path, "".join(line + "\n" for line, _ in kept))
+            write_atomic(path, "".join(line + "\n" for line, _ in kept))
             self.evals = {(r["step"], r.get("split")) for _, r in kept if r.get("kind") == "eval"}
         with naming(path):
             self.jsonl = open(path, "a", encoding="utf-8")

@@ -51,6 +51,8 @@ def test_short_run_writes_results_metrics_config_and_tensorboard(tiny_model_dir,
     assert [r["step"] for r in evals] == [4, 6] and "accuracy" in evals[0]
     assert res["eval"]["accuracy"] == evals[-1]["accuracy"]
     assert config_lib.load_config([str(tmp_path / "config.yaml")]).train.max_steps == 6
+    assert f"--config {tmp_path / 'config.yaml'}\n" in (tmp_path / "config.yaml").read_text()  # names itself
+    assert not list(tmp_path.glob("*.tmp"))
     assert list((tmp_path / "tensorboard").iterdir())
     assert (tmp_path / "tokenizer" / "tokenizer_config.json").is_file()  # the folder alone reloads the run
     assert json.loads((tmp_path / "task.json").read_text())["label_names"] == data_labels()
