@@ -126,7 +126,8 @@ def _fsdp_sharding(mesh: Mesh, x) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
-def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp: int = 1) -> Driver:
+def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp: int = 1,
+                train_apply_fn=None) -> Driver:
     """`jax.jit` over a Mesh of all devices: batch sharded on ("data", "fsdp"), state replicated.
 
     The compiler inserts the gradient all-reduce. With fsdp > 1 the frozen base weights are
@@ -138,8 +139,8 @@ def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp:
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P((AXIS, FSDP)))
 
-    step = functools.partial(optim.train_step, apply_fn=apply_fn, tx=tx, is_regression=is_regression,
-                             grad_accum=grad_accum)
+    step = functools.partial(optim.train_step, apply_fn=train_apply_fn or apply_fn, tx=tx,
+                             is_regression=is_regression, grad_accum=grad_accum)
     jit_step = jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)
     jit_eval = jax.jit(functools.partial(optim.eval_step, apply_fn=apply_fn), out_shardings=rows)
 
@@ -164,7 +165,7 @@ def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp:
     )
 
 
-def pmap_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1) -> Driver:
+def pmap_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, train_apply_fn=None) -> Driver:
     """`jax.pmap` over the local devices of every process: state replicated and donated, gradients psum'd.
 
     Arrays carry a leading axis of local devices; on several hosts the collectives span
@@ -173,8 +174,8 @@ def pmap_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1) -> Dr
     devices = jax.local_devices()
     n = len(devices)
     stacked = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), P(AXIS))
-    step = functools.partial(optim.train_step, apply_fn=apply_fn, tx=tx, is_regression=is_regression,
-                             grad_accum=grad_accum, axis_name=AXIS)
+    step = functools.partial(optim.train_step, apply_fn=train_apply_fn or apply_fn, tx=tx,
+                             is_regression=is_regression, grad_accum=grad_accum, axis_name=AXIS)
     p_step = jax.pmap(step, axis_name=AXIS, donate_argnums=0)
     p_eval = jax.pmap(functools.partial(optim.eval_step, apply_fn=apply_fn), axis_name=AXIS)
 
@@ -217,8 +218,13 @@ def pmap_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1) -> Dr
     )
 
 
-def make_driver(cfg: ParallelConfig, apply_fn, tx, *, is_regression: bool, grad_accum: int = 1) -> Driver:
-    """The driver that `parallel.mode` names (its values are checked by the config)."""
+def make_driver(cfg: ParallelConfig, apply_fn, tx, *, is_regression: bool, grad_accum: int = 1,
+                train_apply_fn=None) -> Driver:
+    """The driver that `parallel.mode` names (its values are checked by the config).
+
+    `train_apply_fn` (default `apply_fn`) is what the train step applies, e.g. the layers above a
+    frozen-stratum cache; evaluation always applies `apply_fn`, the whole model."""
+    kw = dict(is_regression=is_regression, grad_accum=grad_accum, train_apply_fn=train_apply_fn)
     if cfg.mode == "pmap":
-        return pmap_driver(apply_fn, tx, is_regression=is_regression, grad_accum=grad_accum)
-    return mesh_driver(apply_fn, tx, is_regression=is_regression, grad_accum=grad_accum, fsdp=cfg.fsdp)
+        return pmap_driver(apply_fn, tx, **kw)
+    return mesh_driver(apply_fn, tx, fsdp=cfg.fsdp, **kw)

@@ -123,14 +123,12 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
     per_epoch = batching.steps_per_epoch(run.task.train, t.batch_size)
     total_steps = min(math.ceil(t.epochs * per_epoch), t.max_steps or math.inf)
     tx = optim.make_optimizer(plan.labels, t, total_steps)
-    driver = parallel.make_driver(cfg.parallel, run.model.apply, tx, is_regression=spec.is_regression,
-                                  grad_accum=t.grad_accum)
     cache = None
     if t.cache_frozen:  # the step starts at layer n1 from cached hidden states; evaluation runs the whole model
         cache = frozen_cache.build_cache(run.model, plan, run.params, run.task.train, t, t.eval_batch_size,
                                          cfg.data.bucket_lengths())
-        driver = dataclasses.replace(driver, step=parallel.make_driver(
-            cfg.parallel, cache.apply_fn, tx, is_regression=spec.is_regression, grad_accum=t.grad_accum).step)
+    driver = parallel.make_driver(cfg.parallel, run.model.apply, tx, is_regression=spec.is_regression,
+                                  grad_accum=t.grad_accum, train_apply_fn=None if cache is None else cache.apply_fn)
     best_metric = t.best_metric or metrics.main_metric(spec)
     ckpt = checkpoint.Checkpointer(
         workdir / rundir.CHECKPOINTS, fingerprint=checkpoint.fingerprint(frozen, plan.labels, model_name=cfg.model.name),
