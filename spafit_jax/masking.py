@@ -171,9 +171,11 @@ def _no_lora(where: str) -> MaskingError:
 
 
 def spafit_labels(params: Any, n1: int | float | None = None, n2: int | float | None = None, *,
-                  train_layernorm: bool = False, train_pooler: bool = True,
+                  train_layernorm: bool = False, train_pooler: bool = True, stratum3_bias: bool = True,
                   head_pattern: str = HEAD_PATTERN, layer_pattern: str | None = None) -> Any:
     """SPAFIT strata: layers < n1 frozen, n1..n2-1 biases only, >= n2 LoRA + biases; head trains.
+
+    `stratum3_bias=False` is the paper's other group-3 variant: layers >= n2 train LoRA only.
 
     n1/n2 are int layer counts (0..L) or floats in [0, 1] as fractions of L (rounded half up);
     defaults round(L/3) and round(2L/3). Embeddings and final norms stay frozen; LayerNorm
@@ -185,7 +187,8 @@ def spafit_labels(params: Any, n1: int | float | None = None, n2: int | float | 
     lora_layers = {layer_index(p, layer_pattern) for p, _ in _leaves(params) if _kind(p) == LORA}
     if n2 < L and not any(i is not None and i >= n2 for i in lora_layers):
         raise _no_lora(f"stratum 3 (layers {n2}..{L - 1})")
-    some, full = frozenset({BIAS, LAYERNORM}), frozenset({BIAS, LAYERNORM, LORA})
+    some = frozenset({BIAS, LAYERNORM})
+    full = some | {LORA} if stratum3_bias else frozenset({LAYERNORM, LORA})
     return _plan(params, lambda i: frozenset() if i < n1 else some if i < n2 else full,
                  frozenset(), train_layernorm=train_layernorm, train_pooler=train_pooler,
                  head_pattern=head_pattern, layer_pattern=layer_pattern)
@@ -193,13 +196,13 @@ def spafit_labels(params: Any, n1: int | float | None = None, n2: int | float | 
 
 def method_labels(params: Any, method: str, *, n1: int | float | None = None,
                   n2: int | float | None = None, train_layernorm: bool | None = None,
-                  train_pooler: bool = True, head_pattern: str = HEAD_PATTERN,
+                  train_pooler: bool = True, stratum3_bias: bool = True, head_pattern: str = HEAD_PATTERN,
                   layer_pattern: str | None = None) -> Any:
     """Labels for one of METHODS: full, bitfit, lora, spafit, head_only (n1/n2 used by spafit only).
 
     full trains everything (embeddings too) as weight/bias/layernorm/lora/head/pooler; bitfit all
     layer biases + head (+ pooler); lora all lora leaves + head (+ pooler), biases frozen; spafit
-    as `spafit_labels`; head_only the head (+ pooler). `train_layernorm=None` means True for full,
+    as `spafit_labels` (with `stratum3_bias`); head_only the head (+ pooler). `train_layernorm=None` means True for full,
     False otherwise.
     """
     if method not in METHODS:
@@ -208,7 +211,7 @@ def method_labels(params: Any, method: str, *, n1: int | float | None = None,
     kw = dict(train_layernorm=ln, train_pooler=train_pooler, head_pattern=head_pattern,
               layer_pattern=layer_pattern)
     if method == "spafit":
-        return spafit_labels(params, n1, n2, **kw)
+        return spafit_labels(params, n1, n2, stratum3_bias=stratum3_bias, **kw)
     if method in ("bitfit", "lora"):
         _num_layers(params, layer_pattern)
     if method == "lora" and not any(_kind(p) == LORA for p, _ in _leaves(params)):

@@ -37,6 +37,7 @@ class Plan:
         """This plan with the labels and counts of `params` (a model built with `self.lora`)."""
         m = self.method
         labels = masking.method_labels(params, m.name, n1=self.n1, n2=self.n2, train_pooler=m.train_pooler,
+                                       stratum3_bias=m.stratum3_bias,
                                        train_layernorm=None if m.name == "full" else m.train_layernorm)
         return dataclasses.replace(self, labels=labels, counts=masking.count_params(params, labels))
 
@@ -64,7 +65,7 @@ class Plan:
         lines = [masking.summary(params, self.labels)]
         if self.n1 is not None:
             lines += ["", f"strata: frozen layers 0..{self.n1 - 1}, bias-only {self.n1}..{self.n2 - 1}, "
-                          f"LoRA + bias {self.n2}..{self.num_layers - 1}"]
+                          f"LoRA{' + bias' if self.method.stratum3_bias else ' only'} {self.n2}..{self.num_layers - 1}"]
         return "\n".join(lines)
 
 

@@ -150,6 +150,7 @@ class MethodConfig:
     rank_pattern: dict[str, int] = _field(help="per-path LoRA rank: {regex: rank}", factory=dict)
     train_pooler: bool = _field(True, "train the pooler with the head")
     train_layernorm: bool = _field(False, "train LayerNorm scales and biases in the trained layers")
+    stratum3_bias: bool = _field(True, "spafit: layers N2.. train LoRA + biases (false: LoRA only)")
 
     def __post_init__(self):
         _one_of(self, "name", methods.METHODS)

@@ -59,6 +59,15 @@ def test_shipped_files_present():
     assert {f"methods/{m}.yaml" for m in methods.METHODS} <= names
 
 
+@pytest.mark.parametrize("targets,expected", [("qv", ("query", "value")), ("qkv", ("query", "key", "value")),
+                                              ("all", methods.LORA_TARGETS)])
+def test_target_presets_compose_with_method_files(targets, expected):
+    for method in ("spafit", "spafit_lora_only", "lora"):
+        c = load_config([CONFIGS / "methods" / f"{method}.yaml", CONFIGS / "methods" / f"targets_{targets}.yaml"])
+        assert c.method.lora_targets == expected and c.method.name == method.split("_")[0]
+        assert c.method.stratum3_bias is (method != "spafit_lora_only")
+
+
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: p.relative_to(CONFIGS).as_posix())
 def test_every_shipped_yaml_loads_and_starts_with_a_comment(path):
     config = load_config([str(path)])

@@ -72,6 +72,20 @@ def test_describe_and_summary():
     assert "frozen layers 0..0, bias-only 1..2, LoRA + bias 3..5" in text and "trainable" in text
 
 
+def test_stratum3_lora_only_variant_freezes_the_late_biases_only():
+    both = make_plan(MethodConfig(n1=2, n2=4), 6)
+    only = make_plan(MethodConfig(n1=2, n2=4, stratum3_bias=False), 6)
+    params = params_for(both)
+    a = dict(zip(_paths(params), jax.tree_util.tree_leaves(both.label(params).labels)))
+    b = dict(zip(_paths(params), jax.tree_util.tree_leaves(only.label(params).labels)))
+    changed = {p for p in a if a[p] != b[p]}
+    late_biases = {p for p in a if masking.layer_index(p) in (4, 5) and p.endswith("/bias") and a[p] == "bias"}
+    assert changed == late_biases and len(late_biases) > 0 and all(b[p] == "frozen" for p in changed)
+    assert {v for p, v in b.items() if masking.layer_index(p) in (4, 5)} == {"frozen", "lora"}
+    assert {v for p, v in b.items() if masking.layer_index(p) in (2, 3)} == {"frozen", "bias"}
+    assert "LoRA only 4..5" in only.label(params).summary(params)
+
+
 def test_strata_that_do_not_fit_the_model():
     with pytest.raises(MaskingError, match="n2=9 exceeds the 6 layers"):
         make_plan(MethodConfig(n1=2, n2=9), 6)
