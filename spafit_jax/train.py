@@ -143,7 +143,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
         run_lib.save_assets(workdir, run.tokenizer, spec)  # the folder alone reloads the run (load_run)
     loop = _Loop(cfg, driver, ckpt, run.task, plan, workdir, best_metric, per_epoch, total_steps,
                  start=int(state.step), best=extra.get("best"), train_seconds=float(extra.get("train_seconds", 0.0)),
-                 bad_steps=int(extra.get("bad_steps", 0)), cache=cache)
+                 bad_steps=int(extra.get("bad_steps", 0)), cache=cache, window=extra.get("window"))
     try:
         state, done = loop.run(driver.put_state(state), driver.put_frozen(frozen), stop_after)
     finally:
@@ -174,7 +174,7 @@ class _Loop:
     """The training loop of one invocation: steps, logging, evaluation, checkpoints, preemption."""
 
     def __init__(self, cfg, driver, ckpt, task, plan, workdir, best_metric, per_epoch, total_steps, *,
-                 start, best, train_seconds, bad_steps=0, cache=None):
+                 start, best, train_seconds, bad_steps=0, cache=None, window=None):
         self.cfg, self.driver, self.ckpt, self.task, self.plan = cfg, driver, ckpt, task, plan
         self.workdir, self.best_metric, self.per_epoch, self.total_steps = workdir, best_metric, per_epoch, total_steps
         self.start = self.step = start
@@ -187,6 +187,10 @@ class _Loop:
         d = cfg.data
         self.buckets = d.bucket_lengths()
         self.tokens = {"log": [0, 0], "epoch": [0, 0], "run": [0, 0]}  # [real, padded] since the last log / epoch / start
+        self.losses: list = []  # losses of the steps since the last log record
+        if window:  # a resumed run: the log window, epoch and run counts as they were at the checkpoint
+            self.losses = [float(x) for x in window.get("losses", [])]
+            self.tokens.update({k: [int(v) for v in window["tokens"][k]] for k in self.tokens if k in window.get("tokens", {})})
         self.run_seconds = self.compile_seconds = 0.0  # this invocation's step time, and that of steps that compiled
         self.writer = rundir.MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
         self.stop = False
@@ -212,7 +216,10 @@ class _Loop:
     def save(self, state, metrics_for_best: dict | None = None, force: bool = False) -> None:
         self.check(upto=self.step)
         extra = {"best": self.best, "train_seconds": self.train_seconds, "epoch": self.step // self.per_epoch,
-                 "batch_in_epoch": self.step % self.per_epoch, "bad_steps": self.bad_steps}
+                 "batch_in_epoch": self.step % self.per_epoch, "bad_steps": self.bad_steps,
+                 # so that a resumed run logs exactly what an uninterrupted one does (mean loss of the log
+                 # window, padding efficiency of the epoch and of the run)
+                 "window": {"losses": [float(x) for x in self.losses], "tokens": self.tokens}}
         self.ckpt.save(self.step, self.driver.saveable(state), extra=extra, metrics=metrics_for_best, force=force)
         if jax.process_index() == 0:
             rundir.discard_overwritten(self.workdir)  # a run moved aside by --overwrite, once a checkpoint is on disk
@@ -277,7 +284,7 @@ class _Loop:
         """Trains to the last step (then evaluates and saves: returns (state, True)), or until
         SIGTERM, a preemption or `stop_after` steps (then saves: returns (state, False))."""
         t, ckpt_every = self.cfg.train, self.cfg.checkpoint.every
-        losses, since, n_log, batches = [], time.perf_counter(), 0, None
+        since, n_log, batches = time.perf_counter(), 0, None
         while self.step < self.total_steps:
             epoch, in_epoch = divmod(self.step, self.per_epoch)
             if batches is None or in_epoch == 0:
@@ -293,15 +300,15 @@ class _Loop:
             self.shapes.add(shape)
             t0 = time.perf_counter()
             state, out = self.driver.step(state, frozen, batch)
-            losses.append(out["loss"])
+            self.losses.append(out["loss"])
             self.step += 1
             self.pending.append((self.step, out["finite"]))
             self.check(upto=self.step - 1)
             n_log += t.batch_size
             self.bar.update(1)
             if self.step % t.log_every == 0 or self.step == self.total_steps:
-                self.log(losses, n_log, since)
-                losses, since, n_log = [], time.perf_counter(), 0
+                self.log(self.losses, n_log, since)
+                self.losses, since, n_log = [], time.perf_counter(), 0
             dt = time.perf_counter() - t0
             self.train_seconds, self.run_seconds = self.train_seconds + dt, self.run_seconds + dt
             self.compile_seconds += dt if compiles else 0.0
