@@ -72,8 +72,40 @@ if verb == "ssh" and "--command" in args:
 
 # Programs on the fake workers: curl answers the metadata query with the worker index, tmux
 # runs the new session's command in the foreground, python3 -m venv makes a venv whose python
-# records its calls and, as spafit_jax.train, prints its arguments and environment.
+# records its calls and, as spafit_jax.train (or .experiment), prints its arguments and
+# environment. gcsfuse records its calls in ~/gcsfuse-calls.log and "mounts" by leaving a marker
+# that the fake mountpoint looks for (FAKE_GCSFUSE_FAIL: it fails); sudo records its calls in
+# ~/sudo.log, never writes a system file, and its `apt-get install gcsfuse` puts gcsfuse on the
+# workers' PATH (FAKE_APT_FAIL: apt-get fails). The sandbox starts with gcsfuse installed.
+GCSFUSE = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    if [[ $1 == --version ]]; then echo "gcsfuse version 9.9.9 (fake)"; exit 0; fi
+    echo "$*" >> "$HOME/gcsfuse-calls.log"
+    if [[ -n ${FAKE_GCSFUSE_FAIL-} ]]; then
+      echo "Error while mounting gcsfuse: fake failure" >&2
+      exit 1
+    fi
+    touch "${!#}/.fake-mounted"
+    """)
 REMOTE_BIN = {
+    "gcsfuse": GCSFUSE,
+    "gcsfuse-package": GCSFUSE,
+    "mountpoint": '#!/usr/bin/env bash\n[[ $1 == -q ]] && shift\n[[ -e $1/.fake-mounted ]]\n',
+    "lsb_release": "#!/usr/bin/env bash\necho jammy\n",
+    "sudo": textwrap.dedent("""\
+        #!/usr/bin/env bash
+        echo "$*" >> "$HOME/sudo.log"
+        [[ $1 == DEBIAN_FRONTEND=* ]] && shift
+        case $1 in
+          tee) cat >/dev/null ;;
+          apt-get)
+            if [[ -n ${FAKE_APT_FAIL-} ]]; then echo "E: fake apt failure" >&2; exit 100; fi
+            if [[ $2 == install && " $* " == *" gcsfuse "* ]]; then
+              cp "$FAKE_REMOTE_BIN/gcsfuse-package" "$FAKE_REMOTE_BIN/gcsfuse"
+            fi ;;
+        esac
+        exit 0
+        """),
     "curl": "#!/usr/bin/env bash\necho \"$FAKE_WORKER\"\n",
     "tmux": textwrap.dedent("""\
         #!/usr/bin/env bash
@@ -98,7 +130,8 @@ REMOTE_BIN = {
     "venv-python": textwrap.dedent("""\
         #!/usr/bin/env bash
         echo "$*" >> "$HOME/python-calls.log"
-        if [[ $1 == -m && $2 == spafit_jax.train ]]; then
+        if [[ $1 == -m && ($2 == spafit_jax.train || $2 == spafit_jax.experiment) ]]; then
+          echo "MODULE $2"
           shift 2
           for a in "$@"; do printf 'ARG<%s>\\n' "$a"; done
           echo "ENV JAX_PLATFORMS=$JAX_PLATFORMS PYTHONUNBUFFERED=$PYTHONUNBUFFERED EXTRA=${EXTRA-}"
@@ -132,6 +165,7 @@ def sandbox(tmp_path):
 
     class Sandbox:
         path = tmp_path
+        bin = remote_bin
 
         def run(self, script, *args, **extra_env):
             return subprocess.run(
@@ -420,6 +454,47 @@ def test_setup_runs_on_every_worker(sandbox):
     assert not list(sandbox.path.glob("spafit_jax-*-src.tgz"))  # local tarball removed
 
 
+def test_setup_installs_gcsfuse_where_it_is_missing(sandbox):
+    src = _project(sandbox.path)
+    home = sandbox.path / "workers"
+    (sandbox.bin / "gcsfuse").unlink()
+    r = sandbox.run("setup.sh", *NODE, "--src", str(src), FAKE_HOME=home)
+    assert r.returncode == 0, r.stderr
+    # The fake workers share one PATH: worker 0 installs it, worker 1 then finds it.
+    assert r.stdout.count("installing gcsfuse from https://packages.cloud.google.com/apt"
+                          " gcsfuse-jammy") == 1
+    assert r.stdout.count("gcsfuse installed: gcsfuse version 9.9.9 (fake)") == 1
+    assert r.stdout.count("gcsfuse is installed: gcsfuse version 9.9.9 (fake)") == 1
+    sudo = (home / "w0" / "sudo.log").read_text().splitlines()
+    assert sudo == [
+        "tee /usr/share/keyrings/cloud.google.asc",
+        "tee /etc/apt/sources.list.d/gcsfuse.list",
+        "apt-get update -qq",
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcsfuse"]
+    assert not (home / "w1" / "sudo.log").exists()
+    r = sandbox.run("setup.sh", *NODE, "--src", str(src), FAKE_HOME=home)  # idempotent
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("gcsfuse is installed") == 2 and "installing gcsfuse" not in r.stdout
+    assert len((home / "w0" / "sudo.log").read_text().splitlines()) == 4
+
+
+def test_setup_reports_a_failed_gcsfuse_install(sandbox):
+    assert "command -v gcsfuse" not in sandbox.dry("setup.sh", *NODE, "--no-gcsfuse")
+    assert "command -v gcsfuse" in sandbox.dry("setup.sh", *NODE)
+    src = _project(sandbox.path)
+    home = sandbox.path / "workers"
+    (sandbox.bin / "gcsfuse").unlink()
+    r = sandbox.run("setup.sh", *NODE, "--src", str(src), FAKE_HOME=home, FAKE_APT_FAIL=1)
+    assert r.returncode == 1
+    assert "error: could not install gcsfuse (apt repository gcsfuse-jammy)" in r.stderr
+    assert "pass --no-gcsfuse" in r.stderr
+    assert not (home / "w0" / "spafit_jax" / ".venv").exists()  # stopped before the venv
+    r = sandbox.run("setup.sh", *NODE, "--src", str(src), "--no-gcsfuse", FAKE_HOME=home,
+                    FAKE_APT_FAIL=1)
+    assert r.returncode == 0, r.stderr
+    assert "gcsfuse" not in r.stdout and not (sandbox.bin / "gcsfuse").exists()
+
+
 # ---------------------------------------------------------------- launch
 
 TRAIN_ARGS = ["train.max_steps=100", "data.text_column=it's a \"text\" $HOME"]
@@ -433,9 +508,15 @@ def test_launch_dry_run(sandbox):
     assert ssh.startswith("gcloud compute tpus tpu-vm ssh sst2 --zone=us-central2-b --worker=all"
                           " --command ")
     assert (".venv/bin/python -m spafit_jax.train --config configs/glue/sst2.yaml"
-            " --config configs/methods/spafit.yaml --workdir gs://my-bucket/runs/sst2-spafit"
+            ' --config configs/methods/spafit.yaml --workdir "$workdir"'
             " distributed.enabled=true train.max_steps=100 train.eval_every=500"
             ' 2>&1 | tee -a "$log"') in out
+    assert "\nmnt=$HOME/gcs/my-bucket\nworkdir=$mnt/runs/sst2-spafit\n" in out
+    assert ("gcsfuse --implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=0"
+            " --metadata-cache-negative-ttl-secs=0 --log-format=text"
+            ' --log-file "$mnt.gcsfuse.log" my-bucket "$mnt"') in out
+    assert ("# every worker mounts gs://my-bucket at ~/gcs/my-bucket (gcsfuse) and runs with"
+            " --workdir ~/gcs/my-bucket/runs/sst2-spafit") in out
     assert "computeMetadata/v1/instance/attributes/agent-worker-number" in out
     assert "log=logs/sst2-worker${w}.log" in out
     assert "tmux new-session -d -s spafit" in out and "nohup bash logs/sst2-launch.sh" in out
@@ -450,6 +531,7 @@ def test_launch_options(sandbox):
     assert "tmux new-session -d -s exp1" in out and "log=/mnt/logs/sst2-worker${w}.log" in out
     assert follow == ("gcloud compute tpus tpu-vm ssh sst2 --zone=us-central2-b --worker=0"
                       " --command 'tail -n +1 -F /mnt/logs/sst2-worker0.log'")
+    assert "\nworkdir=/mnt/shared/run\n" in out and "gcsfuse" not in out
     r = sandbox.run("launch.sh", *NODE, "--workdir", "runs/x", "--dry-run")
     assert r.returncode == 0 and "not on GCS" in r.stderr
     r = sandbox.run("launch.sh", *NODE, "--workdir", WORKDIR, "--env", "no-equals", "--dry-run")
@@ -469,18 +551,124 @@ def test_launch_runs_the_command_on_every_worker_with_its_own_log(sandbox, exit_
     assert r.returncode == 0, r.stderr
     (call,) = sandbox.calls()
     assert call[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in call
-    expected = ["--config", "configs/glue/sst2.yaml", "--workdir", WORKDIR,
-                "distributed.enabled=true", *TRAIN_ARGS]
     for w in (0, 1):
+        expected = ["--config", "configs/glue/sst2.yaml",
+                    "--workdir", f"{home}/w{w}/gcs/my-bucket/runs/sst2-spafit",
+                    "distributed.enabled=true", *TRAIN_ARGS]
         logs = home / f"w{w}/spafit_jax/logs"
         log = (logs / f"sst2-worker{w}.log").read_text()
         args = [line[4:-1] for line in log.splitlines() if line.startswith("ARG<")]
         assert args == expected
+        assert "MODULE spafit_jax.train" in log
         assert "ENV JAX_PLATFORMS=tpu PYTHONUNBUFFERED=1 EXTRA=two words" in log
         assert f"start on worker {w}" in log and f"exit status {exit_code}" in log
         assert (logs / f"sst2-worker{w}.exit").read_text().strip() == str(exit_code)
         assert sorted(p.name for p in logs.iterdir()) == [
             "sst2-launch.sh", f"sst2-worker{w}.exit", f"sst2-worker{w}.log"]
+
+
+GCSFUSE_FLAGS = ("--implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=0"
+                 " --metadata-cache-negative-ttl-secs=0 --log-format=text")
+
+
+def _installed_workers(home, n=2):
+    """Worker folders as setup.sh leaves them: a venv whose python is the fake."""
+    for w in range(n):
+        venv_bin = home / f"w{w}/spafit_jax/.venv/bin"
+        venv_bin.mkdir(parents=True)
+        _write_exe(venv_bin / "python", REMOTE_BIN["venv-python"])
+
+
+def _worker_log(home, w, name="sst2"):
+    return (home / f"w{w}/spafit_jax/logs/{name}-worker{w}.log").read_text()
+
+
+def _args(log):
+    return [line[4:-1] for line in log.splitlines() if line.startswith("ARG<")]
+
+
+def test_launch_mounts_the_bucket_once_and_passes_the_mounted_path(sandbox):
+    home = sandbox.path / "workers"
+    _installed_workers(home)
+    for _ in range(2):  # the second launch finds the bucket mounted
+        r = sandbox.run("launch.sh", *NODE, "--workdir", "gs://my-bucket/runs/a/", "--",
+                        "train.max_steps=5", FAKE_HOME=home)
+        assert r.returncode == 0, r.stderr
+    for w in (0, 1):
+        mnt = home / f"w{w}/gcs/my-bucket"
+        calls = (home / f"w{w}/gcsfuse-calls.log").read_text().splitlines()
+        assert calls == [f"{GCSFUSE_FLAGS} --log-file {mnt}.gcsfuse.log my-bucket {mnt}"]
+        log = _worker_log(home, w)
+        assert log.count(f"=== mount gs://my-bucket at {mnt} with gcsfuse") == 1
+        assert _args(log) == ["--workdir", f"{mnt}/runs/a", "distributed.enabled=true",
+                              "train.max_steps=5"] * 2
+        assert (home / f"w{w}/spafit_jax/logs/sst2-worker{w}.exit").read_text().strip() == "0"
+    r = sandbox.run("launch.sh", *NODE, "--workdir", "gs://my-bucket", FAKE_HOME=home)
+    assert r.returncode == 0, r.stderr
+    assert _args(_worker_log(home, 0))[-2:] == [f"{home}/w0/gcs/my-bucket", "distributed.enabled=true"]
+
+
+def test_launch_passes_a_non_gcs_workdir_unchanged(sandbox):
+    home = sandbox.path / "workers"
+    _installed_workers(home)
+    r = sandbox.run("launch.sh", *NODE, "--workdir", "/mnt/nfs/run x", "--no-distributed",
+                    FAKE_HOME=home)
+    assert r.returncode == 0 and "not on GCS" in r.stderr
+    for w in (0, 1):
+        assert _args(_worker_log(home, w)) == ["--workdir", "/mnt/nfs/run x"]
+        assert not (home / f"w{w}/gcsfuse-calls.log").exists()
+        assert not (home / f"w{w}/gcs").exists()
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_launch_fails_in_one_line_when_the_bucket_cannot_be_mounted(sandbox, missing):
+    home = sandbox.path / "workers"
+    _installed_workers(home)
+    if missing:
+        (sandbox.bin / "gcsfuse").unlink()
+    r = sandbox.run("launch.sh", *NODE, "--workdir", WORKDIR, FAKE_HOME=home, FAKE_GCSFUSE_FAIL=1)
+    assert r.returncode == 0, r.stderr  # the launch itself went fine; the workers failed
+    for w in (0, 1):
+        log = _worker_log(home, w)
+        errors = [line for line in log.splitlines() if " error: " in line]
+        if missing:
+            assert len(errors) == 1 and errors[0].endswith(
+                "error: gcsfuse is not installed on this worker, and a gs:// --workdir needs it:"
+                " run tpu_scripts/setup.sh")
+        else:
+            assert "Error while mounting gcsfuse: fake failure" in log
+            assert len(errors) == 1 and (f"error: cannot mount gs://my-bucket at"
+                                         f" {home}/w{w}/gcs/my-bucket with gcsfuse") in errors[0]
+        assert "MODULE" not in log and not (home / f"w{w}/python-calls.log").exists()
+        assert (home / f"w{w}/spafit_jax/logs/sst2-worker{w}.exit").read_text().strip() == "1"
+
+
+@pytest.mark.parametrize("workdir", ["gs://My_Bucket/x", "gs://b/x", "gs://bucket/a/../b",
+                                     "gs://bucket/a//b", "gs://bucket/a b", "gs://bucket/$HOME"])
+def test_launch_rejects_bad_gcs_workdirs(sandbox, workdir):
+    r = sandbox.run("launch.sh", *NODE, "--workdir", workdir, "--dry-run")
+    assert r.returncode == 2 and r.stderr.startswith(f"launch.sh: error: bad --workdir '{workdir}'")
+    assert len(r.stderr.splitlines()) == 1 and r.stdout == ""
+
+
+def test_launch_runs_an_experiment_shard(sandbox):
+    exp = "configs/experiments/glue_paper.yaml"
+    out = sandbox.dry("launch.sh", *NODE, "--workdir", "gs://my-bucket/exp-glue", "--module",
+                      "experiment", "--config", exp, "--", "--shard", "1/3", "--no-report")
+    assert (f'.venv/bin/python -m spafit_jax.experiment --config {exp} --workdir "$workdir"'
+            " distributed.enabled=true --shard 1/3 --no-report") in out
+    home = sandbox.path / "workers"
+    _installed_workers(home, 1)
+    r = sandbox.run("launch.sh", *NODE, "--workdir", "gs://my-bucket/exp-glue", "--module",
+                    "experiment", "--config", exp, "--no-distributed", "--", "--shard", "1/3",
+                    FAKE_HOME=home, FAKE_WORKERS=1)
+    assert r.returncode == 0, r.stderr
+    log = _worker_log(home, 0)
+    assert "MODULE spafit_jax.experiment" in log
+    assert _args(log) == ["--config", exp, "--workdir", f"{home}/w0/gcs/my-bucket/exp-glue",
+                          "--shard", "1/3"]
+    r = sandbox.run("launch.sh", *NODE, "--workdir", WORKDIR, "--module", "report", "--dry-run")
+    assert r.returncode == 2 and "bad --module 'report'" in r.stderr
 
 
 # ---------------------------------------------------------------- ssh
@@ -524,8 +712,9 @@ def test_watch_dry_run_shows_the_whole_relaunch(sandbox):
                         " --accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot")
     assert "--worker=all" in lines[3] and "--worker=all" in lines[4] and "--worker=all" in lines[5]
     assert "pip install --quiet -e" in out
-    assert ("-m spafit_jax.train --config configs/glue/sst2.yaml --workdir"
-            " gs://my-bucket/runs/sst2-spafit distributed.enabled=true train.max_steps=100") in out
+    assert ('-m spafit_jax.train --config configs/glue/sst2.yaml --workdir "$workdir"'
+            " distributed.enabled=true train.max_steps=100") in out
+    assert "mnt=$HOME/gcs/my-bucket" in out and "workdir=$mnt/runs/sst2-spafit" in out
     steps = [line for line in out.splitlines() if line.startswith("# step ")]
     assert [s.split(":")[0] for s in steps] == ["# step 1/4 delete", "# step 2/4 create",
                                                 "# step 3/4 setup", "# step 4/4 launch"]
@@ -556,6 +745,18 @@ def test_watch_checks_every_step_up_front(sandbox):
     assert sandbox.calls() == []
 
 
+def test_watch_passes_the_module_to_launch(sandbox):
+    out = sandbox.dry("watch.sh", *NODE, "--type", "v4-8", "--workdir", "gs://my-bucket/exp",
+                      "--module", "experiment", "--config", "configs/experiments/glue_paper.yaml",
+                      "--", "--shard", "0/2", "--no-report")
+    assert ('-m spafit_jax.experiment --config configs/experiments/glue_paper.yaml'
+            ' --workdir "$workdir" distributed.enabled=true --shard 0/2 --no-report') in out
+    r = sandbox.run("watch.sh", *WATCH, "--module", "nope")
+    assert r.returncode == 2 and "bad --module 'nope'" in r.stderr
+    assert "[s]pafit_jax[.](train|experiment)" in sandbox.dry("watch.sh", *WATCH,
+                                                              "--simulate-state", "READY")
+
+
 def _verbs(calls):
     return [c[3] for c in calls]
 
@@ -568,7 +769,8 @@ def test_watch_relaunches_a_preempted_node(sandbox):
     assert _verbs(calls) == ["describe", "delete", "create", "ssh", "ssh"]
     assert "--spot" in calls[2] and "--accelerator-type=v4-8" in calls[2]
     launch = calls[4][calls[4].index("--command") + 1]
-    assert f"--workdir {WORKDIR} distributed.enabled=true train.max_steps=7" in launch
+    assert '--workdir "$workdir" distributed.enabled=true train.max_steps=7' in launch
+    assert "workdir=$mnt/runs/sst2-spafit" in launch and "gcsfuse --implicit-dirs" in launch
     assert "resumes from its last checkpoint" in r.stderr
 
 

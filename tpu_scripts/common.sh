@@ -169,3 +169,22 @@ remote_log() {
 REMOTE_DIR_DEFAULT=spafit_jax
 LOG_DIR_DEFAULT=logs
 SESSION_DEFAULT=spafit
+
+# A gs://BUCKET/PATH --workdir: launch.sh mounts gs://BUCKET on every worker at
+# ~/$GCS_MOUNT_DIR/BUCKET with Cloud Storage FUSE and gives the trainer the local path. The flags,
+# for what the trainer does in its run folder (see tpu_scripts/README.md, "The run folder on GCS"):
+#   --implicit-dirs                     folders that exist only as object name prefixes (written by
+#                                       gcloud storage, Orbax/TensorStore on gs://, or another
+#                                       tool) are visible as folders
+#   --rename-dir-limit=200000           allow renaming folders of up to that many descendants:
+#                                       Orbax finishes a checkpoint by renaming its temporary
+#                                       folder (on a flat bucket: copy and delete object by object,
+#                                       not atomic); gcsfuse refuses folder renames by default (0)
+#   --metadata-cache-ttl-secs=0         no stat/type cache: every worker sees at once what another
+#   --metadata-cache-negative-ttl-secs=0  one wrote (checkpoints written by all processes, the
+#                                       lock and results of process 0); TPU v5e/v5p/v6e hosts
+#                                       otherwise default to an infinite TTL
+# No file cache (no --cache-dir): reads come from the bucket.
+GCS_MOUNT_DIR=gcs
+GCSFUSE_FLAGS=(--implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=0
+  --metadata-cache-negative-ttl-secs=0 --log-format=text)

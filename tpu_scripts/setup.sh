@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the project with jax[tpu] on every worker of a TPU VM / pod slice, then check that JAX
-# sees the TPU.
+# Install the project with jax[tpu] on every worker of a TPU VM / pod slice, and Cloud Storage
+# FUSE (gcsfuse, for a gs:// --workdir of launch.sh) where it is missing; then check that JAX sees
+# the TPU.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=common.sh
@@ -12,8 +13,10 @@ usage() {
   cat <<EOF
 usage: $SCRIPT_NAME --name NAME --zone ZONE [options]
 
-On every worker (--worker=all): put the project in REMOTE_DIR, make a venv REMOTE_DIR/.venv,
-pip install -e '.[tpu]' (jax[tpu] and libtpu), and print what JAX sees (smoke test).
+On every worker (--worker=all): install gcsfuse if it is missing (sudo apt-get, from Google's
+apt repository gcsfuse-\$(lsb_release -c -s); launch.sh mounts a gs:// --workdir with it), put the
+project in REMOTE_DIR, make a venv REMOTE_DIR/.venv, pip install -e '.[tpu]' (jax[tpu] and
+libtpu), and print what JAX sees (smoke test).
 Safe to run again (after a code change, or on a recreated VM).
 
 Where the code comes from (default: your local checkout):
@@ -38,13 +41,14 @@ options:
   --extras EXTRAS          pip extras to install (default: tpu)
   --no-find-links          do not pass -f $LIBTPU_LINKS
                            to pip (recent jax[tpu] finds libtpu on PyPI alone)
+  --no-gcsfuse             do not install gcsfuse (a --workdir that is not on GCS needs none)
   --dry-run                print the commands instead of running them
   -h, --help               show this help
 EOF
 }
 
 WORKER=all REMOTE_DIR=$REMOTE_DIR_DEFAULT PYTHON=python3 EXTRAS=tpu
-SRC=$REPO_DIR GIT_URL="" GIT_REF=HEAD FIND_LINKS=1
+SRC=$REPO_DIR GIT_URL="" GIT_REF=HEAD FIND_LINKS=1 GCSFUSE=1
 script_option() { # all but --name, --zone (both required), --project, --dry-run: see parse_options
   case $1 in
     --worker) takes_value "$@"; WORKER=$2 ;;
@@ -55,6 +59,7 @@ script_option() { # all but --name, --zone (both required), --project, --dry-run
     --git-url) takes_value "$@"; GIT_URL=$2 ;;
     --git-ref) takes_value "$@"; GIT_REF=$2 ;;
     --no-find-links) FIND_LINKS=0 ;;
+    --no-gcsfuse) GCSFUSE=0 ;;
     *) unknown_option "$1" ;;
   esac
 }
@@ -89,10 +94,32 @@ tar -xzf $(q "$remote_tarball") -C $(q "$REMOTE_DIR")
 rm -f $(q "$remote_tarball")"
 fi
 
-# 2. venv, install, smoke test: one ssh per worker, all workers at once.
+# 2. gcsfuse where it is missing: Google's apt repository for this Ubuntu release, as in
+# https://cloud.google.com/storage/docs/cloud-storage-fuse/install (TPU VM images are Ubuntu).
+gcsfuse_install=""
+if ((GCSFUSE)); then
+  gcsfuse_install="if command -v gcsfuse >/dev/null 2>&1; then
+  echo \"\$(hostname): gcsfuse is installed: \$(gcsfuse --version 2>&1 | head -n 1)\"
+else
+  repo=gcsfuse-\$(lsb_release -c -s 2>/dev/null || echo unknown)
+  echo \"\$(hostname): installing gcsfuse from https://packages.cloud.google.com/apt \$repo\"
+  if ! { curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null &&
+    echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt \$repo main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null &&
+    sudo apt-get update -qq &&
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcsfuse &&
+    command -v gcsfuse >/dev/null 2>&1; }; then
+    echo \"\$(hostname): error: could not install gcsfuse (apt repository \$repo), which launch.sh needs for a gs:// --workdir; install it by hand (https://cloud.google.com/storage/docs/cloud-storage-fuse/install) or pass --no-gcsfuse\" >&2
+    exit 1
+  fi
+  echo \"\$(hostname): gcsfuse installed: \$(gcsfuse --version 2>&1 | head -n 1)\"
+fi"
+fi
+
+# 3. venv, install, smoke test: one ssh per worker, all workers at once.
 pip_flags=""
 ((FIND_LINKS)) && pip_flags=" -f $LIBTPU_LINKS"
 script="set -euo pipefail
+$gcsfuse_install
 $fetch
 cd $(q "$REMOTE_DIR")
 if [ ! -x .venv/bin/python ]; then

@@ -27,7 +27,8 @@ required:
   --name NAME              TPU node id
   --zone ZONE              zone of the node
   --type TYPE              accelerator type to recreate (v4-8, v5litepod-8, ...)
-  --workdir DIR            the run folder given to launch.sh (gs://... so that it outlives the VM)
+  --workdir DIR            the run folder given to launch.sh (gs://... so that it outlives the VM;
+                           every new VM mounts the bucket again)
 
 recreate (create.sh):
   --project PROJECT        Google Cloud project (default: gcloud's configured project)
@@ -42,8 +43,8 @@ set up (setup.sh):
   --setup-arg ARG          extra option for setup.sh, e.g. --setup-arg=--no-find-links (repeatable)
 launch (launch.sh):
   --config FILE            config YAML (repeatable), --env KEY=VALUE (repeatable),
-  --log-dir DIR, --session NAME, --no-distributed     as in launch.sh
-  -- TRAIN_ARGS...         passed to python -m spafit_jax.train
+  --module MODULE, --log-dir DIR, --session NAME, --no-distributed     as in launch.sh
+  -- TRAIN_ARGS...         passed to python -m spafit_jax.train (or .experiment)
 watch:
   --interval SECONDS       seconds between polls (default 120)
   --max-retries N          give up (exit 1) after N relaunches (default 5)
@@ -56,7 +57,7 @@ EOF
 
 TYPE="" RUNTIME="" WORKDIR="" QUEUED=0 PROVISION=""
 SRC="" GIT_URL="" GIT_REF="" REMOTE_DIR=$REMOTE_DIR_DEFAULT LOG_DIR=$LOG_DIR_DEFAULT
-SESSION=$SESSION_DEFAULT DISTRIBUTED=1 INTERVAL=120 MAX_RETRIES=5 ONCE=0 SIMULATE=""
+SESSION=$SESSION_DEFAULT DISTRIBUTED=1 INTERVAL=120 MAX_RETRIES=5 ONCE=0 SIMULATE="" MODULE=train
 CREATE_EXTRA=() SETUP_EXTRA=() CONFIGS=() ENVS=() TRAIN_ARGS=()
 script_option() { # all but --name, --zone (both required), --project, --dry-run: see parse_options
   case $1 in
@@ -71,6 +72,7 @@ script_option() { # all but --name, --zone (both required), --project, --dry-run
     --git-ref) takes_value "$@"; GIT_REF=$2 ;;
     --remote-dir) takes_value "$@"; REMOTE_DIR=$2 ;;
     --config) takes_value "$@"; CONFIGS+=("$2") ;;
+    --module) takes_value "$@"; MODULE=$2 ;;
     --env) takes_value "$@"; ENVS+=("$2") ;;
     --log-dir) takes_value "$@"; LOG_DIR=$2 ;;
     --session) takes_value "$@"; SESSION=$2 ;;
@@ -119,7 +121,7 @@ setup_args=("${node[@]}" --remote-dir "$REMOTE_DIR")
 [[ -n $GIT_REF ]] && setup_args+=(--git-ref "$GIT_REF")
 setup_args+=(${SETUP_EXTRA[@]+"${SETUP_EXTRA[@]}"})
 launch_args=("${node[@]}" --workdir "$WORKDIR" --remote-dir "$REMOTE_DIR" --log-dir "$LOG_DIR"
-  --session "$SESSION")
+  --session "$SESSION" --module "$MODULE")
 for c in ${CONFIGS[@]+"${CONFIGS[@]}"}; do launch_args+=(--config "$c"); done
 for e in ${ENVS[@]+"${ENVS[@]}"}; do launch_args+=(--env "$e"); done
 ((DISTRIBUTED)) || launch_args+=(--no-distributed)
@@ -174,7 +176,7 @@ poll_state() {
 job_status() {
   local exit_file check out
   exit_file=$(remote_log "$REMOTE_DIR" "$LOG_DIR" "$NAME-worker0.exit")
-  check="cat $(q "$exit_file") 2>/dev/null || { { pgrep -f '[s]pafit_jax[.]train' || tmux has-session -t $(q "$SESSION"); } >/dev/null 2>&1 && echo running || echo gone; }"
+  check="cat $(q "$exit_file") 2>/dev/null || { { pgrep -f '[s]pafit_jax[.](train|experiment)' || tmux has-session -t $(q "$SESSION"); } >/dev/null 2>&1 && echo running || echo gone; }"
   if ((DRY_RUN)); then
     run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${LOC_FLAGS[@]}" --worker=0 --command "$check"
     note "dry run: taking the run to be still going"
