@@ -168,12 +168,27 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, data, argv, message)
     assert not (tmp_path / "E").exists()
 
 
+def test_an_unwritable_experiment_folder_is_one_line(tmp_path, capsys):
+    path = write(tmp_path, tasks=["bbc_news"], methods=["bitfit"])
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["--config", str(path), "--workdir", str(tmp_path / "file" / "E")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and err.count("\n") == 1 and "--workdir" in err, err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
 def test_shipped_experiments_load():
     cells = {p.stem: load_experiment(p)[0] for p in (ROOT / "configs/experiments").glob("*.yaml")}
     paper = cells["bbc_news_paper"]
     assert len(paper) == 15 and {c.method for c in paper} == {"full", "bitfit", "lora", "spafit-2-4", "spafit-1-3"}
     assert {(c.config().method.n1, c.config().method.n2) for c in paper if c.method.startswith("spafit")} == {(2, 4), (1, 3)}
     assert all(c.config().model.name == "minilm" for c in paper) and len(cells["smoke"]) == 6
+    offline = cells["offline"]
+    assert len(offline) == 60 and {c.task for c in offline} == {"bbc_news", "tweets"}
+    by_method = {c.method: c.config() for c in offline if c.task == "tweets" and c.seed == 0}
+    assert len(by_method) == 10 and by_method["full"].train.lr == 1e-4 and by_method["full"].data.max_length == 64
+    variants = {(m.method.n1, m.method.n2, m.method.stratum3_bias) for m in by_method.values() if m.method.name == "spafit"}
+    assert variants == {(n, n + 2, bias) for n in (1, 2, 3) for bias in (True, False)}
     glue = cells["glue_paper"]
     assert len(glue) == 135 and len({c.task for c in glue}) == 9
     assert {c.config().model.name for c in glue} == {"bert-large-cased"}
