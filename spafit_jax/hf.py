@@ -90,6 +90,9 @@ def read_config(folder: Path) -> BertConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); re-download the model") from None
+    if not isinstance(raw, dict):
+        raise LoadError(f"{path} holds a JSON {type(raw).__name__}, not an object of model settings; re-download the "
+                        "model")
     return BertConfig.from_dict(families.config_fields(raw, str(path)))  # model_type -> the family's names
 
 
@@ -134,11 +137,30 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
         raise LoadError(f"{path} needs PyTorch to read; pip install torch, or save the model as safetensors")
     import torch
 
+    import warnings
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            # a pickle naming code to run (a class, a function): executing it is what a malicious file wants
+            raise LoadError(f"{path} is a pickle that names code to run (torch.load(weights_only=True) refused "
+                            f"{_culprit(e)}); it is not loaded, for "
+                            f"safety: convert the model to {SAFETENSORS} (e.g. save_pretrained(..., "
+                            "safe_serialization=True) where you trust it) and load that") from None
         raise LoadError(f"{path} is truncated or corrupt ({type(e).__name__}); re-download or re-save the model") from None
+    if not isinstance(state, dict) or not all(hasattr(v, "numpy") for v in state.values()):
+        raise LoadError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; save the model with "
+                        f"save_pretrained (as {SAFETENSORS})")
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+
+
+def _culprit(e: BaseException) -> str:
+    """What torch's weights-only unpickler refused (its 'Unsupported global: GLOBAL x' line), else 'it'."""
+    m = re.search(r"Unsupported (?:global|operand)[^\n.]*", str(e))
+    return m.group(0).strip() if m else "it"
 
 
 def _read_flax(path: Path, model_type: str | None = None) -> dict[str, np.ndarray]:
@@ -321,9 +343,13 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
     folder = resolve(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{folder} has no usable tokenizer ({type(e).__name__}: {e}); add vocab.txt / tokenizer.json") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # e.g. tokenizer_config.json without its vocabulary
+        raise LoadError(f"{folder} has a tokenizer without a vocabulary ({len(tokenizer)} special tokens only: every "
+                        "word would be unknown); add vocab.txt / tokenizer.json")
+    return tokenizer
 
 
 def save_pretrained(folder: str | os.PathLike, config: BertConfig, params: Mapping, *, num_labels: int | None = None,

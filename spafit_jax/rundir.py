@@ -70,6 +70,12 @@ def choose(workdir: str | os.PathLike | None, cfg: config_lib.Config, *, overwri
         if processes > 1:
             raise ConfigError("multi-host runs need an explicit --workdir shared by all processes")
         workdir = Path("runs") / f"{cfg.data.task}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    text = os.fspath(workdir)
+    if not str(text).strip():
+        raise ConfigError("--workdir is empty; name a folder, or leave --workdir out for runs/<task>-<method>-<time>")
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(text)):
+        raise ConfigError(f"--workdir {str(text)!r} holds a control character (a pasted newline or tab?); "
+                          "name the folder without it")
     workdir = Path(workdir)
     if (workdir / RESULTS).exists() and not overwrite:
         raise ConfigError(f"{workdir} holds a finished run ({RESULTS}); pass --overwrite to replace it "

@@ -63,10 +63,47 @@ def load(cfg: Config) -> Loaded:
                           f"{cfg.model.name} (from max_position_embeddings in {folder / 'config.json'}); use "
                           f"data.max_length={model_cfg.max_tokens} or less", "data.max_length")
     plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
+    _check_sizes(cfg, plan, model_cfg, folder)
     tokenizer = hf.load_tokenizer(folder)
     task = data.load_task_data(cfg.data, tokenizer, seed=cfg.train.seed)
+    _check_head(cfg, task.spec.num_labels, model_cfg)
     model, params, plan = run_lib.load_model(cfg, task.spec.num_labels, folder, plan)
     return Loaded(model, params, plan, task, tokenizer)
+
+
+def _check_sizes(cfg: Config, plan: Plan, model_cfg, folder: Path) -> None:
+    """Refuses LoRA ranks above the matrices they adapt (before anything is allocated): a rank above
+    min(in, out) of every target adds nothing but memory, and an absurd one would not fit."""
+    if plan.lora is None:
+        return
+    limit = min(model_cfg.hidden_size, model_cfg.intermediate_size)
+    ranks = {"method.lora_rank": cfg.method.lora_rank,
+             **{f"method.rank_pattern[{k!r}]": v for k, v in dict(cfg.method.rank_pattern).items()}}
+    for field, rank in ranks.items():
+        if rank > limit:
+            raise ConfigError(f"{field}={rank} is above {limit}, the smaller side of the matrices of {cfg.model.name} "
+                              f"(hidden_size {model_cfg.hidden_size}, intermediate_size {model_cfg.intermediate_size} "
+                              f"in {folder / 'config.json'}); a LoRA rank is at most min(in, out): use {limit} or "
+                              "less", "lora_rank")
+
+
+def _check_head(cfg: Config, num_labels: int, model_cfg) -> None:
+    """Refuses a classifier head larger than the model's whole embedding table (data.num_labels=10**9)."""
+    if num_labels > model_cfg.vocab_size:
+        raise ConfigError(f"{num_labels} classes (data.num_labels={cfg.data.num_labels}) would make a classifier head "
+                          f"larger than the whole embedding table of {cfg.model.name} ({model_cfg.vocab_size} tokens); "
+                          "check data.num_labels (null infers it from the train labels)", "num_labels")
+
+
+def _eval_batch(t, task: data.TaskData) -> int:
+    """train.eval_batch_size, capped at the largest eval split rounded up to the devices: a last batch is
+    padded up to the batch size, and padding beyond the split only costs memory (an absurd size would not fit)."""
+    return _capped(t.eval_batch_size, max(len(enc) for enc in task.evals.values()))
+
+
+def _capped(batch: int, examples: int) -> int:
+    n = jax.device_count()
+    return min(batch, max(n, -(-examples // n) * n))
 
 
 def _init_distributed(cfg: Config) -> None:
@@ -81,10 +118,10 @@ def _init_distributed(cfg: Config) -> None:
 
 def _evaluate(driver, state, frozen, task: data.TaskData, cfg: Config, buckets) -> dict[str, dict[str, float]]:
     """Metrics of every eval split: every example once, predictions gathered across hosts once."""
-    out = {}
+    out, size = {}, _eval_batch(cfg.train, task)
     for split, enc in task.evals.items():
         logits, labels, weights = [], [], []
-        for local in batching.eval_batches(enc, cfg.train.eval_batch_size, buckets=buckets,
+        for local in batching.eval_batches(enc, size, buckets=buckets,
                                            process_index=jax.process_index(), process_count=jax.process_count(),
                                            group_by_length=cfg.data.group_by_length):
             batch = driver.put_batch(local)
@@ -117,15 +154,16 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
     lead, t = jax.process_index() == 0, cfg.train
     run = load(cfg)
     plan, spec = run.plan, run.task.spec
+    per_epoch = batching.steps_per_epoch(run.task.train, t.batch_size)  # a batch larger than the data: refused
+    total_steps = min(math.ceil(t.epochs * per_epoch), t.max_steps or math.inf)
     rundir.prepare(workdir, lead=lead)  # only once the model, the plan and the data are good
 
     trainable, frozen = plan.split(run.params)
-    per_epoch = batching.steps_per_epoch(run.task.train, t.batch_size)
-    total_steps = min(math.ceil(t.epochs * per_epoch), t.max_steps or math.inf)
     tx = optim.make_optimizer(plan.labels, t, total_steps)
     cache = None
     if t.cache_frozen:  # the step starts at layer n1 from cached hidden states; evaluation runs the whole model
-        cache = frozen_cache.build_cache(run.model, plan, run.params, run.task.train, t, t.eval_batch_size,
+        cache = frozen_cache.build_cache(run.model, plan, run.params, run.task.train, t,
+                                         _capped(t.eval_batch_size, len(run.task.train)),
                                          cfg.data.bucket_lengths())
     driver = parallel.make_driver(cfg.parallel, run.model.apply, tx, is_regression=spec.is_regression,
                                   grad_accum=t.grad_accum, train_apply_fn=None if cache is None else cache.apply_fn)
@@ -360,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; bad input is one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's routine notices
+    import datasets
+
+    datasets.disable_progress_bars()  # "Generating train split" bars of small files: stderr is the trainer's own
     try:
         cfg, args = cli.parse_args(argv)
         run = train_and_evaluate(cfg, args.workdir, overwrite=args.overwrite)
