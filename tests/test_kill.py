@@ -182,6 +182,13 @@ def tmp_dirs(workdir: Path) -> list[str]:
     return sorted(p.name for p in ck.iterdir() if "tmp" in p.name) if ck.is_dir() else []
 
 
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
 def log_inode(workdir: Path):
     try:
         return (workdir / "metrics.jsonl").stat().st_ino
@@ -197,8 +204,10 @@ def condition(workdir: Path, trigger: tuple, inode_before):
     opened = lambda: log_inode(workdir) not in (None, inode_before)  # noqa: E731
     if kind == "log_opened":  # it compiles and runs its first step
         return opened
-    if kind == "ckpt_tmp":  # Orbax writes step k into its temporary folder
-        return lambda: opened() and any(name.startswith(f"{k}.") for name in tmp_dirs(workdir))
+    if kind == "ckpt_tmp":  # Orbax writes step k into a new temporary folder (it may delete old ones in the background)
+        since = time.time_ns()
+        return lambda: opened() and any(name.startswith(f"{k}.") and _mtime(workdir / "checkpoints" / name) >= since
+                                        for name in tmp_dirs(workdir))
     if kind == "ckpt_done":  # step k is finalised: the run trains step k + 1 (or, at the end, writes results)
         return lambda: opened() and k in finished_steps(workdir)
     if kind == "record":  # the train record of step k is logged: evaluation follows
