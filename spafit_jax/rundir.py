@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import time
@@ -76,6 +77,9 @@ def choose(workdir: str | os.PathLike | None, cfg: config_lib.Config, *, overwri
     if any(ord(c) < 32 or ord(c) == 127 for c in str(text)):
         raise ConfigError(f"--workdir {str(text)!r} holds a control character (a pasted newline or tab?); "
                           "name the folder without it")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(text)):
+        raise ConfigError(f"--workdir {text} is a URL, but the run folder must be a local or mounted path; mount "
+                          "the bucket (gcsfuse; tpu_scripts/launch.sh does it for gs:// workdirs) and pass the mount")
     workdir = Path(workdir)
     if (workdir / RESULTS).exists() and not overwrite:
         raise ConfigError(f"{workdir} holds a finished run ({RESULTS}); pass --overwrite to replace it "
@@ -84,16 +88,19 @@ def choose(workdir: str | os.PathLike | None, cfg: config_lib.Config, *, overwri
 
 
 class Lock:
-    """`with Lock(workdir, enabled=...)`: `<workdir>/.lock` holds {"host", "pid"} of the one
+    """`with Lock(workdir, enabled=...)`: `<workdir>/.lock` holds {"host", "boot", "pid"} of the one
     process (process 0) that runs in the folder, from before anything is written to the end
-    (exceptions included). A lock of a process that no longer exists on this host is stale and
-    taken over with a warning; any other lock is a WorkdirError naming its holder. A folder that
-    the lock created and that is still empty at the end is removed again.
+    (exceptions included). A lock of this host whose process is gone, or that was taken before
+    the host last booted, is stale and taken over with a warning; any other lock is a WorkdirError
+    naming its holder. The host is `$SPAFIT_LOCK_HOST` when set (tpu_scripts/launch.sh sets the
+    TPU node and worker, which outlive a preempted and re-created VM), else the host name. A
+    folder that the lock created and that is still empty at the end is removed again.
     """
 
     def __init__(self, workdir: Path, *, enabled: bool):
         self.workdir, self.enabled, self.path = Path(workdir), enabled, Path(workdir) / LOCK
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.me = {"host": os.environ.get("SPAFIT_LOCK_HOST") or socket.gethostname(), "boot": _boot_id(),
+                   "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.created = False
 
     def __enter__(self) -> Lock:
@@ -135,13 +142,13 @@ class Lock:
             except FileNotFoundError:
                 return
             log.warning("%s: removing an unreadable lock file", self.path)
-        elif holder.get("host") != self.me["host"] or _alive(holder["pid"]):
+        elif holder.get("host") != self.me["host"] or (_alive(holder["pid"]) and not _rebooted(holder, self.me)):
             raise WorkdirError(
                 f"{self.workdir} is in use by pid {holder['pid']} on {holder.get('host')} (since {holder.get('since')}); "
                 f"wait for that run to end, use another --workdir, or delete {self.path} if that run is gone")
         else:
             log.warning("%s: taking over the stale lock of pid %d on %s (that process is gone)",
-                        self.path, holder["pid"], holder.get("host"))
+                        self.path, holder["pid"], holder.get("host"))  # or the host has rebooted since
         self.path.unlink(missing_ok=True)
 
     def __exit__(self, *exc_info) -> None:
@@ -150,6 +157,19 @@ class Lock:
         self.path.unlink(missing_ok=True)
         if self.created and not any(self.workdir.iterdir()):
             self.workdir.rmdir()  # nothing was written: leave no trace
+
+
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux), so a lock from before a reboot or a re-created VM is stale."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _rebooted(holder: dict, me: dict) -> bool:
+    """Whether the holder's lock was taken before this machine's current boot (both boots known)."""
+    return None not in (holder.get("boot"), me["boot"]) and holder.get("boot") != me["boot"]
 
 
 def _alive(pid: int) -> bool:

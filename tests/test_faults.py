@@ -183,6 +183,31 @@ def test_a_lock_on_another_host_is_never_taken_over(tmp_path):
             pass
 
 
+def test_a_lock_from_before_a_reboot_or_from_a_recreated_vm_is_stale(tmp_path, monkeypatch, caplog):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live pid, reused
+    try:
+        monkeypatch.setenv("SPAFIT_LOCK_HOST", "tpu:sst2-spafit:worker0")
+        lock = {"host": "tpu:sst2-spafit:worker0", "boot": "an-earlier-boot", "pid": holder.pid}
+        (tmp_path / rundir.LOCK).write_text(json.dumps(lock))
+        with rundir.Lock(tmp_path, enabled=True):
+            assert json.loads((tmp_path / rundir.LOCK).read_text())["host"] == "tpu:sst2-spafit:worker0"
+        assert "stale lock" in caplog.text
+        (tmp_path / rundir.LOCK).write_text(json.dumps({**lock, "boot": rundir._boot_id()}))  # this boot: live
+        with pytest.raises(rundir.WorkdirError, match=f"in use by pid {holder.pid}"):
+            with rundir.Lock(tmp_path, enabled=True):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--workdir", "gs://bucket/runs/x", *small(tiny_model_dir)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "is a URL" in line and "gcsfuse" in line and list(tmp_path.iterdir()) == []
+
+
 def test_a_stale_lock_is_taken_over_with_a_warning(tiny_model_dir, tmp_path, capsys, caplog):
     pid = dead_pid()
     (tmp_path / rundir.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
