@@ -521,6 +521,7 @@ def test_launch_dry_run(sandbox):
     assert "log=logs/sst2-worker${w}.log" in out
     assert "tmux new-session -d -s spafit" in out and "nohup bash logs/sst2-launch.sh" in out
     assert "export PYTHONUNBUFFERED=1 JAX_PLATFORMS=tpu" in out
+    assert "export SPAFIT_LOCK_HOST=tpu-vm/us-central2-b/sst2/worker$w" in out  # outlives a re-created VM
 
 
 def test_launch_options(sandbox):

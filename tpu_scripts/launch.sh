@@ -153,6 +153,8 @@ fail() { # one line in the log, exit status 1 in the .exit file (watch.sh reads 
   exit 1
 }
 $exports
+# The run folder's lock names this TPU node and worker, which a re-created VM keeps (its host name changes).
+export SPAFIT_LOCK_HOST=tpu-vm/$(q "$ZONE/$NAME")/worker\$w
 echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) start on worker \$w (\$(hostname)), command in \$0\" >> \"\$log\"
 $set_workdir
 $command_line 2>&1 | tee -a \"\$log\"
