@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from spafit_jax import masking
+from spafit_jax.errors import MaskingError
 from spafit_jax.methods import FROZEN, LORA_METHODS, LoRAConfig
 from spafit_jax.schema import MethodConfig
 
@@ -74,7 +75,10 @@ def make_plan(method: MethodConfig, num_layers: int) -> Plan:
     on layers n2..L-1 for spafit, none otherwise. Raises MaskingError when n1/n2 do not fit L."""
     n1 = n2 = None
     if method.name == "spafit":
-        n1, n2 = masking.resolve_strata(num_layers, method.n1, method.n2)
+        try:
+            n1, n2 = masking.resolve_strata(num_layers, method.n1, method.n2)
+        except MaskingError as e:  # "n1=9 exceeds the 6 layers ..." names the config field
+            raise MaskingError(f"method.{e}") from None
     lora = None
     if method.name in LORA_METHODS:
         lora = method.lora(None if n2 is None else range(n2, num_layers))

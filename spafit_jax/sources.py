@@ -291,7 +291,10 @@ def read_file(path: str | os.PathLike, encoding: str = "utf-8") -> datasets.Data
         kw = dict(kw, encoding=encoding) if builder == "csv" or _codec(encoding) != "utf-8" else kw
     if builder == "csv":
         with open(p, newline="", encoding=_text_encoding(encoding)) as f:
-            header = next(csv.reader(f, delimiter=kw["delimiter"]), [])
+            rows = csv.reader(f, delimiter=kw["delimiter"])
+            header, first = next(rows, []), next(rows, None)
+        if header and first is None:
+            raise DataError(f"{p}: has a header ({', '.join(header)}) but no rows; add examples or name another file")
         kw = dict(kw, keep_default_na=False, na_values=[],
                   features=datasets.Features({c: datasets.Value("string") for c in header}))
     try:

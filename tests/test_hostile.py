@@ -63,7 +63,7 @@ SETTINGS = [
     (["train.lr=.nan"], "train.lr must be a number, got float nan"),
     (["train.max_grad_norm=.nan"], "train.max_grad_norm"),
     (["train.warmup_ratio=2"], "train.warmup_ratio must be in [0, 1]"),
-    (["method.n1=100", "method.n2=200"], "n1=100 exceeds the 3 layers"),
+    (["method.n1=100", "method.n2=200"], "method.n1=100 exceeds the 3 layers"),
     (["train.batch_size=abc"], "train.batch_size"),
     (["train.lr"], "has no '='"),
     (["nosuch.key=1"], "unknown config section 'nosuch'"),
@@ -102,7 +102,7 @@ def local_data(tmp_path, train: str | bytes, name="train.csv"):
 
 TRAIN_FILES = [
     ("empty", b"", "train.csv", ""),
-    ("header only", b"text,label\n", "train.csv", "cannot read it"),
+    ("header only", b"text,label\n", "train.csv", "has a header (text, label) but no rows"),
     ("no label column", b"text,lab\na,0\nb,1\n", "train.csv", "no column 'label'"),
     ("no text column", b"txt,label\na,0\nb,1\n", "train.csv", "no column 'text'"),
     ("one class", b"text,label\na,0\nb,0\n", "train.csv", "at least 2"),

@@ -87,7 +87,7 @@ def test_stratum3_lora_only_variant_freezes_the_late_biases_only():
 
 
 def test_strata_that_do_not_fit_the_model():
-    with pytest.raises(MaskingError, match="n2=9 exceeds the 6 layers"):
+    with pytest.raises(MaskingError, match="method.n2=9 exceeds the 6 layers"):
         make_plan(MethodConfig(n1=2, n2=9), 6)
 
 
