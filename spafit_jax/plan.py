@@ -55,8 +55,10 @@ class Plan:
         return sum(self.counts.values())
 
     def describe(self) -> dict[str, Any]:
-        """The plan's fields of results.json: method, n1, n2, trainable/total params and percent, by label."""
+        """The plan's fields of results.json: method, n1, n2, stratum3_bias (spafit), trainable/total params
+        and percent, by label."""
         return {"method": self.method.name, "n1": self.n1, "n2": self.n2,
+                "stratum3_bias": None if self.n1 is None else self.method.stratum3_bias,
                 "trainable_params": self.trainable_params, "total_params": self.total_params,
                 "trainable_percent": 100.0 * self.trainable_params / self.total_params,
                 "params_by_label": dict(self.counts)}

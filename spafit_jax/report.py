@@ -57,6 +57,12 @@ class RunRecord:
     def value(self) -> float | None:
         return self.results["eval"].get(self.metric)
 
+    @property
+    def stratum3(self) -> str:
+        """What SPAFIT's group 3 trains: "LoRA + bias" or "LoRA only" (from results.json, else config.yaml)."""
+        bias = self.results.get("stratum3_bias", None if self.config is None else self.config.method.stratum3_bias)
+        return "LoRA only" if bias is False else "LoRA + bias"
+
 
 def _read_run(folder: Path, names: tuple[str, str, int] | None = None) -> RunRecord:
     try:
@@ -132,6 +138,7 @@ def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     for r in runs:
         res = r.results
         row = {"task": r.task, "method": r.method, "seed": r.seed, "n1": res.get("n1"), "n2": res.get("n2"),
+               "stratum3": r.stratum3 if res.get("n1") is not None else None,
                "trainable_params": res["trainable_params"], "total_params": res["total_params"],
                "trainable_percent": res["trainable_percent"], "main_metric": r.metric, "main_value": r.value,
                "best_step": res["best"]["step"], "best_value": res["best"]["value"]}
@@ -297,16 +304,17 @@ def plot_eval(groups: Groups, out: Path) -> list[str]:
 
 
 def plot_heatmap(groups: Groups, out: Path) -> list[str]:
-    """The main metric x100 over (N1, N2) per task, averaged over the spafit runs at each split."""
+    """The main metric x100 over (N1, N2), averaged over the spafit runs at each split: a panel per
+    task and group-3 variant (LoRA + bias, LoRA only)."""
     import numpy as np
 
     strata = [r for r in groups.runs if r.results.get("n1") is not None and r.value is not None]
     if len({(r.results["n1"], r.results["n2"]) for r in strata}) < 2:
         return []
-    tasks = sorted({r.task for r in strata})
-    fig, axes = _figure(len(tasks), "SPAFIT: main metric x100 over (N1, N2)", 4.5, 4.0)
-    for ax, task in zip(axes, tasks):
-        runs = [r for r in strata if r.task == task]
+    panels = sorted({(r.task, r.stratum3) for r in strata})
+    fig, axes = _figure(len(panels), "SPAFIT: main metric x100 over (N1, N2)", 4.5, 4.0)
+    for ax, (task, variant) in zip(axes, panels):
+        runs = [r for r in strata if (r.task, r.stratum3) == (task, variant)]
         n1s, n2s = sorted({r.results["n1"] for r in runs}), sorted({r.results["n2"] for r in runs})
         grid = np.full((len(n1s), len(n2s)), np.nan)
         for a, n1 in enumerate(n1s):
@@ -319,7 +327,8 @@ def plot_heatmap(groups: Groups, out: Path) -> list[str]:
             if np.isfinite(v):
                 ax.text(b, a, f"{v:.1f}", ha="center", va="center", color="k" if v > middle else "w", fontsize=9)
         ax.set(xticks=range(len(n2s)), xticklabels=n2s, yticks=range(len(n1s)), yticklabels=n1s,
-               xlabel="N2 (LoRA + bias from layer)", ylabel="N1 (bias only from layer)", title=task)
+               xlabel=f"N2 ({variant} from layer)", ylabel="N1 (bias only from layer)",
+               title=task if len({v for _, v in panels}) == 1 else f"{task}: group 3 {variant}")
         fig.colorbar(image, ax=ax, shrink=0.8)
     return _save(fig, out, "heatmap_n1_n2")
 

@@ -117,9 +117,31 @@ def test_layer_kinds_follow_each_methods_plan(tiny_model_dir):
     kinds = {m: report.layer_kinds(config_lib.load_config([], [f"model.name={tiny_model_dir}", *o]))
              for m, o in {"full": ["method.name=full"], "bitfit": ["method.name=bitfit"], "lora": ["method.name=lora"],
                           "head_only": ["method.name=head_only"],
-                          "spafit": ["method.name=spafit", "method.n1=1", "method.n2=2"]}.items()}
+                          "spafit": ["method.name=spafit", "method.n1=1", "method.n2=2"],
+                          "lora_only": ["method.name=spafit", "method.n1=1", "method.n2=2",
+                                        "method.stratum3_bias=false"]}.items()}
     assert kinds == {"full": ["all weights"] * 3, "bitfit": ["bias only"] * 3, "lora": ["LoRA"] * 3,
-                     "head_only": ["frozen"] * 3, "spafit": ["frozen", "bias only", "LoRA + bias"]}
+                     "head_only": ["frozen"] * 3, "spafit": ["frozen", "bias only", "LoRA + bias"],
+                     "lora_only": ["frozen", "bias only", "LoRA"]}
+
+
+def test_group3_variants_get_their_own_heatmap_panels_and_csv_column(tiny_model_dir, tmp_path):
+    root = tmp_path / "EXP"
+    for variant, flag in (("plus", "true"), ("only", "false")):
+        for method in ("spafit@n1=1,n2=2", "spafit@n1=1,n2=3"):
+            folder = root / "runs" / "a" / f"{method}-{variant}" / "seed0"
+            make_run(folder, tiny_model_dir, "a", method, 0)
+            cfg = config_lib.load_config([folder / "config.yaml"], [f"method.stratum3_bias={flag}"])
+            config_lib.save_config(cfg, folder / "config.yaml")  # results.json without the field: config.yaml says
+    runs, _ = report.collect(root)
+    assert sorted(r.stratum3 for r in runs) == ["LoRA + bias"] * 2 + ["LoRA only"] * 2
+    rows = report.summary_rows(runs)
+    assert {(r["method"].rsplit("-", 1)[1], r["stratum3"]) for r in rows} == {("plus", "LoRA + bias"),
+                                                                             ("only", "LoRA only")}
+    runs[0].results["stratum3_bias"] = False  # results.json, when it has the field, wins
+    assert runs[0].stratum3 == "LoRA only"
+    (tmp_path / "out").mkdir()
+    assert report.plot_heatmap(report.Groups(runs), tmp_path / "out") == ["heatmap_n1_n2.png", "heatmap_n1_n2.svg"]
 
 
 def test_pareto_front_and_counts():
