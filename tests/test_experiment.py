@@ -70,7 +70,7 @@ def test_only_then_the_whole_grid_skips_resumes_and_records_a_failure(grid):
     assert "[1/6] bbc_news/bitfit/seed0: finished before, skipped" in out
     assert "[5/6] bbc_news/spafit/seed1: resuming" in out
     error = (exp / "runs/bbc_news/broken/seed0/error.txt").read_text()
-    assert error.startswith("MaskingError: n1=5") and error.count("\n") == 1
+    assert error.startswith("MaskingError: method.n1=5") and error.count("\n") == 1
     assert re.search(r"\[6/6\] bbc_news/broken/seed1: FAILED \(MaskingError: .*\) in \dm\d\ds · elapsed \dm\d\ds · last cell", out)
     assert re.search(r"\[2/6\] bbc_news/spafit/seed0: accuracy 0\.\d{4} in \dm\d\ds · elapsed \dm\d\ds · about \dm\d\ds left", out)
     assert "3 trained, 1 finished before, 2 failed, 0 not run" in out
