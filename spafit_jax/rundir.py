@@ -270,7 +270,7 @@ class MetricsWriter:
         self.enabled = enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
 
         path = workdir / METRICS
         self.path, self.evals = path, set()
@@ -280,7 +280,11 @@ class MetricsWriter:
             self.evals = {(r["step"], r.get("split")) for _, r in kept if r.get("kind") == "eval"}
         with naming(path):
             self.jsonl = open(path, "a", encoding="utf-8")
-        self.tb = SummaryWriter(str(workdir / TENSORBOARD))
+        # Events are written in this thread (tensorboardX's EventsWriter, not SummaryWriter, whose
+        # background thread dies on a full disk and then blocks the trainer for ever).
+        with naming(workdir / TENSORBOARD):
+            (workdir / TENSORBOARD).mkdir(exist_ok=True)
+            self.tb = EventsWriter(str(workdir / TENSORBOARD / "events"))
 
     def write(self, record: dict) -> None:
         """Appends one record (a dict with "step") to metrics.jsonl and its numbers to TensorBoard."""
@@ -292,16 +296,22 @@ class MetricsWriter:
         with naming(self.path):  # a full disk: the caller stops; a torn line is dropped on resume
             self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
             self.jsonl.flush()
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
         prefix = "/".join(str(record[k]) for k in ("kind", "split") if k in record) or "train"
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
-        self.tb.flush()
+        with naming(Path(self.tb._file_name)):
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    summary = scalar(f"{prefix}/{key}", float(value))
+                    self.tb.write_event(Event(wall_time=time.time(), step=record["step"], summary=summary))
+            self.tb.flush()
 
     def close(self) -> None:
         if self.enabled:
             try:
-                self.tb.close()
+                with naming(Path(self.tb._file_name)):
+                    self.tb.close()
             finally:
                 with naming(self.path):
                     self.jsonl.close()

@@ -354,6 +354,39 @@ def test_a_full_disk_while_logging_is_one_line_keeps_the_checkpoint_and_a_rerun_
     assert [r["step"] for r in records(tmp_path) if "kind" not in r] == [1, 2, 3, 4]
 
 
+def test_a_full_disk_while_writing_tensorboard_events_is_one_line_not_a_hang_and_a_rerun_resumes(
+        tiny_model_dir, tmp_path, capsys, monkeypatch, caplog):
+    import errno
+
+    import tensorboardX.record_writer as record_writer
+
+    args = ["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=4", "train.epochs=10",
+                                                "checkpoint.every=2")]
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if (tmp_path / "checkpoints" / "2").exists():  # the disk fills up after the checkpoint of step 2
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, attr):
+            return getattr(self.f, attr)
+
+    real_open = record_writer.open_file
+    monkeypatch.setattr(record_writer, "open_file", lambda path: Full(real_open(path)))
+    assert main(args) == 2  # tensorboardX's background thread used to die here and block the trainer for ever
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'tensorboard'}/events.out.tfevents." in line and "No space left on device" in line
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / rundir.LOCK).exists()
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert "resuming from step" in caplog.text
+    assert [r["step"] for r in records(tmp_path) if "kind" not in r] == [1, 2, 3, 4]
+
+
 def test_a_full_disk_while_writing_results_keeps_the_final_checkpoint_and_a_rerun_finishes(
         tiny_model_dir, tmp_path, capsys, monkeypatch):
     args = ["--workdir", str(tmp_path), *small(tiny_model_dir)]

@@ -35,6 +35,24 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} read back from the event files in `folder` (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list] = {}
+    for path in sorted(folder.iterdir()):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (n,) = struct.unpack("Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + n])
+            at += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value or (v.tensor.float_val or [0.0])[0]))
+    return out
+
+
 def test_short_run_writes_results_metrics_config_and_tensorboard(tiny_model_dir, tmp_path, capsys):
     run = train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=6", "train.eval_every=4"), tmp_path)
     res = json.loads((tmp_path / "results.json").read_text())
@@ -53,7 +71,9 @@ def test_short_run_writes_results_metrics_config_and_tensorboard(tiny_model_dir,
     assert config_lib.load_config([str(tmp_path / "config.yaml")]).train.max_steps == 6
     assert f"--config {tmp_path / 'config.yaml'}\n" in (tmp_path / "config.yaml").read_text()  # names itself
     assert not list(tmp_path.glob("*.tmp"))
-    assert list((tmp_path / "tensorboard").iterdir())
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert [(step, v) for step, v in scalars["train/loss"]] == [(r["step"], pytest.approx(r["loss"])) for r in train]
+    assert scalars["eval/validation/accuracy"] == [(r["step"], pytest.approx(r["accuracy"])) for r in evals]
     assert (tmp_path / "tokenizer" / "tokenizer_config.json").is_file()  # the folder alone reloads the run
     assert json.loads((tmp_path / "task.json").read_text())["label_names"] == data_labels()
     out = capsys.readouterr().out
