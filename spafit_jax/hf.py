@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -136,8 +137,6 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     if importlib.util.find_spec("torch") is None:
         raise LoadError(f"{path} needs PyTorch to read; pip install torch, or save the model as safetensors")
     import torch
-
-    import warnings
 
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: the error says it all
