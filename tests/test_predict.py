@@ -196,7 +196,7 @@ def test_cli_regression_scores(trained, data_dir, capsys):
 
 @pytest.mark.parametrize("content,args,match", [
     ("premise,other\nx,y\n", [], r"in\.csv: no column 'hypothesis' .*--text-pair-column"),
-    ("premise,hypothesis\n", [], r"in\.csv: (no rows|cannot read it)"),
+    ("premise,hypothesis\n", [], r"in\.csv: (no rows|has a header \(premise, hypothesis\) but no rows)"),
     ("premise,hypothesis\nx,y\n,z\n", [], r"in\.csv row 2: empty text in column 'premise'"),
     ("premise,other\nx,y\n", ["--text-pair-column", "other"], None),
 ])
