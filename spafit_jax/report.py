@@ -233,9 +233,13 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+MARKERS = "osD^vP*X<>"
+
+
 def plot_params_vs_metric(groups: Groups, out: Path) -> list[str]:
     """Main metric vs trainable parameters (log x) per task, error bars over seeds, the Pareto front dashed."""
     fig, axes = _figure(len(groups.tasks), "Main metric vs trainable parameters")
+    legend = {}  # method -> handle: one legend for the figure (labels beside the points overlap)
     for ax, task in zip(axes, groups.tasks):
         points = []
         for i, m in enumerate(groups.methods):
@@ -244,12 +248,13 @@ def plot_params_vs_metric(groups: Groups, out: Path) -> list[str]:
                 continue
             x = groups.params(task, m)
             points.append((x, 100 * mean))
-            ax.errorbar(x, 100 * mean, yerr=None if std is None else 100 * std, fmt="o", capsize=3, color=f"C{i % 10}")
-            ax.annotate(m, (x, 100 * mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            legend[m] = ax.errorbar(x, 100 * mean, yerr=None if std is None else 100 * std, fmt=MARKERS[i % len(MARKERS)],
+                                    capsize=3, color=f"C{i % 10}", label=m)
         front = pareto_front(points)
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls="--", color="0.5", label="Pareto front")
+        legend["Pareto front"] = ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls="--",
+                                         color="0.5", label="Pareto front")[0]
         ax.set(xscale="log", xlabel="trainable parameters", ylabel=f"{groups.metric(task)} x100", title=task)
-        ax.legend(fontsize=8, loc="lower right")
+    fig.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=8)
     return _save(fig, out, "params_vs_metric")
 
 
