@@ -147,8 +147,9 @@ class Lock:
                 f"{self.workdir} is in use by pid {holder['pid']} on {holder.get('host')} (since {holder.get('since')}); "
                 f"wait for that run to end, use another --workdir, or delete {self.path} if that run is gone")
         else:
-            log.warning("%s: taking over the stale lock of pid %d on %s (that process is gone)",
-                        self.path, holder["pid"], holder.get("host"))  # or the host has rebooted since
+            log.warning("%s: taking over the stale lock of pid %d on %s (%s)", self.path, holder["pid"],
+                        holder.get("host"), "taken before this machine booted" if _rebooted(holder, self.me)
+                        else "that process is gone")
         self.path.unlink(missing_ok=True)
 
     def __exit__(self, *exc_info) -> None:
