@@ -27,14 +27,12 @@ unfinished ones and retries failed ones; a failing cell writes its one-line erro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import fnmatch
 import itertools
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -355,16 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                      else "unfinished" if folder.exists() else "to do")
             print(f"[{i}/{len(cells)}] {cell.name}: {state} -> {folder}")
         return 0
-    # A copy of the experiment file; shards sharing EXP (several hosts on one mount) each write
-    # their own temporary file, and the last rename wins (they all hold the same text).
-    tmp = workdir / f".experiment.yaml.{socket.gethostname()}.{os.getpid()}.tmp"
-    try:
+    try:  # a copy of the experiment file; shards sharing EXP write it at once (they all hold the same text)
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(Path(args.config).read_text(encoding="utf-8"), encoding="utf-8")
-        tmp.replace(workdir / "experiment.yaml")
+        rundir.write_atomic(workdir / "experiment.yaml", Path(args.config).read_text(encoding="utf-8"), per_process=True)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         print(f"error: cannot write {workdir / 'experiment.yaml'} ({e.strerror or e}); choose a writable --workdir",
               file=sys.stderr)
         return 2

@@ -246,15 +246,21 @@ def write_results(workdir: Path, results: dict) -> Path:
     return path
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """`path` holds `text` or what it held before (a full disk leaves no half file, and no tmp file)."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, text: str, *, per_process: bool = False) -> None:
+    """`path` holds `text` or what it held before (a full disk leaves no half file, and no tmp file).
+
+    `per_process`: the temporary file is named after this host and process, for files that several
+    processes (shards on one mounted folder) may write at once; the last rename wins.
+    """
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp" if per_process
+                         else path.name + ".tmp")
     try:
         with naming(tmp), open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         tmp.replace(path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the folder is gone: report the first error
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -286,6 +292,7 @@ class MetricsWriter:
         with naming(workdir / TENSORBOARD):
             (workdir / TENSORBOARD).mkdir(exist_ok=True)
             self.tb = EventsWriter(str(workdir / TENSORBOARD / "events"))
+        self.tb_path = Path(self.tb._file_name)  # events.out.tfevents.<time>.<host>, named in errors
 
     def write(self, record: dict) -> None:
         """Appends one record (a dict with "step") to metrics.jsonl and its numbers to TensorBoard."""
@@ -301,7 +308,7 @@ class MetricsWriter:
         from tensorboardX.summary import scalar
 
         prefix = "/".join(str(record[k]) for k in ("kind", "split") if k in record) or "train"
-        with naming(Path(self.tb._file_name)):
+        with naming(self.tb_path):
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     summary = scalar(f"{prefix}/{key}", float(value))
@@ -311,7 +318,7 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             try:
-                with naming(Path(self.tb._file_name)):
+                with naming(self.tb_path):
                     self.tb.close()
             finally:
                 with naming(self.path):
