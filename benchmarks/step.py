@@ -29,10 +29,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
+from spafit_jax import frozen as frozen_cache  # noqa: E402
 from spafit_jax import masking, optim  # noqa: E402
 from spafit_jax.config import TrainConfig  # noqa: E402
 
 TOTAL_STEPS = 10_000  # length of the learning-rate schedule (its value does not change the timing)
+CACHED = "spafit_cached"  # spafit's step as the frozen-stratum cache runs it (train.cache_frozen=true)
+METHODS = (*common.METHODS, CACHED)
 
 
 # ------------------------------------------------------------------------------------ ours
@@ -45,13 +48,18 @@ class Runner:
     info: dict
 
 
-def jax_runner(built: common.Built, batch_np: dict, seed: int) -> Runner:
-    """Our train step for `built` (jit, state donated), compiled ahead of time."""
+def jax_runner(built: common.Built, batch_np: dict, seed: int, apply_fn=None, extra: dict | None = None) -> Runner:
+    """Our train step for `built` (jit, state donated), compiled ahead of time.
+
+    `apply_fn` replaces `built.model.apply` in the step and `extra` (arrays) joins the batch:
+    `cached_inputs` gives both for the step of the frozen-stratum cache.
+    """
     trainable, frozen = masking.split(built.params, built.plan.labels)
     tx = optim.make_optimizer(built.plan.labels, TrainConfig(), TOTAL_STEPS)
     state = optim.init_state(trainable, tx, seed)
-    batch = jax.device_put(batch_np)
-    step = jax.jit(functools.partial(optim.train_step, apply_fn=built.model.apply, tx=tx), donate_argnums=0)
+    batch = {**jax.device_put(batch_np), **(extra or {})}
+    step = jax.jit(functools.partial(optim.train_step, apply_fn=apply_fn or built.model.apply, tx=tx),
+                   donate_argnums=0)
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -79,6 +87,19 @@ def jax_runner(built: common.Built, batch_np: dict, seed: int) -> Runner:
         "opt_state_bytes_full": full_opt_bytes, "opt_state_fraction_of_full": opt_bytes / full_opt_bytes,
     }
     return Runner("jax", run, info)
+
+
+def cached_inputs(built: common.Built, batch_np: dict) -> tuple[callable, dict]:
+    """(apply_fn, {"hidden": ...}) of the step with the frozen-stratum cache (`frozen.build_cache`):
+    the embeddings and layers 0 .. N1-1 run once here, the step starts at layer N1 (`upper`)."""
+    n1 = frozen_cache.frozen_depth(built.plan.labels, built.model.config.family)
+    if n1 == 0 or n1 != built.plan.n1:
+        raise SystemExit(f"{CACHED}: the plan freezes the embeddings and {n1} leading layers, not n1={built.plan.n1}; "
+                         "it needs n1 >= 1")
+    inputs = [batch_np[k] for k in ("input_ids", "attention_mask", "token_type_ids")]
+    hidden = built.model.apply({"params": built.params}, *inputs, method="lower", n1=n1)
+    hidden = jax.block_until_ready(hidden)
+    return functools.partial(built.model.apply, method="upper", n1=n1), {"hidden": hidden}
 
 
 def jax_logits(built: common.Built, batch_np: dict) -> np.ndarray:
@@ -216,7 +237,9 @@ def torch_logits(model, batch_np: dict) -> np.ndarray:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_model_args(p)
-    p.add_argument("--method", nargs="+", default=["spafit"], choices=common.METHODS)
+    p.add_argument("--method", nargs="+", default=["spafit"], choices=METHODS,
+                   help=f"{CACHED}: spafit's step starting at layer N1 from precomputed hidden states "
+                        "(train.cache_frozen=true; no torch peer)")
     p.add_argument("--vs-torch", action="store_true", help="also time PyTorch + PEFT, alternating with ours")
     p.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     p.add_argument("--isolate", action="store_true",
@@ -261,13 +284,15 @@ def main(argv=None) -> int:
     runners: dict[str, Runner] = {}
     setup: dict[str, dict] = {}
     for method in args.method:
-        built = common.build(args.model, method, num_labels=args.num_labels, dtype=args.dtype, n1=args.n1,
-                             n2=args.n2, rank=args.rank, alpha=args.alpha, seed=args.seed)
+        built = common.build(args.model, "spafit" if method == CACHED else method, num_labels=args.num_labels,
+                             dtype=args.dtype, n1=args.n1, n2=args.n2, rank=args.rank, alpha=args.alpha,
+                             seed=args.seed)
         batch = common.random_batch(built.config, args.batch, args.seq, args.num_labels, args.seed)
-        ours = jax_runner(built, batch, args.seed)
+        apply_fn, extra = cached_inputs(built, batch) if method == CACHED else (None, None)
+        ours = jax_runner(built, batch, args.seed, apply_fn=apply_fn, extra=extra)
         setup[method] = {"n1": built.plan.n1, "n2": built.plan.n2, "num_layers": built.config.num_hidden_layers}
         runners[f"{method}/jax"] = ours
-        if args.vs_torch:
+        if args.vs_torch and method != CACHED:  # no torch peer of the cached step
             theirs = torch_runner(built, method, batch, args, ours_logits=jax_logits(built, batch))
             theirs.info["same_trainable_params"] = theirs.info["trainable_params"] == ours.info["trainable_params"]
             runners[f"{method}/torch"] = theirs
@@ -314,10 +339,12 @@ def main(argv=None) -> int:
                      "ratio_of_minima": min(times[a]) / min(times[b])})
 
     for method in args.method:
-        if args.vs_torch:
+        if args.vs_torch and method != CACHED:
             ratio(f"{method}/jax", f"{method}/torch", "ours / PyTorch+PEFT, same method")
         if method != "full" and "full" in args.method:
             ratio(f"{method}/jax", "full/jax", "ours: method / full fine-tuning")
+        if method == CACHED and "spafit" in args.method:
+            ratio(f"{method}/jax", "spafit/jax", "ours: spafit with the frozen-stratum cache / spafit")
     return 0
 
 

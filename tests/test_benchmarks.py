@@ -166,3 +166,15 @@ def test_epoch_runs_the_trainer_and_the_torch_peer_on_real_pairs():
     ratios = {r["a"]: r for r in by(records, benchmark="epoch_ratio")}
     assert set(ratios) == {"ours/plain", "ours/grouped"}
     assert all(r["b"] == "torch/grouped" and r["epoch_plus_eval_ratio"] > 0 for r in ratios.values())
+
+
+def test_step_times_spafit_with_the_frozen_stratum_cache():
+    records = run("step.py", *TINY, "--method", "full", "spafit", "spafit_cached", "--matmul-n", "64")
+    spafit, cached = (by(records, benchmark="step", method=m)[0] for m in ("spafit", "spafit_cached"))
+    assert cached["impl"] == "spafit_jax" and (cached["n1"], cached["n2"]) == (spafit["n1"], spafit["n2"])
+    assert cached["trainable_params"] == spafit["trainable_params"]
+    assert cached["opt_state_bytes"] == spafit["opt_state_bytes"] and cached["compile_s"] > 0
+    assert 0 < cached["flops_per_step"] < spafit["flops_per_step"]  # the frozen layers' forward is gone
+    for b in ("full", "spafit"):
+        (ratio,) = by(records, benchmark="step_ratio", a="spafit_cached/jax", b=f"{b}/jax")
+        assert ratio["median_ratio"] > 0
