@@ -101,7 +101,7 @@ def build_pairs(folder: Path, n_train: int, n_eval: int, seed: int = 0) -> dict:
 def task_overrides(args, data_dir: Path | None) -> list[str]:
     """Config overrides shared by every variant of ours (and the data the peer reads)."""
     o = [f"model.name={args.model}", f"method.name={args.method}", f"data.max_length={args.max_length}",
-         f"train.batch_size={args.batch}", f"train.eval_batch_size={args.eval_batch}", "train.epochs=1",
+         f"train.batch_size={args.batch}", f"train.eval_batch_size={args.eval_batch}", f"train.epochs={args.epochs}",
          f"train.seed={args.seed}"]
     if args.task == "pairs":
         o += ["data.task=local", f"data.train_file={data_dir / 'train.csv'}", f"data.eval_file={data_dir / 'dev.csv'}",
@@ -120,8 +120,8 @@ def has_cache_frozen() -> bool:
     return "cache_frozen" in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def variant_overrides(variant: str) -> list[str]:
-    grouped = ["data.group_by_length=true", "data.bucket_multiple=16"]
+def variant_overrides(variant: str, max_shapes: int = 8) -> list[str]:
+    grouped = ["data.group_by_length=true", f"data.max_shapes={max_shapes}"]
     return {"plain": [], "grouped": grouped, "cached": grouped + ["train.cache_frozen=true"]}[variant]
 
 
@@ -139,7 +139,8 @@ def run_ours(args, base: list[str], variant: str, root: Path) -> dict:
     """One epoch + evaluation through `train.train_and_evaluate` in a fresh run folder."""
     from spafit_jax import train
 
-    cfg = config_lib.load_config([], base + variant_overrides(variant) + ["checkpoint.keep=1"])
+    overrides = variant_overrides(variant, args.max_shapes)
+    cfg = config_lib.load_config([], base + overrides + ["checkpoint.keep=1"])
     workdir = root / f"ours-{variant}-{time.monotonic_ns()}"
     load0 = common.load_average()
     cache_s = []
@@ -163,7 +164,7 @@ def run_ours(args, base: list[str], variant: str, root: Path) -> dict:
     r = run.results
     buckets = r["buckets"]
     rec = {
-        "impl": "spafit_jax", "variant": variant, "overrides": variant_overrides(variant),
+        "impl": "spafit_jax", "variant": variant, "overrides": overrides,
         "wall_s": wall, "train_s": r["train_seconds"], "eval_s": r["eval_seconds"], "cache_build_s": sum(cache_s),
         "epoch_plus_eval_s": sum(cache_s) + r["train_seconds"] + r["eval_seconds"], "compile_s": r["compile_seconds"],
         "train_s_without_compile": r["train_seconds"] - r["compile_seconds"],
@@ -193,16 +194,20 @@ def run_torch(args, task, built, variant: str) -> dict:
         [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": tc.weight_decay},
          {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}], lr=tc.lr)
     enc = task.train
-    steps = batching.steps_per_epoch(enc, args.batch)
+    per_epoch = batching.steps_per_epoch(enc, args.batch)
+    steps = per_epoch * args.epochs
     warmup = math.ceil(tc.warmup_ratio * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
     gen = torch.Generator().manual_seed(args.seed)
-    if variant == "grouped":
-        flat = np.asarray(get_length_grouped_indices(enc.lengths.tolist(), args.batch, generator=gen))
-    else:
-        flat = torch.randperm(len(enc), generator=gen).numpy()
-    order = flat[:steps * args.batch].reshape(steps, args.batch)  # the ragged remainder dropped, as ours
+    orders = []
+    for _ in range(args.epochs):  # a new draw per epoch, as the Trainer's sampler
+        if variant == "grouped":
+            flat = np.asarray(get_length_grouped_indices(enc.lengths.tolist(), args.batch, generator=gen))
+        else:
+            flat = torch.randperm(len(enc), generator=gen).numpy()
+        orders.append(flat[:per_epoch * args.batch].reshape(per_epoch, args.batch))  # the ragged remainder dropped
+    order = np.concatenate(orders)
     setup_s = time.perf_counter() - t_setup
 
     def tensors(e, idx):
@@ -262,6 +267,8 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=1, help="train epochs before the one evaluation (both sides)")
+    p.add_argument("--max-shapes", type=int, default=8, help="grouped/cached: data.max_shapes (fitted buckets)")
     p.add_argument("--variants", nargs="+", default=list(OURS_VARIANTS), choices=OURS_VARIANTS,
                    help="our trainer's variants")
     p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
@@ -333,7 +340,7 @@ def _main(args, env: dict, root: Path) -> int:
     # Real tokens trained per epoch (the same examples in every variant: the ragged remainder of
     # one seeded permutation is dropped before grouping).
     steps = batching.steps_per_epoch(tr, args.batch)
-    real_tokens = int(tr.lengths[batching.train_order(tr.lengths, args.batch, seed=args.seed, epoch=0)].sum())
+    real_tokens = args.epochs * int(tr.lengths[batching.train_order(tr.lengths, args.batch, seed=args.seed, epoch=0)].sum())
 
     results: dict[tuple[str, str], list[dict]] = {k: [] for k in runs}
     for rnd in range(args.repeats):
@@ -341,8 +348,9 @@ def _main(args, env: dict, root: Path) -> int:
             if impl == "ours":
                 rec = run_ours(args, base, variant, root)
                 ours_buckets = rec["buckets"]
-                order = batching.train_order(tr.lengths, args.batch, seed=args.seed, epoch=0,
-                                             group_by_length=variant != "plain")
+                order = np.concatenate([batching.train_order(tr.lengths, args.batch, seed=args.seed, epoch=e,
+                                                             group_by_length=variant != "plain")
+                                        for e in range(args.epochs)])
                 rec["padding_efficiency_computed"] = np.divide(*epoch_tokens(
                     tr.lengths, order, lambda m: batching.pick_bucket(m, ours_buckets)))
                 real = real_tokens
@@ -352,7 +360,7 @@ def _main(args, env: dict, root: Path) -> int:
             rec.update({"benchmark": "epoch", "round": rnd, "task": args.task, "model": args.model,
                         "method": args.method, "batch": args.batch, "eval_batch": args.eval_batch,
                         "max_length": args.max_length, "train_examples": len(tr), "eval_examples": len(ev),
-                        "train_tokens_real": real, "tokens_per_s": real / rec["train_s"],
+                        "epochs": args.epochs, "train_tokens_real": real, "tokens_per_s": real / rec["train_s"],
                         "steps_per_epoch": steps, **env})
             rec["loadavg_1m_end_run"] = common.load_average()
             results[(impl, variant)].append(rec)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 PADDINGS = ("bucket", "max_length")
 GROUP_BATCHES = 50  # length grouping sorts chunks of this many batches (as Hugging Face's megabatches)
+FIT_MULTIPLE = 8  # fitted bucket lengths are multiples of this (tile-friendly on GPU/TPU), or max_length
 
 
 def default_buckets(max_length: int) -> list[int]:
@@ -27,18 +28,26 @@ def default_buckets(max_length: int) -> list[int]:
 
 
 def resolve_buckets(max_length: int, padding: str = "bucket", buckets: Sequence[int] | None = None,
-                    multiple: int | None = None) -> list[int]:
-    """Bucket lengths from ``data.padding`` / ``data.buckets`` / ``data.bucket_multiple`` / ``data.max_length``.
+                    multiple: int | None = None, max_shapes: int | None = None,
+                    batch_maxima: Sequence[int] = ()) -> list[int]:
+    """Bucket lengths from ``data.padding`` / ``data.buckets`` / ``data.bucket_multiple`` /
+    ``data.max_shapes`` / ``data.max_length``.
 
     ``multiple`` N gives every multiple of N below max_length, then max_length (fine buckets, at
-    most max_length / N compiled shapes). Raises ConfigError unless the buckets are positive,
-    strictly increasing and end at max_length.
+    most max_length / N compiled shapes). ``max_shapes`` K fits at most K lengths to
+    ``batch_maxima``, the longest example of each batch the buckets will serve (`fit_buckets`).
+    Raises ConfigError unless the buckets are positive, strictly increasing and end at max_length.
     """
     if padding == "max_length":
         return [int(max_length)]
     if padding != "bucket":
         raise ConfigError(f"data.padding={padding!r} is unknown; use one of "
                           f"{' | '.join(PADDINGS)}")
+    if max_shapes is not None:
+        if buckets is not None or multiple is not None:
+            raise ConfigError(f"data.max_shapes={max_shapes} fits the buckets to the data, so data.buckets and "
+                              "data.bucket_multiple must be null; set one of the three")
+        return fit_buckets(batch_maxima, max_shapes, max_length)
     if multiple is not None:
         if int(multiple) < 1:
             raise ConfigError(f"data.bucket_multiple={multiple} must be >= 1; use e.g. data.bucket_multiple=16")
@@ -54,6 +63,44 @@ def resolve_buckets(max_length: int, padding: str = "bucket", buckets: Sequence[
                           f"largest is data.max_length={max_length}; e.g. data.buckets="
                           f"[{max(1, max_length // 2)}, {max_length}]")
     return b
+
+
+def fit_buckets(batch_maxima: Sequence[int], max_shapes: int, max_length: int) -> list[int]:
+    """At most `max_shapes` lengths that pad the batches with these longest examples the least, then max_length.
+
+    Each batch is padded to the smallest chosen length >= its longest example; the lengths are
+    multiples of FIT_MULTIPLE (or max_length) and chosen by dynamic programming over the distinct
+    rounded batch lengths to minimise the padded tokens. max_length ends the list so that
+    longer inputs (evaluation, prediction) still fit; train batches use at most `max_shapes`.
+    """
+    if int(max_shapes) < 1:
+        raise ConfigError(f"data.max_shapes={max_shapes} must be >= 1; use e.g. data.max_shapes=8")
+    m = int(max_length)
+    rounded = np.minimum(-(-np.asarray(batch_maxima, np.int64) // FIT_MULTIPLE) * FIT_MULTIPLE, m)
+    if rounded.size == 0:
+        return [m]
+    lengths, counts = np.unique(rounded, return_counts=True)
+    n, k = len(lengths), min(int(max_shapes), len(lengths))
+    before = np.concatenate([[0], np.cumsum(counts)])  # batches below lengths[i]
+    # best[s, j]: fewest padded tokens (per row) of the batches of lengths[:j] in s buckets, the last lengths[j-1]
+    best = np.full((k + 1, n + 1), np.inf)
+    best[0, 0] = 0.0
+    cut = np.zeros((k + 1, n + 1), np.int64)
+    for s in range(1, k + 1):
+        for j in range(1, n + 1):
+            costs = best[s - 1, :j] + lengths[j - 1] * (before[j] - before[:j])
+            cut[s, j] = int(np.argmin(costs))
+            best[s, j] = costs[cut[s, j]]
+    s, j, chosen = int(np.argmin(best[:, n])), n, []
+    while j > 0:
+        chosen.append(int(lengths[j - 1]))
+        j, s = int(cut[s, j]), s - 1
+    return sorted(chosen) + ([m] if max(chosen) < m else [])
+
+
+def batch_maxima(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """The longest example of each batch of `order` [steps, batch] (what `fit_buckets` fits)."""
+    return np.asarray(lengths)[order].max(axis=1) if len(order) else np.zeros(0, np.int64)
 
 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:

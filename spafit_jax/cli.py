@@ -43,11 +43,19 @@ examples:
   python -m spafit_jax.train --config configs/glue/rte.yaml --config configs/methods/lora.yaml \\
       train.lr=5e-4 method.lora_targets=[query,key,value] --workdir runs/rte-lora
 
+  # short, variable-length text: length-grouped batches, 8 fitted bucket lengths, frozen layers run once
+  python -m spafit_jax.train --config configs/tweets.yaml data.group_by_length=true data.max_shapes=8 \\
+      train.cache_frozen=true
+
   # print the resolved config and exit
   python -m spafit_jax.train --config configs/glue/mnli.yaml --config configs/methods/bitfit.yaml --print-config
 
 config files: configs/default.yaml (the offline demo), configs/glue/<task>.yaml ({glue}),
-configs/methods/<method>.yaml ({methods}); a task Every run writes its resolved config to <workdir>/config.yaml, which --config accepts.
+configs/methods/<method>.yaml ({methods}). Every run writes its resolved config to
+<workdir>/config.yaml, which --config accepts.
+
+compiled steps are kept in ~/.cache/spafit_jax/jax (a rerun, a resume or another seed loads them);
+SPAFIT_COMPILE_CACHE=DIR moves it, SPAFIT_COMPILE_CACHE=off turns it off.
 """.format(glue=" ".join(tasks.GLUE_TASKS), methods=" ".join(methods.METHODS))
 
 

@@ -308,15 +308,6 @@ def run_cells(cells: Sequence[Cell], workdir: str | os.PathLike, *, fail_fast: b
     return status
 
 
-def _use_compile_cache(workdir: Path) -> None:
-    """Cells of one method share their compiled steps across seeds: keep them in EXP/jax_cache
-    unless a compilation cache is configured already (JAX_COMPILATION_CACHE_DIR)."""
-    import jax
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR") and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `python -m spafit_jax.experiment`."""
     p = argparse.ArgumentParser(prog="python -m spafit_jax.experiment", description=__doc__.split("\n\n")[0],
@@ -360,7 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot write {workdir / 'experiment.yaml'} ({e.strerror or e}); choose a writable --workdir",
               file=sys.stderr)
         return 2
-    _use_compile_cache(workdir)
+    from spafit_jax.run import use_compile_cache
+
+    use_compile_cache(workdir / "jax_cache")  # the seeds of a method compile once
     try:
         status = run_cells(cells, workdir, fail_fast=args.fail_fast)
     except KeyboardInterrupt:

@@ -94,6 +94,8 @@ class DataConfig:
     padding: str = _field("bucket", "bucket (pad to the smallest bucket that fits) | max_length")
     buckets: tuple[int, ...] | None = _field(None, "bucket lengths ending at max_length (null = max_length/4, /2, /1)")
     bucket_multiple: int | None = _field(None, "buckets every N tokens up to max_length, e.g. 16 (instead of data.buckets)")
+    max_shapes: int | None = _field(None, "fit at most N bucket lengths to the train batches, the least padding, "
+                                          "e.g. 8 (instead of data.buckets; best with data.group_by_length)")
     group_by_length: bool = _field(False, "batch examples of similar length together (less padding; the order "
                                           "stays seeded and resumable)")
     limit_train: int | None = _field(None, "use at most this many training examples")
@@ -112,7 +114,8 @@ class DataConfig:
               "set data.hf_path to a hub dataset id or a local dataset folder")
         _need(self, self.max_length >= 8, "max_length", "must be >= 8", "use e.g. data.max_length=128")
         _one_of(self, "padding", batching.PADDINGS)
-        _ask(self, "bucket_multiple" if self.bucket_multiple is not None else "buckets", self.bucket_lengths)
+        key = next((k for k in ("max_shapes", "bucket_multiple") if getattr(self, k) is not None), "buckets")
+        _ask(self, key, self.bucket_lengths)
         _need(self, self.num_labels is None or self.num_labels >= 1, "num_labels", "must be >= 1",
               "use null to infer it")
         _need(self, not (self.is_regression and self.num_labels not in (None, 1)), "num_labels",
@@ -125,11 +128,13 @@ class DataConfig:
         _need(self, _is_codec(self.encoding), "encoding", "is not a text encoding Python knows",
               "use e.g. data.encoding=utf-8, latin-1 or cp1252")
 
-    def bucket_lengths(self) -> list[int]:
-        """The lengths batches are padded to (`batching.resolve_buckets`)."""
+    def bucket_lengths(self, batch_maxima=()) -> list[int]:
+        """The lengths batches are padded to (`batching.resolve_buckets`); with data.max_shapes, fitted to
+        `batch_maxima` (the longest example of each batch they serve: `batching.batch_maxima`)."""
         from spafit_jax import batching
 
-        return batching.resolve_buckets(self.max_length, self.padding, self.buckets, self.bucket_multiple)
+        return batching.resolve_buckets(self.max_length, self.padding, self.buckets, self.bucket_multiple,
+                                        self.max_shapes, batch_maxima)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,6 +106,14 @@ def _capped(batch: int, examples: int) -> int:
     return min(batch, max(n, -(-examples // n) * n))
 
 
+def _buckets(cfg: Config, train: data.Encoded) -> list[int]:
+    """The bucket lengths of the run (data.max_shapes: fitted to the batches of the first epoch, the same on
+    every host and on resume, since the order depends only on the seed)."""
+    order = batching.train_order(train.lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=0,
+                                 group_by_length=cfg.data.group_by_length)
+    return cfg.data.bucket_lengths(batching.batch_maxima(train.lengths, order))
+
+
 def _init_distributed(cfg: Config) -> None:
     d = cfg.distributed
     if not d.enabled or jax.distributed.is_initialized():
@@ -160,11 +168,11 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
 
     trainable, frozen = plan.split(run.params)
     tx = optim.make_optimizer(plan.labels, t, total_steps)
+    buckets = _buckets(cfg, run.task.train)
     cache = None
     if t.cache_frozen:  # the step starts at layer n1 from cached hidden states; evaluation runs the whole model
         cache = frozen_cache.build_cache(run.model, plan, run.params, run.task.train, t,
-                                         _capped(t.eval_batch_size, len(run.task.train)),
-                                         cfg.data.bucket_lengths())
+                                         _capped(t.eval_batch_size, len(run.task.train)), buckets)
     driver = parallel.make_driver(cfg.parallel, run.model.apply, tx, is_regression=spec.is_regression,
                                   grad_accum=t.grad_accum, train_apply_fn=None if cache is None else cache.apply_fn)
     best_metric = t.best_metric or metrics.main_metric(spec)
@@ -179,7 +187,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
     if lead:  # the run is accepted (the checkpoints fit it): its config replaces the old one
         rundir.save_config(workdir, cfg)
         run_lib.save_assets(workdir, run.tokenizer, spec)  # the folder alone reloads the run (load_run)
-    loop = _Loop(cfg, driver, ckpt, run.task, plan, workdir, best_metric, per_epoch, total_steps,
+    loop = _Loop(cfg, driver, ckpt, run.task, plan, workdir, best_metric, per_epoch, total_steps, buckets,
                  start=int(state.step), best=extra.get("best"), train_seconds=float(extra.get("train_seconds", 0.0)),
                  bad_steps=int(extra.get("bad_steps", 0)), cache=cache, window=extra.get("window"))
     try:
@@ -211,7 +219,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> Run:
 class _Loop:
     """The training loop of one invocation: steps, logging, evaluation, checkpoints, preemption."""
 
-    def __init__(self, cfg, driver, ckpt, task, plan, workdir, best_metric, per_epoch, total_steps, *,
+    def __init__(self, cfg, driver, ckpt, task, plan, workdir, best_metric, per_epoch, total_steps, buckets, *,
                  start, best, train_seconds, bad_steps=0, cache=None, window=None):
         self.cfg, self.driver, self.ckpt, self.task, self.plan = cfg, driver, ckpt, task, plan
         self.workdir, self.best_metric, self.per_epoch, self.total_steps = workdir, best_metric, per_epoch, total_steps
@@ -222,8 +230,7 @@ class _Loop:
         self.bad_steps, self.bad_in_a_row = bad_steps, 0
         self.cache = cache  # frozen.Cache: batches carry the frozen stratum's output
         self.shapes: set[tuple] = set()
-        d = cfg.data
-        self.buckets = d.bucket_lengths()
+        self.buckets = buckets
         self.tokens = {"log": [0, 0], "epoch": [0, 0], "run": [0, 0]}  # [real, padded] since the last log / epoch / start
         self.losses: list = []  # losses of the steps since the last log record
         if window:  # a resumed run: the log window, epoch and run counts as they were at the checkpoint
@@ -403,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()  # "Generating train split" bars of small files: stderr is the trainer's own
     try:
         cfg, args = cli.parse_args(argv)
+        run_lib.use_compile_cache()  # a rerun or a resume loads the compiled steps
         run = train_and_evaluate(cfg, args.workdir, overwrite=args.overwrite)
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -89,3 +89,52 @@ def test_grouped_eval_sees_every_example_once_with_less_padding():
         padded[group] = total
     assert seen[0] == seen[1] == list(range(101))
     assert padded[True] < padded[False]
+
+
+def padded_rows(maxima, buckets):
+    return sum(batching.pick_bucket(int(m), buckets) for m in maxima)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fitted_buckets_pad_least_of_every_choice_of_as_many_lengths(seed):
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    maxima = np.clip(rng.gamma(2.0, 15.0, 60).astype(int), 3, 100)
+    for k in (1, 2, 3):
+        fitted = batching.fit_buckets(maxima, k, 128)
+        used = [b for b in fitted if b < 128 or maxima.max() > 120]
+        assert len(used) <= k and fitted[-1] == 128 and fitted == sorted(set(fitted))
+        assert all(b % batching.FIT_MULTIPLE == 0 for b in fitted)
+        candidates = sorted(set(range(8, 129, 8)))
+        top = -(-int(maxima.max()) // 8) * 8
+        best = min(padded_rows(maxima, [*c, top] if top < 128 else [*c, 128])
+                   for r in range(k) for c in itertools.combinations([x for x in candidates if x < top], r))
+        assert padded_rows(maxima, fitted) == best
+
+
+def test_fitted_buckets_from_the_config_and_their_refusals():
+    cfg = load_config(overrides=["data.max_shapes=2", "data.max_length=64"])
+    assert cfg.data.bucket_lengths([9, 10, 30, 31, 32]) == [16, 32, 64]
+    assert cfg.data.bucket_lengths() == [64]  # nothing to fit yet: max_length only
+    for bad, words in ((["data.max_shapes=0"], "data.max_shapes=0 must be >= 1"),
+                       (["data.max_shapes=4", "data.bucket_multiple=16"], "must be null"),
+                       (["data.max_shapes=4", "data.buckets=[64,128]"], "must be null")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(overrides=bad)
+
+
+def test_training_with_fitted_buckets_compiles_at_most_max_shapes(tiny_model_dir, tmp_path):
+    from spafit_jax.run import load_run
+    from spafit_jax.train import train_and_evaluate
+    from tests.parallel_worker import tiny_run
+
+    base = [*tiny_run(tiny_model_dir), "data.task=tweets", "data.max_length=64", "data.group_by_length=true"]
+    default = train_and_evaluate(load_config([], base), tmp_path / "default").results
+    fitted = train_and_evaluate(load_config([], [*base, "data.max_shapes=2"]), tmp_path / "fitted").results
+    assert fitted["compiled_shapes"] <= 2 and fitted["buckets"][-1] == default["buckets"][-1]
+    assert fitted["padding_efficiency"] >= default["padding_efficiency"]
+    assert fitted["steps"] == default["steps"]
+    texts = ["a b c", "a b c d e f g h i j k l m n o p q r s t u v w"]
+    logits = load_run(tmp_path / "fitted").logits(texts, None, batch_size=1)
+    assert logits.shape[0] == 2 and np.isfinite(logits).all()

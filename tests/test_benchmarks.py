@@ -145,7 +145,8 @@ def test_strata_arguments_are_counts_or_fractions():
 def test_epoch_runs_the_trainer_and_the_torch_peer_on_real_pairs():
     records = run("epoch.py", "--task", "pairs", "--model", "minilm", "--limit-train", "32", "--limit-eval", "16",
                   "--max-length", "32", "--batch", "8", "--eval-batch", "16", "--pairs-train", "48",
-                  "--pairs-eval", "16", "--variants", "plain", "grouped", "--torch")
+                  "--pairs-eval", "16", "--variants", "plain", "grouped", "--torch", "--epochs", "2",
+                  "--max-shapes", "2")
     (data,) = by(records, benchmark="epoch_data")
     assert (data["train_examples"], data["eval_examples"]) == (32, 16) and data["mean_tokens_train"] > 10
     assert data["pairs"]["train_pairs"] == 48
@@ -155,13 +156,14 @@ def test_epoch_runs_the_trainer_and_the_torch_peer_on_real_pairs():
         for key in ("train_s", "eval_s", "epoch_plus_eval_s", "wall_s", "examples_per_s", "padding_efficiency",
                     "tokens_per_s", "train_tokens_real", "loadavg_1m_start", "loadavg_1m_end", *ENV_FIELDS):
             assert r[key] is not None, key
-        assert r["steps"] == r["steps_per_epoch"] == 4 and r["train_s"] > 0 and 0 < r["padding_efficiency"] <= 1
+        assert r["steps"] == 2 * r["steps_per_epoch"] == 8 and r["epochs"] == 2 and r["train_s"] > 0 and 0 < r["padding_efficiency"] <= 1
         assert 0 <= r["eval"]["accuracy"] <= 1
     for r in (plain, grouped):
         assert r["compile_s"] > 0 and r["compiled_shapes"] >= 1
         assert r["padding_efficiency"] == pytest.approx(r["padding_efficiency_computed"])
     assert grouped["padding_efficiency"] >= plain["padding_efficiency"]
-    assert grouped["buckets"] == [16, 32] and plain["buckets"] == [8, 16, 32]
+    assert plain["buckets"] == [8, 16, 32] and grouped["buckets"][-1] == 32 and grouped["compiled_shapes"] <= 2
+    assert "data.max_shapes=2" in grouped["overrides"]
     assert theirs["trainable_params"] == plain["trainable_params"] and theirs["threads"] >= 1
     ratios = {r["a"]: r for r in by(records, benchmark="epoch_ratio")}
     assert set(ratios) == {"ours/plain", "ours/grouped"}

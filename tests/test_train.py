@@ -173,3 +173,27 @@ def test_sigterm_saves_a_loadable_checkpoint_and_the_rerun_finishes(tiny_model_d
     res = train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=400", "train.epochs=100", "train.log_every=1"),
                              tmp_path, stop_after=1)
     assert res.results["stopped_at"] == max(steps) + 1
+
+
+def test_the_command_line_keeps_compiled_steps_in_a_user_cache_unless_told_otherwise(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.parallel_worker import env, tiny_run
+
+    def cli(name, **extra):
+        e = {k: v for k, v in env(1).items() if k not in ("JAX_COMPILATION_CACHE_DIR", "SPAFIT_COMPILE_CACHE")}
+        e.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
+        argv = [sys.executable, "-m", "spafit_jax.train", *tiny_run(tiny_model_dir), "train.max_steps=2",
+                "--workdir", str(tmp_path / name)]
+        done = subprocess.run(argv, env=e, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    default = tmp_path / "xdg" / "spafit_jax" / "jax"
+    cli("off", SPAFIT_COMPILE_CACHE="off")
+    assert not default.exists()
+    cli("default")
+    entries = {p.name for p in default.iterdir()}
+    assert any(n.endswith("-cache") for n in entries), entries  # JAX's cache entries
+    cli("again")  # the same shapes: loaded, nothing new written
+    assert {p.name for p in default.iterdir()} == entries
