@@ -357,11 +357,12 @@ def _main(args, env: dict, root: Path) -> int:
             else:
                 rec = run_torch(args, task, built, variant)
                 real = real_tokens  # same example set up to the permutation; its own figure below
+            rec = {**env, **rec}  # the run's own load averages win over the process's start figure
             rec.update({"benchmark": "epoch", "round": rnd, "task": args.task, "model": args.model,
                         "method": args.method, "batch": args.batch, "eval_batch": args.eval_batch,
                         "max_length": args.max_length, "train_examples": len(tr), "eval_examples": len(ev),
                         "epochs": args.epochs, "train_tokens_real": real, "tokens_per_s": real / rec["train_s"],
-                        "steps_per_epoch": steps, **env})
+                        "steps_per_epoch": steps})
             rec["loadavg_1m_end_run"] = common.load_average()
             results[(impl, variant)].append(rec)
             common.emit(rec)
