@@ -125,6 +125,13 @@ def variant_overrides(variant: str, max_shapes: int = 8) -> list[str]:
     return {"plain": [], "grouped": grouped, "cached": grouped + ["train.cache_frozen=true"]}[variant]
 
 
+def run_order(lengths: np.ndarray, args, group_by_length: bool) -> np.ndarray:
+    """Example indices of every train batch of our run's `--epochs`, as the trainer draws them:
+    int [epochs x steps, batch] (each epoch drops the ragged remainder of its own permutation)."""
+    return np.concatenate([batching.train_order(lengths, args.batch, seed=args.seed, epoch=e,
+                                                group_by_length=group_by_length) for e in range(args.epochs)])
+
+
 def epoch_tokens(lengths: np.ndarray, order: np.ndarray, pad_to) -> tuple[int, int]:
     """(real, padded) tokens of the batches `order` [steps, batch]; `pad_to(batch max)` = padded length."""
     real = padded = 0
@@ -337,10 +344,10 @@ def _main(args, env: dict, root: Path) -> int:
     if args.torch:
         built = common.build(args.model, args.method, num_labels=task.spec.num_labels, seed=args.seed)
 
-    # Real tokens trained per epoch (the same examples in every variant: the ragged remainder of
-    # one seeded permutation is dropped before grouping).
+    # Real tokens trained over the epochs (the same examples in every variant of ours: each epoch's
+    # ragged remainder of its seeded permutation is dropped before grouping).
     steps = batching.steps_per_epoch(tr, args.batch)
-    real_tokens = args.epochs * int(tr.lengths[batching.train_order(tr.lengths, args.batch, seed=args.seed, epoch=0)].sum())
+    real_tokens = int(tr.lengths[run_order(tr.lengths, args, group_by_length=False)].sum())
 
     results: dict[tuple[str, str], list[dict]] = {k: [] for k in runs}
     for rnd in range(args.repeats):
@@ -348,9 +355,7 @@ def _main(args, env: dict, root: Path) -> int:
             if impl == "ours":
                 rec = run_ours(args, base, variant, root)
                 ours_buckets = rec["buckets"]
-                order = np.concatenate([batching.train_order(tr.lengths, args.batch, seed=args.seed, epoch=e,
-                                                             group_by_length=variant != "plain")
-                                        for e in range(args.epochs)])
+                order = run_order(tr.lengths, args, group_by_length=variant != "plain")
                 rec["padding_efficiency_computed"] = np.divide(*epoch_tokens(
                     tr.lengths, order, lambda m: batching.pick_bucket(m, ours_buckets)))
                 real = real_tokens

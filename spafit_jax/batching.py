@@ -100,7 +100,7 @@ def fit_buckets(batch_maxima: Sequence[int], max_shapes: int, max_length: int) -
 
 def batch_maxima(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
     """The longest example of each batch of `order` [steps, batch] (what `fit_buckets` fits)."""
-    return np.asarray(lengths)[order].max(axis=1) if len(order) else np.zeros(0, np.int64)
+    return np.asarray(lengths)[order].max(axis=1)
 
 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int:
