@@ -7,8 +7,8 @@ against PyTorch + PEFT with dynamic padding and length grouping, in one process.
 
 Ours runs `spafit_jax.train.train_and_evaluate` (one epoch, then evaluation, in a temporary run
 folder) per variant: `plain` (default buckets), `grouped` (`data.group_by_length=true
-data.bucket_multiple=16`) and `cached` (grouped + `train.cache_frozen=true`, only when the config
-schema has that field). The peer is `transformers` + `peft` with the same model, weights and plan
+data.max_shapes=8`: bucket lengths fitted to the batches) and `cached` (grouped +
+`train.cache_frozen=true`). The peer is `transformers` + `peft` with the same model, weights and plan
 (`step.torch_model`), the same examples and batch size, AdamW with the same warmup/decay schedule,
 one epoch in a plain torch loop: batches drawn as the Hugging Face Trainer draws them with
 `group_by_length` (`get_length_grouped_indices`), each padded to its longest example (dynamic
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import re
 import sys
@@ -114,10 +113,6 @@ def task_overrides(args, data_dir: Path | None) -> list[str]:
     if args.limit_eval is not None:
         o.append(f"data.limit_eval={args.limit_eval}")
     return o
-
-
-def has_cache_frozen() -> bool:
-    return "cache_frozen" in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def variant_overrides(variant: str, max_shapes: int = 8) -> list[str]:
@@ -335,10 +330,6 @@ def _main(args, env: dict, root: Path) -> int:
                  "num_labels": task.spec.num_labels, **({"pairs": pairs} if pairs else {})})
 
     variants = list(args.variants)
-    if "cached" in variants and not has_cache_frozen():
-        variants.remove("cached")
-        common.emit({"benchmark": "epoch", "impl": "spafit_jax", "variant": "cached", "skipped": True,
-                     "note": "train.cache_frozen is not in the config schema (spafit_jax.config.TrainConfig) yet"})
     runs = [("ours", v) for v in variants] + ([("torch", v) for v in args.torch_variants] if args.torch else [])
     built = None
     if args.torch:

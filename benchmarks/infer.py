@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
-from spafit_jax import lora as lora_lib  # noqa: E402
+from spafit_jax import compiling, lora as lora_lib  # noqa: E402
 from spafit_jax.bert import BertForSequenceClassification  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def trained_adapters(params, seed: int, scale: float = 0.02):
 
 def forward(model, params, batch):
     """A compiled deterministic forward pass, its compile seconds and FLOPs."""
-    f = jax.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"],
+    f = compiling.jit(lambda p, b: model.apply({"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"],
                                          deterministic=True))
     t0 = time.perf_counter()
     compiled = f.lower(params, batch).compile()

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 from spafit_jax import frozen as frozen_cache  # noqa: E402
-from spafit_jax import masking, optim  # noqa: E402
+from spafit_jax import compiling, masking, optim  # noqa: E402
 from spafit_jax.config import TrainConfig  # noqa: E402
 
 TOTAL_STEPS = 10_000  # length of the learning-rate schedule (its value does not change the timing)
@@ -58,7 +58,7 @@ def jax_runner(built: common.Built, batch_np: dict, seed: int, apply_fn=None, ex
     tx = optim.make_optimizer(built.plan.labels, TrainConfig(), TOTAL_STEPS)
     state = optim.init_state(trainable, tx, seed)
     batch = {**jax.device_put(batch_np), **(extra or {})}
-    step = jax.jit(functools.partial(optim.train_step, apply_fn=apply_fn or built.model.apply, tx=tx),
+    step = compiling.jit(functools.partial(optim.train_step, apply_fn=apply_fn or built.model.apply, tx=tx),
                    donate_argnums=0)
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()

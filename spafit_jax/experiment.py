@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot write {workdir / 'experiment.yaml'} ({e.strerror or e}); choose a writable --workdir",
               file=sys.stderr)
         return 2
-    from spafit_jax.run import use_compile_cache
+    from spafit_jax.compiling import use_compile_cache
 
     use_compile_cache(workdir / "jax_cache")  # the seeds of a method compile once
     try:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from spafit_jax import batching
+from spafit_jax import batching, compiling
 from spafit_jax.errors import ConfigError
 
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}
@@ -98,7 +98,7 @@ def build_cache(model, plan, params, enc, train_cfg, batch_size: int, buckets) -
                           f"{train_cfg.cache_max_gb}; raise it, use train.cache_dtype=bfloat16, or set "
                           "train.cache_frozen=false", "cache_max_gb")
     t0, device = time.perf_counter(), jax.local_devices()[0]
-    lower = jax.jit(functools.partial(model.apply, method="lower", n1=n1))  # runs where its inputs are
+    lower = compiling.jit(functools.partial(model.apply, method="lower", n1=n1))  # runs where its inputs are
     variables = {"params": jax.device_put(params, device)}
     flat = np.empty((int(offsets[-1]), dim), dtype)
     order = np.argsort(lengths, kind="stable")  # the order of eval_batches(group_by_length=True)

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spafit_jax import optim
+from spafit_jax import compiling, optim
 from spafit_jax.errors import ConfigError
 from spafit_jax.schema import ParallelConfig
 
@@ -141,8 +141,8 @@ def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp:
 
     step = functools.partial(optim.train_step, apply_fn=train_apply_fn or apply_fn, tx=tx,
                              is_regression=is_regression, grad_accum=grad_accum)
-    jit_step = jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)
-    jit_eval = jax.jit(functools.partial(optim.eval_step, apply_fn=apply_fn), out_shardings=rows)
+    jit_step = compiling.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)
+    jit_eval = compiling.jit(functools.partial(optim.eval_step, apply_fn=apply_fn), out_shardings=rows)
 
     def put_batch(local):
         return {k: jax.make_array_from_process_local_data(rows, np.asarray(v)) for k, v in local.items()}

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax import batching, hf, lora as lora_lib, masking, optim, rundir
+from spafit_jax import batching, compiling, hf, lora as lora_lib, masking, optim, rundir
 from spafit_jax import checkpoint as ckpt_lib
 from spafit_jax.config import Config, load_config
 from spafit_jax.errors import CheckpointError, DataError, LoadError, SpafitError
@@ -45,38 +45,10 @@ def save_assets(workdir: str | os.PathLike, tokenizer: Any, spec: TaskSpec) -> N
     rundir.write_atomic(workdir / TASK, json.dumps(dataclasses.asdict(spec), indent=2))
 
 
-COMPILE_CACHE_ENV = "SPAFIT_COMPILE_CACHE"
-COMPILE_CACHE_MAX_BYTES = 4 * 2**30  # least recently used entries go past this (only in a folder we choose)
-
-
-def use_compile_cache(default: str | os.PathLike | None = None) -> str | None:
-    """Turns on JAX's persistent compilation cache for a command line, so that a rerun, a resume or another
-    run with the same shapes loads its compiled steps instead of compiling them again.
-
-    The folder: JAX_COMPILATION_CACHE_DIR (JAX's own setting) if set, else $SPAFIT_COMPILE_CACHE, else
-    `default`, else ~/.cache/spafit_jax/jax ($XDG_CACHE_HOME is respected); SPAFIT_COMPILE_CACHE=off turns
-    it off. Call before anything compiles. Returns the folder in use, or None.
-    """
-    import jax
-
-    configured = os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
-    if configured:
-        return str(configured)
-    choice = os.environ.get(COMPILE_CACHE_ENV, "").strip()
-    if choice.lower() in ("off", "0", "false", "no", "none"):
-        return None
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = Path(choice).expanduser() if choice else Path(default) if default else home / "spafit_jax" / "jax"
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    if jax.config.jax_compilation_cache_max_size < 0:
-        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
-    return str(folder)
-
-
 def cli_main(work: Callable[[], Any]) -> int:
     """Runs a command line's `work` (with `use_compile_cache`): a SpafitError is one line on stderr and exit
     status 2, else 0."""
-    use_compile_cache()
+    compiling.use_compile_cache()
     try:
         work()
     except SpafitError as e:
@@ -150,7 +122,7 @@ class LoadedRun:
                                               np.zeros(n, np.int32)), max_length=d.max_length, cache=False)
         if self._logits_fn is None:
             apply = self.model.apply
-            self._logits_fn = jax.jit(lambda p, b: apply({"params": p}, b["input_ids"], b["attention_mask"],
+            self._logits_fn = compiling.jit(lambda p, b: apply({"params": p}, b["input_ids"], b["attention_mask"],
                                                          b["token_type_ids"]))
         batch_size = max(1, min(int(batch_size), n))
         buckets = d.bucket_lengths([enc.lengths[i:i + batch_size].max() for i in range(0, n, batch_size)])

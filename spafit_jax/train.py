@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from spafit_jax import batching, checkpoint, cli, data, hf, metrics, optim, parallel, rundir
+from spafit_jax import batching, checkpoint, cli, compiling, data, hf, metrics, optim, parallel, rundir
 from spafit_jax import frozen as frozen_cache
 from spafit_jax import run as run_lib
 from spafit_jax.config import Config
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()  # "Generating train split" bars of small files: stderr is the trainer's own
     try:
         cfg, args = cli.parse_args(argv)
-        run_lib.use_compile_cache()  # a rerun or a resume loads the compiled steps
+        compiling.use_compile_cache()  # a rerun or a resume loads the compiled steps
         run = train_and_evaluate(cfg, args.workdir, overwrite=args.overwrite)
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -192,7 +192,7 @@ def test_the_command_line_keeps_compiled_steps_in_a_user_cache_unless_told_other
     default = tmp_path / "xdg" / "spafit_jax" / "jax"
     e = {**env(1), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
     e.pop("JAX_COMPILATION_CACHE_DIR", None)
-    probe = "from spafit_jax.run import use_compile_cache; print(use_compile_cache())"
+    probe = "from spafit_jax.compiling import use_compile_cache; print(use_compile_cache())"
     for setting, expect in (("off", "None"), (str(tmp_path / "mine"), str(tmp_path / "mine")), ("", str(default))):
         out = subprocess.run([sys.executable, "-c", probe], env={**e, "SPAFIT_COMPILE_CACHE": setting},
                              capture_output=True, text=True, timeout=300)
