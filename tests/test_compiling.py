@@ -39,7 +39,7 @@ print(a, b, c)
     e = {**env(1), "JAX_COMPILATION_CACHE_DIR": str(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     e["XLA_FLAGS"] = " ".join(f for f in e["XLA_FLAGS"].split() if "optimization_level" not in f)
     out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], env=e, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     a, b, c = map(int, out.stdout.split())
     assert (b, c) == (a, a + 1)
