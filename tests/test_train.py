@@ -181,17 +181,17 @@ def test_the_command_line_keeps_compiled_steps_in_a_user_cache_unless_told_other
 
     from tests.parallel_worker import env, tiny_run
 
-    def cli(name, **extra):
-        e = {k: v for k, v in env(1).items() if k not in ("JAX_COMPILATION_CACHE_DIR", "SPAFIT_COMPILE_CACHE")}
-        e.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
+    # No cache folder chosen by the environment: the command line picks its own, under XDG_CACHE_HOME.
+    e = {k: v for k, v in env(1).items() if k not in ("JAX_COMPILATION_CACHE_DIR", "SPAFIT_COMPILE_CACHE")}
+    e.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+    def cli(name):
         argv = [sys.executable, "-m", "spafit_jax.train", *tiny_run(tiny_model_dir), "train.max_steps=2",
                 "--workdir", str(tmp_path / name)]
         done = subprocess.run(argv, env=e, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
 
     default = tmp_path / "xdg" / "spafit_jax" / "jax"
-    e = {**env(1), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    e.pop("JAX_COMPILATION_CACHE_DIR", None)
     probe = "from spafit_jax.compiling import use_compile_cache; print(use_compile_cache())"
     for setting, expect in (("off", "None"), (str(tmp_path / "mine"), str(tmp_path / "mine")), ("", str(default))):
         out = subprocess.run([sys.executable, "-c", probe], env={**e, "SPAFIT_COMPILE_CACHE": setting},
