@@ -1,36 +1,41 @@
-"""Trainability plans for any Flax parameter pytree: labels, split/merge, a stratified optimizer.
+"""Trainability labels for any Flax model: labels, split/merge, filters, a stratified optimizer.
 
-A *plan* is a pytree of strings with the structure of the parameters: each leaf names the group
-its parameter belongs to (the labels of `spafit_jax.methods`: frozen, weight, bias, layernorm, lora, head, pooler; or
-any label of your own from `label_params`). Everything here works on plain dicts, FrozenDict,
-`nnx.State` and Hugging Face Flax trees alike, through `jax.tree_util` key paths; the module
-imports only the standard library, numpy, jax and optax.
+Labels are a pytree of strings with the structure of the parameters: each leaf names the group
+its parameter belongs to (the labels of `spafit_jax.methods`: frozen, weight, bias, layernorm, lora,
+head, pooler; or any label of your own from `label_params`). Everything here works on plain dicts,
+FrozenDict, Hugging Face Flax trees, `nnx.State` and `nnx.Module` (its `nnx.Param` variables)
+through `jax.tree_util` key paths; the module imports only the standard library, numpy, jax and optax.
 
 Paths are '/'-joined key names, e.g. "bert/encoder/layer/7/attention/self/query/kernel"; the
 trailing `.value` of an `nnx.Variable` (or a boxed `nn.Partitioned`) is dropped, so an NNX
-parameter reads "layers/0/query/kernel". Layers must be unrolled (one subtree per layer, its
-index in the path), not stacked by `nn.scan`.
+parameter reads "layers/0/query/kernel". Layers are either unrolled (one subtree per layer, its
+index in the path) or stacked by `nn.scan` / `nnx.scan` / `nnx.vmap` (one row per layer along an
+axis of each leaf); a stacked leaf whose rows train in part is labelled with `Rows`, and the
+optimizer keeps state only for those rows. See docs/masking.md.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from spafit_jax.errors import MaskingError
 from spafit_jax.methods import (BIAS, FROZEN, HEAD, LAYERNORM, LORA, METHODS, POOLER,  # noqa: F401
                                 TRAINABLE_LABELS, WEIGHT, resolve_strata)
+from spafit_jax.stratified import stratified_optimizer
+from spafit_jax.tree_paths import (Rows, Trainable, _leaves, _lookup, _map, _params, _path,  # noqa: F401
+                                   _size, _unbox)
 
 __all__ = [
-    "MaskingError", "LAYER_PATTERN", "HEAD_PATTERN", "METHODS", "layer_index", "label_params", "resolve_strata",
-    "spafit_labels", "method_labels", "split", "merge", "count_params", "summary",
-    "stratified_optimizer",
+    "MaskingError", "LAYER_PATTERN", "HEAD_PATTERN", "STACKED_PATTERN", "METHODS", "Rows", "Trainable",
+    "layer_index", "num_layers", "label_params", "resolve_strata", "spafit_labels", "method_labels",
+    "trainable", "split", "merge", "count_params", "summary", "stratified_optimizer",
 ]
 
 #: layer/7, layers/7, layers_7, layer_7, h/7, block/7, blocks/7, blocks_7 (case-insensitive).
@@ -38,47 +43,16 @@ LAYER_PATTERN = r"(?i)(?:^|/)(?:layers?|h|blocks?)[/_](\d+)(?:/|$)"
 #: task heads: BERT's / DistilBERT's classifier (and DistilBERT's pre_classifier), RoBERTa's and
 #: ELECTRA's classifier/dense + classifier/out_proj, and the usual names of other libraries.
 HEAD_PATTERN = r"(^|/)(classifier|pre_classifier|score|head|qa_outputs)(/|$)"
+#: stacked (scanned) layers: a subtree named layer(s), block(s), h or Scan... (nn.scan's ScanBlock_0)
+#: whose next key is not a layer number, e.g. "layers/attn/kernel" of shape (L, ...).
+STACKED_PATTERN = r"(?i)(?:^|/)(?:layers?|blocks?|h|scan\w*)/(?!\d+(?:/|$))"
 # A path component naming a normalisation module (its scale/bias are labelled "layernorm"):
-# LayerNorm, layer_norm, ln, ln_1, ln_f, norm, norm1, final_layer_norm, input_layernorm,
-# RMSNorm_0, BatchNorm_0, GroupNorm, ... (case-insensitive, whole words between '_');
-# "normal" or "kernel" do not match.
-_NORM_RE = re.compile(r"(?i)(^|_)(ln|norm|(layer|rms|batch|group)_?norm)(_|\d|$)")
+# LayerNorm, layer_norm, ln, ln_1, ln_f, norm, norm1, norm_f, final_layer_norm, input_layernorm,
+# RMSNorm_0, rms_norm, BatchNorm_0, batch_norm, bn, GroupNorm, gn, ... (case-insensitive, whole
+# words between '_'); "normal", "kernel" or "bnorm" do not match.
+_NORM_RE = re.compile(r"(?i)(^|_)(ln|bn|gn|norm|(layer|rms|batch|group)_?norm)(_|\d|$)")
 _LORA_RE = re.compile(r"(?i)lora_[ab]")
 _ORDER = TRAINABLE_LABELS
-_ADAM_KEYS = ("learning_rate", "weight_decay", "b1", "b2", "eps")
-
-
-# ----------------------------------------------------------------------------------- paths
-def _key_str(key: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey/FlattenedIndexKey, GetAttrKey, SequenceKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _path(keypath: Sequence[Any]) -> str:
-    keys = list(keypath)
-    if len(keys) > 1 and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-        keys = keys[:-1]  # nnx.Variable / nn.Partitioned box
-    return "/".join(_key_str(k) for k in keys)
-
-
-def _leaves(tree: Any) -> list[tuple[str, Any]]:
-    return [(_path(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _map(fn: Callable[[str, Any], Any], tree: Any) -> Any:
-    return jax.tree_util.tree_map_with_path(lambda kp, x: fn(_path(kp), x), tree)
-
-
-def _size(x: Any) -> int:
-    return int(math.prod(getattr(x, "shape", np.shape(x))))
-
-
-def _check_labels(params: Any, labels: Any) -> None:
-    if jax.tree.structure(params) != jax.tree.structure(labels):
-        raise MaskingError("labels do not have the structure of params; build them from this "
-                           "very tree with label_params / spafit_labels / method_labels")
 
 
 def layer_index(path: str, pattern: str | re.Pattern | None = None) -> int | None:
@@ -95,6 +69,79 @@ def _kind(path: str) -> str:
     if any(_NORM_RE.search(p) for p in parts[:-1]):
         return LAYERNORM
     return BIAS if parts[-1] == "bias" else WEIGHT
+
+
+# ----------------------------------------------------------------------------------- layers
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where the layers are: unrolled (`pattern` finds the index) or stacked (`stacked` finds the leaves)."""
+
+    num_layers: int
+    pattern: str | None = None
+    stacked: re.Pattern | None = None
+    axis: int = 0
+
+    def index(self, path: str) -> int | None:
+        return None if self.stacked else layer_index(path, self.pattern)
+
+    def is_stacked(self, path: str) -> bool:
+        return self.stacked is not None and self.stacked.search(path) is not None
+
+
+def _stacked_arg(stacked: str | tuple[str, int]) -> tuple[re.Pattern, int]:
+    regex, axis = (stacked, 0) if isinstance(stacked, str) else tuple(stacked) if \
+        isinstance(stacked, (tuple, list)) and len(stacked) == 2 else (None, None)
+    if not isinstance(regex, str) or isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise MaskingError(f"stacked={stacked!r} is not a regex or a (regex, axis) pair; pass e.g. "
+                           "stacked='layers' or stacked=('decoder/layers', 1)")
+    try:
+        return re.compile(regex), int(axis)
+    except re.error as e:
+        raise MaskingError(f"stacked regex {regex!r} is invalid ({e}); fix the pattern") from None
+
+
+def _stacked_layout(leaves: list[tuple[str, Any]], rx: re.Pattern, axis: int, named: bool) -> _Layout | None:
+    hits = [(p, np.shape(x)) for p, x in leaves if rx.search(p)]
+    if not hits:
+        return None
+    sizes = {s[axis] if -len(s) <= axis < len(s) else None for _, s in hits}
+    if len(sizes) != 1 or None in sizes:
+        seen = ", ".join(f"{p} {s}" for p, s in hits[:4]) + (" ..." if len(hits) > 4 else "")
+        how = "" if named else "pass stacked=(regex, axis) naming the stacked subtree and its layer axis, or "
+        raise MaskingError(f"stacked layers need one size along axis {axis} in every leaf under "
+                           f"{rx.pattern!r}, but saw {seen}; {how}unroll the layers as layers/0, layers/1 ...")
+    return _Layout(sizes.pop(), stacked=rx, axis=axis)
+
+
+def _layout(params: Any, layer_pattern: str | None, stacked: Any, required: bool = True) -> _Layout:
+    """The layers of `params`: `stacked=` if given, else unrolled indices, else a detected stacked subtree."""
+    leaves = _leaves(params)
+    if stacked is not None:
+        rx, axis = _stacked_arg(stacked)
+        found = _stacked_layout(leaves, rx, axis, named=True)
+        if found is None:
+            raise MaskingError(f"stacked={stacked!r} matches no parameter path (they read like "
+                               f"{leaves[0][0] if leaves else '<empty>'!r}); pass a regex of the stacked subtree")
+        return found
+    indices = [i for p, _ in leaves if (i := layer_index(p, layer_pattern)) is not None]
+    if indices:
+        return _Layout(max(indices) + 1, pattern=layer_pattern)
+    found = None if layer_pattern else _stacked_layout(leaves, re.compile(STACKED_PATTERN), 0, named=False)
+    if found is not None or not required:
+        return found or _Layout(0, pattern=layer_pattern)
+    example = max((p for p, _ in leaves), key=lambda p: p.count("/"), default="<empty>")
+    raise MaskingError(f"no layers found: no layer index in any parameter path (e.g. {example!r}) and no "
+                       "stacked subtree named layers/blocks/h/Scan...; unroll the layers as layers/0, "
+                       r"blocks_0 ..., pass layer_pattern= a regex whose group 1 is the index (e.g. r'enc_(\d+)/') "
+                       "or stacked= the regex of scanned layers, e.g. stacked=('encoder', 0)")
+
+
+def num_layers(params: Any, *, layer_pattern: str | None = None, stacked: str | tuple[str, int] | None = None) -> int:
+    """The number of layers of `params` (unrolled indices, or the rows of stacked layers).
+
+    Use it to resolve fractions first: `n1, n2 = resolve_strata(num_layers(params), 0.25, 0.5)`.
+    """
+    return _layout(params, layer_pattern, stacked).num_layers
 
 
 # ----------------------------------------------------------------------------------- labels
@@ -118,115 +165,138 @@ def label_params(params: Any, rules: Sequence[tuple[str, str]] | Mapping[str, st
         uncovered.append(path)
         return FROZEN
 
-    labels = _map(one, params)
+    labels = _map(one, _params(params))
     if uncovered:
         shown = ", ".join(repr(p) for p in uncovered[:5]) + (" ..." if len(uncovered) > 5 else "")
         raise MaskingError(f"{len(uncovered)} parameter(s) match no rule: {shown}; add a rule for "
                            "them, e.g. ('.*', 'frozen') as the last rule")
-    return labels
+    return _unbox(labels) if params is not _params(params) else labels
 
 
-def _num_layers(params: Any, layer_pattern: str | None) -> int:
-    paths = [p for p, _ in _leaves(params)]
-    found = [i for p in paths if (i := layer_index(p, layer_pattern)) is not None]
-    if not found:
-        example = paths[0] if paths else "<empty>"
-        raise MaskingError(f"no layer index found in any parameter path (e.g. {example!r}); unroll "
-                           "the layers as layers/0, blocks_0, h/0 ... or pass layer_pattern= a "
-                           r"regex whose group 1 is the index, e.g. r'enc_(\d+)/'")
-    return max(found) + 1
-
-
-def _plan(params: Any, in_layer: Callable[[int], frozenset], outside: frozenset, *,
-          train_layernorm: bool, train_pooler: bool, head_pattern: str,
-          layer_pattern: str | None) -> Any:
+def _plan(params: Any, in_layer: Callable[[int], frozenset], outside: frozenset, layout: _Layout, *,
+          train_layernorm: bool, train_pooler: bool, head_pattern: str, needs_head: bool) -> Any:
     """Labels leaves from the kinds allowed to train in layer i (`in_layer`) and outside layers."""
     try:
         head_re = re.compile(head_pattern)
     except re.error as e:
         raise MaskingError(f"head_pattern {head_pattern!r} is invalid ({e}); fix the regex") from None
+    state = _params(params)
 
     def one(path: str, _: Any) -> str:
-        i = layer_index(path, layer_pattern)
+        kind = _kind(path)
+        if layout.is_stacked(path):
+            rows = [r for r in range(layout.num_layers) if kind in in_layer(r)]
+            if not rows or (kind == LAYERNORM and not train_layernorm):
+                return FROZEN
+            return Rows(kind, rows[0], rows[-1] + 1, layout.axis)  # strata are contiguous
+        i = layout.index(path)
         if i is None and head_re.search(path):
             return HEAD
         if i is None and "pooler" in path.lower():
             return POOLER if train_pooler else FROZEN
-        kind = _kind(path)
         if kind == LAYERNORM and not train_layernorm:
             return FROZEN
         return kind if kind in (outside if i is None else in_layer(i)) else FROZEN
 
-    labels = _map(one, params)
-    if all(label == FROZEN for label in jax.tree.leaves(labels)):
-        raise MaskingError(f"the plan trains no parameter: no leaf matches head_pattern="
-                           f"{head_pattern!r} and no layer leaf is trainable; pass head_pattern= "
-                           "naming your output module, or lower n1/n2")
-    return labels
+    labels = _map(one, state)
+    found = {str(label) for _, label in _leaves(labels)}
+    if needs_head and HEAD not in found:
+        example = next((p for p, _ in _leaves(state) if layout.index(p) is None and not layout.is_stacked(p)), "<none>")
+        raise MaskingError(f"no task head found: no parameter path matches head_pattern={head_pattern!r} "
+                           f"(outside the layers they read like {example!r}); pass head_pattern= a regex "
+                           "naming your output module, e.g. head_pattern='out_proj'")
+    if found <= {FROZEN}:
+        raise MaskingError("the plan trains no parameter: no layer leaf is trainable; lower n1/n2 or "
+                           "pick another method")
+    return _unbox(labels) if state is not params else labels
 
 
 def _no_lora(where: str) -> MaskingError:
-    return MaskingError(f"no lora_a/lora_b leaves in {where}; build the model with a LoRAConfig "
-                        "(LoRA adapters on those layers), or use method 'bitfit'")
+    return MaskingError(f"no lora_a/lora_b leaves in {where}; build the model with LoRA adapters "
+                        "(spafit_jax.lora.LoRA, nnx.LoRA) on those layers, or use method 'bitfit'")
 
 
-def spafit_labels(params: Any, n1: int | float | None = None, n2: int | float | None = None, *,
-                  train_layernorm: bool = False, train_pooler: bool = True, stratum3_bias: bool = True,
-                  head_pattern: str = HEAD_PATTERN, layer_pattern: str | None = None) -> Any:
+def _strata(n1: Any, n2: Any, L: int) -> None:
+    for name, value in (("n1", n1), ("n2", n2)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise MaskingError(f"{name}={value!r} is not a whole layer count; pass an int 0..{L}, or turn "
+                               "a fraction or None into counts with resolve_strata(num_layers(params), n1, n2)")
+        if value < 0:
+            raise MaskingError(f"{name}={value!r} is negative; pass a layer count 0..{L}")
+        if value > L:
+            raise MaskingError(f"{name}={value!r} exceeds the {L} layers of this model; pass a layer count 0..{L}")
+    if n1 > n2:
+        raise MaskingError(f"n1={n1} > n2={n2}; need 0 <= n1 <= n2 <= L={L} (stratum 1 comes first)")
+
+
+def spafit_labels(params: Any, n1: int, n2: int, *, train_layernorm: bool = False, train_pooler: bool = True,
+                  stratum3_bias: bool = True, head_pattern: str = HEAD_PATTERN, layer_pattern: str | None = None,
+                  stacked: str | tuple[str, int] | None = None) -> Any:
     """SPAFIT strata: layers < n1 frozen, n1..n2-1 biases only, >= n2 LoRA + biases; head trains.
 
-    `stratum3_bias=False` is the paper's other group-3 variant: layers >= n2 train LoRA only.
-
-    n1/n2 are int layer counts (0..L) or floats in [0, 1] as fractions of L (rounded half up);
-    defaults round(L/3) and round(2L/3). Embeddings and final norms stay frozen; LayerNorm
-    scale/bias of strata 2-3 train as "layernorm" only with `train_layernorm`; the pooler (any
-    path containing "pooler") trains as "pooler" when `train_pooler`.
+    n1/n2 are int layer counts 0 <= n1 <= n2 <= L (`resolve_strata` turns fractions and None into
+    counts). `stratum3_bias=False` is the paper's other group-3 variant: layers >= n2 train LoRA
+    only. Embeddings and final norms stay frozen; norm scale/bias of strata 2-3 train as
+    "layernorm" only with `train_layernorm`; the pooler (any path containing "pooler") trains as
+    "pooler" when `train_pooler`. Stacked layers (`stacked=` a regex or (regex, axis), else detected)
+    get `Rows` labels. A model with no leaf matching `head_pattern` is an error.
     """
-    L = _num_layers(params, layer_pattern)
-    n1, n2 = resolve_strata(L, n1, n2)
-    lora_layers = {layer_index(p, layer_pattern) for p, _ in _leaves(params) if _kind(p) == LORA}
-    if n2 < L and not any(i is not None and i >= n2 for i in lora_layers):
+    layout = _layout(params, layer_pattern, stacked)
+    L = layout.num_layers
+    _strata(n1, n2, L)
+    lora = [p for p, _ in _leaves(params) if _kind(p) == LORA]
+    if n2 < L and not any(layout.is_stacked(p) or (layout.index(p) is not None and layout.index(p) >= n2) for p in lora):
         raise _no_lora(f"stratum 3 (layers {n2}..{L - 1})")
     some = frozenset({BIAS, LAYERNORM})
     full = some | {LORA} if stratum3_bias else frozenset({LAYERNORM, LORA})
-    return _plan(params, lambda i: frozenset() if i < n1 else some if i < n2 else full,
-                 frozenset(), train_layernorm=train_layernorm, train_pooler=train_pooler,
-                 head_pattern=head_pattern, layer_pattern=layer_pattern)
+    return _plan(params, lambda i: frozenset() if i < n1 else some if i < n2 else full, frozenset(), layout,
+                 train_layernorm=train_layernorm, train_pooler=train_pooler, head_pattern=head_pattern,
+                 needs_head=True)
 
 
-def method_labels(params: Any, method: str, *, n1: int | float | None = None,
-                  n2: int | float | None = None, train_layernorm: bool | None = None,
-                  train_pooler: bool = True, stratum3_bias: bool = True, head_pattern: str = HEAD_PATTERN,
-                  layer_pattern: str | None = None) -> Any:
-    """Labels for one of METHODS: full, bitfit, lora, spafit, head_only (n1/n2 used by spafit only).
+def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | None = None,
+                  train_layernorm: bool | None = None, train_pooler: bool = True, stratum3_bias: bool = True,
+                  head_pattern: str = HEAD_PATTERN, layer_pattern: str | None = None,
+                  stacked: str | tuple[str, int] | None = None) -> Any:
+    """Labels for one of METHODS: full, bitfit, lora, spafit, head_only (int n1/n2 used by spafit only).
 
     full trains everything (embeddings too) as weight/bias/layernorm/lora/head/pooler; bitfit all
     layer biases + head (+ pooler); lora all lora leaves + head (+ pooler), biases frozen; spafit
-    as `spafit_labels` (with `stratum3_bias`); head_only the head (+ pooler). `train_layernorm=None` means True for full,
-    False otherwise.
+    as `spafit_labels` (with `stratum3_bias`); head_only the head (+ pooler). `train_layernorm=None`
+    means True for full, False otherwise. Every method but full needs a head (`head_pattern`).
     """
     if method not in METHODS:
         raise MaskingError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
     ln = (method == "full") if train_layernorm is None else bool(train_layernorm)
-    kw = dict(train_layernorm=ln, train_pooler=train_pooler, head_pattern=head_pattern,
-              layer_pattern=layer_pattern)
+    kw = dict(train_layernorm=ln, train_pooler=train_pooler, head_pattern=head_pattern)
     if method == "spafit":
-        return spafit_labels(params, n1, n2, stratum3_bias=stratum3_bias, **kw)
-    if method in ("bitfit", "lora"):
-        _num_layers(params, layer_pattern)
+        return spafit_labels(params, n1, n2, stratum3_bias=stratum3_bias, layer_pattern=layer_pattern,
+                             stacked=stacked, **kw)
+    layout = _layout(params, layer_pattern, stacked, required=method in ("bitfit", "lora"))
     if method == "lora" and not any(_kind(p) == LORA for p, _ in _leaves(params)):
         raise _no_lora("params")
     allowed = {"full": frozenset({WEIGHT, BIAS, LAYERNORM, LORA}), "bitfit": frozenset({BIAS, LAYERNORM}),
                "lora": frozenset({LORA, LAYERNORM}), "head_only": frozenset()}[method]
-    return _plan(params, lambda i: allowed, allowed if method == "full" else frozenset(), **kw)
+    return _plan(params, lambda i: allowed, allowed if method == "full" else frozenset(), layout,
+                 needs_head=method != "full", **kw)
 
 
-# ----------------------------------------------------------------------------------- split
+# ----------------------------------------------------------------------------------- use
+def trainable(labels: Any) -> Trainable:
+    """The filter of the leaves `labels` does not mark frozen: `nnx.Optimizer(..., wrt=trainable(labels))`,
+    `nnx.DiffState(0, trainable(labels))`, or `trainable(labels)(path, leaf)` on a linen tree."""
+    return Trainable(frozenset(p for p, label in _leaves(labels) if label != FROZEN))
+
+
 def split(params: Any, labels: Any) -> tuple[Any, Any]:
-    """(trainable, frozen): two trees shaped like params, None where a leaf belongs to the other."""
-    _check_labels(params, labels)
-    trainable = jax.tree.map(lambda x, l: None if l == FROZEN else x, params, labels)
-    frozen = jax.tree.map(lambda x, l: x if l == FROZEN else None, params, labels)
+    """(trainable, frozen): two trees shaped like params, None where a leaf belongs to the other.
+
+    A stacked leaf with `Rows` goes whole to the trainable half; the optimizer leaves its frozen rows alone.
+    """
+    lookup = _lookup(labels, params)
+    params = _params(params)
+    trainable = _map(lambda p, x: None if lookup[p] == FROZEN else x, params)
+    frozen = _map(lambda p, x: x if lookup[p] == FROZEN else None, params)
     return trainable, frozen
 
 
@@ -241,11 +311,16 @@ def merge(trainable: Any, frozen: Any) -> Any:
 
 
 def count_params(params: Any, labels: Any) -> dict[str, int]:
-    """{label: number of parameters} over the leaves of params."""
-    _check_labels(params, labels)
+    """{label: number of parameters} over the leaves of params (the frozen rows of a `Rows` leaf count as frozen)."""
+    lookup = _lookup(labels, params)
     counts: dict[str, int] = {}
-    for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
-        counts[label] = counts.get(label, 0) + _size(x)
+    for path, x in _leaves(params):
+        label, n = lookup[path], _size(x)
+        if isinstance(label, Rows):
+            k = n * (label.stop - label.start) // np.shape(x)[label.axis]
+            counts[FROZEN] = counts.get(FROZEN, 0) + n - k
+            n = k
+        counts[str(label)] = counts.get(str(label), 0) + n
     return dict(sorted(counts.items(), key=lambda kv: _sort_key(kv[0])))
 
 
@@ -254,52 +329,16 @@ def _sort_key(label: str) -> tuple[int, str]:
 
 
 def summary(params: Any, labels: Any) -> str:
-    """A text table: label, tensors, parameters, percent of total; then trainable and total rows."""
+    """A text table: every label present, its tensors, parameters and percent; then trainable and total."""
     counts, tensors = count_params(params, labels), {}
-    for label in jax.tree.leaves(labels):
-        tensors[label] = tensors.get(label, 0) + 1
+    for _, label in _leaves(labels):
+        tensors[str(label)] = tensors.get(str(label), 0) + 1
     total = sum(counts.values()) or 1
     n_tr = sum(v for k, v in counts.items() if k != FROZEN)
     t_tr = sum(v for k, v in tensors.items() if k != FROZEN)
-    rows = [(k, tensors[k], v) for k, v in counts.items()]
+    rows = [(k, tensors.get(k, 0), v) for k, v in counts.items()]
     rows += [("trainable", t_tr, n_tr), ("total", sum(tensors.values()), sum(counts.values()))]
     lines = [f"{'label':<12}{'tensors':>9}{'parameters':>14}{'percent':>10}"]
     lines += [f"{k:<12}{t:>9}{n:>14,}{100 * n / total:>9.2f}%" for k, t, n in rows]
     return "\n".join(lines)
 
-
-# ----------------------------------------------------------------------------------- optimizer
-def _decay_mask(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x.ndim >= 2, tree)
-
-
-def _adamw(label: str, s: Any) -> optax.GradientTransformation:
-    if not isinstance(s, Mapping) or "learning_rate" not in s:
-        raise MaskingError(f"settings[{label!r}] must be a mapping with a learning_rate, got {s!r}")
-    unknown = sorted(set(s) - set(_ADAM_KEYS))
-    if unknown:
-        raise MaskingError(f"settings[{label!r}] has unknown key(s) {unknown}; use {list(_ADAM_KEYS)}")
-    parts = [optax.scale_by_adam(b1=s.get("b1", 0.9), b2=s.get("b2", 0.999), eps=s.get("eps", 1e-8))]
-    if s.get("weight_decay", 0.0):
-        parts.append(optax.add_decayed_weights(s["weight_decay"], mask=_decay_mask))
-    parts.append(optax.scale_by_learning_rate(s["learning_rate"]))
-    return optax.chain(*parts)
-
-
-def stratified_optimizer(labels: Any, settings: Mapping[str, Mapping[str, Any]]) -> optax.GradientTransformation:
-    """optax.multi_transform of one AdamW per trainable label, for `split(params, labels)[0]`.
-
-    settings[label] holds learning_rate (float or optax schedule) and optionally weight_decay
-    (default 0; applied to leaves with ndim >= 2 only), b1, b2, eps. Frozen leaves are None in
-    the trainable tree, so they carry no optimizer state. Pass params to `update` when using
-    weight decay.
-    """
-    present = sorted({l for l in jax.tree.leaves(labels) if l != FROZEN}, key=_sort_key)
-    if not present:
-        raise MaskingError("labels mark every parameter frozen; nothing to optimize")
-    missing = [l for l in present if l not in settings]
-    if missing:
-        raise MaskingError(f"no optimizer settings for label(s) {', '.join(map(repr, missing))}; "
-                           f"add them to settings (labels present: {', '.join(present)})")
-    transforms = {label: _adamw(label, settings[label]) for label in present}
-    return optax.multi_transform(transforms, jax.tree.map(lambda l: None if l == FROZEN else l, labels))

@@ -73,6 +73,19 @@ def n_total(params):
     return sum(np.size(x) for x in jax.tree.leaves(params))
 
 
+def spafit(params, n1=None, n2=None, **kw):
+    """spafit_labels with n1/n2 resolved the one way (resolve_strata: fractions, None = L/3, 2L/3)."""
+    n1, n2 = masking.resolve_strata(masking.num_layers(params), n1, n2)
+    return masking.spafit_labels(params, n1, n2, **kw)
+
+
+def method(params, name, **kw):
+    """method_labels with spafit's n1/n2 resolved as `spafit` does."""
+    if name == "spafit":
+        kw["n1"], kw["n2"] = masking.resolve_strata(masking.num_layers(params), kw.get("n1"), kw.get("n2"))
+    return masking.method_labels(params, name, **kw)
+
+
 def n_trainable(params, labels):
     return sum(n for k, n in masking.count_params(params, labels).items() if k != "frozen")
 
@@ -147,7 +160,7 @@ def test_spafit_strata_property(data, kind, tln, tpool):
 @given(L=st.integers(1, 12), kind=st.sampled_from(sorted(TREES)), tpool=st.booleans())
 def test_method_closed_forms_property(L, kind, tpool):
     params, cf = TREES[kind](L)
-    count = lambda m, **kw: n_trainable(params, masking.method_labels(params, m, train_pooler=tpool, **kw))
+    count = lambda m, **kw: n_trainable(params, method(params, m, train_pooler=tpool, **kw))
     tail = cf["head"] + tpool * cf["pooler"]
     assert count("bitfit") == L * cf["bias"] + tail
     assert count("lora") == L * cf["lora"] + tail
@@ -176,7 +189,7 @@ def test_full_labels_embeddings_and_bitfit_equals_spafit_without_lora():
     (4, 0.5, 0.625, (2, 3))])  # 0.625 * 4 = 2.5 rounds half up
 def test_n1_n2_counts_and_fractions(L, n1, n2, want):
     params, cf = bert_tree(L)
-    got = n_trainable(params, masking.spafit_labels(params, n1, n2))
+    got = n_trainable(params, spafit(params, n1, n2))
     w1, w2 = want
     assert got == (L - w1) * cf["bias"] + (L - w2) * cf["lora"] + cf["head"] + cf["pooler"]
 
@@ -190,22 +203,32 @@ def _err(fn, match):
 
 
 @pytest.mark.parametrize("n1,n2,match", [
-    (5, 3, r"n1=5 > n2=3"), (1, 13, r"n2=13 exceeds the 6 layers"), (-1, 3, r"n1=-1 is negative"),
-    (1, 2.5, r"n2=2.5 is neither a whole layer count nor a fraction"), (True, 3, r"n1=True is not a number"),
-    (-0.5, 3, r"n1=-0.5 is a fraction outside \[0, 1\]"), (1, float("nan"), r"outside \[0, 1\]"),
-    ("1", 3, r"not a number"), (1, 7.0, r"exceeds")])
-def test_bad_n1_n2(n1, n2, match):
+    (5, 3, r"n1=5 > n2=3"), (1, 7, r"n2=7 exceeds the 6 layers"), (-1, 3, r"n1=-1 is negative"),
+    (1, 2.5, r"n2=2.5 is not a whole layer count.*resolve_strata"), (True, 3, r"n1=True is not a whole layer count"),
+    (0.5, 3, r"n1=0.5 is not a whole"), (1, float("nan"), r"n2=nan is not a whole"), ("1", 3, r"not a whole"),
+    (1, 6.0, r"not a whole"), (None, 3, r"n1=None is not a whole layer count")])
+def test_masking_takes_plain_layer_counts(n1, n2, match):
     params, _ = bert_tree(6)
     _err(lambda: masking.spafit_labels(params, n1, n2), match)
     _err(lambda: masking.method_labels(params, "spafit", n1=n1, n2=n2), match)
 
 
+@pytest.mark.parametrize("n1,n2,match", [
+    (5, 3, r"n1=5 > n2=3"), (1, 13, r"n2=13 exceeds the 6 layers"), (-1, 3, r"n1=-1 is negative"),
+    (1, 2.5, r"n2=2.5 is neither a whole layer count nor a fraction"), (True, 3, r"n1=True is not a number"),
+    (-0.5, 3, r"n1=-0.5 is a fraction outside \[0, 1\]"), (1, float("nan"), r"outside \[0, 1\]"),
+    ("1", 3, r"not a number"), (1, 7.0, r"exceeds")])
+def test_resolve_strata_refuses(n1, n2, match):
+    _err(lambda: masking.resolve_strata(6, n1, n2), match)
+
+
 def test_no_layer_index():
     tree = {"encoder": {"dense": _dense(H, H)}, "classifier": _dense(H, C)}
-    msg = _err(lambda: masking.spafit_labels(tree), r"no layer index found")
-    assert "layer_pattern" in msg
-    for method in ("bitfit", "lora", "spafit"):
-        _err(lambda: masking.method_labels(tree, method), r"no layer index found")
+    msg = _err(lambda: masking.spafit_labels(tree, 0, 0), r"no layers found: no layer index .* no stacked subtree")
+    assert "layer_pattern" in msg and "stacked=" in msg and "'encoder/dense/bias'" in msg
+    for name in ("bitfit", "lora", "spafit"):
+        _err(lambda: masking.method_labels(tree, name, n1=0, n2=0), r"no layers found")
+    _err(lambda: masking.num_layers(tree), r"no layers found")
     assert masking.method_labels(tree, "head_only")["classifier"]["kernel"] == "head"
 
 
@@ -215,18 +238,26 @@ def test_unknown_method():
     assert all(m in msg for m in masking.METHODS)
 
 
-@pytest.mark.parametrize("method", ["lora", "spafit"])
-def test_lora_methods_need_lora_leaves(method):
+@pytest.mark.parametrize("name", ["lora", "spafit"])
+def test_lora_methods_need_lora_leaves(name):
     params, _ = bert_tree(3, lora=False)
-    _err(lambda: masking.method_labels(params, method), r"no lora_a/lora_b leaves.*LoRAConfig")
+    _err(lambda: method(params, name), r"no lora_a/lora_b leaves.*LoRA adapters")
     # no stratum 3 (n2 = L): spafit needs no adapters
     assert n_trainable(params, masking.spafit_labels(params, 1, 3)) > 0
 
 
-def test_plan_that_trains_nothing():
+@pytest.mark.parametrize("name", ["spafit", "bitfit", "lora", "head_only"])
+def test_a_head_by_another_name_is_an_error_not_frozen(name):
     params, _ = bert_tree(3)
-    _err(lambda: masking.method_labels(params, "head_only", head_pattern="^nope$", train_pooler=False),
-         r"trains no parameter")
+    params["out_proj"] = params.pop("classifier")
+    msg = _err(lambda: method(params, name), r"no task head found: no parameter path matches head_pattern=")
+    assert "head_pattern=" in msg and "'bert/embeddings/" in msg
+    labels = method(params, name, head_pattern="^out_proj/")
+    assert labels["out_proj"] == {"kernel": "head", "bias": "head"}
+    assert "head" in masking.summary(params, labels)
+    # full fine-tuning and explicit rules need no head
+    assert masking.method_labels(params, "full")["out_proj"]["kernel"] == "weight"
+    assert masking.label_params(params, [(".*", "weight")])["out_proj"]["bias"] == "weight"
 
 
 def test_label_params_rules_and_uncovered():
@@ -266,7 +297,7 @@ def test_split_merge_round_trip(kind):
     from flax.core import freeze, FrozenDict
     params = {"dict": lambda: bert_tree(3)[0], "frozendict": lambda: freeze(bert_tree(3)[0]),
               "hf_variables": lambda: freeze({"params": bert_tree(3)[0]}), "gpt2": lambda: gpt2_tree(3)[0]}[kind]()
-    labels = masking.method_labels(params, "spafit")
+    labels = method(params, "spafit")
     trainable, frozen = masking.split(params, labels)
     assert type(trainable) is type(params) and type(frozen) is type(params)
     got = [p for p, _ in masking._leaves(trainable)]
@@ -274,13 +305,13 @@ def test_split_merge_round_trip(kind):
     assert len(jax.tree.leaves(trainable)) + len(jax.tree.leaves(frozen)) == len(jax.tree.leaves(params))
     _assert_same(masking.merge(trainable, frozen), params)
     if isinstance(params, FrozenDict):  # same labels as for the plain dict
-        plain = masking.method_labels(jax.tree.map(lambda x: x, params.unfreeze()), "spafit")
+        plain = method(jax.tree.map(lambda x: x, params.unfreeze()), "spafit")
         assert jax.tree.leaves(plain) == jax.tree.leaves(labels)
 
 
 def test_hf_paths_and_gpt2_paths():
     variables = {"params": bert_tree(6)[0]}
-    labels = masking.method_labels(variables, "spafit")
+    labels = method(variables, "spafit")
     layer = labels["params"]["bert"]["encoder"]["layer"]
     assert layer["0"]["attention"]["self"]["query"]["bias"] == "frozen"
     assert layer["2"]["attention"]["self"]["query"] == {"kernel": "frozen", "bias": "bias",
@@ -289,7 +320,7 @@ def test_hf_paths_and_gpt2_paths():
                                                           "lora_a": "lora", "lora_b": "lora"}
     assert layer["5"]["output"]["LayerNorm"] == {"scale": "frozen", "bias": "frozen"}
     assert labels["params"]["bert"]["pooler"]["dense"]["kernel"] == "pooler"
-    g = masking.method_labels(gpt2_tree(3)[0], "spafit", train_layernorm=True)
+    g = method(gpt2_tree(3)[0], "spafit", train_layernorm=True)
     assert g["transformer"]["h"]["2"]["attn"]["c_attn"]["lora_b"] == "lora"
     assert g["transformer"]["h"]["1"]["ln_1"] == {"scale": "layernorm", "bias": "layernorm"}
     assert g["transformer"]["ln_f"]["scale"] == "frozen" and g["score"]["kernel"] == "head"
@@ -361,7 +392,7 @@ def test_nnx_state_labels_split_merge_and_step():
 # ----------------------------------------------------------------------------- counts / summary
 def test_count_params_and_summary():
     params, cf = bert_tree(6)
-    labels = masking.method_labels(params, "spafit")
+    labels = method(params, "spafit")
     counts = masking.count_params(params, labels)
     assert list(counts) == ["bias", "lora", "head", "pooler", "frozen"]
     assert counts["lora"] == 2 * cf["lora"] and counts["bias"] == 4 * cf["bias"]
@@ -386,7 +417,7 @@ def _jnp_tree(tree, seed=0):
 
 def test_optimizer_state_holds_nothing_for_frozen_leaves():
     params = _jnp_tree(bert_tree(6)[0])
-    labels = masking.method_labels(params, "spafit")
+    labels = method(params, "spafit")
     trainable, _ = masking.split(params, labels)
     sched = optax.linear_schedule(1e-3, 0.0, 10)
     tx = masking.stratified_optimizer(labels, {
@@ -436,7 +467,7 @@ def test_weight_decay_only_on_matrices():
 
 def test_optimizer_bad_settings():
     params, _ = bert_tree(3)
-    labels = masking.method_labels(params, "spafit")
+    labels = method(params, "spafit")
     msg = _err(lambda: masking.stratified_optimizer(labels, {"bias": {"learning_rate": 1e-3}}),
                r"no optimizer settings for label\(s\) 'lora', 'head', 'pooler'")
     assert "labels present: bias, lora, head, pooler" in msg

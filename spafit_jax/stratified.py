@@ -1,0 +1,102 @@
+"""The stratified optimizer: one AdamW per trainable label, no state for frozen leaves or frozen rows.
+
+`stratified_optimizer(labels, settings)` is an `optax.multi_transform` whose labels are looked up
+by parameter path, so one optimizer serves every form of the tree it is given: the trainable half of
+`masking.split` (frozen leaves None), a whole parameter tree (frozen leaves get zero updates and no
+state), or the `nnx.State` that `nnx.Optimizer(..., wrt=masking.trainable(labels))` passes (Variables
+at init, pure arrays at update). A stacked leaf labelled `Rows` keeps Adam moments for its trainable
+rows only and gets exact zero updates on the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from spafit_jax.errors import MaskingError
+from spafit_jax.methods import FROZEN, TRAINABLE_LABELS
+from spafit_jax.tree_paths import Rows, _lookup, _map, _path
+
+_ADAM_KEYS = ("learning_rate", "weight_decay", "b1", "b2", "eps")
+
+
+def _slice_rows(tree: Any, rows: Mapping[str, Rows]) -> Any:
+    """Each `Rows` leaf cut to its trainable rows; other leaves as they are."""
+    def one(path, x):
+        r = rows.get(path)
+        return x if r is None else jax.lax.slice_in_dim(x, r.start, r.stop, axis=r.axis)
+    return _map(one, tree)
+
+
+def _pad_rows(sliced: Any, full: Any, rows: Mapping[str, Rows]) -> Any:
+    """`sliced` put back at its rows of zeros shaped like `full` (frozen rows get exactly zero)."""
+    def one(kp, u, x):
+        r = rows.get(_path(kp))
+        return u if r is None else jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(x), u, r.start, r.axis)
+    return jax.tree_util.tree_map_with_path(one, sliced, full)
+
+
+def _on_rows(inner: optax.GradientTransformation, rows: Mapping[str, Rows]) -> optax.GradientTransformation:
+    """`inner` applied to the trainable rows of `Rows` leaves only (its state holds those rows alone)."""
+    def init(params):
+        return inner.init(_slice_rows(params, rows))
+
+    def update(updates, state, params=None):
+        cut = None if params is None else _slice_rows(params, rows)
+        new, state = inner.update(_slice_rows(updates, rows), state, cut)
+        return _pad_rows(new, updates, rows), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _adamw(label: str, s: Any, rows: Mapping[str, Rows]) -> optax.GradientTransformation:
+    if not isinstance(s, Mapping) or "learning_rate" not in s:
+        raise MaskingError(f"settings[{label!r}] must be a mapping with a learning_rate, got {s!r}")
+    unknown = sorted(set(s) - set(_ADAM_KEYS))
+    if unknown:
+        raise MaskingError(f"settings[{label!r}] has unknown key(s) {unknown}; use {list(_ADAM_KEYS)}")
+    parts = [optax.scale_by_adam(b1=s.get("b1", 0.9), b2=s.get("b2", 0.999), eps=s.get("eps", 1e-8))]
+    if s.get("weight_decay", 0.0):  # matrices only; a stacked leaf's layer axis does not count
+        decay = lambda tree: _map(lambda p, x: x.ndim - (p in rows) >= 2, tree)  # noqa: E731
+        parts.append(optax.add_decayed_weights(s["weight_decay"], mask=decay))
+    parts.append(optax.scale_by_learning_rate(s["learning_rate"]))
+    return _on_rows(optax.chain(*parts), rows) if rows else optax.chain(*parts)
+
+
+def _order(label: str) -> tuple[int, str]:
+    return (TRAINABLE_LABELS.index(label) if label in TRAINABLE_LABELS else len(TRAINABLE_LABELS), label)
+
+
+def stratified_optimizer(labels: Any, settings: Mapping[str, Mapping[str, Any]]) -> optax.GradientTransformation:
+    """optax.multi_transform of one AdamW per trainable label, matched to leaves by path.
+
+    settings[label] holds learning_rate (float or optax schedule) and optionally weight_decay
+    (default 0; applied to matrices only), b1, b2, eps. Frozen leaves carry no optimizer state:
+    they are None in `masking.split(params, labels)[0]`, left out by `wrt=masking.trainable(labels)`
+    in NNX, or get zero updates when a whole tree is passed. Pass params to `update` when using
+    weight decay.
+    """
+    lookup = _lookup(labels)
+    present = sorted({str(label) for label in lookup.values() if label != FROZEN}, key=_order)
+    if not present:
+        raise MaskingError("labels mark every parameter frozen; nothing to optimize")
+    missing = [label for label in present if label not in settings]
+    if missing:
+        raise MaskingError(f"no optimizer settings for label(s) {', '.join(map(repr, missing))}; "
+                           f"add them to settings (labels present: {', '.join(present)})")
+    rows = {p: label for p, label in lookup.items() if isinstance(label, Rows)}
+    transforms = {label: _adamw(label, settings[label], {p: r for p, r in rows.items() if r == label})
+                  for label in present}
+    transforms[FROZEN] = optax.set_to_zero()
+
+    def label_of(path: str, _: Any) -> str:
+        if path not in lookup:
+            raise MaskingError(f"the optimizer got a parameter {path!r} its labels do not have; build the "
+                               "labels from the same model or tree that the optimizer updates")
+        return str(lookup[path])
+
+    return optax.multi_transform(transforms, lambda tree: _map(label_of, tree))

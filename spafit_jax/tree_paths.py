@@ -1,0 +1,109 @@
+"""Parameter paths of any Flax tree, and the two label types that travel with them (`Rows`, `Trainable`).
+
+The low layer under `masking` (labels) and `stratified` (the optimizer): '/'-joined key paths for
+dicts, FrozenDict, `nnx.State` and `nnx.Module` alike, a {path: label} lookup, and the row label of a
+stacked leaf. Imports only the standard library, numpy and jax (flax.nnx only when the caller has).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from spafit_jax.errors import MaskingError
+
+
+class Rows(str):
+    """The label of a stacked leaf whose rows `start..stop-1` along `axis` train (the others stay frozen).
+
+    It is the label string itself (`Rows("bias", 2, 6) == "bias"`), so code that groups leaves by
+    label needs nothing else; `count_params` and `stratified_optimizer` read the rows.
+    """
+
+    def __new__(cls, label: str, start: int, stop: int, axis: int = 0):
+        self = super().__new__(cls, label)
+        self.start, self.stop, self.axis = start, stop, axis
+        return self
+
+    def __repr__(self) -> str:
+        return f"Rows({str(self)!r}, {self.start}, {self.stop}, axis={self.axis})"
+
+    def __reduce__(self):
+        return Rows, (str(self), self.start, self.stop, self.axis)
+
+
+# ----------------------------------------------------------------------------------- paths
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey/FlattenedIndexKey, GetAttrKey, SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path(keypath: Sequence[Any]) -> str:
+    keys = list(keypath)
+    if len(keys) > 1 and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]  # nnx.Variable / nn.Partitioned box
+    return "/".join(_key_str(k) for k in keys)
+
+
+def _nnx():
+    return sys.modules.get("flax.nnx")  # only loaded when the caller uses NNX: masking stays light
+
+
+def _params(tree: Any) -> Any:
+    """An `nnx.Module`'s `nnx.Param` state; any other tree as it is."""
+    nnx = _nnx()
+    if nnx is not None and isinstance(tree, nnx.Module):
+        return nnx.state(tree, nnx.Param)
+    return tree
+
+
+def _unbox(labels: Any) -> Any:
+    """Labels of an nnx State with the `Param(value=label)` boxes replaced by the label strings."""
+    nnx = _nnx()
+    if nnx is None:
+        return labels
+    box = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(lambda v: v.value if box(v) else v, labels, is_leaf=box)
+
+
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+    return [(_path(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(_params(tree))[0]]
+
+
+def _map(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda kp, x: fn(_path(kp), x), tree)
+
+
+def _size(x: Any) -> int:
+    return int(math.prod(getattr(x, "shape", np.shape(x))))
+
+
+def _lookup(labels: Any, params: Any = None) -> dict[str, str]:
+    """{path: label} of a labels tree; with `params`, checks that both have the same paths."""
+    found = _leaves(labels)
+    if params is not None and [p for p, _ in _leaves(params)] != [p for p, _ in found]:
+        raise MaskingError("labels do not have the structure of params; build them from this "
+                           "very tree with label_params / spafit_labels / method_labels")
+    return dict(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """Which parameters train, by path: an NNX filter and a predicate `(path, leaf) -> bool`.
+
+    `path` is an NNX path tuple, a `jax.tree_util` key path or a '/'-joined string.
+    """
+
+    paths: frozenset[str]
+
+    def __call__(self, path: Any, _leaf: Any = None) -> bool:
+        key = path if isinstance(path, str) else _path(path)
+        return key in self.paths
