@@ -34,9 +34,11 @@ LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "ou
 class LoRAConfig:
     """Which modules of which layers get adapters, and how large.
 
-    targets: module names from `LORA_TARGETS`. layers: layer indices (None = every layer).
-    rank_pattern: {regex: rank} matched (re.search, first match wins) against
-    "layer/<i>/<target>", e.g. {"layer/(10|11)/value": 16}. rslora scales by alpha/sqrt(r).
+    targets: module names or regexes (matched whole, `re.fullmatch`), e.g. ("query", "value") or
+    ("attn_.*",). modules: the module names the targets must select from (default our BERT's
+    `LORA_TARGETS`; None for a model of your own, where any name goes). layers: layer indices
+    (None = every layer). rank_pattern: {regex: rank} matched (re.search, first match wins)
+    against "layer/<i>/<target>", e.g. {"layer/(10|11)/value": 16}. rslora scales by alpha/sqrt(r).
     """
 
     rank: int = 8
@@ -46,6 +48,7 @@ class LoRAConfig:
     layers: tuple[int, ...] | None = None
     rank_pattern: tuple[tuple[str, int], ...] = ()
     rslora: bool = False
+    modules: tuple[str, ...] | None = LORA_TARGETS
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -74,13 +77,20 @@ class LoRAConfig:
             raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha!r}; set e.g. alpha=16")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.modules is not None:
+            set_("modules", tuple(self.modules))
+        names = ", ".join(self.modules or ("the names of your modules",))
         if not self.targets:
-            raise ConfigError(f"LoRA targets are empty; choose some of {', '.join(LORA_TARGETS)}")
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+            raise ConfigError(f"LoRA targets are empty; choose some of {names}")
+        for t in self.targets:
+            try:
+                re.compile(t)
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"LoRA target {t!r} is neither a module name nor a regular expression ({e})") from None
+        unknown = [t for t in self.targets if self.modules is not None and not any(re.fullmatch(t, m) for m in self.modules)]
         if unknown:
-            raise ConfigError(
-                f"LoRA targets {unknown} match no module; the modules that exist are: {', '.join(LORA_TARGETS)}"
-            )
+            raise ConfigError(f"LoRA targets {unknown} match no module; the modules that exist are: {names} "
+                              "(for a model of your own pass modules=None)")
 
     def validate(self, num_layers: int) -> None:
         """Fails when `layers` or `rank_pattern` name nothing in a model of `num_layers` layers."""
@@ -88,7 +98,7 @@ class LoRAConfig:
             bad = [i for i in self.layers if not 0 <= i < num_layers]
             if bad:
                 raise ConfigError(f"LoRA layers {bad} do not exist; the model has layers 0..{num_layers - 1}")
-        names = [f"layer/{i}/{t}" for i in range(num_layers) for t in self.targets if self.wraps(i, t)]
+        names = [f"layer/{i}/{t}" for i in range(num_layers) for t in self.matched() if self.wraps(i, t)]
         for pattern, _ in self.rank_pattern:
             if not any(re.search(pattern, n) for n in names):
                 raise ConfigError(
@@ -96,9 +106,16 @@ class LoRAConfig:
                     f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
                 )
 
+    def matched(self) -> tuple[str, ...]:
+        """The names in `modules` that the targets select, in `modules` order (the targets when modules is None)."""
+        if self.modules is None:
+            return self.targets
+        return tuple(m for m in self.modules if any(re.fullmatch(t, m) for t in self.targets))
+
     def wraps(self, layer: int, target: str) -> bool:
-        """Whether module `target` of layer `layer` gets an adapter."""
-        return target in self.targets and (self.layers is None or layer in self.layers)
+        """Whether module `target` of layer `layer` gets an adapter (a target names it or matches it whole)."""
+        hit = target in self.targets or any(re.fullmatch(t, target) for t in self.targets)
+        return hit and (self.layers is None or layer in self.layers)
 
     def rank_for(self, layer: int, target: str) -> int:
         """The rank of the adapter on `target` in `layer` (rank_pattern first, then `rank`)."""
