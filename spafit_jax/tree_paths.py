@@ -71,7 +71,8 @@ def _unbox(labels: Any) -> Any:
     if nnx is None:
         return labels
     box = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    return jax.tree.map(lambda v: v.value if box(v) else v, labels, is_leaf=box)
+    value = lambda v: v.get_value() if hasattr(v, "get_value") else v.value  # noqa: E731
+    return jax.tree.map(lambda v: value(v) if box(v) else v, labels, is_leaf=box)
 
 
 def _leaves(tree: Any) -> list[tuple[str, Any]]:
