@@ -104,13 +104,16 @@ def _stacked_layout(leaves: list[tuple[str, Any]], rx: re.Pattern, axis: int, na
     hits = [(p, np.shape(x)) for p, x in leaves if rx.search(p)]
     if not hits:
         return None
-    sizes = {s[axis] if -len(s) <= axis < len(s) else None for _, s in hits}
+    sizes: dict[Any, tuple[str, tuple]] = {}
+    for p, s in hits:
+        sizes.setdefault(s[axis] if -len(s) <= axis < len(s) else None, (p, s))
     if len(sizes) != 1 or None in sizes:
-        seen = ", ".join(f"{p} {s}" for p, s in hits[:4]) + (" ..." if len(hits) > 4 else "")
+        seen = ", ".join(f"{p} {s}" for p, s in sizes.values())
+        where = rx.pattern if named else "layers/blocks/h/Scan..."
         how = "" if named else "pass stacked=(regex, axis) naming the stacked subtree and its layer axis, or "
-        raise MaskingError(f"stacked layers need one size along axis {axis} in every leaf under "
-                           f"{rx.pattern!r}, but saw {seen}; {how}unroll the layers as layers/0, layers/1 ...")
-    return _Layout(sizes.pop(), stacked=rx, axis=axis)
+        raise MaskingError(f"stacked layers need one size along axis {axis} in every leaf under {where!r}, "
+                           f"but saw {seen}; {how}unroll the layers as layers/0, layers/1 ...")
+    return _Layout(next(iter(sizes)), stacked=rx, axis=axis)
 
 
 def _layout(params: Any, layer_pattern: str | None, stacked: Any, required: bool = True) -> _Layout:
