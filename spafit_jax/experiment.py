@@ -25,6 +25,7 @@ unfinished ones and retries failed ones; a failing cell writes its one-line erro
 """
 
 from __future__ import annotations
+__import__("spafit_jax.launch").launch.require_extra(__name__)  # the [train] extra, before its imports
 
 import argparse
 import dataclasses

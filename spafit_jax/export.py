@@ -10,6 +10,7 @@
 """
 
 from __future__ import annotations
+__import__("spafit_jax.launch").launch.require_extra(__name__)  # the [train] extra, before its imports
 
 import argparse
 import json

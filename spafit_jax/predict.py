@@ -7,6 +7,7 @@ the id), `label_id` and `probabilities`, or `score` for a regression task.
 """
 
 from __future__ import annotations
+__import__("spafit_jax.launch").launch.require_extra(__name__)  # the [train] extra, before its imports
 
 import argparse
 import csv

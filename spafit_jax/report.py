@@ -11,6 +11,7 @@ end of training, shown x100 as mean ± sample std over seeds.
 """
 
 from __future__ import annotations
+__import__("spafit_jax.launch").launch.require_extra(__name__)  # the [train] extra, before its imports
 
 import argparse
 import csv

@@ -6,6 +6,7 @@ News with SPAFIT, on the CPU. The data flow: config -> plan -> data -> step -> c
 """
 
 from __future__ import annotations
+__import__("spafit_jax.launch").launch.require_extra(__name__)  # the [train] extra, before its imports
 
 import dataclasses
 import logging
