@@ -478,23 +478,33 @@ def test_optimizer_bad_settings():
     _err(lambda: masking.stratified_optimizer(frozen_all, full), r"every parameter frozen")
 
 
-# ----------------------------------------------------------------------------- packaging / README
+# ----------------------------------------------------------------------------- packaging / docs
 def test_import_is_light():
-    code = ("import sys, spafit_jax.masking; "
-            "print(' '.join(m for m in ('transformers', 'datasets', 'torch', 'flax', 'spafit_jax.bert') if m in sys.modules))")
+    heavy = ("transformers", "datasets", "torch", "sklearn", "matplotlib", "spafit_jax.bert", "spafit_jax.hf")
+    code = (f"import sys, spafit_jax.masking; light = 'flax' not in sys.modules; import spafit_jax.lora; "
+            f"print(light, ' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"import spafit_jax.masking pulled in: {out.stdout.strip()}"
+    assert out.stdout.strip() == "True", f"import spafit_jax.masking / .lora pulled in: {out.stdout.strip()}"
 
 
-def readme_example(path):
-    """The python block between the masking-example markers of a markdown file."""
-    assert Path(path).exists(), f"{path} is missing; paste /work/notes/readme_masking.md's section into it"
+DOCS = ROOT / "docs" / "masking.md"
+EXAMPLES = ("masking", "nnx", "scan", "lora")
+
+
+def docs_example(name, path=DOCS):
+    """The python block between the <!-- {name}-example:start/end --> markers of a markdown file."""
     text = Path(path).read_text()
-    m = re.search(r"<!-- masking-example:start -->\s*```python\n(.*?)```\s*<!-- masking-example:end -->", text, re.S)
-    assert m, f"{path} has no ```python block between <!-- masking-example:start/end --> markers"
+    m = re.search(rf"<!-- {name}-example:start -->\s*```python\n(.*?)```\s*<!-- {name}-example:end -->", text, re.S)
+    assert m, f"{path} has no ```python block between <!-- {name}-example:start/end --> markers"
     return m.group(1)
 
 
-def test_readme_example_runs():
-    code = readme_example(ROOT / "README.md")
-    exec(compile(code, "README.md:masking-example", "exec"), {"__name__": "readme_example"})
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_docs_example_runs(name):
+    code = docs_example(name)
+    exec(compile(code, f"docs/masking.md:{name}-example", "exec"), {"__name__": "docs_example"})
+
+
+def test_every_python_block_of_the_page_is_an_example():
+    blocks = re.findall(r"```python\n", DOCS.read_text())
+    assert len(blocks) == len(EXAMPLES)

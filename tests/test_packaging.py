@@ -33,3 +33,60 @@ def test_wheel_installed_outside_the_checkout_prints_a_packaged_glue_config(tmp_
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].startswith(str(site))
     assert "task: mrpc" in out.stdout and "name: lora" in out.stdout
+
+
+# ---- the light install and the console scripts ----------------------------------------------------------
+COMMANDS = ("train", "predict", "export", "experiment", "report")
+
+
+def _pyproject():
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _name(requirement):
+    import re
+
+    return re.split(r"[<>=\[ ;]", requirement, maxsplit=1)[0].lower()
+
+
+def test_base_install_is_jax_flax_optax_numpy_and_the_rest_is_the_train_extra():
+    project = _pyproject()
+    assert {_name(r) for r in project["dependencies"]} == {"jax", "flax", "optax", "numpy"}
+    train = {_name(r) for r in project["optional-dependencies"]["train"]}
+    assert {"transformers", "datasets", "orbax-checkpoint", "matplotlib", "scikit-learn"} <= train
+    from spafit_jax import launch
+
+    import_names = {"pyyaml": "yaml", "scikit-learn": "sklearn", "orbax-checkpoint": "orbax.checkpoint"}
+    assert {import_names.get(n, n) for n in train} == {m.lower() for m in launch.TRAIN_EXTRA}
+
+
+def test_console_scripts_name_every_command():
+    import ast
+
+    scripts = _pyproject()["scripts"]
+    assert scripts == {f"spafit-{c}": f"spafit_jax.launch:{c}" for c in COMMANDS}
+    for c in COMMANDS:
+        tree = ast.parse((ROOT / "spafit_jax" / f"{c}.py").read_text())
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), c
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
+    import runpy
+
+    import pytest
+
+    from spafit_jax import launch
+
+    monkeypatch.setattr(launch, "TRAIN_EXTRA", ("yaml", "no_such_module.sub"))
+    assert launch.missing() == ["no_such_module.sub"]
+    assert launch._run("export") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "spafit-export" in err and "pip install 'spafit-jax[train]'" in err
+    with pytest.raises(ModuleNotFoundError, match=r"spafit-predict needs the training extra .*spafit-jax\[train\]"):
+        launch.require_extra("spafit_jax.predict")
+    monkeypatch.setattr(sys, "argv", ["/x/spafit_jax/report.py"])
+    with pytest.raises(SystemExit) as e:  # python -m spafit_jax.report stops at its first line
+        runpy.run_module("spafit_jax.report", run_name="__main__")
+    assert e.value.code == 2 and "spafit-report needs the training extra" in capsys.readouterr().err
