@@ -116,10 +116,25 @@ def test_layer_index_custom_pattern_and_in_labels():
     ("layers/0/layer_norm/bias", "layernorm"), ("decoder/final_layer_norm/scale", "layernorm"),
     ("layers/0/input_layernorm/weight", "layernorm"), ("layers/0/norm2/bias", "layernorm"),
     ("layers/0/RMSNorm_0/scale", "layernorm"), ("blocks_1/BatchNorm_0/bias", "layernorm"),
+    ("layers/0/bn/bias", "layernorm"), ("layers/0/bn/scale", "layernorm"), ("layers/0/batch_norm/bias", "layernorm"),
+    ("layers/0/gn/bias", "layernorm"), ("layers/0/rms_norm/scale", "layernorm"), ("layers/0/RMSNorm/scale", "layernorm"),
+    ("model/norm_f/scale", "layernorm"), ("layers/0/GroupNorm_1/bias", "layernorm"), ("layers/0/bnorm/bias", "bias"),
+    ("layers/0/gnu/bias", "bias"),
     ("layers/0/normal_proj/bias", "bias"), ("layers/0/denorm/bias", "bias"), ("layers/0/query/kernel", "weight"),
     ("layers/0/query/lora/lora_a", "lora"), ("layers/0/q/lora_B/kernel", "lora")])
 def test_kind_detection(path, kind):
     assert masking._kind(path) == kind
+
+
+def test_norms_by_other_names_are_norms_and_scale_only_norms_train():
+    layer = lambda: {"mix": _dense(H, H), "bn": _ln(), "rms_norm": {"scale": np.ones(H, np.float32)}}  # noqa: E731
+    tree = {"layers": {str(i): layer() for i in range(3)}, "head": _dense(H, C)}
+    off = dict(pairs(tree, masking.method_labels(tree, "bitfit")))
+    assert off["layers/1/bn/bias"] == off["layers/1/bn/scale"] == off["layers/1/rms_norm/scale"] == "frozen"
+    assert off["layers/1/mix/bias"] == "bias"
+    on = dict(pairs(tree, masking.spafit_labels(tree, 1, 3, train_layernorm=True)))
+    assert on["layers/1/bn/bias"] == on["layers/1/bn/scale"] == on["layers/2/rms_norm/scale"] == "layernorm"
+    assert on["layers/0/rms_norm/scale"] == "frozen"
 
 
 # ----------------------------------------------------------------------------- property tests
