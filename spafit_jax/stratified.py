@@ -2,9 +2,10 @@
 
 `stratified_optimizer(labels, settings)` is an `optax.multi_transform` whose labels are looked up
 by parameter path, so one optimizer serves every form of the tree it is given: the trainable half of
-`masking.split` (frozen leaves None), a whole parameter tree (frozen leaves get zero updates and no
-state), or the `nnx.State` that `nnx.Optimizer(..., wrt=masking.trainable(labels))` passes (Variables
-at init, pure arrays at update). A stacked leaf labelled `Rows` keeps Adam moments for its trainable
+`masking.split` (frozen leaves None) or the `nnx.State` that `nnx.Optimizer(...,
+wrt=masking.trainable(labels))` passes (Variables at init, pure arrays at update); a frozen leaf
+given to it is an error. Its state has the layout optax gives `multi_transform` over a labels tree
+(checkpoints written before stay readable). A stacked leaf labelled `Rows` keeps Adam moments for its trainable
 rows only and gets exact zero updates on the others.
 """
 
@@ -76,9 +77,8 @@ def stratified_optimizer(labels: Any, settings: Mapping[str, Mapping[str, Any]])
 
     settings[label] holds learning_rate (float or optax schedule) and optionally weight_decay
     (default 0; applied to matrices only), b1, b2, eps. Frozen leaves carry no optimizer state:
-    they are None in `masking.split(params, labels)[0]`, left out by `wrt=masking.trainable(labels)`
-    in NNX, or get zero updates when a whole tree is passed. Pass params to `update` when using
-    weight decay.
+    they are None in `masking.split(params, labels)[0]` and left out by `wrt=masking.trainable(labels)`
+    in NNX. Pass params to `update` when using weight decay.
     """
     lookup = _lookup(labels)
     present = sorted({str(label) for label in lookup.values() if label != FROZEN}, key=_order)
@@ -91,12 +91,14 @@ def stratified_optimizer(labels: Any, settings: Mapping[str, Mapping[str, Any]])
     rows = {p: label for p, label in lookup.items() if isinstance(label, Rows)}
     transforms = {label: _adamw(label, settings[label], {p: r for p, r in rows.items() if r == label})
                   for label in present}
-    transforms[FROZEN] = optax.set_to_zero()
 
     def label_of(path: str, _: Any) -> str:
         if path not in lookup:
             raise MaskingError(f"the optimizer got a parameter {path!r} its labels do not have; build the "
                                "labels from the same model or tree that the optimizer updates")
+        if lookup[path] == FROZEN:
+            raise MaskingError(f"the optimizer got the frozen parameter {path!r}; give it the trainable half "
+                               "(masking.split) or, in NNX, wrt=masking.trainable(labels)")
         return str(lookup[path])
 
     return optax.multi_transform(transforms, lambda tree: _map(label_of, tree))

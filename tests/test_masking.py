@@ -523,3 +523,18 @@ def test_docs_example_runs(name):
 def test_every_python_block_of_the_page_is_an_example():
     blocks = re.findall(r"```python\n", DOCS.read_text())
     assert len(blocks) == len(EXAMPLES)
+
+
+def test_optimizer_state_layout_is_optax_own_and_frozen_leaves_are_refused():
+    params = _jnp_tree(bert_tree(4)[0])
+    labels = masking.method_labels(params, "spafit", n1=1, n2=2)
+    trainable, _ = masking.split(params, labels)
+    settings = {k: {"learning_rate": 1e-3} for k in ("bias", "lora", "head", "pooler")}
+    ours = masking.stratified_optimizer(labels, settings).init(trainable)
+    # what a checkpoint written with multi_transform over a labels tree holds: the same tree
+    plain = optax.multi_transform({k: optax.adam(1e-3) for k in settings},
+                                  jax.tree.map(lambda l: None if l == "frozen" else l, labels)).init(trainable)
+    assert jax.tree.structure(ours) == jax.tree.structure(plain)
+    tx = masking.stratified_optimizer(labels, settings)
+    _err(lambda: tx.init(params), r"the optimizer got the frozen parameter 'bert/embeddings/.*masking.split")
+    _err(lambda: tx.init({"nope": trainable}), r"a parameter 'nope/.*' its labels do not have")
