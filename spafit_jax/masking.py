@@ -168,12 +168,13 @@ def label_params(params: Any, rules: Sequence[tuple[str, str]] | Mapping[str, st
         uncovered.append(path)
         return FROZEN
 
-    labels = _map(one, _params(params))
+    state = _params(params)
+    labels = _map(one, state)
     if uncovered:
         shown = ", ".join(repr(p) for p in uncovered[:5]) + (" ..." if len(uncovered) > 5 else "")
         raise MaskingError(f"{len(uncovered)} parameter(s) match no rule: {shown}; add a rule for "
                            "them, e.g. ('.*', 'frozen') as the last rule")
-    return _unbox(labels) if params is not _params(params) else labels
+    return _unbox(labels) if state is not params else labels
 
 
 def _plan(params: Any, in_layer: Callable[[int], frozenset], outside: frozenset, layout: _Layout, *,
