@@ -55,6 +55,9 @@ def test_stacked_rows_labels_and_counts(models):
     assert repr(lab["ScanBlock_0/attn/bias"]) == "Rows('bias', 1, 4, axis=0)"
     assert (lab["ScanBlock_0/attn/lora_a"].start, lab["ScanBlock_0/ln/scale"].start) == (3, 1)
     assert lab["ScanBlock_0/attn/kernel"] == "frozen" and lab["classifier/kernel"] == "head"
+    mask = jax.tree_util.tree_map_with_path(masking.trainable(masking.spafit_labels(params, 1, 3)), params)
+    assert mask["ScanBlock_0"]["attn"]["kernel"] is False and mask["ScanBlock_0"]["attn"]["bias"] is True
+    assert mask["classifier"]["kernel"] is True  # the filter is a predicate on linen key paths too
     counts = masking.count_params(params, masking.spafit_labels(params, 1, 3))
     assert counts["bias"] == 3 * H and counts["lora"] == 1 * 2 * H * R
     assert sum(counts.values()) == sum(x.size for x in jax.tree.leaves(params))
