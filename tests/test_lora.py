@@ -514,3 +514,20 @@ def test_logits_and_gradients_match_peft(torch_dir, torch_weights, case):
     for path, (lora_a, lora_b) in torch_ab.items():
         np.testing.assert_allclose(grads[path]["lora_a"], lora_a.grad.numpy().T, atol=1e-4, err_msg=path)
         np.testing.assert_allclose(grads[path]["lora_b"], lora_b.grad.numpy().T, atol=1e-4, err_msg=path)
+
+
+def test_merge_reads_the_scalings_the_model_recorded_and_refuses_a_config_that_disagrees():
+    cfg = LoRAConfig(rank=4, alpha=12.0, rslora=True, rank_pattern={"layer/2/value": 2})
+    model = model_for(cfg)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    record = flat(variables["lora"])
+    assert record["bert/encoder/layer/2/attention/self/value/scaling"] == pytest.approx(12.0 / math.sqrt(2))
+    params = randomize_b(variables["params"], perturb=0.1)
+    logits = apply(model, params)
+    merged = merge({"params": params, "lora": variables["lora"]})
+    assert set(merged) == {"params"}
+    np.testing.assert_allclose(apply(model_for(None), merged["params"]), logits, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"merge: the LoRAConfig gives scaling .* was built with"):
+        merge({"params": params, "lora": variables["lora"]}, LoRAConfig(rank=4, alpha=12.0, rank_pattern={"layer/2/value": 2}))
+    with pytest.raises(ConfigError, match=r"has rank 4 but the LoRAConfig gives rank\(s\) \[8\]"):
+        merge(params, LoRAConfig())  # a default config cannot shift the logits
