@@ -1,6 +1,6 @@
 """DeBERTa-v2 / DeBERTa-v3 encoders in flax.linen, computing what transformers' DebertaV2 classes compute.
 
-`microsoft/deberta-v3-base` / `-large` (and the v2 models without the convolution layer): disentangled
+`microsoft/deberta-v3-base` / `-large` and `deberta-v2-xlarge` / `-xxlarge` (their convolution after layer 0): disentangled
 self-attention, whose scores add to content->content the content->position (c2p) and
 position->content (p2c) terms over relative-position embeddings (log buckets with
 `position_buckets`, `max_relative_positions`), with the position projections shared with the
@@ -32,6 +32,7 @@ from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRA
 
 POS_ATT_TYPES = ("c2p", "p2c")
+CONV_ACTIVATIONS = dict(ACTIVATIONS, tanh=jnp.tanh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,8 @@ class DebertaConfig(BertConfig):
     pooler_hidden_act: str = "gelu"
     pooler_dropout: float = 0.0
     conv_kernel_size: int = 0
+    conv_groups: int = 1
+    conv_act: str = "tanh"
     attention_head_size: int | None = None
 
     def __post_init__(self):
@@ -68,9 +71,10 @@ class DebertaConfig(BertConfig):
         object.__setattr__(self, "pos_att_type", tuple(str(k).strip() for k in kinds))
         if bad := [k for k in self.pos_att_type if k not in POS_ATT_TYPES]:
             raise ConfigError(f"pos_att_type {bad} is not supported; DeBERTa-v2/v3 use {' and '.join(POS_ATT_TYPES)}")
-        if self.conv_kernel_size:
-            raise ConfigError(f"conv_kernel_size={self.conv_kernel_size}: DeBERTa-v2's convolution layer (v2-xlarge, "
-                              "v2-xxlarge) is not supported; use a DeBERTa-v3 model or one without conv_kernel_size")
+        if self.conv_kernel_size and self.conv_act not in CONV_ACTIVATIONS:
+            raise ConfigError(f"conv_act {self.conv_act!r} is not supported; use one of {', '.join(CONV_ACTIVATIONS)}")
+        if self.conv_kernel_size and self.hidden_size % self.conv_groups:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of conv_groups {self.conv_groups}")
         if self.attention_head_size not in (None, self.hidden_size // self.num_attention_heads):
             raise ConfigError(f"attention_head_size={self.attention_head_size} is not hidden_size / "
                               "num_attention_heads; spafit_jax's DeBERTa needs the two equal")
@@ -225,8 +229,24 @@ class _Layers(_Deberta):
         return x
 
 
+class _Conv(_Deberta):
+    """DeBERTa-v2's ConvLayer `encoder/conv/{conv,LayerNorm}`: a 1-d convolution of the embeddings (zero at
+    padding), dropout, conv_act, added to layer 0's output, LayerNorm, zero at padding."""
+
+    @nn.compact
+    def __call__(self, embedded_BxTxD, x_BxTxD, mask_BxT, deterministic: bool):
+        c, k = self.config, self.config.conv_kernel_size
+        conv = nn.Conv(c.hidden_size, (k,), padding=[((k - 1) // 2, (k - 1) // 2)], feature_group_count=c.conv_groups,
+                       dtype=self.dtype, param_dtype=self.param_dtype, name="conv")
+        keep_BxTx1 = (mask_BxT > 0)[..., None]
+        out = jnp.where(keep_BxTx1, conv(embedded_BxTxD), 0)
+        out = CONV_ACTIVATIONS[c.conv_act](Dropout(c.hidden_dropout_prob)(out, deterministic=deterministic))
+        return self.layer_norm("LayerNorm")(x_BxTxD + out) * keep_BxTx1.astype(x_BxTxD.dtype)
+
+
 class DebertaEncoder(_Deberta):
-    """`encoder/layer/<i>`, the relative embeddings `encoder/rel_embeddings` and their `encoder/LayerNorm`."""
+    """`encoder/layer/<i>`, the relative embeddings `encoder/rel_embeddings` and their `encoder/LayerNorm`,
+    and (conv_kernel_size > 0) `encoder/conv` after layer 0."""
 
     @nn.compact
     def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, start: int = 0, stop: int | None = None):
@@ -240,7 +260,11 @@ class DebertaEncoder(_Deberta):
             if c.rel_norm:
                 rel_emb = self.layer_norm("LayerNorm")(rel_emb)
         layers = _Layers(c, self.dtype, self.param_dtype, self.lora, name="layer")
-        return layers(x_BxTxD, mask_Bx1xTxT, rel_TxT, rel_emb, deterministic, start, stop)
+        if not c.conv_kernel_size or start > 0 or stop == 0:
+            return layers(x_BxTxD, mask_Bx1xTxT, rel_TxT, rel_emb, deterministic, start, stop)
+        x = layers(x_BxTxD, mask_Bx1xTxT, rel_TxT, rel_emb, deterministic, 0, 1)
+        x = self.child(_Conv, "conv")(x_BxTxD, x, mask_BxT, deterministic)
+        return layers(x, mask_Bx1xTxT, rel_TxT, rel_emb, deterministic, 1, stop)
 
 
 class DebertaModel(_Deberta):

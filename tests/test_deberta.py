@@ -28,7 +28,8 @@ VARIANTS = {  # v3: microsoft/deberta-v3-base's settings; v2: the other branches
     "v3": dict(relative_attention=True, position_buckets=8, max_relative_positions=32, pos_att_type=["p2c", "c2p"],
                share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0),
     "v2": dict(relative_attention=True, max_relative_positions=-1, pos_att_type="c2p|p2c", share_att_key=False,
-               position_biased_input=True, type_vocab_size=2, embedding_size=16, cls_dropout=0.2),
+               position_biased_input=True, type_vocab_size=2, embedding_size=16, cls_dropout=0.2,
+               conv_kernel_size=3, conv_groups=2, conv_act="gelu"),  # v2-xlarge's convolution after layer 0
 }
 SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]  # DeBERTa-v3's ids 0..3 ([MASK] is last there)
 
@@ -195,7 +196,8 @@ def test_parameter_tree_names_and_lora_targets():
             "pooler/dense/kernel", "classifier/kernel"} <= v3
     assert not any("pos_key_proj" in p or "position_embeddings" in p or "token_type" in p for p in v3)
     assert {layer + "pos_key_proj/bias", layer + "pos_query_proj/kernel", "deberta/embeddings/embed_proj/kernel",
-            "deberta/embeddings/position_embeddings/embedding", "deberta/embeddings/token_type_embeddings/embedding"} <= v2
+            "deberta/embeddings/position_embeddings/embedding", "deberta/embeddings/token_type_embeddings/embedding",
+            "deberta/encoder/conv/conv/kernel", "deberta/encoder/conv/LayerNorm/scale"} <= v2
     assert "deberta/embeddings/embed_proj/bias" not in v2 and "deberta/encoder/LayerNorm/scale" not in v2
     assert list(fam.modules) == list(LORA_TARGETS) and {f"{fam.layers}/0/{m}/kernel" for m in fam.modules.values()} <= v3
     assert fam.peft_module(1, "query") == "deberta.encoder.layer.1.attention.self.query_proj"
@@ -228,12 +230,28 @@ def test_config_json_translation_and_refusals(tmp_path):
     assert (c.layer_norm_eps, c.att_span, c.rel_norm) == (1e-7, 64, False)  # DebertaV2Config's defaults
     out = families.hf_config(c.__dict__)
     assert out["cls_dropout"] == 0.2 and out["pos_att_type"] == ("c2p", "p2c") and "classifier_dropout" not in out
-    for bad, match in (({"conv_kernel_size": 3}, "convolution"), ({"pos_att_type": "p2p"}, "pos_att_type"),
+    for bad, match in (({"conv_act": "mish"}, "conv_act"), ({"pos_att_type": "p2p"}, "pos_att_type"),
                        ({"pooler_hidden_size": 16}, "pooler_hidden_size"), ({"pooler_hidden_act": "mish"}, "pooler")):
         (tmp_path / "config.json").write_text(json.dumps({**raw, **bad}))
         with pytest.raises(ConfigError, match=match) as e:
             read_config(tmp_path)
         assert "\n" not in str(e.value)
+
+
+def test_name_map_of_a_hub_checkpoint():
+    """deberta-v3-base's pytorch_model.bin names: pre-training heads and position_ids dropped, the pooler kept on top."""
+    state = {"deberta.encoder.rel_embeddings.weight": np.ones((16, 4)), "deberta.encoder.LayerNorm.weight": np.ones(4),
+             "deberta.embeddings.embed_proj.weight": np.ones((4, 2)), "pooler.dense.weight": np.ones((4, 4)),
+             "deberta.encoder.layer.0.attention.self.query_proj.weight": np.ones((4, 4)),
+             "lm_predictions.lm_head.bias": np.ones(9), "mask_predictions.classifier.weight": np.ones((1, 4)),
+             "classifier.weight": np.ones((3, 4))}
+    flat = families.from_torch_names(state, "deberta-v2")
+    assert set(flat) == {"deberta/encoder/rel_embeddings/embedding", "deberta/encoder/LayerNorm/scale",
+                         "deberta/embeddings/embed_proj/kernel", "pooler/dense/kernel", "classifier/kernel",
+                         "deberta/encoder/layer/0/attention/self/query_proj/kernel"}
+    assert flat["deberta/embeddings/embed_proj/kernel"].shape == (2, 4)
+    bare = families.from_torch_names({"encoder.rel_embeddings.weight": np.ones((16, 4))}, "deberta-v2")
+    assert set(bare) == {"deberta/encoder/rel_embeddings/embedding"}
 
 
 @pytest.mark.reference
@@ -329,6 +347,10 @@ def test_short_spafit_run_on_the_cli_and_exports(saved, tmp_path):
     texts = ["the markets rallied today", "a film that nobody saw coming", "rain"]  # BBC News: single texts
     ours = run.predict(texts)
     hf_dir, peft_dir = export.export(run, tmp_path / "hf", "hf"), export.export(run, tmp_path / "peft", "peft")
+    peft_cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert peft_cfg["target_modules"] == ["attention.self.key_proj", "attention.self.query_proj",
+                                          "attention.self.value_proj"] and peft_cfg["layers_to_transform"] == [2]
+    assert set(peft_cfg["modules_to_save"]) == {"pooler", "classifier"}
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     enc = tok(texts, padding=True, return_tensors="pt")
     for model in (AutoModelForSequenceClassification.from_pretrained(str(hf_dir)),
