@@ -24,6 +24,9 @@ _BERT_MODULES = {"query": "attention/self/query", "key": "attention/self/key", "
                  "output": "output/dense"}
 _DISTILBERT_MODULES = {"query": "attention/q_lin", "key": "attention/k_lin", "value": "attention/v_lin",
                        "attention_output": "attention/out_lin", "intermediate": "ffn/lin1", "output": "ffn/lin2"}
+# DeBERTa-v2/v3: our names for transformers' query_proj / key_proj / value_proj; the rest as in BERT
+_DEBERTA_MODULES = dict(_BERT_MODULES, query="attention/self/query_proj", key="attention/self/key_proj",
+                        value="attention/self/value_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +46,12 @@ class Family:
     dropped: tuple[str, ...] = ()  # top-level pre-training modules a sequence classifier drops
     config_keys: tuple[tuple[str, str], ...] = ()  # (config.json name, our BertConfig name)
     fixed: tuple[tuple[str, Any], ...] = ()  # BertConfig values the family does not read from config.json
+    module: str = "bert"  # the spafit_jax module that builds the family (others export Config, ForSequenceClassification)
 
     @property
     def modules(self) -> dict[str, str]:
         """LoRA target -> its module path inside one layer ('/'-joined; PEFT joins the same names with '.')."""
-        return dict(_DISTILBERT_MODULES if self.layer == "distilbert" else _BERT_MODULES)
+        return dict({"distilbert": _DISTILBERT_MODULES, "deberta": _DEBERTA_MODULES}.get(self.layer, _BERT_MODULES))
 
     @property
     def layers(self) -> str:
@@ -79,6 +83,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                         ("dropout", "hidden_dropout_prob"), ("attention_dropout", "attention_probs_dropout_prob"),
                         ("seq_classif_dropout", "classifier_dropout")),
            fixed=(("layer_norm_eps", 1e-12), ("type_vocab_size", 1))),
+    # DeBERTa-v2/v3 (deberta.py): the context pooler is a top-level module beside the classifier
+    Family("deberta-v2", "deberta", "DebertaV2ForSequenceClassification", "pooler", layer="deberta",
+           heads=("pooler", "classifier"), dropped=("lm_predictions", "mask_predictions", "cls"),
+           config_keys=(("cls_dropout", "classifier_dropout"),), module="deberta"),
 )}
 SUPPORTED = ", ".join(FAMILIES)
 

@@ -33,6 +33,8 @@ SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.j
 FLAX, TORCH = "flax_model.msgpack", "pytorch_model.bin"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "*.txt", "tokenizer*", "special_tokens_map.json"]
+SPM = "spm.model"  # DeBERTa-v2/v3's SentencePiece model (their hub folders have no tokenizer.json)
+HUB_FILES.append(SPM)
 # Pre-training heads and buffers that a sequence classifier does not use.
 DROPPED_PREFIXES = ("cls/", "embeddings/position_ids", "lm_head/", "predictions/")
 
@@ -94,7 +96,19 @@ def read_config(folder: Path) -> BertConfig:
     if not isinstance(raw, dict):
         raise LoadError(f"{path} holds a JSON {type(raw).__name__}, not an object of model settings; re-download the "
                         "model")
-    return BertConfig.from_dict(families.config_fields(raw, str(path)))  # model_type -> the family's names
+    fields = families.config_fields(raw, str(path))  # model_type -> the family's names
+    return family_classes(fields["model_type"])[0].from_dict(fields)
+
+
+def family_classes(model_type: str) -> tuple[type, type]:
+    """(config class, sequence-classification model class) of `model_type`'s family: bert.py's
+    BertConfig and BertForSequenceClassification, or `Config` and `ForSequenceClassification` of the
+    module `families.Family.module` names (deberta.py)."""
+    module = families.get(model_type).module
+    if module == "bert":
+        return BertConfig, BertForSequenceClassification
+    found = importlib.import_module(f"spafit_jax.{module}")
+    return found.Config, found.ForSequenceClassification
 
 
 def read_weights(folder: Path, model_type: str | None = None) -> dict[str, np.ndarray]:
@@ -236,7 +250,7 @@ def load_pretrained(
         if config.family.logits_kernel in adapted:
             weights = {k: v for k, v in weights.items() if not k.startswith("classifier/")}
         weights.update(adapted)
-    model = BertForSequenceClassification(config, dtype, param_dtype, lora, num_labels=num_labels)
+    model = family_classes(config.model_type)[1](config, dtype, param_dtype, lora, num_labels=num_labels)
     dummy = jnp.zeros((1, 8), jnp.int32)
     # eager: a jitted init of the unrolled model would compile the whole graph on every call
     fresh = {"/".join(k): v for k, v in flatten_dict(model.init(jax.random.key(seed), dummy)["params"]).items()}
@@ -341,6 +355,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     folder = resolve(name_or_path)
+    _check_spm(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
     except Exception as e:  # noqa: BLE001
@@ -349,6 +364,14 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         raise LoadError(f"{folder} has a tokenizer without a vocabulary ({len(tokenizer)} special tokens only: every "
                         "word would be unknown); add vocab.txt / tokenizer.json")
     return tokenizer
+
+
+def _check_spm(folder: Path) -> None:
+    """A SentencePiece model without tokenizer.json (DeBERTa-v3 on the hub) converts only with `sentencepiece`."""
+    if (folder / SPM).is_file() and not (folder / "tokenizer.json").is_file() \
+            and importlib.util.find_spec("sentencepiece") is None:
+        raise LoadError(f"{folder} has a SentencePiece tokenizer ({SPM}) and no tokenizer.json; converting it needs "
+                        "the sentencepiece package: pip install sentencepiece (or save a tokenizer.json beside it)")
 
 
 def save_pretrained(folder: str | os.PathLike, config: BertConfig, params: Mapping, *, num_labels: int | None = None,
