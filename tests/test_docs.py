@@ -1,0 +1,213 @@
+"""Every command and code block of README.md and docs/*.md runs as written (docs/results/ aside).
+
+The convention the pages follow:
+
+- ```bash and ```python blocks run, in page order, from a fresh working folder per page that holds
+  links to the repository's top-level files and folders (so `--config configs/...` reads the real
+  configs and `runs/...` is written in the temporary folder). A page's python blocks share one
+  namespace; its bash and python blocks share the folder, so a later block may use an earlier one's run.
+- A bash line `python -m spafit_jax.X ARGS` or `spafit-X ARGS` (console scripts from pyproject.toml)
+  without shell operators runs in this process, as the command's `main()` with `sys.argv` set, exactly
+  as `python -m` or the console script would call it; it must exit 0. Any other line runs with `bash -e`.
+- ```bash requires-network, ```bash requires-tpu and ```bash requires-time blocks (the hub or a package
+  index, a TPU VM or gcloud, or minutes to hours of compute) are not run; each of their command lines is checked offline instead:
+  `train` resolves its config with `--print-config`, `experiment` lists its cells with `--dry-run`,
+  every other `spafit_jax` command parses its arguments (argparse) and each `--config` file exists;
+  `make T` names a Makefile target; a path under a repository folder (configs/, tpu_scripts/, ...) exists.
+  ```python requires-... blocks are compiled, not run.
+- Other blocks (```text, ```yaml, ```console, no language) are not run.
+- The same train command (same arguments) on a later page reuses the earlier page's run folder.
+"""
+
+import argparse
+import contextlib
+import importlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["README.md"] + sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+TAGS = ("requires-network", "requires-tpu", "requires-time")
+SHELL_OPERATORS = re.compile(r"[|;&<>`$()]")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+TRAINED: dict[tuple[str, ...], Path] = {}  # a train command's arguments -> its run folder
+
+
+def blocks(page: str) -> list[tuple[str, str, str, int]]:
+    """(language, tag, code, line) of every fenced block of a page."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    found = []
+    for m in re.finditer(r"^```([\w-]*)[ \t]*([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", text, re.M | re.S):
+        found.append((m.group(1), m.group(2), m.group(3), text.count("\n", 0, m.start()) + 1))
+    return found
+
+
+def commands(code: str) -> list[str]:
+    """The logical lines of a bash block: continuations joined, a here-document kept with its line,
+    comments and blank lines dropped."""
+    lines, rest = [], code.replace("\\\n", " ").splitlines()
+    while rest:
+        line = rest.pop(0)
+        heredoc = re.search(r"<<-?\s*['\"]?(\w+)", line)
+        if heredoc:
+            end = rest.index(heredoc.group(1))
+            line, rest = "\n".join([line, *rest[:end + 1]]), rest[end + 1:]
+        if shlex.split(line.splitlines()[0], comments=True):
+            lines.append(line.strip())
+    return lines
+
+
+def console_scripts() -> dict[str, str]:
+    """`spafit-X` -> "module:function" from pyproject.toml's [project.scripts]."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = re.search(r"^\[project\.scripts\]\n(.*?)(?:^\[|\Z)", text, re.M | re.S)
+    return dict(re.findall(r'^([\w-]+)\s*=\s*"([\w.:]+)"', section.group(1) if section else "", re.M))
+
+
+def entry(words: list[str]) -> tuple[str, str, list[str]] | None:
+    """(module, function, args) of a spafit_jax command line, None for anything else."""
+    if words[:2] == ["python", "-m"] and len(words) > 2 and words[2].startswith("spafit_jax."):
+        return words[2], "main", words[3:]
+    scripts = console_scripts()
+    if words[0] in scripts:
+        module, function = scripts[words[0]].split(":")
+        return module, function, words[1:]
+    return None
+
+
+def call(module: str, function: str, prog: str, args: list[str]) -> int:
+    """Runs a command's entry point in this process with sys.argv set; its exit status."""
+    saved = sys.argv
+    sys.argv = [prog, *args]
+    try:
+        status = getattr(importlib.import_module(module), function)()
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = saved
+    return 0 if status is None else status if isinstance(status, int) else 1
+
+
+class _Parsed(Exception):
+    def __init__(self, namespace):
+        self.namespace = namespace
+
+
+@contextlib.contextmanager
+def parse_only():
+    """argparse raises _Parsed(namespace) once the outermost parse of a command line is done."""
+    originals = {n: getattr(argparse.ArgumentParser, n) for n in ("parse_known_args", "parse_known_intermixed_args")}
+    depth = [0]
+
+    def wrap(original):
+        def parse(self, *a, **k):
+            depth[0] += 1
+            try:
+                result = original(self, *a, **k)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:
+                raise _Parsed(result[0])
+            return result
+        return parse
+
+    for name, original in originals.items():
+        setattr(argparse.ArgumentParser, name, wrap(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(argparse.ArgumentParser, name, original)
+
+
+def check_offline(line: str, where: str, capsys) -> None:
+    """A command line of a requires-... block, checked as far as it can be without running it."""
+    words = shlex.split(line, comments=True)
+    target = entry(words)
+    if target and target[0] == "spafit_jax.train":
+        assert call(*target[:2], words[0], [*target[2], "--print-config"]) == 0, f"{where}: {line}"
+    elif target and target[0] == "spafit_jax.experiment":
+        assert call(*target[:2], words[0], [*target[2], "--dry-run"]) == 0, f"{where}: {line}"
+    elif target:
+        with parse_only(), pytest.raises(_Parsed) as parsed:
+            call(*target[:2], words[0], target[2])
+        configs = getattr(parsed.value.namespace, "config", None) or []
+        for path in [configs] if isinstance(configs, str) else configs:
+            assert Path(path).exists(), f"{where}: {path} does not exist ({line})"
+    elif words[0] == "make":
+        makefile = (ROOT / "Makefile").read_text()
+        for goal in words[1:]:
+            assert re.search(rf"^{re.escape(goal)}:", makefile, re.M), f"{where}: no Makefile target {goal}"
+    tops = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")} - {"runs"}
+    for word in words:
+        if word.split("/")[0] in tops and "/" in word and "*" not in word:
+            assert Path(word).exists(), f"{where}: {word} does not exist ({line})"
+    capsys.readouterr()
+
+
+def run_line(line: str, where: str, folder: Path, capsys) -> None:
+    """A bash command line, in this process when it is a spafit_jax command, else with bash -e."""
+    words = shlex.split(line, comments=True)
+    target = None if SHELL_OPERATORS.search(line) else entry(words)
+    if target is None:
+        proc = subprocess.run(["bash", "-ec", line], cwd=folder, env={**os.environ, **OFFLINE},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{where}: `{line}` exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return
+    module, function, args = target
+    workdir = args[args.index("--workdir") + 1] if "--workdir" in args else None
+    key = tuple(words)
+    if module == "spafit_jax.train" and key in TRAINED and workdir and not Path(workdir).exists():
+        shutil.copytree(TRAINED[key], workdir, symlinks=True)
+        return
+    status = call(module, function, words[0], args)
+    out = capsys.readouterr()
+    assert status == 0, f"{where}: `{line}` exited {status}\n{out.out[-3000:]}\n{out.err[-3000:]}"
+    if module == "spafit_jax.train" and workdir:
+        TRAINED[key] = folder / workdir
+
+
+def workspace(tmp_path: Path) -> Path:
+    """A folder that reads like the repository root: links to its top-level entries, no runs/."""
+    for entry_ in ROOT.iterdir():
+        if not entry_.name.startswith(".") and entry_.name not in ("runs", "exported"):
+            (tmp_path / entry_.name).symlink_to(entry_)
+    return tmp_path
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_blocks_run(page, tmp_path, monkeypatch, capsys):
+    """Each runnable block of a page runs; each requires-... block's commands are checked offline."""
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+    folder = workspace(tmp_path)
+    monkeypatch.chdir(folder)
+    namespace: dict = {"__name__": "__docs__"}
+    for language, tag, code, line in blocks(page):
+        where = f"{page}:{line}"
+        assert not tag or tag in TAGS, f"{where}: unknown block tag {tag!r}; use one of {TAGS} or none"
+        if language == "python":
+            compiled = compile(code, where, "exec")
+            if not tag:
+                exec(compiled, namespace)
+        elif language == "bash":
+            for command in commands(code):
+                (check_offline(command, where, capsys) if tag else run_line(command, where, folder, capsys))
+
+
+def test_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file or folder of the repository."""
+    missing = []
+    for page in PAGES:
+        text = (ROOT / page).read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if not re.match(r"[a-z]+:", target) and not ((ROOT / page).parent / target).exists():
+                missing.append(f"{page}: {target}")
+    assert not missing, missing
