@@ -9,10 +9,13 @@ The convention the pages follow:
 - A bash line `python -m spafit_jax.X ARGS` or `spafit-X ARGS` (console scripts from pyproject.toml)
   without shell operators runs in this process, as the command's `main()` with `sys.argv` set, exactly
   as `python -m` or the console script would call it; it must exit 0. Any other line runs with `bash -e`.
-- ```bash requires-network, ```bash requires-tpu and ```bash requires-time blocks (the hub or a package
-  index, a TPU VM or gcloud, or minutes to hours of compute) are not run; each of their command lines is checked offline instead:
+- ```bash requires-network, ```bash requires-tpu and ```bash requires-time blocks (the hub or a
+  package index, a TPU VM or gcloud, or minutes to hours of compute) are not run; each of their
+  command lines is checked offline instead (after `$VAR` / `${VAR}` of the block's `VAR=value` lines
+  are put in):
   `train` resolves its config with `--print-config`, `experiment` lists its cells with `--dry-run`,
   every other `spafit_jax` command parses its arguments (argparse) and each `--config` file exists;
+  a `tpu_scripts/*.sh` line runs with `--dry-run` (it prints the gcloud commands, calls nothing);
   `make T` names a Makefile target; a path under a repository folder (configs/, tpu_scripts/, ...) exists.
   ```python requires-... blocks are compiled, not run.
 - Other blocks (```text, ```yaml, ```console, no language) are not run.
@@ -127,9 +130,15 @@ def parse_only():
             setattr(argparse.ArgumentParser, name, original)
 
 
-def check_offline(line: str, where: str, capsys) -> None:
+def check_offline(line: str, where: str, capsys, variables: dict[str, str]) -> None:
     """A command line of a requires-... block, checked as far as it can be without running it."""
+    for name, value in variables.items():
+        line = line.replace(f"${{{name}}}", value).replace(f"${name}", value)
     words = shlex.split(line, comments=True)
+    assignment = re.fullmatch(r"(\w+)=(\S*)", " ".join(words))
+    if assignment:
+        variables[assignment.group(1)] = assignment.group(2)
+        return
     target = entry(words)
     if target and target[0] == "spafit_jax.train":
         assert call(*target[:2], words[0], [*target[2], "--print-config"]) == 0, f"{where}: {line}"
@@ -141,6 +150,9 @@ def check_offline(line: str, where: str, capsys) -> None:
         configs = getattr(parsed.value.namespace, "config", None) or []
         for path in [configs] if isinstance(configs, str) else configs:
             assert Path(path).exists(), f"{where}: {path} does not exist ({line})"
+    elif re.fullmatch(r"tpu_scripts/\w+\.sh", words[0]):  # they print what they would run, gcloud not needed
+        proc = subprocess.run(["bash", words[0], "--dry-run", *words[1:]], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"{where}: `{line}` --dry-run exited {proc.returncode}: {proc.stderr[-2000:]}"
     elif words[0] == "make":
         makefile = (ROOT / "Makefile").read_text()
         for goal in words[1:]:
@@ -152,26 +164,27 @@ def check_offline(line: str, where: str, capsys) -> None:
     capsys.readouterr()
 
 
-def run_line(line: str, where: str, folder: Path, capsys) -> None:
-    """A bash command line, in this process when it is a spafit_jax command, else with bash -e."""
+def run_line(line: str, where: str, folder: Path, capsys) -> str:
+    """A bash command line, in this process when it is a spafit_jax command, else with bash -e; its stdout."""
     words = shlex.split(line, comments=True)
     target = None if SHELL_OPERATORS.search(line) else entry(words)
     if target is None:
         proc = subprocess.run(["bash", "-ec", line], cwd=folder, env={**os.environ, **OFFLINE},
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{where}: `{line}` exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-        return
+        return proc.stdout
     module, function, args = target
     workdir = args[args.index("--workdir") + 1] if "--workdir" in args else None
     key = tuple(words)
     if module == "spafit_jax.train" and key in TRAINED and workdir and not Path(workdir).exists():
         shutil.copytree(TRAINED[key], workdir, symlinks=True)
-        return
+        return ""
     status = call(module, function, words[0], args)
     out = capsys.readouterr()
     assert status == 0, f"{where}: `{line}` exited {status}\n{out.out[-3000:]}\n{out.err[-3000:]}"
     if module == "spafit_jax.train" and workdir:
         TRAINED[key] = folder / workdir
+    return out.out
 
 
 def workspace(tmp_path: Path) -> Path:
@@ -190,6 +203,7 @@ def test_page_blocks_run(page, tmp_path, monkeypatch, capsys):
     folder = workspace(tmp_path)
     monkeypatch.chdir(folder)
     namespace: dict = {"__name__": "__docs__"}
+    printed: dict[str, str] = {}  # a command line -> what it printed
     for language, tag, code, line in blocks(page):
         where = f"{page}:{line}"
         assert not tag or tag in TAGS, f"{where}: unknown block tag {tag!r}; use one of {TAGS} or none"
@@ -198,8 +212,31 @@ def test_page_blocks_run(page, tmp_path, monkeypatch, capsys):
             if not tag:
                 exec(compiled, namespace)
         elif language == "bash":
+            variables: dict[str, str] = {}
             for command in commands(code):
-                (check_offline(command, where, capsys) if tag else run_line(command, where, folder, capsys))
+                if tag:
+                    check_offline(command, where, capsys, variables)
+                else:
+                    printed[command] = run_line(command, where, folder, capsys)
+    left_behind(page, printed)
+
+
+def _json_lines(text: str) -> int:
+    return sum(line.startswith("{") for line in text.splitlines())
+
+
+def left_behind(page: str, printed: dict[str, str]) -> None:
+    """What a page's commands must have written or printed, beyond exiting 0 (cwd: its folder)."""
+    if page in ("README.md", "docs/after-training.md"):
+        assert _json_lines(Path("predictions.jsonl").read_text()) == 2  # articles.txt: two texts
+        assert (Path("exported/hf/config.json").exists() and Path("exported/hf/model.safetensors").exists())
+    if page == "docs/after-training.md":
+        csv_predict = next(out for line, out in printed.items() if "spafit_jax.predict" in line and "articles.csv" in line)
+        assert _json_lines(csv_predict) == 3, csv_predict  # articles.csv: three rows, JSON lines on stdout
+        assert Path("exported/peft/adapter_config.json").exists() and Path("exported/flax/flax_model.msgpack").exists()
+    if page == "docs/experiments.md":
+        table = Path("runs/exp-tiny/report/table.md").read_text()
+        assert "spafit@n1=1" in table and "spafit@n1=2" in table, table
 
 
 def test_links_resolve():
