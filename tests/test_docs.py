@@ -8,11 +8,13 @@ The convention the pages follow:
   namespace; its bash and python blocks share the folder, so a later block may use an earlier one's run.
 - A bash line `python -m spafit_jax.X ARGS` or `spafit-X ARGS` (console scripts from pyproject.toml)
   without shell operators runs in this process, as the command's `main()` with `sys.argv` set, exactly
-  as `python -m` or the console script would call it; it must exit 0. Any other line runs with `bash -e`.
+  as `python -m` or the console script would call it; it must exit 0. Any other line runs with `bash -e`
+  (this interpreter's folder first on PATH) and must exit 0; a `VAR=value` line sets a variable for
+  the page's later lines (each line is its own shell, so `cd` or `export` do not carry over).
 - ```bash requires-network, ```bash requires-tpu and ```bash requires-time blocks (the hub or a
   package index, a TPU VM or gcloud, or minutes to hours of compute) are not run; each of their
-  command lines is checked offline instead (after `$VAR` / `${VAR}` of the block's `VAR=value` lines
-  are put in):
+  command lines is checked offline instead (after `$VAR` / `${VAR}` of the page's earlier `VAR=value`
+  lines are put in; a line still holding a `$`, e.g. inside a loop, gets only the path check):
   `train` resolves its config with `--print-config`, `experiment` lists its cells with `--dry-run`,
   every other `spafit_jax` command parses its arguments (argparse) and each `--config` file exists;
   a `tpu_scripts/*.sh` line runs with `--dry-run` (it prints the gcloud commands, calls nothing);
@@ -62,7 +64,7 @@ def commands(code: str) -> list[str]:
         if heredoc:
             end = rest.index(heredoc.group(1))
             line, rest = "\n".join([line, *rest[:end + 1]]), rest[end + 1:]
-        if shlex.split(line.splitlines()[0], comments=True):
+        if line.strip() and shlex.split(line.splitlines()[0], comments=True):
             lines.append(line.strip())
     return lines
 
@@ -140,7 +142,10 @@ def check_offline(line: str, where: str, capsys, variables: dict[str, str]) -> N
         variables[assignment.group(1)] = assignment.group(2)
         return
     target = entry(words)
-    if target and target[0] == "spafit_jax.train":
+    unresolved = "$" in line  # a loop variable, a command substitution: only the paths can be checked
+    if unresolved or words[0] in ("for", "do", "done", "if", "then", "else", "fi", "while"):
+        pass
+    elif target and target[0] == "spafit_jax.train":
         assert call(*target[:2], words[0], [*target[2], "--print-config"]) == 0, f"{where}: {line}"
     elif target and target[0] == "spafit_jax.experiment":
         assert call(*target[:2], words[0], [*target[2], "--dry-run"]) == 0, f"{where}: {line}"
@@ -159,18 +164,24 @@ def check_offline(line: str, where: str, capsys, variables: dict[str, str]) -> N
             assert re.search(rf"^{re.escape(goal)}:", makefile, re.M), f"{where}: no Makefile target {goal}"
     tops = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")} - {"runs"}
     for word in words:
-        if word.split("/")[0] in tops and "/" in word and "*" not in word:
+        if word.split("/")[0] in tops and "/" in word and not re.search(r"[*?$]", word):
             assert Path(word).exists(), f"{where}: {word} does not exist ({line})"
     capsys.readouterr()
 
 
-def run_line(line: str, where: str, folder: Path, capsys) -> str:
-    """A bash command line, in this process when it is a spafit_jax command, else with bash -e; its stdout."""
+def run_line(line: str, where: str, folder: Path, capsys, variables: dict[str, str]) -> str:
+    """A bash command line, in this process when it is a spafit_jax command, else with bash -e (the page's
+    `VAR=value` lines in its environment); its stdout."""
     words = shlex.split(line, comments=True)
+    assignment = re.fullmatch(r"(\w+)=(\S*)", " ".join(words))
+    if assignment:
+        variables[assignment.group(1)] = assignment.group(2)
+        return ""
     target = None if SHELL_OPERATORS.search(line) else entry(words)
     if target is None:
-        proc = subprocess.run(["bash", "-ec", line], cwd=folder, env={**os.environ, **OFFLINE},
-                              capture_output=True, text=True, timeout=300)
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])  # python, spafit-X
+        proc = subprocess.run(["bash", "-ec", line], cwd=folder, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **OFFLINE, **variables, "PATH": path})
         assert proc.returncode == 0, f"{where}: `{line}` exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc.stdout
     module, function, args = target
@@ -204,6 +215,7 @@ def test_page_blocks_run(page, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(folder)
     namespace: dict = {"__name__": "__docs__"}
     printed: dict[str, str] = {}  # a command line -> what it printed
+    variables: dict[str, str] = {}  # the page's shell variables (VAR=value lines)
     for language, tag, code, line in blocks(page):
         where = f"{page}:{line}"
         assert not tag or tag in TAGS, f"{where}: unknown block tag {tag!r}; use one of {TAGS} or none"
@@ -212,12 +224,11 @@ def test_page_blocks_run(page, tmp_path, monkeypatch, capsys):
             if not tag:
                 exec(compiled, namespace)
         elif language == "bash":
-            variables: dict[str, str] = {}
             for command in commands(code):
                 if tag:
                     check_offline(command, where, capsys, variables)
                 else:
-                    printed[command] = run_line(command, where, folder, capsys)
+                    printed[command] = run_line(command, where, folder, capsys, variables)
     left_behind(page, printed)
 
 
@@ -231,7 +242,7 @@ def left_behind(page: str, printed: dict[str, str]) -> None:
         assert _json_lines(Path("predictions.jsonl").read_text()) == 2  # articles.txt: two texts
         assert (Path("exported/hf/config.json").exists() and Path("exported/hf/model.safetensors").exists())
     if page == "docs/after-training.md":
-        csv_predict = next(out for line, out in printed.items() if "spafit_jax.predict" in line and "articles.csv" in line)
+        csv_predict = next(out for line, out in printed.items() if "predict" in line and "articles.csv" in line)
         assert _json_lines(csv_predict) == 3, csv_predict  # articles.csv: three rows, JSON lines on stdout
         assert Path("exported/peft/adapter_config.json").exists() and Path("exported/flax/flax_model.msgpack").exists()
     if page == "docs/experiments.md":
