@@ -2,7 +2,6 @@
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from spafit_jax.run import load_run
 from tests.test_predict import data_dir, torch_base_dir, trained  # noqa: F401 (session fixtures)
 
 ATOL = 1e-5
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def eval_texts(data_dir, regression=False):
@@ -154,38 +152,3 @@ def test_export_cli_refuses_peft_for_bitfit_in_one_line(trained, tmp_path, capsy
     assert main(["--workdir", str(workdir), "--out", str(tmp_path / "x"), "--format", "peft"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--format hf" in err
-
-
-def readme_block():
-    text = (ROOT / "README.md").read_text()
-    block = text.split("<!-- after-training:start -->")[1].split("<!-- after-training:end -->")[0]
-    bash = block.split("```bash")[1].split("```")[0]
-    python = block.split("```python")[1].split("```")[0]
-    return [line for line in bash.splitlines() if line.startswith("python -m")], python
-
-
-@pytest.mark.reference
-def test_readme_after_training_commands_run(trained, tmp_path, monkeypatch, capsys):
-    """The README's "After training" commands, on a tiny single-text LoRA run standing in for runs/bbc."""
-    import shlex
-    import shutil
-
-    from spafit_jax import predict
-
-    commands, python = readme_block()
-    assert {c.split()[2] for c in commands} == {"spafit_jax.train", "spafit_jax.predict", "spafit_jax.export"}
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(trained("lora_single"), tmp_path / "runs" / "bbc")
-    capsys.readouterr()
-    (tmp_path / "articles.txt").write_text("the market fell\na good film\n")
-    (tmp_path / "articles.csv").write_text("body\nthe bank won\nold phone\nnew game\n")
-    mains = {"spafit_jax.predict": predict.main, "spafit_jax.export": main}
-    for command in commands:
-        argv = shlex.split(command)
-        if argv[2] in mains:  # training is the Training section's; the run above stands in for it
-            assert mains[argv[2]](argv[3:]) == 0, command
-    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 2
-    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]) == 3
-    for fmt in ("hf", "peft", "flax"):
-        assert any((tmp_path / "exported" / fmt).iterdir())
-    exec(compile(python, "README.md", "exec"), {})
