@@ -371,7 +371,8 @@ def _check_spm(folder: Path) -> None:
     if (folder / SPM).is_file() and not (folder / "tokenizer.json").is_file() \
             and importlib.util.find_spec("sentencepiece") is None:
         raise LoadError(f"{folder} has a SentencePiece tokenizer ({SPM}) and no tokenizer.json; converting it needs "
-                        "the sentencepiece package: pip install sentencepiece (or save a tokenizer.json beside it)")
+                        "the sentencepiece package: pip install sentencepiece (or 'spafit-jax[deberta]'), or save a "
+                        "tokenizer.json beside it")
 
 
 def save_pretrained(folder: str | os.PathLike, config: BertConfig, params: Mapping, *, num_labels: int | None = None,
