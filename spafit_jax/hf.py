@@ -94,7 +94,23 @@ def read_config(folder: Path) -> BertConfig:
     if not isinstance(raw, dict):
         raise LoadError(f"{path} holds a JSON {type(raw).__name__}, not an object of model settings; re-download the "
                         "model")
-    return BertConfig.from_dict(families.config_fields(raw, str(path)))  # model_type -> the family's names
+    fields = families.config_fields(raw, str(path))  # model_type -> the family's names
+    return model_classes(fields["model_type"])[0].from_dict(fields)
+
+
+def model_classes(model_type: str) -> tuple[type, type]:
+    """(config class, Flax sequence-classification class) of a family: `bert.py`'s for the BERT
+    families, `modernbert.py`'s for ModernBERT."""
+    if model_type == "modernbert":
+        from spafit_jax import modernbert
+
+        return modernbert.ModernBertConfig, modernbert.ModernBertForSequenceClassification
+    return BertConfig, BertForSequenceClassification
+
+
+def model_for(config: BertConfig, *args, **kwargs):
+    """The Flax sequence classifier of `config`'s family (arguments as `BertForSequenceClassification`'s)."""
+    return model_classes(config.model_type)[1](config, *args, **kwargs)
 
 
 def read_weights(folder: Path, model_type: str | None = None) -> dict[str, np.ndarray]:
@@ -196,6 +212,7 @@ def to_torch_names(params: Mapping) -> dict[str, np.ndarray]:
         elif leaf in ("scale", "embedding"):
             leaf = "weight"
         out[".".join(parents + [leaf])] = np.ascontiguousarray(value)
+    out = families.to_torch_layout(out)  # ModernBERT: model.layers.<i>, fused Wqkv
     return out
 
 
@@ -236,7 +253,7 @@ def load_pretrained(
         if config.family.logits_kernel in adapted:
             weights = {k: v for k, v in weights.items() if not k.startswith("classifier/")}
         weights.update(adapted)
-    model = BertForSequenceClassification(config, dtype, param_dtype, lora, num_labels=num_labels)
+    model = model_for(config, dtype, param_dtype, lora, num_labels=num_labels)
     dummy = jnp.zeros((1, 8), jnp.int32)
     # eager: a jitted init of the unrolled model would compile the whole graph on every call
     fresh = {"/".join(k): v for k, v in flatten_dict(model.init(jax.random.key(seed), dummy)["params"]).items()}
@@ -308,12 +325,13 @@ def peft_state(params: Mapping, keep) -> dict[str, np.ndarray]:
         module, leaf = path.rsplit("/", 1)
         if leaf in ("lora_a", "lora_b"):
             name = f"{module.replace('/', '.')}.lora_{leaf[-1].upper()}.weight"
-            out[PEFT_PREFIX + name] = np.ascontiguousarray(np.asarray(value, np.float32).T)
+            out[PEFT_PREFIX + families.torch_module_name(name)] = np.ascontiguousarray(np.asarray(value, np.float32).T)
     kept = {tuple(p.split("/")): np.asarray(v, np.float32) for p, v in flat.items()
             if not p.endswith(("lora_a", "lora_b")) and keep(p)}
     for name, value in to_torch_names(unflatten_dict(kept)).items():
         module, leaf = name.rsplit(".", 1)
-        out[PEFT_PREFIX + (f"{module}.base_layer.{leaf}" if module in wrapped else name)] = value
+        ours = families.flax_module_path(module + ".")[:-1]  # ModernBERT's model.layers.<i> is our model.encoder.layer.<i>
+        out[PEFT_PREFIX + (f"{module}.base_layer.{leaf}" if ours in wrapped else name)] = value
     return out
 
 
@@ -330,7 +348,8 @@ def from_peft_state(state: Mapping[str, np.ndarray], model_type: str | None = No
         name = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", name.replace(".base_layer.", "."))
         m = re.fullmatch(r"(.*)\.lora_([AB])(\.[^.]+)?\.weight", name)
         if m:
-            adapters[f"{m.group(1).replace('.', '/')}/lora_{m.group(2).lower()}"] = np.asarray(value, np.float32).T
+            module = families.flax_module_path(m.group(1) + ".")[:-1]  # ModernBERT: model.encoder.layer.<i>
+            adapters[f"{module.replace('.', '/')}/lora_{m.group(2).lower()}"] = np.asarray(value, np.float32).T
         else:
             others[name] = np.asarray(value, np.float32)
     return {**_from_torch_names(others, model_type), **adapters}
