@@ -43,6 +43,7 @@ class Family:
     dropped: tuple[str, ...] = ()  # top-level pre-training modules a sequence classifier drops
     config_keys: tuple[tuple[str, str], ...] = ()  # (config.json name, our BertConfig name)
     fixed: tuple[tuple[str, Any], ...] = ()  # BertConfig values the family does not read from config.json
+    module: str = "bert"  # the spafit_jax module that builds the family (others export Config, ForSequenceClassification)
 
     @property
     def modules(self) -> dict[str, str]:
@@ -105,7 +106,8 @@ FAMILIES["modernbert"] = _ModernBertFamily(
     "modernbert", "model", "ModernBertForSequenceClassification", "modernbert", layer="modernbert",
     token_types=False, heads=("head", "classifier"), dropped=("decoder",),
     config_keys=(("hidden_activation", "hidden_act"), ("norm_eps", "layer_norm_eps"),
-                 ("mlp_dropout", "hidden_dropout_prob"), ("attention_dropout", "attention_probs_dropout_prob")))
+                 ("mlp_dropout", "hidden_dropout_prob"), ("attention_dropout", "attention_probs_dropout_prob")),
+    module="modernbert")
 
 SUPPORTED = ", ".join(FAMILIES)
 

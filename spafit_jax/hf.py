@@ -95,22 +95,18 @@ def read_config(folder: Path) -> BertConfig:
         raise LoadError(f"{path} holds a JSON {type(raw).__name__}, not an object of model settings; re-download the "
                         "model")
     fields = families.config_fields(raw, str(path))  # model_type -> the family's names
-    return model_classes(fields["model_type"])[0].from_dict(fields)
+    return family_classes(fields["model_type"])[0].from_dict(fields)
 
 
-def model_classes(model_type: str) -> tuple[type, type]:
-    """(config class, Flax sequence-classification class) of a family: `bert.py`'s for the BERT
-    families, `modernbert.py`'s for ModernBERT."""
-    if model_type == "modernbert":
-        from spafit_jax import modernbert
-
-        return modernbert.ModernBertConfig, modernbert.ModernBertForSequenceClassification
-    return BertConfig, BertForSequenceClassification
-
-
-def model_for(config: BertConfig, *args, **kwargs):
-    """The Flax sequence classifier of `config`'s family (arguments as `BertForSequenceClassification`'s)."""
-    return model_classes(config.model_type)[1](config, *args, **kwargs)
+def family_classes(model_type: str) -> tuple[type, type]:
+    """(config class, sequence-classification model class) of `model_type`'s family: bert.py's
+    BertConfig and BertForSequenceClassification, or `Config` and `ForSequenceClassification` of the
+    module `families.Family.module` names (deberta.py)."""
+    module = families.get(model_type).module
+    if module == "bert":
+        return BertConfig, BertForSequenceClassification
+    found = importlib.import_module(f"spafit_jax.{module}")
+    return found.Config, found.ForSequenceClassification
 
 
 def read_weights(folder: Path, model_type: str | None = None) -> dict[str, np.ndarray]:
@@ -253,7 +249,7 @@ def load_pretrained(
         if config.family.logits_kernel in adapted:
             weights = {k: v for k, v in weights.items() if not k.startswith("classifier/")}
         weights.update(adapted)
-    model = model_for(config, dtype, param_dtype, lora, num_labels=num_labels)
+    model = family_classes(config.model_type)[1](config, dtype, param_dtype, lora, num_labels=num_labels)
     dummy = jnp.zeros((1, 8), jnp.int32)
     # eager: a jitted init of the unrolled model would compile the whole graph on every call
     fresh = {"/".join(k): v for k, v in flatten_dict(model.init(jax.random.key(seed), dummy)["params"]).items()}

@@ -170,12 +170,21 @@ def _no_lora(where: str) -> MaskingError:
                         "(LoRA adapters on those layers), or use method 'bitfit'")
 
 
+def bias_free(params: Any, head_pattern: str = HEAD_PATTERN) -> bool:
+    """Whether the model has no bias outside its head and pooler (ModernBERT's default). Then the
+    methods that train biases (spafit's strata 2 and 3, bitfit) train the layers' norm scales instead,
+    labelled "layernorm": the per-feature parameters such a model has (`spafit_labels`)."""
+    head = re.compile(head_pattern)
+    return not any(_kind(p) == BIAS and not head.search(p) and "pooler" not in p.lower() for p, _ in _leaves(params))
+
+
 def spafit_labels(params: Any, n1: int | float | None = None, n2: int | float | None = None, *,
                   train_layernorm: bool = False, train_pooler: bool = True, stratum3_bias: bool = True,
                   head_pattern: str = HEAD_PATTERN, layer_pattern: str | None = None) -> Any:
     """SPAFIT strata: layers < n1 frozen, n1..n2-1 biases only, >= n2 LoRA + biases; head trains.
 
     `stratum3_bias=False` is the paper's other group-3 variant: layers >= n2 train LoRA only.
+    A model without biases (`bias_free`) trains its norm scales wherever biases would train.
 
     n1/n2 are int layer counts (0..L) or floats in [0, 1] as fractions of L (rounded half up);
     defaults round(L/3) and round(2L/3). Embeddings and final norms stay frozen; LayerNorm
@@ -189,9 +198,15 @@ def spafit_labels(params: Any, n1: int | float | None = None, n2: int | float | 
         raise _no_lora(f"stratum 3 (layers {n2}..{L - 1})")
     some = frozenset({BIAS, LAYERNORM})
     full = some | {LORA} if stratum3_bias else frozenset({LAYERNORM, LORA})
-    return _plan(params, lambda i: frozenset() if i < n1 else some if i < n2 else full,
-                 frozenset(), train_layernorm=train_layernorm, train_pooler=train_pooler,
-                 head_pattern=head_pattern, layer_pattern=layer_pattern)
+    if not train_layernorm and bias_free(params, head_pattern):  # ModernBERT: norm scales stand in for biases
+        some, full, train_layernorm = frozenset({LAYERNORM}), full if stratum3_bias else frozenset({LORA}), True
+    labels = _plan(params, lambda i: frozenset() if i < n1 else some if i < n2 else full,
+                   frozenset(), train_layernorm=train_layernorm, train_pooler=train_pooler,
+                   head_pattern=head_pattern, layer_pattern=layer_pattern)
+    if n1 < n2 and all(l == FROZEN for p, l in _leaves(labels) if n1 <= (layer_index(p, layer_pattern) or -1) < n2):
+        raise MaskingError(f"stratum 2 (layers {n1}..{n2 - 1}) has no bias or norm scale to train; set n1 = n2 "
+                           "to drop it, or train_layernorm")
+    return labels
 
 
 def method_labels(params: Any, method: str, *, n1: int | float | None = None,
@@ -208,6 +223,7 @@ def method_labels(params: Any, method: str, *, n1: int | float | None = None,
     if method not in METHODS:
         raise MaskingError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
     ln = (method == "full") if train_layernorm is None else bool(train_layernorm)
+    ln = ln or (method == "bitfit" and bias_free(params, head_pattern))  # norm scales stand in for biases
     kw = dict(train_layernorm=ln, train_pooler=train_pooler, head_pattern=head_pattern,
               layer_pattern=layer_pattern)
     if method == "spafit":

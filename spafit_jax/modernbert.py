@@ -336,3 +336,7 @@ class ModernBertForSequenceClassification(_MB):
               n1: int, **unused):
         """Logits [B, num_labels] from the hidden states that enter layer n1 (`lower`'s output)."""
         return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1)
+
+
+#: the names `hf.family_classes` looks up in a family's module.
+Config, ForSequenceClassification = ModernBertConfig, ModernBertForSequenceClassification
