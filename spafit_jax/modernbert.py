@@ -148,7 +148,7 @@ class _MB(_Module):
         return LoRA(base, rank, cfg.alpha, cfg.dropout, cfg.rslora, self.dtype, self.param_dtype, name=name)(
             x, deterministic)
 
-    def norm(self, name: str):
+    def norm_layer(self, name: str):
         return nn.LayerNorm(epsilon=self.config.layer_norm_eps, use_bias=self.config.norm_bias, dtype=self.dtype,
                             param_dtype=self.param_dtype, name=name)
 
@@ -206,9 +206,9 @@ class ModernBertLayer(_MB):
 
     @nn.compact
     def __call__(self, x_BxTxD, mask_bias, cos_TxK, sin_TxK, deterministic: bool):
-        h = x_BxTxD if self.layer == 0 else self.norm("attn_norm")(x_BxTxD)
+        h = x_BxTxD if self.layer == 0 else self.norm_layer("attn_norm")(x_BxTxD)
         x_BxTxD = x_BxTxD + self.child(_Attention, "attn")(h, mask_bias, cos_TxK, sin_TxK, deterministic)
-        return x_BxTxD + self.child(_MLP, "mlp")(self.norm("mlp_norm")(x_BxTxD), deterministic)
+        return x_BxTxD + self.child(_MLP, "mlp")(self.norm_layer("mlp_norm")(x_BxTxD), deterministic)
 
 
 def attention_biases(attention_mask_BxT, config: ModernBertConfig) -> dict[str, jax.Array]:
@@ -231,7 +231,7 @@ class _Embeddings(_MB):
         c = self.config
         x = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range),
                      dtype=self.dtype, param_dtype=self.param_dtype, name="tok_embeddings")(input_ids_BxT)
-        return Dropout(c.embedding_dropout)(self.norm("norm")(x), deterministic=deterministic)
+        return Dropout(c.embedding_dropout)(self.norm_layer("norm")(x), deterministic=deterministic)
 
 
 class _Layers(_MB):
@@ -284,7 +284,7 @@ class ModernBertModel(_MB):
             self.lora.validate(c.num_hidden_layers)
         rope = rotary_tables(c, x.shape[1], self.dtype)
         x = self.child(_Encoder, "encoder")(x, attention_biases(attention_mask, c), rope, deterministic, start, stop)
-        return x if stop is not None else self.norm("final_norm")(x)
+        return x if stop is not None else self.norm_layer("final_norm")(x)
 
 
 def pool(x_BxTxD, attention_mask_BxT, how: str):
@@ -302,7 +302,7 @@ class _Head(_MB):
     def __call__(self, x_BxD, deterministic: bool):
         c = self.config
         x = self.linear(c.hidden_size, "dense", x_BxD, deterministic, c.classifier_bias)
-        return self.norm("norm")(ACTIVATIONS[c.classifier_activation](x))
+        return self.norm_layer("norm")(ACTIVATIONS[c.classifier_activation](x))
 
 
 class ModernBertForSequenceClassification(_MB):

@@ -4,6 +4,7 @@ The model (4 layers: global, local, local, global; a local window of 8 tokens) r
 20 tokens with padding, so the sliding window and the padding mask both matter.
 """
 
+import copy
 import dataclasses
 import json
 
@@ -11,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from spafit_jax import families, hf, masking
+from spafit_jax import lora as lora_lib
 from spafit_jax.errors import ConfigError, MaskingError
 from spafit_jax.lora import LoRAConfig
 from spafit_jax.modernbert import ModernBertConfig, ModernBertModel
@@ -128,7 +131,7 @@ def _grads(model, params, ids, mask, labels):
         logits = model.apply({"params": p}, ids, mask)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
 
 
 @pytest.mark.reference
@@ -151,7 +154,7 @@ def test_lora_gradients_match_peft_on_whole_modules_and_on_wqkv_slices(torch_mb,
 
     whole = LoraConfig(r=r, lora_alpha=8, target_modules=["attn.Wo", "mlp.Wi", "mlp.Wo"], layers_to_transform=list(layers),
                        layers_pattern="layers")
-    peft = get_peft_model(__import__("copy").deepcopy(tmodel), whole)
+    peft = get_peft_model(copy.deepcopy(tmodel), whole)
     qkv = LoraConfig(r=2 * r, lora_alpha=16, target_modules=["Wqkv"], layers_to_transform=list(layers),
                      layers_pattern="layers")
     peft.add_adapter("qkv", qkv)
@@ -189,18 +192,21 @@ def test_lora_gradients_match_peft_on_whole_modules_and_on_wqkv_slices(torch_mb,
 
     # PEFT export: the whole-module adapters load in PEFT with our logits; the Wqkv slices are refused in one line
     with pytest.raises(ConfigError, match="slices of ModernBERT's fused attn.Wqkv"):
-        __import__("spafit_jax.lora").lora.to_peft_config(lora, 4, base_model=str(st), modules_to_save=["head", "classifier"],
-                                                          bias="none", model_type="modernbert")
-    from spafit_jax import lora as lora_lib
+        lora_lib.to_peft_config(lora, 4, base_model=str(st), modules_to_save=["head", "classifier"], bias="none",
+                                model_type="modernbert")
 
     only = dataclasses.replace(lora, targets=("attention_output", "intermediate", "output"))
-    model, params = _lora_model(st, only)
+    model = model.clone(lora=only)
+    for i in layers:  # the same tree without the Wqkv adapters
+        for t in ("query", "value"):
+            params["model"]["encoder"]["layer"][str(i)]["attn"]["Wqkv"][t] = {
+                "kernel": params["model"]["encoder"]["layer"][str(i)]["attn"]["Wqkv"][t]["kernel"]}
     config = lora_lib.to_peft_config(only, 4, base_model=str(st), modules_to_save=["head", "classifier"], bias="none",
                                      model_type="modernbert")
     (tmp_path / hf.PEFT_CONFIG).write_text(json.dumps(config))
     head = ("head/", "classifier/")
     save_file(hf.peft_state(params, lambda p: p.startswith(head)), str(tmp_path / hf.PEFT_WEIGHTS))
-    loaded = PeftModel.from_pretrained(__import__("copy").deepcopy(tmodel), str(tmp_path)).eval()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(tmodel), str(tmp_path)).eval()
     with torch.no_grad():
         theirs = loaded(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     np.testing.assert_allclose(model.apply({"params": params}, ids, mask), theirs, atol=ATOL)
@@ -233,17 +239,23 @@ def test_bias_free_model_trains_norm_scales_in_place_of_biases():
 
     cfg = ModernBertConfig(vocab_size=50, **{k: v for k, v in SIZES.items() if k != "num_labels"})
     lora = LoRAConfig(rank=2, targets=("query", "value"), layers=(2, 3))
-    model = ModernBertForSequenceClassification(cfg, lora=lora, num_labels=3)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
-    assert masking.bias_free(shapes)
-    flat = {"/".join(k): v for k, v in __import__("flax").traverse_util.flatten_dict(
-        masking.spafit_labels(shapes, 1, 2)).items()}
+    def shapes_of(cfg):
+        model = ModernBertForSequenceClassification(cfg, lora=lora, num_labels=3)
+        return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+
+    biased = shapes_of(dataclasses.replace(cfg, attention_bias=True))  # with biases: BitFit's letter
+    assert not masking.bias_free(biased)
+    assert {v for k, v in flatten_dict(masking.spafit_labels(biased, 1, 2), sep="/").items()
+            if "/layer/1/" in k} == {"frozen", "bias"}
+    shapes = shapes_of(cfg)
+    assert masking.bias_free(shapes)  # the classifier's own bias does not count
+    flat = flatten_dict(masking.spafit_labels(shapes, 1, 2), sep="/")
     trained = {p: label for p, label in flat.items() if label != "frozen"}
     assert {p for p, label in trained.items() if label == "layernorm"} == {
         f"model/encoder/layer/{i}/{n}/scale" for i in (1, 2, 3) for n in ("attn_norm", "mlp_norm")}
     assert {label for p, label in trained.items() if "/layer/" in p and "/layer/1/" not in p} == {"lora", "layernorm"}
-    flat = __import__("flax").traverse_util.flatten_dict(masking.spafit_labels(shapes, 1, 2, stratum3_bias=False))
-    assert {"/".join(k) for k, v in flat.items() if v == "layernorm"} == {"model/encoder/layer/1/attn_norm/scale",
+    flat = flatten_dict(masking.spafit_labels(shapes, 1, 2, stratum3_bias=False), sep="/")
+    assert {k for k, v in flat.items() if v == "layernorm"} == {"model/encoder/layer/1/attn_norm/scale",
                                                                           "model/encoder/layer/1/mlp_norm/scale"}
     bitfit = jax.tree.leaves(masking.method_labels(shapes, "bitfit"))
     assert bitfit.count("layernorm") == 7 and "bias" not in bitfit  # layer 0 has no attn_norm
@@ -259,8 +271,8 @@ def test_bias_free_model_trains_norm_scales_in_place_of_biases():
 def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_export(torch_mb, data_dir, tmp_path,  # noqa: F811
                                                                                   capsys):
     """A short SPAFIT run of the training command (frozen-stratum cache on), its summary and results.json naming
-    the norm scales standing in for biases; predict = transformers on the hf export; the PEFT export of
-    Wqkv-slice adapters refused in one line, writing nothing."""
+    the norm scales standing in for biases; predict = transformers on the hf export; the PEFT export (norm
+    scales, Wqkv slices) refused in one line, writing nothing."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -296,6 +308,6 @@ def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_expo
     with torch.no_grad():
         theirs = tmodel.eval()(**enc).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=ATOL)
-    with pytest.raises(ConfigError, match="slices of ModernBERT's fused attn.Wqkv"):
+    with pytest.raises(ConfigError, match="cannot carry"):  # the norm scales standing in for biases
         export_lib.export(run, tmp_path / "peft", "peft")
     assert not (tmp_path / "peft").exists()
