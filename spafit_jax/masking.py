@@ -203,7 +203,8 @@ def spafit_labels(params: Any, n1: int | float | None = None, n2: int | float | 
     labels = _plan(params, lambda i: frozenset() if i < n1 else some if i < n2 else full,
                    frozenset(), train_layernorm=train_layernorm, train_pooler=train_pooler,
                    head_pattern=head_pattern, layer_pattern=layer_pattern)
-    if n1 < n2 and all(l == FROZEN for p, l in _leaves(labels) if n1 <= (layer_index(p, layer_pattern) or -1) < n2):
+    stratum2 = [l for p, l in _leaves(labels) if layer_index(p, layer_pattern) in range(n1, n2)]
+    if stratum2 and all(l == FROZEN for l in stratum2):
         raise MaskingError(f"stratum 2 (layers {n1}..{n2 - 1}) has no bias or norm scale to train; set n1 = n2 "
                            "to drop it, or train_layernorm")
     return labels

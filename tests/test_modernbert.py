@@ -18,6 +18,7 @@ from spafit_jax import families, hf, masking
 from spafit_jax import lora as lora_lib
 from spafit_jax.errors import ConfigError, MaskingError
 from spafit_jax.lora import LoRAConfig
+from spafit_jax.methods import LORA_TARGETS
 from spafit_jax.modernbert import ModernBertConfig, ModernBertModel
 from tests.test_predict import data_dir  # noqa: F401 (session fixture: small csv files)
 
@@ -248,6 +249,11 @@ def test_bias_free_model_trains_norm_scales_in_place_of_biases():
     assert {v for k, v in flatten_dict(masking.spafit_labels(biased, 1, 2), sep="/").items()
             if "/layer/1/" in k} == {"frozen", "bias"}
     shapes = shapes_of(cfg)
+    fam = families.FAMILIES["modernbert"]  # every LoRA target has its module in the tree
+    assert list(fam.modules) == list(LORA_TARGETS)
+    assert {f"{fam.layers}/2/{m}/lora_a" for m in ("attn/Wqkv/query", "attn/Wqkv/value")} <= \
+        set(flatten_dict(shapes, sep="/"))
+    assert {f"{fam.layers}/0/{m}/kernel" for m in fam.modules.values()} <= set(flatten_dict(shapes, sep="/"))
     assert masking.bias_free(shapes)  # the classifier's own bias does not count
     flat = flatten_dict(masking.spafit_labels(shapes, 1, 2), sep="/")
     trained = {p: label for p, label in flat.items() if label != "frozen"}
