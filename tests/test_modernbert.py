@@ -314,6 +314,25 @@ def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_expo
     with torch.no_grad():
         theirs = tmodel.eval()(**enc).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=ATOL)
+    export_lib.export(run, tmp_path / "flax", "flax")  # our own format: config.json in ModernBERT's names
+    assert json.loads((tmp_path / "flax" / "config.json").read_text())["norm_eps"] == 1e-5
+    model, params = hf.load_pretrained(tmp_path / "flax", num_labels=3)
+    ids, mask = batch(model.config.vocab_size, model.config.pad_token_id)
+    np.testing.assert_allclose(model.apply({"params": params}, ids, mask),
+                               run.model.apply({"params": run.params}, ids, mask), atol=ATOL)
     with pytest.raises(ConfigError, match="cannot carry"):  # the norm scales standing in for biases
         export_lib.export(run, tmp_path / "peft", "peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_tokenizer_folder_reads_as_modernberts_cls_a_sep_b_sep(tmp_path):
+    """ModernBERT's tokenizer is a fast tokenizer.json (no token types): our loader and encoder read it as it is."""
+    from spafit_jax.tokens import Examples, encode
+
+    made = make_tokenizer(tmp_path)
+    tok = hf.load_tokenizer(tmp_path)
+    want = made("the market rose", "new phone")["input_ids"]
+    assert want[0] == tok.cls_token_id and want[-1] == tok.sep_token_id and want.count(tok.sep_token_id) == 2
+    enc = encode(tok, Examples(["the market rose"], ["new phone"], np.zeros(1, np.int32)), max_length=16, cache=False)
+    assert enc.input_ids[0, :len(want)].tolist() == want and enc.lengths.tolist() == [len(want)]
+    assert (enc.input_ids[0, len(want):] == tok.pad_token_id).all() and not enc.token_type_ids.any()
