@@ -118,6 +118,28 @@ def test_logits_and_hidden_states_match_torch_with_padding_past_the_local_window
         np.testing.assert_array_equal(v, state[k])
 
 
+@pytest.mark.reference
+def test_masked_lm_and_base_checkpoints_load_with_a_fresh_classifier(torch_mb, tmp_path, caplog):
+    """The hub's ModernBERT is a ModernBertForMaskedLM (model, head, decoder): the decoder is dropped, the head kept,
+    the classifier initialised with a notice; a bare ModernBertModel (names without `model.`) loads its encoder."""
+    import transformers
+
+    _, _, tmodel = torch_mb
+    mlm = transformers.ModernBertForMaskedLM(tmodel.config)
+    mlm.model.load_state_dict(tmodel.model.state_dict())
+    mlm.save_pretrained(tmp_path / "mlm")
+    tmodel.model.save_pretrained(tmp_path / "base")
+    for folder in ("mlm", "base"):
+        caplog.clear()
+        _, params = hf.load_pretrained(tmp_path / folder, num_labels=2)
+        assert "unexpected" not in caplog.text and "classifier/kernel" in caplog.text
+        assert ("head/dense/kernel" in caplog.text) == (folder == "base")
+        np.testing.assert_array_equal(params["model"]["encoder"]["layer"]["3"]["mlp"]["Wo"]["kernel"],
+                                      tmodel.model.layers[3].mlp.Wo.weight.detach().numpy().T)
+    np.testing.assert_array_equal(params["model"]["encoder"]["layer"]["1"]["attn"]["Wqkv"]["key"]["kernel"],
+                                  tmodel.model.layers[1].attn.Wqkv.weight.detach().numpy()[32:64].T)
+
+
 def _lora_model(folder, lora):
     model, params = hf.load_pretrained(folder, num_labels=3, lora=lora)
     keys = iter(jax.random.split(jax.random.key(1), 64))
@@ -296,6 +318,11 @@ def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_expo
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "norm scale-only 1..1, LoRA + norm scale 2..3" in out and "no biases" in out
+    from spafit_jax import config as config_lib
+    from spafit_jax import report
+
+    picture = report.layer_kinds(config_lib.load_config([], argv[:-2]))  # the strata picture's rows
+    assert picture == ["frozen", "norm scale only", "LoRA + norm scale", "LoRA + norm scale"]
     res = json.loads((work / "results.json").read_text())
     assert res["bias_stand_in"] == "layernorm" and "bias" not in res["params_by_label"]
     assert {"layernorm", "lora", "head"} <= set(res["params_by_label"])
