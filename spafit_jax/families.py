@@ -88,6 +88,34 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            heads=("pooler", "classifier"), dropped=("lm_predictions", "mask_predictions", "cls"),
            config_keys=(("cls_dropout", "classifier_dropout"),), module="deberta"),
 )}
+
+
+# ----------------------------------------------------------------------------------- ModernBERT
+#: LoRA target -> its module in our tree (`modernbert.py`): query/key/value are slices of the fused Wqkv.
+_MODERNBERT_MODULES = {"query": "attn/Wqkv/query", "key": "attn/Wqkv/key", "value": "attn/Wqkv/value",
+                       "attention_output": "attn/Wo", "intermediate": "mlp/Wi", "output": "mlp/Wo"}
+#: LoRA targets that are slices of a PyTorch module (PEFT adapts whole modules only).
+MODERNBERT_SLICES = ("query", "key", "value")
+
+
+class _ModernBertFamily(Family):
+    """ModernBERT: layers at `model/encoder/layer/<i>` in our tree, `model.layers.<i>` in PyTorch and PEFT."""
+
+    @property
+    def modules(self) -> dict[str, str]:
+        return dict(_MODERNBERT_MODULES)
+
+    def peft_module(self, layer: int, target: str) -> str:
+        return f"model.layers.{layer}.{self.modules[target].replace('/', '.')}"
+
+
+FAMILIES["modernbert"] = _ModernBertFamily(
+    "modernbert", "model", "ModernBertForSequenceClassification", "modernbert", layer="modernbert",
+    token_types=False, heads=("head", "classifier"), dropped=("decoder",),
+    config_keys=(("hidden_activation", "hidden_act"), ("norm_eps", "layer_norm_eps"),
+                 ("mlp_dropout", "hidden_dropout_prob"), ("attention_dropout", "attention_probs_dropout_prob")),
+    module="modernbert")
+
 SUPPORTED = ", ".join(FAMILIES)
 
 
@@ -156,6 +184,8 @@ def from_torch_names(state: Mapping[str, Any], model_type: str | None = None) ->
     Linear weights are transposed to Flax kernels, LayerNorm weights become scales.
     """
     fam = family_of_names(state, model_type)
+    if fam.model_type == "modernbert":
+        return modernbert_from_torch(state)
     out = {}
     for name, value in state.items():
         parts = name.split(".")
@@ -181,3 +211,80 @@ def with_prefix(flat: Mapping[str, Any], model_type: str | None = None) -> dict[
     if any(k.startswith(fam.prefix + "/") for k in kept):
         return kept
     return {(k if k.split("/")[0] in fam.heads else f"{fam.prefix}/{k}"): v for k, v in kept.items()}
+
+
+# ----------------------------------------------------------------------------------- ModernBERT names
+_MB_LAYER = re.compile(r"(^|\.)model\.layers\.(\d+)\.")
+_MB_OURS = re.compile(r"(^|\.)model\.encoder\.layer\.(\d+)\.")
+_QKV = ("query", "key", "value")
+
+
+def modernbert_from_torch(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """ModernBERT's PyTorch names to our paths (the table in `modernbert.py`): `model.layers.<i>` becomes
+    `model/encoder/layer/<i>`, the fused `attn.Wqkv` its query/key/value slices, norm weights scales;
+    names of a base model get `model.`, the masked-LM `decoder` is dropped."""
+    out = {}
+    for name, value in state.items():
+        parts, value = name.split("."), np.asarray(value)
+        if parts[0] == "decoder":
+            continue
+        if parts[0] not in ("model", "head", "classifier"):
+            parts = ["model"] + parts
+        if parts[1:2] == ["layers"]:
+            parts[1:3] = ["encoder", "layer", parts[2]]
+        module, leaf = parts[:-1], parts[-1]
+        if module[-1].endswith("norm"):
+            leaf = {"weight": "scale"}.get(leaf, leaf)
+        elif module[-1] == "tok_embeddings":
+            leaf = "embedding"
+        elif leaf == "weight":
+            leaf, value = "kernel", value.T
+        if module[-1] == "Wqkv":
+            for q, part in zip(_QKV, np.split(value, 3, axis=-1)):
+                out["/".join(module + [q, leaf])] = part
+        else:
+            out["/".join(module + [leaf])] = value
+    return out
+
+
+def to_torch_layout(names: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """PyTorch names of our tree (kernels already transposed) as transformers names ModernBERT's modules:
+    `model.encoder.layer.<i>` back to `model.layers.<i>`, the Wqkv slices fused; other families unchanged."""
+    if not any(_MB_OURS.search(n) for n in names):
+        return dict(names)
+    out, fused = {}, {}
+    for name, value in names.items():
+        name = torch_module_name(name)
+        m = re.fullmatch(r"(.*\.Wqkv)\.(query|key|value)\.(weight|bias)", name)
+        if m:
+            fused.setdefault(f"{m.group(1)}.{m.group(3)}", {})[m.group(2)] = value
+        else:
+            out[name] = value
+    for name, parts in fused.items():
+        if set(parts) != set(_QKV):
+            raise LoadError(f"{name}: only {sorted(parts)} of its query/key/value slices are given; the fused Wqkv "
+                            "needs all three")
+        out[name] = np.ascontiguousarray(np.concatenate([parts[q] for q in _QKV], axis=0))
+    return out
+
+
+def torch_module_name(name: str) -> str:
+    """`model.encoder.layer.<i>.` (our ModernBERT tree, '.'-joined) as PyTorch's `model.layers.<i>.`."""
+    return _MB_OURS.sub(lambda m: f"{m.group(1)}model.layers.{m.group(2)}.", name)
+
+
+def flax_module_path(name: str) -> str:
+    """Inverse of `torch_module_name`, '.'-joined: `model.layers.<i>.` as `model.encoder.layer.<i>.`."""
+    return _MB_LAYER.sub(lambda m: f"{m.group(1)}model.encoder.layer.{m.group(2)}.", name)
+
+
+def check_peft_targets(model_type: str, targets) -> None:
+    """Refuses (one line) LoRA targets a PEFT adapter cannot carry on `model_type`: ModernBERT's
+    query / key / value adapt slices of the fused attn.Wqkv, and PEFT adapts whole modules."""
+    sliced = [t for t in targets if model_type == "modernbert" and t in MODERNBERT_SLICES]
+    if sliced:
+        from spafit_jax.errors import ConfigError
+
+        raise ConfigError(f"LoRA targets {sliced} adapt slices of ModernBERT's fused attn.Wqkv, which a PEFT adapter "
+                          "(whole modules) cannot carry; export with --format hf (merged), or train with "
+                          "method.lora_targets among attention_output, intermediate, output")

@@ -210,6 +210,7 @@ def to_torch_names(params: Mapping) -> dict[str, np.ndarray]:
         elif leaf in ("scale", "embedding"):
             leaf = "weight"
         out[".".join(parents + [leaf])] = np.ascontiguousarray(value)
+    out = families.to_torch_layout(out)  # ModernBERT: model.layers.<i>, fused Wqkv
     return out
 
 
@@ -322,12 +323,13 @@ def peft_state(params: Mapping, keep) -> dict[str, np.ndarray]:
         module, leaf = path.rsplit("/", 1)
         if leaf in ("lora_a", "lora_b"):
             name = f"{module.replace('/', '.')}.lora_{leaf[-1].upper()}.weight"
-            out[PEFT_PREFIX + name] = np.ascontiguousarray(np.asarray(value, np.float32).T)
+            out[PEFT_PREFIX + families.torch_module_name(name)] = np.ascontiguousarray(np.asarray(value, np.float32).T)
     kept = {tuple(p.split("/")): np.asarray(v, np.float32) for p, v in flat.items()
             if not p.endswith(("lora_a", "lora_b")) and keep(p)}
     for name, value in to_torch_names(unflatten_dict(kept)).items():
         module, leaf = name.rsplit(".", 1)
-        out[PEFT_PREFIX + (f"{module}.base_layer.{leaf}" if module in wrapped else name)] = value
+        ours = families.flax_module_path(module + ".")[:-1]  # ModernBERT's model.layers.<i> is our model.encoder.layer.<i>
+        out[PEFT_PREFIX + (f"{module}.base_layer.{leaf}" if ours in wrapped else name)] = value
     return out
 
 
@@ -344,7 +346,8 @@ def from_peft_state(state: Mapping[str, np.ndarray], model_type: str | None = No
         name = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", name.replace(".base_layer.", "."))
         m = re.fullmatch(r"(.*)\.lora_([AB])(\.[^.]+)?\.weight", name)
         if m:
-            adapters[f"{m.group(1).replace('.', '/')}/lora_{m.group(2).lower()}"] = np.asarray(value, np.float32).T
+            module = families.flax_module_path(m.group(1) + ".")[:-1]  # ModernBERT: model.encoder.layer.<i>
+            adapters[f"{module.replace('.', '/')}/lora_{m.group(2).lower()}"] = np.asarray(value, np.float32).T
         else:
             others[name] = np.asarray(value, np.float32)
     return {**_from_torch_names(others, model_type), **adapters}

@@ -223,6 +223,7 @@ def to_peft_config(lora: LoRAConfig, num_layers: int, *, base_model: str, module
     would match both) a regex naming each module. Per-module ranks become exact `rank_pattern` keys.
     """
     lora.validate(num_layers)
+    families.check_peft_targets(model_type, lora.matched())  # ModernBERT's Wqkv slices: one line
     wrapped = [(i, t) for i in range(num_layers) for t in lora.matched() if lora.wraps(i, t)]
     fam, modules = families.get(model_type), _peft_modules(model_type)
     names = sorted({modules[t] for t in lora.matched()})

@@ -220,6 +220,15 @@ def _no_lora(where: str) -> MaskingError:
                         "(spafit_jax.lora.LoRA, nnx.LoRA) on those layers, or use method 'bitfit'")
 
 
+def bias_free(params: Any, head_pattern: str = HEAD_PATTERN) -> bool:
+    """Whether the model has no bias outside its head and pooler (ModernBERT's default). Then the
+    methods that train biases (spafit's strata 2 and 3, bitfit) train the layers' norm scales instead,
+    labelled "layernorm": the per-feature parameters such a model has (`spafit_labels`)."""
+    head = re.compile(head_pattern)
+    return not any(_kind(p) == BIAS and not head.search(p) and "pooler" not in p.lower()
+                   for p, _ in _leaves(_params(params)))
+
+
 def _strata(n1: Any, n2: Any, L: int) -> None:
     for name, value in (("n1", n1), ("n2", n2)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -243,7 +252,8 @@ def spafit_labels(params: Any, n1: int, n2: int, *, train_layernorm: bool = Fals
     only. Embeddings and final norms stay frozen; norm scale/bias of strata 2-3 train as
     "layernorm" only with `train_layernorm`; the pooler (any path containing "pooler") trains as
     "pooler" when `train_pooler`. Stacked layers (`stacked=` a regex or (regex, axis), else detected)
-    get `Rows` labels. A model with no leaf matching `head_pattern` is an error.
+    get `Rows` labels. A model with no leaf matching `head_pattern` is an error. A model without
+    biases (`bias_free`) trains its norm scales wherever biases would train.
     """
     layout = _layout(params, layer_pattern, stacked)
     L = layout.num_layers
@@ -253,9 +263,16 @@ def spafit_labels(params: Any, n1: int, n2: int, *, train_layernorm: bool = Fals
         raise _no_lora(f"stratum 3 (layers {n2}..{L - 1})")
     some = frozenset({BIAS, LAYERNORM})
     full = some | {LORA} if stratum3_bias else frozenset({LAYERNORM, LORA})
-    return _plan(params, lambda i: frozenset() if i < n1 else some if i < n2 else full, frozenset(), layout,
-                 train_layernorm=train_layernorm, train_pooler=train_pooler, head_pattern=head_pattern,
-                 needs_head=True)
+    if not train_layernorm and bias_free(params, head_pattern):  # ModernBERT: norm scales stand in for biases
+        some, full, train_layernorm = frozenset({LAYERNORM}), full if stratum3_bias else frozenset({LORA}), True
+    labels = _plan(params, lambda i: frozenset() if i < n1 else some if i < n2 else full, frozenset(), layout,
+                   train_layernorm=train_layernorm, train_pooler=train_pooler, head_pattern=head_pattern,
+                   needs_head=True)
+    stratum2 = [l for p, l in _leaves(labels) if layout.index(p) in range(n1, n2)]
+    if stratum2 and all(l == FROZEN for l in stratum2):
+        raise MaskingError(f"stratum 2 (layers {n1}..{n2 - 1}) has no bias or norm scale to train; set n1 = n2 "
+                           "to drop it, or train_layernorm")
+    return labels
 
 
 def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | None = None,
@@ -272,6 +289,7 @@ def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | 
     if method not in METHODS:
         raise MaskingError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
     ln = (method == "full") if train_layernorm is None else bool(train_layernorm)
+    ln = ln or (method == "bitfit" and bias_free(params, head_pattern))  # norm scales stand in for biases
     kw = dict(train_layernorm=ln, train_pooler=train_pooler, head_pattern=head_pattern)
     if method == "spafit":
         return spafit_labels(params, n1, n2, stratum3_bias=stratum3_bias, layer_pattern=layer_pattern,

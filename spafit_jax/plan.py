@@ -13,7 +13,7 @@ from typing import Any
 
 from spafit_jax import masking
 from spafit_jax.errors import MaskingError
-from spafit_jax.methods import FROZEN, LORA_METHODS, LoRAConfig
+from spafit_jax.methods import BIAS, FROZEN, LAYERNORM, LORA_METHODS, LoRAConfig
 from spafit_jax.schema import MethodConfig
 
 
@@ -54,11 +54,20 @@ class Plan:
     def total_params(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def bias_stand_in(self) -> str | None:
+        """"layernorm" when the model has no biases and the norm scales train in their place
+        (`masking.bias_free`: spafit's strata 2-3, bitfit), else None."""
+        m = self.method
+        swapped = m.name in ("spafit", "bitfit") and not m.train_layernorm and BIAS not in self.counts
+        return LAYERNORM if swapped and LAYERNORM in self.counts else None
+
     def describe(self) -> dict[str, Any]:
         """The plan's fields of results.json: method, n1, n2, stratum3_bias (spafit), trainable/total params
         and percent, by label."""
         return {"method": self.method.name, "n1": self.n1, "n2": self.n2,
                 "stratum3_bias": None if self.n1 is None else self.method.stratum3_bias,
+                "bias_stand_in": self.bias_stand_in,
                 "trainable_params": self.trainable_params, "total_params": self.total_params,
                 "trainable_percent": 100.0 * self.trainable_params / self.total_params,
                 "params_by_label": dict(self.counts)}
@@ -67,8 +76,11 @@ class Plan:
         """The label table of `params`, then the strata in words (spafit)."""
         lines = [masking.summary(params, self.labels)]
         if self.n1 is not None:
-            lines += ["", f"strata: frozen layers 0..{self.n1 - 1}, bias-only {self.n1}..{self.n2 - 1}, "
-                          f"LoRA{' + bias' if self.method.stratum3_bias else ' only'} {self.n2}..{self.num_layers - 1}"]
+            bias = "norm scale" if self.bias_stand_in else "bias"  # a model without biases (ModernBERT)
+            lines += ["", f"strata: frozen layers 0..{self.n1 - 1}, {bias}-only {self.n1}..{self.n2 - 1}, "
+                          f"LoRA{f' + {bias}' if self.method.stratum3_bias else ' only'} {self.n2}..{self.num_layers - 1}"]
+            if self.bias_stand_in:
+                lines.append("(the model has no biases: its norm scales train in their place)")
         return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from spafit_jax import rundir
 from spafit_jax.errors import SpafitError
 
 KINDS = {"frozen": "#d9d9d9", "bias only": "#9ecae1", "LoRA": "#fdd0a2", "LoRA + bias": "#e6550d",
-         "all weights": "#31a354"}
+         "all weights": "#31a354", "norm scale only": "#c6dbef", "LoRA + norm scale": "#fd8d3c"}
 
 
 class ReportError(SpafitError):
@@ -348,20 +348,24 @@ def layer_kinds(cfg: config_lib.Config) -> list[str]:
     import jax.numpy as jnp
     from flax import traverse_util
 
-    from spafit_jax import bert, hf
+    from spafit_jax import hf
     from spafit_jax import plan as plan_lib
 
     model_cfg = hf.read_config(hf.resolve(cfg.model.name))
     plan = plan_lib.make_plan(cfg.method, model_cfg.num_hidden_layers)
-    model = bert.BertForSequenceClassification(model_cfg, lora=plan.lora, num_labels=2)
+    model = hf.family_classes(model_cfg.model_type)[1](model_cfg, lora=plan.lora, num_labels=2)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
-    labels = traverse_util.flatten_dict(plan.label(shapes).labels, sep="/")
+    plan = plan.label(shapes)
+    labels = traverse_util.flatten_dict(plan.labels, sep="/")
     trained: list[set] = [set() for _ in range(plan.num_layers)]
     for path, label in labels.items():
         found = re.search(r"/layer/(\d+)/", path)
         if found and label != "frozen":
             trained[int(found.group(1))].add(label)
-    return ["all weights" if "weight" in s else "LoRA + bias" if {"lora", "bias"} <= s else "LoRA" if "lora" in s
+    if plan.bias_stand_in:  # a model without biases (ModernBERT): its norm scales train in their place
+        trained = [{"norm scale" if label == "layernorm" else label for label in s} for s in trained]
+    return ["all weights" if "weight" in s else "LoRA + bias" if {"lora", "bias"} <= s else "LoRA + norm scale"
+            if {"lora", "norm scale"} <= s else "LoRA" if "lora" in s else "norm scale only" if s == {"norm scale"}
             else "bias only" if s else "frozen" for s in trained]
 
 
