@@ -104,13 +104,29 @@ def export_peft(run, out: Path) -> Path:
     return out
 
 
-def protected(run) -> tuple[dict[Path, str], dict[Path, str]]:
-    """The folders an export of `run` must not write over: ({path: what}, {path: what, nor inside it})."""
+def protected(workdir: str | os.PathLike, model_name: str) -> dict[str, dict[Path, str]]:
+    """`outputs.check_folder`'s `protected` and `sealed` folders of the run in `workdir` trained on
+    `model_name`: the run folder and its base model, and (nor inside them) the run's checkpoints, tokenizer
+    and TensorBoard folders."""
     from spafit_jax import rundir
 
-    work = Path(run.workdir)
-    return ({work: "the run folder", hf.resolve(run.config.model.name): "the run's base model (model.name)"},
-            {work / name: f"the run's {name}" for name in (rundir.CHECKPOINTS, rundir.TOKENIZER, rundir.TENSORBOARD)})
+    work = Path(workdir)
+    return {"protected": {work: "the run folder", hf.resolve(model_name): "the run's base model (model.name)"},
+            "sealed": {work / name: f"the run's {name}" for name in (rundir.CHECKPOINTS, rundir.TOKENIZER,
+                                                                     rundir.TENSORBOARD)}}
+
+
+def _protected_early(workdir: str) -> dict[str, dict[Path, str]]:
+    """`protected` from the run folder's config.yaml alone (before the run is loaded); {} where it cannot be
+    read, which `load_run` then reports."""
+    from spafit_jax import rundir
+    from spafit_jax.config import load_config
+    from spafit_jax.errors import SpafitError
+
+    try:
+        return protected(workdir, load_config([str(Path(workdir) / rundir.CONFIG)]).model.name)
+    except (SpafitError, OSError):
+        return {}
 
 
 def export(run, out: str | os.PathLike, fmt: str, *, overwrite: bool = False) -> Path:
@@ -120,8 +136,7 @@ def export(run, out: str | os.PathLike, fmt: str, *, overwrite: bool = False) ->
     the new one is complete; an OutputError (one line) says why not, before anything is written."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is unknown; use one of {' | '.join(FORMATS)}")
-    keep, sealed = protected(run)
-    path = outputs.check_folder(out, overwrite=overwrite, protected=keep, sealed=sealed)
+    path = outputs.check_folder(out, overwrite=overwrite, **protected(run.workdir, run.config.model.name))
     if fmt == "peft":  # refused before anything is written
         peft_parts(run.plan, hf.read_config(hf.resolve(run.config.model.name)).family.heads)
     marker = {"format": fmt, "workdir": str(Path(run.workdir).resolve()), "step": run.step,
@@ -144,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from spafit_jax.run import cli_main, load_run
 
     def work():
-        outputs.check_folder(args.out, overwrite=args.overwrite)  # before the run is loaded
+        outputs.check_folder(args.out, overwrite=args.overwrite, **_protected_early(args.workdir))  # before loading
         out = export(load_run(args.workdir, args.checkpoint), args.out, args.format, overwrite=args.overwrite)
         print(f"wrote {args.format} export to {out}")
 

@@ -82,21 +82,30 @@ def _place(path: str | os.PathLike, flag: str, what: str) -> Path:
 
 
 def check_file(output: str | os.PathLike, *, flag: str = "--output", inputs: Mapping[str, str] = {},
-               overwrite: bool = False) -> Path:
-    """The absolute path of an output file that may be written: not a folder, not a pseudo-file, none of
-    `inputs` ({flag: path} the command reads), and not an existing file unless `overwrite`."""
+               overwrite: bool = False, suffixes: Mapping[str, str] = {}) -> Path:
+    """The absolute path of an output file that may be written: none of `inputs` ({flag: path} the command
+    reads), not a folder, not a pseudo-file, ending in one of `suffixes` ({suffix: what}; any when empty),
+    and not an existing file unless `overwrite`."""
+    check_not_input(output, inputs, flag)
     path = _place(output, flag, "file")
-    for other_flag, other in inputs.items():
-        if other and other != "-" and _same(path, Path(other)):
-            raise OutputError(f"{flag} {output} is the {other_flag} file; writing there would replace what is read: "
-                              f"choose another {flag}")
     if path.is_dir():
         raise OutputError(f"{flag} {path} is a folder; name a file in it (e.g. {path / 'predictions.jsonl'})")
     if path.exists() and not path.is_file():
         raise OutputError(f"{flag} {path} is not a regular file; choose a file on a disk")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise OutputError(f"{flag} {path}: unknown output type {path.suffix.lower() or '(no suffix)'!r}; end the name "
+                          f"in {', '.join(f'{k} ({v})' for k, v in suffixes.items())}")
     if path.exists() and not overwrite:
         raise OutputError(f"{flag} {path} exists; pass --overwrite to replace it or choose another {flag}")
     return path
+
+
+def check_not_input(output: str | os.PathLike, inputs: Mapping[str, str], flag: str = "--output") -> None:
+    """Refuses an output that is one of `inputs` ({flag: path}; "-" is stdin), however it is spelled or linked."""
+    for other_flag, other in inputs.items():
+        if other and other != "-" and _same(Path(os.path.abspath(Path(output).expanduser())), Path(other)):
+            raise OutputError(f"{flag} {output} is the {other_flag} file; writing there would replace what is read: "
+                              f"choose another {flag}")
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -155,7 +164,25 @@ def check_folder(out: str | os.PathLike, *, flag: str = "--out", overwrite: bool
         if not overwrite:
             raise OutputError(f"{flag} {path} holds an earlier export; pass --overwrite to replace it whole or choose "
                               f"another {flag}")
+        added = sorted(set(_files(path)) - set(_written(path)) - {MARKER})
+        if added:
+            raise OutputError(f"{flag} {path} holds an earlier export and files it did not write ({', '.join(added[:3])}"
+                              f"); --overwrite would delete them: move them out or choose another {flag}")
     return path
+
+
+def _files(folder: Path) -> list[str]:
+    """The files under `folder`, as '/'-joined relative paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def _written(folder: Path) -> list[str]:
+    """The files the marker of an export folder says the export wrote ([] for a damaged marker)."""
+    try:
+        files = json.loads((folder / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
 
 
 def replace_folder(path: Path, build: Callable[[Path], None], marker: Mapping, *, flag: str = "--out") -> Path:
@@ -169,7 +196,7 @@ def replace_folder(path: Path, build: Callable[[Path], None], marker: Mapping, *
         tmp.mkdir()
         try:
             build(tmp)
-            (tmp / MARKER).write_text(json.dumps(dict(marker), indent=2))
+            (tmp / MARKER).write_text(json.dumps({**marker, "files": _files(tmp)}, indent=2))
             if path.exists():
                 os.replace(path, aside)
             try:

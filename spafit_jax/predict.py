@@ -128,11 +128,8 @@ def check_output(output: str | None, input_path: str, overwrite: bool) -> Path |
     a pseudo-file, or an existing file without --overwrite. None: stdout."""
     if output is None:
         return None
-    suffix = Path(output).suffix.lower()
-    if suffix not in TABLES + JSON_LINES:
-        raise OutputError(f"--output {output}: unknown output type {suffix or '(no suffix)'!r}; end the name in "
-                          f"{' or '.join(TABLES + JSON_LINES)}, or leave --output out for JSON lines on stdout")
-    return outputs.check_file(output, inputs={"--input": input_path}, overwrite=overwrite)
+    suffixes = {**{s: "a table" for s in TABLES}, **{s: "JSON lines" for s in JSON_LINES}}
+    return outputs.check_file(output, inputs={"--input": input_path}, overwrite=overwrite, suffixes=suffixes)
 
 
 def write(records: list[dict], output: str | os.PathLike | None) -> None:
@@ -184,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_input(args.input, args.encoding)
         output = check_output(args.output, args.input, args.overwrite)  # before any work
         run = load_run(args.workdir, args.checkpoint)
+        if args.text_pair_column and run.spec.text_b is None:
+            raise DataError(f"--text-pair-column {args.text_pair_column}: the task of {args.workdir} "
+                            f"({run.spec.name}) takes single texts; leave --text-pair-column out")
         texts, pairs = read_texts(args.input, args.text_column or run.spec.text_a,
                                   args.text_pair_column or run.spec.text_b, args.encoding)
         batch = args.batch_size or run.config.train.eval_batch_size
