@@ -151,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     p = argparse.ArgumentParser(prog="python -m spafit_jax.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="the run folder")
-    p.add_argument("--out", required=True, help="the folder to write: new, empty, or an earlier export with --overwrite")
+    p.add_argument("--out", required=True,
+                   help="the folder to write: new, empty, or an earlier export with --overwrite")
     p.add_argument("--format", required=True, choices=FORMATS, help="hf (merged PyTorch), peft (adapter) or flax")
     p.add_argument("--checkpoint", default="best", help="best | last | a step number (default: best)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (whole)")

@@ -10,6 +10,7 @@ complete. Every refusal is an `OutputError`: one line naming the path, the optio
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -118,10 +119,17 @@ def _same(a: Path, b: Path) -> bool:
 def describe(e: OSError, flag: str) -> str:
     """One line for an OSError met while writing an output: the path, what happened, the fix."""
     path = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
-    return f"cannot write {path or 'the output'} ({e.strerror or e}); free disk space or choose another {flag}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free disk space or choose an {flag} on another disk"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make it writable or choose another {flag}"
+    else:
+        fix = f"check the path and its disk, or choose another {flag}"
+    return f"cannot write {path or 'the output'} ({e.strerror or e}); {fix}; nothing was replaced"
 
 
-def write_file(path: Path, write: Callable[[object], None], *, flag: str = "--output", newline: str | None = None) -> None:
+def write_file(path: Path, write: Callable[[object], None], *, flag: str = "--output",
+               newline: str | None = None) -> None:
     """Writes `path` atomically: `write(f)` fills a temporary file beside it, which then replaces `path`
     (a failure leaves the old file, or none, and no temporary file). Missing parent folders are created."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -148,7 +156,8 @@ def check_folder(out: str | os.PathLike, *, flag: str = "--out", overwrite: bool
     holds one, nor a folder inside one of `sealed`."""
     path = _place(out, flag, "folder")
     real = Path(os.path.realpath(path))
-    for other, what, no_inside in [(p, w, False) for p, w in protected.items()] + [(p, w, True) for p, w in sealed.items()]:
+    folders = [(p, w, False) for p, w in protected.items()] + [(p, w, True) for p, w in sealed.items()]
+    for other, what, no_inside in folders:
         other = Path(os.path.realpath(other))
         inside = no_inside and other in real.parents
         if real == other or inside or real in other.parents:
@@ -166,8 +175,8 @@ def check_folder(out: str | os.PathLike, *, flag: str = "--out", overwrite: bool
                               f"another {flag}")
         added = sorted(set(_files(path)) - set(_written(path)) - {MARKER})
         if added:
-            raise OutputError(f"{flag} {path} holds an earlier export and files it did not write ({', '.join(added[:3])}"
-                              f"); --overwrite would delete them: move them out or choose another {flag}")
+            raise OutputError(f"{flag} {path} holds an earlier export and files it did not write "
+                              f"({', '.join(added[:3])}); --overwrite would delete them: move them out or choose another {flag}")
     return path
 
 

@@ -51,6 +51,8 @@ def check_input(path: str, encoding: str) -> None:
         raise DataError(f"--input {path} is a folder; pass a file (csv/tsv/json/jsonl/parquet/txt) or - for stdin")
     if not p.is_file():
         raise DataError(f"--input {path} does not exist; pass an existing file or - for stdin")
+    if not os.access(p, os.R_OK):
+        raise DataError(f"--input {path} is not readable (permission denied); make it readable or pass another file")
     known = (*FILE_BUILDERS, TXT)
     if p.suffix.lower() not in known:
         raise DataError(f"--input {path}: unsupported file type {p.suffix.lower() or '(none)'!r}; use one of "
@@ -152,7 +154,19 @@ def write(records: list[dict], output: str | os.PathLike | None) -> None:
         fill(sys.stdout)
 
 
+def run_spec(workdir: str):
+    """The task spec of the run folder `workdir`, read without loading the model (so that a bad input is
+    refused before that work); None where the folder is no run, which `load_run` then reports."""
+    from spafit_jax import rundir
+    from spafit_jax.config import load_config
+    from spafit_jax.run import load_spec
+
+    config = Path(workdir) / rundir.CONFIG
+    return load_spec(Path(workdir), load_config([str(config)])) if config.is_file() else None
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `python -m spafit_jax.predict`."""
     p = argparse.ArgumentParser(prog="python -m spafit_jax.predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="the run folder (holds config.yaml and checkpoints/)")
@@ -180,12 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError(f"--batch-size {args.batch_size} must be >= 1; leave it out for train.eval_batch_size")
         check_input(args.input, args.encoding)
         output = check_output(args.output, args.input, args.overwrite)  # before any work
-        run = load_run(args.workdir, args.checkpoint)
-        if args.text_pair_column and run.spec.text_b is None:
+        spec = run_spec(args.workdir) or load_run(args.workdir, args.checkpoint).spec  # the latter raises
+        if args.text_pair_column and spec.text_b is None:
             raise DataError(f"--text-pair-column {args.text_pair_column}: the task of {args.workdir} "
-                            f"({run.spec.name}) takes single texts; leave --text-pair-column out")
-        texts, pairs = read_texts(args.input, args.text_column or run.spec.text_a,
-                                  args.text_pair_column or run.spec.text_b, args.encoding)
+                            f"({spec.name}) takes single texts; leave --text-pair-column out")
+        texts, pairs = read_texts(args.input, args.text_column or spec.text_a,
+                                  args.text_pair_column or spec.text_b, args.encoding)
+        run = load_run(args.workdir, args.checkpoint)
         batch = args.batch_size or run.config.train.eval_batch_size
         predictions = run.predict(texts, pairs, batch_size=batch, progress=len(texts) > PROGRESS_ABOVE)
         write(rows(run, predictions), output)

@@ -489,3 +489,11 @@ def test_pseudo_filesystems_are_known_even_without_a_mount_table(monkeypatch):
     monkeypatch.undo()
     assert outputs.file_system(Path("/proc/self/status")) == "proc"
     assert outputs.file_system(Path(os.getcwd())) not in outputs.PSEUDO
+
+
+def test_a_csv_field_above_the_csv_modules_limit_is_one_text(run, user, capsys):
+    (user / "big.csv").write_text("text\n" + "word " * 30_000 + "\nsmall\n")  # 150 kB: above csv's 128 kB
+    assert predict.main(["--workdir", str(run), "--input", str(user / "big.csv"), "--output",
+                         str(user / "big.jsonl")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert len((user / "big.jsonl").read_text().splitlines()) == 2
