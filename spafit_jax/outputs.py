@@ -176,8 +176,9 @@ def check_folder(out: str | os.PathLike, *, flag: str = "--out", overwrite: bool
         added = sorted(set(_files(path)) - set(_written(path)) - {MARKER})
         if added:
             raise OutputError(f"{flag} {path} holds an earlier export and files it did not write "
-                              f"({', '.join(added[:3])}); --overwrite would delete them: move them out or choose another {flag}")
-    return path
+                              f"({', '.join(added[:3])}); --overwrite would delete them: move them out or choose "
+                              f"another {flag}")
+    return real  # a link to a folder: the folder it names is replaced, not the link
 
 
 def _files(folder: Path) -> list[str]:
