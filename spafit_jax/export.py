@@ -49,7 +49,8 @@ def base_model_name(name: str) -> str:
 
 
 def export_hf(run, out: Path) -> Path:
-    """A merged PyTorch transformers folder (see the module docstring)."""
+    """Writes a merged PyTorch transformers folder (see the module docstring) into `out` as it is; `export`
+    checks and prepares `out`."""
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,8 @@ def export_hf(run, out: Path) -> Path:
 
 
 def export_flax(run, out: Path) -> Path:
-    """A merged folder our `hf.load_pretrained` reads (config.json, flax_model.msgpack, tokenizer)."""
+    """Writes a merged folder our `hf.load_pretrained` reads (config.json, flax_model.msgpack, tokenizer) into
+    `out` as it is; `export` checks and prepares `out`."""
     config = hf.read_config(hf.resolve(run.config.model.name))
     hf.save_pretrained(out, config, run.merged_params(), num_labels=run.spec.num_labels,
                        extra=label_fields(run.spec))
@@ -86,7 +88,8 @@ def peft_parts(plan, heads: tuple[str, ...] = ("classifier",)) -> tuple[str, lis
 
 
 def export_peft(run, out: Path) -> Path:
-    """adapter_config.json + adapter_model.safetensors (see the module docstring)."""
+    """Writes adapter_config.json + adapter_model.safetensors (see the module docstring) into `out` as it is;
+    `export` checks and prepares `out`."""
     from flax.traverse_util import flatten_dict
     from safetensors.numpy import save_file
 

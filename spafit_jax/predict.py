@@ -20,7 +20,6 @@ from typing import Sequence
 
 from spafit_jax import outputs
 from spafit_jax.errors import DataError
-from spafit_jax.outputs import OutputError
 
 PROGRESS_ABOVE = 1000  # rows: show a progress bar on longer inputs
 
@@ -127,8 +126,8 @@ def rows(run, predictions) -> list[dict]:
 
 def check_output(output: str | None, input_path: str, overwrite: bool) -> Path | None:
     """The --output path, refused (one line) before any work: an unknown suffix, the --input file, a folder,
-    a pseudo-file, or an existing file without --overwrite. None: stdout."""
-    if output is None:
+    a pseudo-file, or an existing file without --overwrite. None (no --output, or -): stdout."""
+    if output is None or output == "-":
         return None
     suffixes = {**{s: "a table" for s in TABLES}, **{s: "JSON lines" for s in JSON_LINES}}
     return outputs.check_file(output, inputs={"--input": input_path}, overwrite=overwrite, suffixes=suffixes)
@@ -171,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="the run folder (holds config.yaml and checkpoints/)")
     p.add_argument("--input", required=True, help="csv/tsv/json/jsonl/parquet/txt file, or - for stdin")
-    p.add_argument("--output", help="output file: .jsonl or .csv / .tsv (default: JSON lines on stdout); never the "
-                   "--input file")
+    p.add_argument("--output", help="output file: .jsonl or .csv / .tsv (default, or -: JSON lines on stdout); never "
+                   "the --input file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--encoding", default="utf-8", help="encoding of the --input file or stdin (default: utf-8)")
     p.add_argument("--checkpoint", default="best", help="best | last | a step number (default: best)")

@@ -438,6 +438,10 @@ def test_predict_writes_new_outputs_atomically_and_replaces_only_with_overwrite(
                          str(user / "kept.jsonl"), "--overwrite"]) == 0
     assert state(user / "kept.jsonl") != before and len((user / "kept.jsonl").read_text().splitlines()) == 2
     assert not [p for p in user.rglob("*") if p.name.endswith(".tmp")]
+    capsys.readouterr()
+    assert predict.main(["--workdir", str(run), "--input", str(user / "in.csv"), "--output", "-"]) == 0
+    assert [json.loads(line)["label_id"] for line in capsys.readouterr().out.splitlines()] == [
+        json.loads(line)["label_id"] for line in (user / "kept.jsonl").read_text().splitlines()]
 
 
 def test_a_failed_write_leaves_the_old_output_and_no_temporary_file(user, monkeypatch):
