@@ -139,9 +139,14 @@ def _entry(name: Any, raw: Any, default_key: str, base: Path, where: str) -> tup
 
 
 def _entries(raw: Any, default_key: str, base: Path, path: Any, kind: str) -> dict[str, tuple]:
-    """A task or method list: {name: entry} or [name | file.yaml, ...]."""
+    """A task or method list: {name: entry} or [name | file.yaml, ...]; two entries of one name are refused."""
     where = f"{path}: {kind}s"
     if isinstance(raw, list):
+        names = [Path(x).stem if str(x).endswith((".yaml", ".yml")) else x for x in raw]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise ExperimentError(f"{where}: two {kind}s are named {twice!r} (a file's name is its stem); "
+                                  f"give each {kind} its own name: {kind}s: {{{twice}_a: ..., {twice}_b: ...}}")
         raw = {Path(x).stem if str(x).endswith((".yaml", ".yml")) else x: (
             {"config": x} if str(x).endswith((".yaml", ".yml")) else None) for x in raw}
     if not isinstance(raw, dict) or not raw:
@@ -157,12 +162,38 @@ def _label(method: str, point: dict[str, Any], varying: list[str]) -> str:
     return method + "@" + ",".join(f"{n}={point[k]}" for n, k in zip(names, varying))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base loader reports unhashable keys itself
+            if key in seen:
+                raise ExperimentError(f"{self.name}: line {key_node.start_mark.line + 1}: key {key!r} appears twice in "
+                                      f"one mapping (first on line {seen[key] + 1}); the second would silently replace "
+                                      "the first: rename or remove one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def _read(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ExperimentError(f"experiment file '{path}' not found; the shipped ones are in {ROOT / 'configs' / 'experiments'}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        loader = _UniqueKeyLoader(p.read_text(encoding="utf-8"))
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError as e:
+        raise ExperimentError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ExperimentError(f"{path}: invalid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     if not isinstance(data, dict):
@@ -179,7 +210,24 @@ def _seeds(raw: Any, where: str) -> list[int]:
     seeds = list(range(raw)) if isinstance(raw, int) and not isinstance(raw, bool) else _as_list(raw)
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ExperimentError(f"{where}: seeds must be a count > 0 or a non-empty list of integers, got {raw!r}")
+    twice = next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
+    if twice is not None:
+        raise ExperimentError(f"{where}: seed {twice} is listed twice (both cells would share one run folder); list "
+                              "each seed once")
     return seeds
+
+
+def _check_folders(cells: Sequence[Cell], path: Any) -> None:
+    """Refuses two cells that would share one run folder (the second would be skipped as finished), also
+    where names differ only in case (one folder on a case-insensitive disk)."""
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        key = cell.name.lower()
+        if key in seen:
+            first = seen[key]
+            raise ExperimentError(f"{path}: cells {first.name} and {cell.name} would share the run folder "
+                                  f"{cell.folder('EXP')} (a method named like a grid label?); rename the method")
+        seen[key] = cell
 
 
 def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[list[Cell], list[str]]:
@@ -220,6 +268,7 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> t
                 kept += 1
             if not kept:
                 raise ExperimentError(f"{path}: every grid point of method {method} is invalid ({notes[-1]})")
+    _check_folders(cells, path)
     return cells, notes
 
 

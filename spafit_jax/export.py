@@ -7,6 +7,10 @@
   the LoRA adapters as trained (layers_to_transform, target_modules, rank_pattern, use_rslora),
   the trained biases (`bias="all"`) and the head and pooler (`modules_to_save`).
 - `flax`: config.json + flax_model.msgpack (merged) + tokenizer, for `hf.load_pretrained(DIR)`.
+
+DIR must be new or empty, or an earlier export (it holds `.spafit-export.json`), which `--overwrite`
+replaces whole: the new export is written beside it and swapped in, the old one deleted only then.
+Never the run folder, the run's base model or any other folder of files that no export wrote.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from spafit_jax import families, hf
+from spafit_jax import families, hf, outputs
 from spafit_jax import lora as lora_lib
 from spafit_jax.errors import ConfigError
 from spafit_jax.methods import BIAS, HEAD, LAYERNORM, LORA, POOLER, WEIGHT
@@ -45,7 +50,8 @@ def base_model_name(name: str) -> str:
 
 
 def export_hf(run, out: Path) -> Path:
-    """A merged PyTorch transformers folder (see the module docstring)."""
+    """Writes a merged PyTorch transformers folder (see the module docstring) into `out` as it is; `export`
+    checks and prepares `out`."""
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +65,8 @@ def export_hf(run, out: Path) -> Path:
 
 
 def export_flax(run, out: Path) -> Path:
-    """A merged folder our `hf.load_pretrained` reads (config.json, flax_model.msgpack, tokenizer)."""
+    """Writes a merged folder our `hf.load_pretrained` reads (config.json, flax_model.msgpack, tokenizer) into
+    `out` as it is; `export` checks and prepares `out`."""
     config = hf.read_config(hf.resolve(run.config.model.name))
     hf.save_pretrained(out, config, run.merged_params(), num_labels=run.spec.num_labels,
                        extra=label_fields(run.spec))
@@ -82,7 +89,8 @@ def peft_parts(plan, heads: tuple[str, ...] = ("classifier",)) -> tuple[str, lis
 
 
 def export_peft(run, out: Path) -> Path:
-    """adapter_config.json + adapter_model.safetensors (see the module docstring)."""
+    """Writes adapter_config.json + adapter_model.safetensors (see the module docstring) into `out` as it is;
+    `export` checks and prepares `out`."""
     from flax.traverse_util import flatten_dict
     from safetensors.numpy import save_file
 
@@ -100,15 +108,45 @@ def export_peft(run, out: Path) -> Path:
     return out
 
 
-def export(run, out: str | os.PathLike, fmt: str) -> Path:
-    """Writes the reloaded run `run` (`run.load_run`) to folder `out` in format hf, peft or flax."""
+def protected(workdir: str | os.PathLike, model_name: str) -> dict[str, dict[Path, str]]:
+    """`outputs.check_folder`'s `protected` and `sealed` folders of the run in `workdir` trained on
+    `model_name`: the run folder and its base model, and (nor inside them) the run's checkpoints, tokenizer
+    and TensorBoard folders."""
+    from spafit_jax import rundir
+
+    work = Path(workdir)
+    return {"protected": {work: "the run folder", hf.resolve(model_name): "the run's base model (model.name)"},
+            "sealed": {work / name: f"the run's {name}" for name in (rundir.CHECKPOINTS, rundir.TOKENIZER,
+                                                                     rundir.TENSORBOARD)}}
+
+
+def _protected_early(workdir: str) -> dict[str, dict[Path, str]]:
+    """`protected` from the run folder's config.yaml alone (before the run is loaded); {} where it cannot be
+    read, which `load_run` then reports."""
+    from spafit_jax import rundir
+    from spafit_jax.config import load_config
+    from spafit_jax.errors import SpafitError
+
+    try:
+        return protected(workdir, load_config([str(Path(workdir) / rundir.CONFIG)]).model.name)
+    except (SpafitError, OSError):
+        return {}
+
+
+def export(run, out: str | os.PathLike, fmt: str, *, overwrite: bool = False) -> Path:
+    """Writes the reloaded run `run` (`run.load_run`) to folder `out` in format hf, peft or flax.
+
+    `out` must be new or empty, or (with `overwrite`) an earlier export, which is replaced whole once
+    the new one is complete; an OutputError (one line) says why not, before anything is written."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is unknown; use one of {' | '.join(FORMATS)}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists() \
-            and not (out / hf.PEFT_CONFIG).exists():
-        raise ConfigError(f"{out} exists and holds other files; pass an empty or new --out folder")
-    return {"hf": export_hf, "peft": export_peft, "flax": export_flax}[fmt](run, out)
+    path = outputs.check_folder(out, overwrite=overwrite, **protected(run.workdir, run.config.model.name))
+    if fmt == "peft":  # refused before anything is written
+        peft_parts(run.plan, hf.read_config(hf.resolve(run.config.model.name)).family.heads)
+    marker = {"format": fmt, "workdir": str(Path(run.workdir).resolve()), "step": run.step,
+              "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    build = {"hf": export_hf, "peft": export_peft, "flax": export_flax}[fmt]
+    return outputs.replace_folder(path, lambda folder: build(run, folder), marker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,14 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     p = argparse.ArgumentParser(prog="python -m spafit_jax.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="the run folder")
-    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--out", required=True,
+                   help="the folder to write: new, empty, or an earlier export with --overwrite")
     p.add_argument("--format", required=True, choices=FORMATS, help="hf (merged PyTorch), peft (adapter) or flax")
     p.add_argument("--checkpoint", default="best", help="best | last | a step number (default: best)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (whole)")
     args = p.parse_args(argv)
     from spafit_jax.run import cli_main, load_run
 
     def work():
-        out = export(load_run(args.workdir, args.checkpoint), args.out, args.format)
+        outputs.check_folder(args.out, overwrite=args.overwrite, **_protected_early(args.workdir))  # before loading
+        out = export(load_run(args.workdir, args.checkpoint), args.out, args.format, overwrite=args.overwrite)
         print(f"wrote {args.format} export to {out}")
 
     return cli_main(work)

@@ -255,6 +255,11 @@ def load_pretrained(
     dummy = jnp.zeros((1, 8), jnp.int32)
     # eager: a jitted init of the unrolled model would compile the whole graph on every call
     fresh = {"/".join(k): v for k, v in flatten_dict(model.init(jax.random.key(seed), dummy)["params"]).items()}
+    if adapter is not None and missing_adapters(fresh, adapted):
+        absent = missing_adapters(fresh, adapted)
+        raise LoadError(f"{Path(adapter) / PEFT_WEIGHTS} lacks {len(absent)} LoRA tensor(s) that {PEFT_CONFIG} "
+                        f"promises ({absent[0]}, ...); re-save the adapter with PeftModel.save_pretrained, or fix "
+                        "target_modules / layers_to_transform")
 
     head = weights.get(config.family.logits_kernel)
     if head is not None and head.shape[-1] != num_labels:
@@ -299,8 +304,9 @@ def read_peft(folder: str | os.PathLike, num_layers: int,
     folder = Path(folder)
     if not (folder / PEFT_CONFIG).is_file():
         raise LoadError(f"{folder} has no {PEFT_CONFIG}; pass the folder PeftModel.save_pretrained wrote")
-    lora = lora_lib.from_peft_config(_json_file(folder / PEFT_CONFIG), num_layers, source=str(folder / PEFT_CONFIG),
-                                     model_type=model_type)
+    source = str(folder / PEFT_CONFIG)
+    raw = check_peft_config(_json_file(folder / PEFT_CONFIG), source)
+    lora = lora_lib.from_peft_config(raw, num_layers, source=source, model_type=model_type)
     path = folder / PEFT_WEIGHTS
     if not path.is_file():
         raise LoadError(f"{folder} has no {PEFT_WEIGHTS}; re-save the adapter with safetensors")
@@ -309,6 +315,62 @@ def read_peft(folder: str | os.PathLike, num_layers: int,
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{path} is truncated or corrupt ({e}); re-save the adapter") from None
     return lora, from_peft_state(state, model_type)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _is_regex(v: Any) -> bool:
+    try:
+        re.compile(v)
+    except (re.error, TypeError, RecursionError):
+        return False
+    return True
+
+
+PEFT_FIELDS = {  # adapter_config.json field -> (check, what it must be); absent fields take PEFT's defaults
+    "peft_type": (lambda v: isinstance(v, str), "a string (LORA)"),
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: v is None or _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false (JSON booleans, not strings)"),
+    "target_modules": (lambda v: isinstance(v, str) and v and _is_regex(v) or isinstance(v, list) and v
+                       and all(isinstance(m, str) and m for m in v), "a list of module names or one valid regex"),
+    "layers_to_transform": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                            or isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                           for i in v), "null, a layer index or a list of them"),
+    "rank_pattern": (lambda v: v is None or isinstance(v, dict) and all(
+        isinstance(k, str) and _is_regex(k) and isinstance(r, int) and not isinstance(r, bool) and r >= 1
+        for k, r in v.items()), "an object of valid regex -> integer rank >= 1"),
+    "alpha_pattern": (lambda v: v is None or isinstance(v, dict), "an object"),
+    "modules_to_save": (lambda v: v is None or isinstance(v, list) and all(isinstance(m, str) for m in v),
+                        "null or a list of module names"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), "none, all or lora_only"),
+}
+
+
+def check_peft_config(raw: Any, source: str) -> dict:
+    """`raw` (a parsed adapter_config.json) when every field PEFT_FIELDS knows has its type (regexes
+    compile, use_rslora a boolean, ...); else a one-line ConfigError naming `source` and the field."""
+    from spafit_jax.errors import ConfigError
+
+    fix = "fix the field or re-save the adapter with PeftModel.save_pretrained"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} holds a JSON {type(raw).__name__}, not an object of LoRA settings; re-save the "
+                          "adapter with PeftModel.save_pretrained")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in raw:
+            raise ConfigError(f"{source}: field {key!r} is missing; {fix}", key)
+    for key, (ok, what) in PEFT_FIELDS.items():
+        if key in raw and not ok(raw[key]):
+            raise ConfigError(f"{source}: {key}={json.dumps(raw[key])[:80]} must be {what}; {fix}", key)
+    return raw
+
+
+def missing_adapters(fresh: Mapping[str, Any], adapted: Mapping[str, Any]) -> list[str]:
+    """The LoRA A/B leaves of a model built from an adapter's config (`fresh`) that its tensors lack."""
+    return sorted(p for p in fresh if p.endswith(("/lora_a", "/lora_b")) and p not in adapted)
 
 
 def peft_state(params: Mapping, keep) -> dict[str, np.ndarray]:

@@ -2,8 +2,9 @@
 
 Input: csv / tsv / json / jsonl / parquet with the run's text column(s) (no label column needed),
 a .txt file with one text per line, or `-` for lines on stdin. Output: one JSON line per input
-row, in input order (csv when --output ends in .csv): `label` (the class name where known, else
-the id), `label_id` and `probabilities`, or `score` for a regression task.
+row, in input order (csv / tsv when --output ends in .csv / .tsv): `label` (the class name where
+known, else the id), `label_id` and `probabilities`, or `score` for a regression task. --output is
+written atomically and never replaces the --input file, nor an existing file without --overwrite.
 """
 
 from __future__ import annotations
@@ -13,35 +14,86 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from spafit_jax import outputs
 from spafit_jax.errors import DataError
 
 PROGRESS_ABOVE = 1000  # rows: show a progress bar on longer inputs
 
 
-def read_texts(path: str, text_column: str, pair_column: str | None) -> tuple[list[str], list[str] | None]:
-    """(texts, pairs) of an input file; a missing column, empty file or blank text is a one-line DataError."""
-    if path == "-" or path.endswith(".txt"):
+TXT = ".txt"
+TABLES = (".csv", ".tsv")  # --output suffixes written as tables; JSON lines for JSON_LINES
+JSON_LINES = (".jsonl", ".json", ".ndjson")
+
+
+def check_input(path: str, encoding: str) -> None:
+    """Refuses (one line) an --input that cannot be read: missing, a folder, an unknown file type, a
+    closed stdin, or an --encoding Python does not know."""
+    import codecs
+
+    from spafit_jax.sources import FILE_BUILDERS
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"--encoding {encoding!r} is not an encoding Python knows; use e.g. utf-8, latin-1 or "
+                        "cp1252") from None
+    if path == "-":
+        if sys.stdin is None or sys.stdin.closed:
+            raise DataError("--input - reads stdin, but stdin is closed; pipe text in, or pass --input FILE")
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"--input {path} is a folder; pass a file (csv/tsv/json/jsonl/parquet/txt) or - for stdin")
+    if not p.is_file():
+        raise DataError(f"--input {path} does not exist; pass an existing file or - for stdin")
+    if not os.access(p, os.R_OK):
+        raise DataError(f"--input {path} is not readable (permission denied); make it readable or pass another file")
+    known = (*FILE_BUILDERS, TXT)
+    if p.suffix.lower() not in known:
+        raise DataError(f"--input {path}: unsupported file type {p.suffix.lower() or '(none)'!r}; use one of "
+                        f"{', '.join(known)}, or - for stdin")
+
+
+def _read_lines(path: str, encoding: str) -> list[str]:
+    """The lines of a text file or of stdin, decoded with `encoding`."""
+    where = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            buffer = getattr(sys.stdin, "buffer", None)
+            raw = sys.stdin.read() if buffer is None else buffer.read().decode(encoding)
+        else:
+            raw = Path(path).read_bytes().decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: bytes {e.object[e.start:e.end]!r} at byte {e.start} are not valid {encoding}; pass "
+                        "--encoding with the file's encoding (e.g. latin-1, cp1252) or save it as UTF-8") from None
+    except (OSError, ValueError) as e:  # ValueError: a closed stream
+        raise DataError(f"{where}: cannot read it ({e}); pass a readable file or pipe text in") from None
+    return raw.removeprefix("\ufeff").splitlines()
+
+
+def read_texts(path: str, text_column: str, pair_column: str | None,
+               encoding: str = "utf-8") -> tuple[list[str], list[str] | None]:
+    """(texts, pairs) of an input file; a missing column, empty file or blank / non-text value is a one-line
+    DataError."""
+    check_input(path, encoding)
+    if path == "-" or Path(path).suffix.lower() == TXT:
         if pair_column:
             raise DataError(f"{path}: a .txt file or stdin holds one text per line, but this run's task takes text "
                             f"pairs ({text_column!r}, {pair_column!r}); give a csv/jsonl file with both columns")
         where = "stdin" if path == "-" else path
-        try:
-            raw = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: cannot read it ({e}); pass a UTF-8 text file") from None
-        texts = raw.splitlines()
-        columns = {text_column: texts}
+        columns = {text_column: _read_lines(path, encoding)}
     else:
         import datasets
 
         from spafit_jax.sources import read_file
 
         datasets.disable_progress_bars()
-        table = read_file(path)
+        table = read_file(path, encoding, option="--encoding", names="--input")
         where = path
         for col, flag in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
             if col is not None and col not in table.column_names:
@@ -53,46 +105,76 @@ def read_texts(path: str, text_column: str, pair_column: str | None) -> tuple[li
         raise DataError(f"{where}: no rows to predict; give a file with at least one text")
     for col, values in columns.items():
         for i, v in enumerate(values):
-            if v is None or not str(v).strip():
+            if v is not None and not isinstance(v, str):
+                raise DataError(f"{where} row {i + 1}: column {col!r} holds a {type(v).__name__} ({v!r:.40}), not "
+                                "text; write it as a string or fix the row")
+            if v is None or not v.strip():
                 raise DataError(f"{where} row {i + 1}: empty text in column {col!r}; fix or drop the row")
-    return [str(v) for v in columns[text_column]], (None if pair_column is None else
-                                                     [str(v) for v in columns[pair_column]])
+    return list(columns[text_column]), (None if pair_column is None else list(columns[pair_column]))
 
 
-def rows(run, outputs) -> list[dict]:
+def rows(run, predictions) -> list[dict]:
     """One output record per input: label, label_id and probabilities, or score (regression)."""
     if run.spec.is_regression:
-        return [{"score": float(s)} for s in outputs]
+        return [{"score": float(s)} for s in predictions]
     names = run.label_names
     out = []
-    for p in outputs:
+    for p in predictions:
         i = int(p.argmax())
         out.append({"label": names[i] if names else i, "label_id": i, "probabilities": [float(x) for x in p]})
     return out
 
 
-def write(records: list[dict], output: str | None) -> None:
-    """JSON lines (stdout without `output`), or csv when `output` ends in .csv."""
-    if output and output.endswith(".csv"):
-        with open(output, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+def check_output(output: str | None, input_path: str, overwrite: bool) -> Path | None:
+    """The --output path, refused (one line) before any work: an unknown suffix, the --input file, a folder,
+    a pseudo-file, or an existing file without --overwrite. None (no --output, or -): stdout."""
+    if output is None or output == "-":
+        return None
+    suffixes = {**{s: "a table" for s in TABLES}, **{s: "JSON lines" for s in JSON_LINES}}
+    return outputs.check_file(output, inputs={"--input": input_path}, overwrite=overwrite, suffixes=suffixes)
+
+
+def write(records: list[dict], output: str | os.PathLike | None) -> None:
+    """JSON lines (stdout without `output`), or csv / tsv by the suffix of `output`; a file is written
+    atomically (a temporary file beside it, then renamed)."""
+    suffix = Path(output).suffix.lower() if output else ""
+
+    def fill(f) -> None:
+        if suffix in TABLES:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]), delimiter="\t" if suffix == ".tsv" else ",")
             writer.writeheader()
             for r in records:
                 writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
-        return
-    text = "".join(json.dumps(r) + "\n" for r in records)
+        else:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+
     if output:
-        Path(output).write_text(text, encoding="utf-8")
+        outputs.write_file(Path(output), fill, newline="" if suffix in TABLES else None)
     else:
-        sys.stdout.write(text)
+        fill(sys.stdout)
+
+
+def run_spec(workdir: str):
+    """The task spec of the run folder `workdir`, read without loading the model (so that a bad input is
+    refused before that work); None where the folder is no run, which `load_run` then reports."""
+    from spafit_jax import rundir
+    from spafit_jax.config import load_config
+    from spafit_jax.run import load_spec
+
+    config = Path(workdir) / rundir.CONFIG
+    return load_spec(Path(workdir), load_config([str(config)])) if config.is_file() else None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `python -m spafit_jax.predict`."""
     p = argparse.ArgumentParser(prog="python -m spafit_jax.predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="the run folder (holds config.yaml and checkpoints/)")
     p.add_argument("--input", required=True, help="csv/tsv/json/jsonl/parquet/txt file, or - for stdin")
-    p.add_argument("--output", help="output file: .jsonl (default, stdout without it) or .csv")
+    p.add_argument("--output", help="output file: .jsonl or .csv / .tsv (default, or -: JSON lines on stdout); never "
+                   "the --input file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--encoding", default="utf-8", help="encoding of the --input file or stdin (default: utf-8)")
     p.add_argument("--checkpoint", default="best", help="best | last | a step number (default: best)")
     p.add_argument("--text-column", help="column of the first text (default: the run's)")
     p.add_argument("--text-pair-column", help="column of the second text (default: the run's)")
@@ -108,12 +190,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from spafit_jax.run import cli_main, load_run
 
     def work():
+        if args.batch_size is not None and args.batch_size < 1:
+            raise DataError(f"--batch-size {args.batch_size} must be >= 1; leave it out for train.eval_batch_size")
+        check_input(args.input, args.encoding)
+        output = check_output(args.output, args.input, args.overwrite)  # before any work
+        spec = run_spec(args.workdir) or load_run(args.workdir, args.checkpoint).spec  # the latter raises
+        if args.text_pair_column and spec.text_b is None:
+            raise DataError(f"--text-pair-column {args.text_pair_column}: the task of {args.workdir} "
+                            f"({spec.name}) takes single texts; leave --text-pair-column out")
+        texts, pairs = read_texts(args.input, args.text_column or spec.text_a,
+                                  args.text_pair_column or spec.text_b, args.encoding)
         run = load_run(args.workdir, args.checkpoint)
-        texts, pairs = read_texts(args.input, args.text_column or run.spec.text_a,
-                                  args.text_pair_column or run.spec.text_b)
         batch = args.batch_size or run.config.train.eval_batch_size
-        outputs = run.predict(texts, pairs, batch_size=batch, progress=len(texts) > PROGRESS_ABOVE)
-        write(rows(run, outputs), args.output)
+        predictions = run.predict(texts, pairs, batch_size=batch, progress=len(texts) > PROGRESS_ABOVE)
+        write(rows(run, predictions), output)
 
     return cli_main(work)
 

@@ -28,8 +28,8 @@ from spafit_jax.config import Config, load_config
 from spafit_jax.errors import CheckpointError, DataError, LoadError, SpafitError
 from spafit_jax.metrics import main_metric
 from spafit_jax.plan import Plan, make_plan
-from spafit_jax.tasks import TaskSpec
-from spafit_jax.tokens import Examples, encode
+from spafit_jax.tasks import TaskSpec, spec_from_json
+from spafit_jax.tokens import Examples, check_texts, encode
 
 log = logging.getLogger("spafit_jax")
 
@@ -61,8 +61,12 @@ def load_spec(workdir: Path, cfg: Config) -> TaskSpec:
     """The run's task spec: task.json, else the registry / data config (a local or hub task reads its train split)."""
     path = workdir / TASK
     if path.is_file():
-        raw = json.loads(path.read_text())
-        return TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path} is not readable JSON ({e}); restore it from a copy, or delete it (the run then "
+                            "reads its spec from config.yaml's data settings)") from None
+        return spec_from_json(raw, str(path))
     from spafit_jax.sources import task_from_config
 
     return task_from_config(cfg.data)
@@ -107,8 +111,12 @@ class LoadedRun:
 
     def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, batch_size: int = 32,
                progress: bool = False) -> np.ndarray:
-        """Logits [N, num_labels] in input order; batches padded to the training buckets."""
-        texts = list(texts)
+        """Logits [N, num_labels] in input order; batches padded to the training buckets. `texts` (and
+        `text_pairs`) are lists of strings, or one string as one text; `batch_size` an integer >= 1."""
+        texts = check_texts(texts, "texts")
+        text_pairs = None if text_pairs is None else check_texts(text_pairs, "text_pairs")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise DataError(f"batch_size={batch_size!r} must be an integer >= 1 (--batch-size on the command line)")
         if text_pairs is not None and len(text_pairs) != len(texts):
             raise DataError(f"{len(texts)} texts but {len(text_pairs)} text pairs; pass one pair per text")
         if (text_pairs is None) != (self.spec.text_b is None):
@@ -169,6 +177,10 @@ def _pick_step(ckpt: ckpt_lib.Checkpointer, which: str | int, directory: Path) -
 def load_run(workdir: str | os.PathLike, checkpoint: str | int = "best") -> LoadedRun:
     """Reload a run folder at a checkpoint: "best" (the best eval metric; the last step when the run
     ranked none), "last" or a step number. Needs the folder and the base weights config.yaml names."""
+    if not (checkpoint in ("best", "last") or isinstance(checkpoint, (int, np.integer)) and not isinstance(
+            checkpoint, bool) and checkpoint >= 0 or isinstance(checkpoint, str) and checkpoint.isdigit()):
+        raise CheckpointError(f"checkpoint={checkpoint!r} is not best, last or a step number (a whole number >= 0); "
+                              "pass one of those (--checkpoint on the command line)")
     workdir = Path(workdir)
     if not (workdir / rundir.CONFIG).is_file():
         raise LoadError(f"{workdir} is not a run folder (no {rundir.CONFIG}); pass the --workdir of a training run")
@@ -193,7 +205,14 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = "best") -> Load
                                  keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
                                  best_metric=cfg.train.best_metric or main_metric(spec)) as ckpt:
         step = _pick_step(ckpt, checkpoint, directory)
-        state, _ = ckpt.restore(template, step=step)
+        try:
+            state, _ = ckpt.restore(template, step=step)
+        except CheckpointError as e:  # the trainer's fix (a new --workdir) does not apply to a finished run
+            if "different base model" not in str(e):
+                raise
+            raise CheckpointError(f"{directory} was trained on other base weights than those now in model.name="
+                                  f"{cfg.model.name} ({rundir.CONFIG}); put the original weights back there, or set "
+                                  f"model.name in {workdir / rundir.CONFIG} to a folder that holds them") from None
     restored = jax.tree.map(lambda x: jnp.asarray(x), state.trainable)
     params = masking.merge(restored, frozen)
     return LoadedRun(workdir, cfg, spec, tokenizer, model, params, plan, step)

@@ -272,27 +272,35 @@ def _source(spec: TaskSpec, cfg: DataConfig, split: str) -> str:
     return f"{spec.hf_path}{'/' + spec.hf_name if spec.hf_name else ''} split {split}"
 
 
-def read_file(path: str | os.PathLike, encoding: str = "utf-8") -> datasets.Dataset:
+def read_file(path: str | os.PathLike, encoding: str = "utf-8", *, option: str = "data.encoding",
+              names: str = "data.train_file / eval_file") -> datasets.Dataset:
     """A csv/tsv/json/jsonl/parquet file as a Dataset (csv cells kept as the strings written).
 
     json files hold records: one object per line, or one list of objects. Text files are read
     in `encoding` (utf-8: a byte-order mark is skipped); bytes it cannot decode raise naming
-    the line.
+    the line. Errors name `option` (the setting of the encoding) and `names` (of the file) as the fix.
     """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file {str(p)!r} does not exist; check data.train_file / eval_file")
+        what = "does not exist as a file (it is a folder)" if p.is_dir() else "does not exist"
+        raise DataError(f"data file {str(p)!r} {what}; check {names}")
     if p.suffix.lower() not in FILE_BUILDERS:
         raise DataError(f"{p}: unsupported file type {p.suffix.lower()!r}; use one of "
                         f"{', '.join(FILE_BUILDERS)}")
     builder, kw = FILE_BUILDERS[p.suffix.lower()]
     if builder != "parquet":
-        _check_decodes(p, encoding)
+        _check_decodes(p, encoding, option)
         kw = dict(kw, encoding=encoding) if builder == "csv" or _codec(encoding) != "utf-8" else kw
     if builder == "csv":
-        with open(p, newline="", encoding=_text_encoding(encoding)) as f:
-            rows = csv.reader(f, delimiter=kw["delimiter"])
-            header, first = next(rows, []), next(rows, None)
+        limit = csv.field_size_limit(2**31 - 1)  # a long article in one field is text, not an error
+        try:
+            with open(p, newline="", encoding=_text_encoding(encoding)) as f:
+                rows = csv.reader(f, delimiter=kw["delimiter"])
+                header, first = next(rows, []), next(rows, None)
+        except csv.Error as e:
+            raise DataError(f"{p}: not a valid {builder} file ({e}); fix the file") from None
+        finally:
+            csv.field_size_limit(limit)
         if header and first is None:
             raise DataError(f"{p}: has a header ({', '.join(header)}) but no rows; add examples or name another file")
         kw = dict(kw, keep_default_na=False, na_values=[],
@@ -323,7 +331,7 @@ def _text_encoding(encoding: str) -> str:
     return "utf-8-sig" if _codec(encoding) == "utf-8" else encoding
 
 
-def _check_decodes(p: Path, encoding: str) -> None:
+def _check_decodes(p: Path, encoding: str, option: str = "data.encoding") -> None:
     """Raises naming the line of the first bytes of `p` that `encoding` cannot decode."""
     decoder = codecs.getincrementaldecoder(_text_encoding(encoding))("strict")
     line = 1
@@ -334,12 +342,12 @@ def _check_decodes(p: Path, encoding: str) -> None:
             except UnicodeDecodeError as e:
                 bad = e.object[e.start:e.end]
                 raise DataError(f"{p} line {line}: bytes {bad!r} are not valid {encoding} ({e.reason}); set "
-                                "data.encoding to the file's encoding (e.g. latin-1, cp1252) or save it as UTF-8") from None
+                                f"{option} to the file's encoding (e.g. latin-1, cp1252) or save it as UTF-8") from None
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError as e:
             raise DataError(f"{p} line {line}: the file ends inside a {encoding} character ({e.reason}); "
-                            "it is cut short or not in that encoding: fix it or set data.encoding") from None
+                            f"it is cut short or not in that encoding: fix it or set {option}") from None
 
 
 def _bad_json(p: Path, encoding: str = "utf-8") -> str | None:

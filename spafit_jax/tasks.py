@@ -104,3 +104,38 @@ def get_task(name: str) -> TaskSpec:
         valid = ", ".join(TASK_NAMES)
         raise DataError(f"unknown task {name!r}; set data.task to one of: {valid}")
     return TASKS[key]
+
+
+def spec_from_json(raw: object, source: str) -> TaskSpec:
+    """The TaskSpec a run folder's task.json holds (`dataclasses.asdict` of one), every field checked:
+    a missing, unknown or mistyped field is a one-line DataError naming `source` and the field."""
+    fix = "restore it from a copy, or delete it (the run then reads its spec from config.yaml's data settings)"
+    if not isinstance(raw, dict):
+        raise DataError(f"{source} holds a JSON {type(raw).__name__}, not an object of task fields; {fix}")
+    fields = {f.name: f for f in dataclasses.fields(TaskSpec)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise DataError(f"{source}: unknown field {unknown[0]!r} (fields: {', '.join(fields)}); {fix}")
+    missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING]
+    if missing:
+        raise DataError(f"{source}: field {missing[0]!r} is missing (a cut-short file?); {fix}")
+
+    def strings(v, optional=False):
+        return (optional and v is None) or isinstance(v, str) and bool(v)
+
+    def string_list(v, optional=False):
+        return (optional and v is None) or isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    checks = {"name": strings, "text_a": strings, "label_column": strings, "main_metric": strings,
+              "train_split": strings, "text_b": lambda v: strings(v, True), "hf_path": lambda v: strings(v, True),
+              "hf_name": lambda v: strings(v, True), "metrics": string_list, "eval_splits": string_list,
+              "label_names": lambda v: string_list(v, True), "is_regression": lambda v: isinstance(v, bool),
+              "num_labels": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1}
+    for name, value in raw.items():
+        if not checks[name](value):
+            raise DataError(f"{source}: field {name!r} = {value!r} has the wrong type; {fix}")
+    if raw.get("label_names") is not None and len(raw["label_names"]) != raw["num_labels"]:
+        raise DataError(f"{source}: {len(raw['label_names'])} label_names but num_labels={raw['num_labels']}; {fix}")
+    if raw["main_metric"] not in raw["metrics"]:
+        raise DataError(f"{source}: main_metric {raw['main_metric']!r} is not one of metrics {raw['metrics']}; {fix}")
+    return TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})

@@ -134,3 +134,19 @@ def encode(tokenizer: Any, ex: Examples, *, max_length: int, cache: bool = True)
     input_ids[mask] = flat_ids
     token_type_ids[mask] = flat_tt
     return Encoded(input_ids, token_type_ids, lengths.astype(np.int32), ex.labels)
+
+
+def check_texts(texts: Any, name: str = "texts") -> list[str]:
+    """`texts` as a list of strings: a list (or tuple, or other sequence) of str, or one str as one text.
+    Anything else (a number, None, a list holding a non-string, a bytes object) is a one-line DataError."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, bytearray)) or not hasattr(texts, "__len__") or not hasattr(texts, "__iter__") \
+            or isinstance(texts, dict):
+        raise DataError(f"{name} must be a list of strings (or one string), got {type(texts).__name__}; pass "
+                        f"[text, ...]")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise DataError(f"{name}[{i}] is {type(t).__name__} {t!r:.40}, not a string; pass text (str) only")
+    return out

@@ -255,3 +255,20 @@ def test_bfloat16_compute_of_minilm_close_to_float32():
     from tests.test_bert import BF16_ATOL
 
     np.testing.assert_allclose(a, b, atol=BF16_ATOL)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("kwargs", [
+    {}, {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "use_rslora": True, "bias": "all"},
+    {"target_modules": ["query", "value"], "layers_to_transform": [1, 2], "rank_pattern": {r"layer\.2\..*": 2}},
+    {"target_modules": r".*\.(query|value)$", "modules_to_save": ["classifier"], "bias": "lora_only"},
+])
+def test_every_adapter_config_peft_writes_passes_the_field_checks(kwargs):
+    """The checks of adapter_config.json refuse only what is wrong: PEFT's own configs pass them as written."""
+    from peft import LoraConfig
+
+    from spafit_jax.hf import check_peft_config
+
+    kwargs = {"target_modules": ["query"], **kwargs}
+    raw = json.loads(json.dumps(LoraConfig(task_type="SEQ_CLS", **kwargs).to_dict(), default=sorted))
+    assert check_peft_config(raw, "adapter_config.json") is raw

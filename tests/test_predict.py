@@ -145,12 +145,13 @@ def test_save_assets_writes_tokenizer_and_spec(trained, tmp_path):
     assert json.loads((tmp_path / TASK).read_text())["label_names"] == list(CLASSES)
 
 
-def test_missing_base_is_one_line(trained, torch_base_dir, tmp_path, capsys):
+def test_missing_base_is_one_line(trained, torch_base_dir, data_dir, tmp_path, capsys):
     workdir = tmp_path / "copy"
     shutil.copytree(trained("spafit_pairs"), workdir)
     text = (workdir / "config.yaml").read_text()
     (workdir / "config.yaml").write_text(text.replace(str(torch_base_dir), "/nonexistent/base"))
-    assert main(["--workdir", str(workdir), "--input", "-"]) == 2
+    capsys.readouterr()  # the training summary
+    assert main(["--workdir", str(workdir), "--input", str(data_dir / "eval.csv")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "base model" in err and "/nonexistent/base" in err
 
