@@ -30,8 +30,9 @@ from common import emit, environment, median  # noqa: E402
 
 from spafit_jax import masking  # noqa: E402
 from spafit_jax.lora import LoRA  # noqa: E402
+from spafit_jax.methods import TRAINABLE_LABELS  # noqa: E402
 
-SETTINGS = {k: {"learning_rate": 1e-3, "weight_decay": 0.01} for k in ("weight", "bias", "layernorm", "lora", "head")}
+SETTINGS = {k: {"learning_rate": 1e-3, "weight_decay": 0.01} for k in TRAINABLE_LABELS}
 
 
 class Block(nn.Module):
