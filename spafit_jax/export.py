@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -111,22 +110,22 @@ def export(run, out: str | os.PathLike, fmt: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; bad input is one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    p = argparse.ArgumentParser(prog="python -m spafit_jax.export", description=__doc__.split("\n\n")[0])
+    """Command-line entry point (`cli.run_command`); bad input is one line on stderr and exit status 2."""
+    from spafit_jax import cli
+    from spafit_jax.run import load_run
+
+    p = argparse.ArgumentParser(prog=cli.program("export"), description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="the run folder")
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument("--format", required=True, choices=FORMATS, help="hf (merged PyTorch), peft (adapter) or flax")
     p.add_argument("--checkpoint", default="best", help="best | last | a step number (default: best)")
     args = p.parse_args(argv)
-    from spafit_jax.run import cli_main, load_run
 
     def work():
         out = export(load_run(args.workdir, args.checkpoint), args.out, args.format)
         print(f"wrote {args.format} export to {out}")
 
-    return cli_main(work)
+    return cli.run_command(work)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -100,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; bad input is one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
-    from spafit_jax.run import cli_main, load_run
+    """Command-line entry point (`cli.run_command`); bad input is one line on stderr and exit status 2."""
+    from spafit_jax import cli
+    from spafit_jax.run import load_run
+
+    parser = build_parser()
+    parser.prog = cli.program("predict")
+    args = parser.parse_args(argv)
 
     def work():
         run = load_run(args.workdir, args.checkpoint)
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outputs = run.predict(texts, pairs, batch_size=batch, progress=len(texts) > PROGRESS_ABOVE)
         write(rows(run, outputs), args.output)
 
-    return cli_main(work)
+    return cli.run_command(work)
 
 if __name__ == "__main__":
     sys.exit(main())

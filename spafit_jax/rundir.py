@@ -221,6 +221,33 @@ def check_resume_step(step: int, total_steps: int, train_cfg, checkpoints: Path)
                       "--workdir", "max_steps")
 
 
+#: the fields that decide how batches are formed, with their value in a config.yaml written before the field
+#: existed or before its default changed (group_by_length and max_shapes became defaults in one change).
+BATCH_FIELDS = {"padding": "bucket", "buckets": None, "bucket_multiple": None, "max_shapes": None,
+                "group_by_length": False}
+
+
+def check_resume_settings(workdir: Path, cfg: config_lib.Config) -> None:
+    """Refuses (writing nothing) a resume whose config forms batches otherwise than the run's config.yaml:
+    the batch order and shapes must stay those of the steps already taken."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((workdir / CONFIG).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # no readable config.yaml: nothing recorded to hold the resume to
+    data = saved.get("data") if isinstance(saved, dict) else None
+    data = data if isinstance(data, dict) else {}
+    for key, before in BATCH_FIELDS.items():
+        old, new = data.get(key, before), getattr(cfg.data, key)
+        old = list(old) if isinstance(old, (list, tuple)) else old
+        if old != (list(new) if isinstance(new, (list, tuple)) else new):
+            shown = config_lib.format_value(old)
+            raise ConfigError(f"{workdir} was trained with data.{key}={shown} ({workdir / CONFIG}), but this resume "
+                              f"sets data.{key}={config_lib.format_value(new)}, which forms other batches; resume "
+                              f"with data.{key}={shown}, or train in a new --workdir", key)
+
+
 def save_config(workdir: Path, cfg: config_lib.Config) -> Path:
     """config.yaml, written atomically once the run is accepted (a refused resume keeps the old one)."""
     path = workdir / CONFIG

@@ -42,16 +42,17 @@ def records(workdir):
 
 def restore_latest(workdir):
     """The TrainState of the newest checkpoint in `workdir`, restored as a resume would."""
-    from spafit_jax import checkpoint, config as config_lib, optim, train
+    from spafit_jax import checkpoint, loading, optimizer, steps
+    from spafit_jax import config as config_lib
 
     cfg = config_lib.load_config([str(Path(workdir) / "config.yaml")])
-    loaded = train.load(cfg)
+    loaded = loading.load_for_training(cfg)
     trainable, frozen = loaded.plan.split(loaded.params)
-    tx = optim.make_optimizer(loaded.plan.labels, cfg.train, cfg.train.max_steps)
+    tx = optimizer.make_optimizer(loaded.plan, cfg.train, cfg.train.max_steps)
     fp = checkpoint.fingerprint(frozen, loaded.plan.labels, model_name=cfg.model.name)
     with checkpoint.Checkpointer(Path(workdir) / "checkpoints", fingerprint=fp, keep=2, keep_best=False,
                                  best_metric="accuracy") as ck:
-        return ck.restore(optim.init_state(trainable, tx, 0))[0]
+        return ck.restore(steps.init_state(trainable, tx, 0))[0]
 
 
 DIVERGE = ["method.name=full", "train.lr=1e30", "train.max_grad_norm=null", "train.epochs=10"]
@@ -249,7 +250,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_newest_readable_one(t
 
     extra = ("train.max_steps=6", "train.epochs=10", "checkpoint.every=2", "checkpoint.keep=3")
     cfg = config_lib.load_config([], small(tiny_model_dir, *extra))
-    assert train_and_evaluate(cfg, tmp_path, stop_after=4).results["stopped_at"] == 4
+    assert train_and_evaluate(cfg, tmp_path, stop_after=4).step == 4
     for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"not a checkpoint")
@@ -290,7 +291,7 @@ def test_resume_with_max_steps_below_the_checkpoint_is_one_line_and_writes_nothi
 
     extra = ("train.max_steps=6", "train.epochs=10")
     assert train_and_evaluate(config_lib.load_config([], small(tiny_model_dir, *extra)), tmp_path,
-                              stop_after=3).results["stopped_at"] == 3
+                              stop_after=3).step == 3
     before = snapshot(tmp_path)
     assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, "train.epochs=10")]) == 2  # max_steps=2
     line = one_error_line(capsys.readouterr().err)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from spafit_jax import config as config_lib
+from spafit_jax import results
 from spafit_jax.errors import CheckpointError
+from spafit_jax.methods import FROZEN
 from spafit_jax.train import main, train_and_evaluate
 from tests.parallel_worker import signal_after_records
 
@@ -78,16 +80,16 @@ def test_short_run_writes_results_metrics_config_and_tensorboard(tiny_model_dir,
     assert json.loads((tmp_path / "task.json").read_text())["label_names"] == data_labels()
     out = capsys.readouterr().out
     assert "trainable" in out and "accuracy" in out and "examples/s" in out
-    assert run.results == res
+    assert run.results == results.read(tmp_path) and run.results.to_json() == res
 
 
 @pytest.mark.parametrize("method", ["full", "bitfit", "lora", "head_only"])
 def test_baselines_run_from_the_same_entry_point(tiny_model_dir, tmp_path, method):
     res = train_and_evaluate(cfg(tiny_model_dir, f"method.name={method}", "train.max_steps=2"), tmp_path).results
-    counts = res["params_by_label"]
-    assert res["method"] == method
+    counts = res.params_by_label
+    assert res.method == method
     if method == "full":
-        assert "frozen" not in counts and counts["weight"] > 0
+        assert FROZEN not in counts and counts["weight"] > 0
     elif method == "head_only":
         assert set(counts) == {"head", "pooler", "frozen"}
     else:
@@ -101,7 +103,7 @@ def test_minilm_on_a_slice_of_bbc_news_learns(tmp_path):
     res = train_and_evaluate(c, tmp_path).results
     losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "kind" not in r]
     assert losses[-1] < losses[0]
-    assert res["eval"]["accuracy"] > 0.4  # 5 classes: chance is 0.2
+    assert res.eval["accuracy"] > 0.4  # 5 classes: chance is 0.2
 
 
 def test_resume_is_exact(tiny_model_dir, tmp_path):
@@ -109,13 +111,14 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
     c = cfg(tiny_model_dir, "train.max_steps=20", "train.epochs=4")
     straight = train_and_evaluate(c, tmp_path / "a")
     stopped = train_and_evaluate(c, tmp_path / "b", stop_after=10)
-    assert stopped.results == {"stopped_at": 10, "interrupted": False} and not (tmp_path / "b/results.json").exists()
+    assert (stopped.results, stopped.step, stopped.interrupted) == (None, 10, False)
+    assert not (tmp_path / "b/results.json").exists()
     resumed = train_and_evaluate(c, tmp_path / "b")
     assert int(resumed.state.step) == 20
     leaves = lambda s: jax.tree_util.tree_leaves((s.trainable, s.opt_state, s.step))  # noqa: E731
     for a, b in zip(leaves(straight.state), leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert resumed.results["eval"] == straight.results["eval"]
+    assert resumed.results.eval == straight.results.eval
 
 
 def test_resume_with_another_base_model_is_refused(tiny_model_dir, tmp_path, capsys):
@@ -172,7 +175,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_the_rerun_finishes(tiny_model_d
     # the rerun resumes from that checkpoint (fewer steps left) and finishes
     res = train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=400", "train.epochs=100", "train.log_every=1"),
                              tmp_path, stop_after=1)
-    assert res.results["stopped_at"] == max(steps) + 1
+    assert res.results is None and res.step == max(steps) + 1
 
 
 def test_the_command_line_keeps_compiled_steps_in_a_user_cache_unless_told_otherwise(tiny_model_dir, tmp_path):
