@@ -90,9 +90,9 @@ examples:
   python -m spafit_jax.train --config configs/glue/rte.yaml --config configs/methods/lora.yaml \\
       train.lr=5e-4 method.lora_targets=[query,key,value] --workdir runs/rte-lora
 
-  # short, variable-length text: length-grouped batches, 8 fitted bucket lengths, frozen layers run once
-  python -m spafit_jax.train --config configs/tweets.yaml data.group_by_length=true data.max_shapes=8 \\
-      train.cache_frozen=true
+  # length-grouped batches and 8 fitted bucket lengths are the default; the frozen layers can run once
+  # (faster, but no dropout in them); data.group_by_length=false data.max_shapes=null: the older batching
+  python -m spafit_jax.train --config configs/tweets.yaml train.cache_frozen=true
 
   # print the resolved config and exit
   python -m spafit_jax.train --config configs/glue/mnli.yaml --config configs/methods/bitfit.yaml --print-config

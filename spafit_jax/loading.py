@@ -45,6 +45,19 @@ def load_model(cfg: Config, num_labels: int, folder: Path | None = None,
     return model, params, plan.label(params)
 
 
+def plan_of_shapes(cfg: Config) -> Plan:
+    """The labelled plan of a config's model from its parameter shapes alone (no weights are read)."""
+    import jax
+
+    from spafit_jax import bert
+
+    model_cfg = hf.read_config(hf.resolve(cfg.model.name))
+    plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
+    model = bert.BertForSequenceClassification(model_cfg, lora=plan.lora, num_labels=2)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    return plan.label(shapes)
+
+
 def load_for_training(cfg: Config) -> ModelAndTask:
     """Resolve the model, plan its trainability, load and tokenise the task, load the weights.
 

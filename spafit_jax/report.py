@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from spafit_jax import config as config_lib
-from spafit_jax import results as results_lib
+from spafit_jax import results
 from spafit_jax import rundir
 from spafit_jax.errors import SpafitError
 from spafit_jax.plan import LAYER_KINDS
@@ -45,7 +45,7 @@ class RunRecord:
     task: str
     method: str
     seed: int
-    results: results_lib.Results
+    results: results.Results
     config: config_lib.Config | None
     records: list[dict]
 
@@ -67,10 +67,10 @@ class RunRecord:
 
 def _read_run(folder: Path, names: tuple[str, str, int] | None = None) -> RunRecord:
     try:
-        results = results_lib.read(folder / rundir.RESULTS)
-    except results_lib.ResultsError as e:
+        record = results.read(folder / rundir.RESULTS)
+    except results.ResultsError as e:
         raise ReportError(f"{e} (or leave {folder} out of the report)") from None
-    if results.best is None:
+    if record.best is None:
         raise ReportError(f"{folder / rundir.RESULTS} ranks no evaluation (best is null); re-run the training "
                           "command with --overwrite, or leave the folder out")
     try:
@@ -80,9 +80,9 @@ def _read_run(folder: Path, names: tuple[str, str, int] | None = None) -> RunRec
     metrics = folder / rundir.METRICS
     records = [r for _, r in rundir.read_metrics(metrics)] if metrics.exists() else []
     if names is None:
-        method = results.method + (f"@n1={results.n1},n2={results.n2}" if results.n1 is not None else "")
-        names = (results.task, method, cfg.train.seed if cfg else 0)
-    return RunRecord(folder, *names, results, cfg, records)
+        method = record.method + (f"@n1={record.n1},n2={record.n2}" if record.n1 is not None else "")
+        names = (record.task, method, cfg.train.seed if cfg else 0)
+    return RunRecord(folder, *names, record, cfg, records)
 
 
 def collect(exp: str | Path | None, folders: Sequence[str | Path] = ()) -> tuple[list[RunRecord], dict[str, str]]:
@@ -345,22 +345,12 @@ def plot_heatmap(groups: Groups, out: Path) -> list[str]:
 def layer_kinds(run: RunRecord) -> list[str] | None:
     """What each encoder layer of a run trains, one of `plan.LAYER_KINDS` per layer: from its results.json
     (`Plan.layer_kinds`), or for results written before it held them, from the plan of its config.yaml
-    labelling the model's parameter shapes (no weights are read). None when neither is available."""
+    (`loading.plan_of_shapes`). None when neither is available."""
     if run.results.layer_kinds:
         return list(run.results.layer_kinds)
-    if run.config is None:
-        return None
-    import jax
-    import jax.numpy as jnp
+    from spafit_jax import loading
 
-    from spafit_jax import bert, hf, plan
-
-    cfg = run.config
-    model_cfg = hf.read_config(hf.resolve(cfg.model.name))
-    planned = plan.make_plan(cfg.method, model_cfg.num_hidden_layers)
-    model = bert.BertForSequenceClassification(model_cfg, lora=planned.lora, num_labels=2)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
-    return planned.label(shapes).layer_kinds()
+    return None if run.config is None else loading.plan_of_shapes(run.config).layer_kinds()
 
 
 def plot_strata(groups: Groups, out: Path) -> list[str]:

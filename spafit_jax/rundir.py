@@ -238,14 +238,15 @@ def check_resume_settings(workdir: Path, cfg: config_lib.Config) -> None:
         return  # no readable config.yaml: nothing recorded to hold the resume to
     data = saved.get("data") if isinstance(saved, dict) else None
     data = data if isinstance(data, dict) else {}
-    for key, before in BATCH_FIELDS.items():
-        old, new = data.get(key, before), getattr(cfg.data, key)
-        old = list(old) if isinstance(old, (list, tuple)) else old
-        if old != (list(new) if isinstance(new, (list, tuple)) else new):
-            shown = config_lib.format_value(old)
-            raise ConfigError(f"{workdir} was trained with data.{key}={shown} ({workdir / CONFIG}), but this resume "
-                              f"sets data.{key}={config_lib.format_value(new)}, which forms other batches; resume "
-                              f"with data.{key}={shown}, or train in a new --workdir", key)
+    fmt = lambda v: config_lib.format_value(list(v) if isinstance(v, tuple) else v)  # noqa: E731
+    changed = [(f"data.{key}", fmt(data.get(key, before)), fmt(getattr(cfg.data, key)))
+               for key, before in BATCH_FIELDS.items() if fmt(data.get(key, before)) != fmt(getattr(cfg.data, key))]
+    if changed:
+        was, now = (", ".join(f"{c[0]}={c[i]}" for c in changed) for i in (1, 2))
+        fix = " ".join(f"{c[0]}={c[1].replace(' ', '')}" for c in changed)
+        raise ConfigError(f"{workdir} was trained with {was} ({workdir / CONFIG}), but this resume sets {now}, which "
+                          f"forms other batches; resume with {fix}, or train in a new --workdir",
+                          changed[0][0].split(".", 1)[1])
 
 
 def save_config(workdir: Path, cfg: config_lib.Config) -> Path:

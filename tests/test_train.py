@@ -137,6 +137,27 @@ def test_resume_with_another_base_model_is_refused(tiny_model_dir, tmp_path, cap
     assert not (tmp_path / ".lock").exists()
 
 
+def test_resume_that_forms_other_batches_is_refused(tiny_model_dir, tmp_path, capsys):
+    """A resume keeps the run's batching: other settings are one line naming the field; a config.yaml written
+    before grouping and fitted shapes became the defaults holds the run to the older ones."""
+    old = ["train.max_steps=8", "data.group_by_length=false", "data.max_shapes=null"]
+    train_and_evaluate(cfg(tiny_model_dir, *old), tmp_path, stop_after=1)
+    capsys.readouterr()
+    config_yaml = (tmp_path / "config.yaml").read_text()
+    for changed, field in ((["data.group_by_length=true"], "data.group_by_length"),
+                           (["data.max_shapes=4"], "data.max_shapes"), (["data.buckets=[16,32]"], "data.buckets")):
+        assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, *old, *changed)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path} was trained with {field}=") and err.count("\n") == 1, err
+    assert (tmp_path / "config.yaml").read_text() == config_yaml
+    # A config.yaml from before the fields' defaults changed: absent fields mean the older defaults.
+    (tmp_path / "config.yaml").write_text(config_yaml.replace("  max_shapes: null\n", "").replace(
+        "  group_by_length: false\n", ""))
+    assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=8")]) == 2
+    assert "with data.max_shapes=null, data.group_by_length=false (" in capsys.readouterr().err
+    assert train_and_evaluate(cfg(tiny_model_dir, *old), tmp_path, stop_after=1).step == 2
+
+
 def test_finished_run_is_not_overwritten_silently(tiny_model_dir, tmp_path, capsys):
     args = ["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=2")]
     assert main(args) == 0
