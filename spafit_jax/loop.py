@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from spafit_jax import batching, data, metrics, optimizer, rundir
+from spafit_jax import batching, data, metrics, metricslog, optimizer, rundir
 from spafit_jax.config import Config
 from spafit_jax.plan import Plan
 from spafit_jax.steps import DivergedError
@@ -103,7 +103,7 @@ class Guard:
     """Counts the skipped (non-finite) steps; raises DivergedError after `limit` in a row. Checking lags
     one step behind so the host does not wait for the device after every step."""
 
-    def __init__(self, limit: int, writer: rundir.MetricsWriter, workdir: Path, bad_steps: int = 0):
+    def __init__(self, limit: int, writer: metricslog.MetricsWriter, workdir: Path, bad_steps: int = 0):
         self.limit, self.writer, self.workdir = limit, writer, workdir
         self.bad_steps, self.in_a_row = bad_steps, 0
         self.pending: list = []  # (step, "finite" flag) of steps not yet checked
@@ -142,7 +142,7 @@ class Evaluator:
         """train.eval_batch_size, capped at the largest eval split rounded up to the devices."""
         return capped(self.cfg.train.eval_batch_size, max(len(enc) for enc in self.task.evals.values()))
 
-    def __call__(self, state, frozen, step: int, writer: rundir.MetricsWriter) -> dict[str, float]:
+    def __call__(self, state, frozen, step: int, writer: metricslog.MetricsWriter) -> dict[str, float]:
         """The first split's metrics at `step`; all splits' in `self.results`."""
         out, size = {}, self.batch_size()
         for split, enc in self.task.evals.items():
@@ -218,7 +218,7 @@ class Loop:
         evaluator.best = resume.get("best")
         self.train_seconds, self.eval_seconds = float(resume.get("train_seconds", 0.0)), 0.0
         self.meter, self.interrupted = Meter(resume.get("window")), False
-        writer = rundir.MetricsWriter(self.workdir, enabled=self.lead, resume_step=self.start)
+        writer = metricslog.MetricsWriter(self.workdir, enabled=self.lead, resume_step=self.start)
         guard = Guard(self.cfg.train.max_bad_steps, writer, self.workdir, int(resume.get("bad_steps", 0)))
         from tqdm.auto import tqdm
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from spafit_jax import config as config_lib
 from spafit_jax import results
-from spafit_jax import rundir
+from spafit_jax import metricslog, rundir
 from spafit_jax.errors import SpafitError
 from spafit_jax.plan import LAYER_KINDS
 
@@ -78,7 +78,7 @@ def _read_run(folder: Path, names: tuple[str, str, int] | None = None) -> RunRec
     except SpafitError:
         cfg = None  # an older schema: the strata diagram leaves this run out
     metrics = folder / rundir.METRICS
-    records = [r for _, r in rundir.read_metrics(metrics)] if metrics.exists() else []
+    records = [r for _, r in metricslog.read_metrics(metrics)] if metrics.exists() else []
     if names is None:
         method = record.method + (f"@n1={record.n1},n2={record.n2}" if record.n1 is not None else "")
         names = (record.task, method, cfg.train.seed if cfg else 0)

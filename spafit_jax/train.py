@@ -17,7 +17,8 @@ from pathlib import Path
 
 import jax
 
-from spafit_jax import batching, checkpoint, cli, data, frozen, loading, metrics, optimizer, parallel, rundir, steps
+from spafit_jax import (batching, checkpoint, cli, data, frozen, loading, metrics, optimizer, parallel, rundir, runlock,
+                        steps)
 from spafit_jax.config import Config
 from spafit_jax.loop import Batches, Evaluator, Length, Loop, capped
 from spafit_jax.results import Best, Results
@@ -69,7 +70,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None, *,
     parallel.check_batch(t.batch_size, "train.batch_size", t.grad_accum)  # batches the devices cannot share
     parallel.check_batch(t.eval_batch_size, "train.eval_batch_size")
     workdir = rundir.choose(workdir, cfg, overwrite=overwrite, processes=jax.process_count())
-    with rundir.Lock(workdir, enabled=lead):  # taken before anything is written, released at the end
+    with runlock.Lock(workdir, enabled=lead):  # taken before anything is written, released at the end
         return _train(cfg, workdir, stop_after)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spafit_jax import rundir
+from spafit_jax import metricslog, rundir, runlock
 from spafit_jax.train import main
 from tests.parallel_worker import signal_after_records
 
@@ -104,7 +104,7 @@ def write_log(workdir, *lines):
 
 def test_metrics_log_torn_last_line_is_dropped_with_a_warning(tmp_path, caplog):
     write_log(tmp_path, '{"step": 1, "loss": 2.0}', '{"step": 2, "loss": 1.5}', '{"step": 3, "lo')
-    writer = rundir.MetricsWriter(tmp_path, enabled=True, resume_step=2)
+    writer = metricslog.MetricsWriter(tmp_path, enabled=True, resume_step=2)
     writer.write({"step": 3, "loss": float("nan")})
     writer.close()
     assert "torn last line 3" in caplog.text
@@ -116,7 +116,7 @@ def test_metrics_log_damaged_inside_is_one_line_naming_file_and_line(tmp_path, b
     write_log(tmp_path, '{"step": 1}', bad, '{"step": 3}')
     before = (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(rundir.WorkdirError) as e:
-        rundir.MetricsWriter(tmp_path, enabled=True, resume_step=3)
+        metricslog.MetricsWriter(tmp_path, enabled=True, resume_step=3)
     msg = str(e.value)
     assert "metrics.jsonl line 2" in msg and "\n" not in msg
     assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing lost
@@ -144,19 +144,19 @@ def dead_pid():
 
 def test_lock_is_held_during_the_run_and_released_on_exit_and_on_errors(tmp_path):
     work = tmp_path / "run"
-    with rundir.Lock(work, enabled=True):
+    with runlock.Lock(work, enabled=True):
         held = json.loads((work / rundir.LOCK).read_text())
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
         (work / "kept").write_text("x")
     assert not (work / rundir.LOCK).exists() and (work / "kept").exists()
     with pytest.raises(ValueError):
-        with rundir.Lock(work, enabled=True):
+        with runlock.Lock(work, enabled=True):
             raise ValueError("boom")
     assert not (work / rundir.LOCK).exists()
-    with rundir.Lock(tmp_path / "empty", enabled=True):
+    with runlock.Lock(tmp_path / "empty", enabled=True):
         pass
     assert not (tmp_path / "empty").exists()  # created by the lock, nothing written: removed
-    with rundir.Lock(tmp_path / "other", enabled=False):
+    with runlock.Lock(tmp_path / "other", enabled=False):
         assert not (tmp_path / "other").exists()  # processes other than 0 take no lock
 
 
@@ -180,7 +180,7 @@ def test_a_second_run_on_a_workdir_in_use_fails_at_once_naming_the_holder(tiny_m
 def test_a_lock_on_another_host_is_never_taken_over(tmp_path):
     (tmp_path / rundir.LOCK).write_text(json.dumps({"host": "elsewhere-0", "pid": dead_pid()}))
     with pytest.raises(rundir.WorkdirError, match="on elsewhere-0"):
-        with rundir.Lock(tmp_path, enabled=True):
+        with runlock.Lock(tmp_path, enabled=True):
             pass
 
 
@@ -190,12 +190,12 @@ def test_a_lock_from_before_a_reboot_or_from_a_recreated_vm_is_stale(tmp_path, m
         monkeypatch.setenv("SPAFIT_LOCK_HOST", "tpu:sst2-spafit:worker0")
         lock = {"host": "tpu:sst2-spafit:worker0", "boot": "an-earlier-boot", "pid": holder.pid}
         (tmp_path / rundir.LOCK).write_text(json.dumps(lock))
-        with rundir.Lock(tmp_path, enabled=True):
+        with runlock.Lock(tmp_path, enabled=True):
             assert json.loads((tmp_path / rundir.LOCK).read_text())["host"] == "tpu:sst2-spafit:worker0"
         assert "stale lock" in caplog.text
-        (tmp_path / rundir.LOCK).write_text(json.dumps({**lock, "boot": rundir._boot_id()}))  # this boot: live
+        (tmp_path / rundir.LOCK).write_text(json.dumps({**lock, "boot": runlock._boot_id()}))  # this boot: live
         with pytest.raises(rundir.WorkdirError, match=f"in use by pid {holder.pid}"):
-            with rundir.Lock(tmp_path, enabled=True):
+            with runlock.Lock(tmp_path, enabled=True):
                 pass
     finally:
         holder.kill()
