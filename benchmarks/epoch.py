@@ -6,9 +6,9 @@ against PyTorch + PEFT with dynamic padding and length grouping, in one process.
     python benchmarks/epoch.py --task pairs --variants plain grouped --no-torch
 
 Ours runs `spafit_jax.train.train_and_evaluate` (one epoch, then evaluation, in a temporary run
-folder) per variant: `plain` (the older defaults: a plain shuffle, buckets max_length/4, /2, /1), `grouped` (`data.group_by_length=true
-data.max_shapes=8`: bucket lengths fitted to the batches) and `cached` (grouped +
-`train.cache_frozen=true`). The peer is `transformers` + `peft` with the same model, weights and plan
+folder) per variant: `plain` (the older defaults: a plain shuffle, buckets max_length/4, /2, /1),
+`grouped` (`data.group_by_length=true data.max_shapes=8`, the defaults now: bucket lengths fitted to
+the batches) and `cached` (grouped + `train.cache_frozen=true`). The peer is `transformers` + `peft` with the same model, weights and plan
 (`step.torch_model`), the same examples and batch size, AdamW with the same warmup/decay schedule,
 one epoch in a plain torch loop: batches drawn as the Hugging Face Trainer draws them with
 `group_by_length` (`get_length_grouped_indices`), each padded to its longest example (dynamic

@@ -9,6 +9,7 @@ and `Loop` runs the steps and decides when to log, evaluate, checkpoint and stop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -218,23 +219,23 @@ class Loop:
         evaluator.best = resume.get("best")
         self.train_seconds, self.eval_seconds = float(resume.get("train_seconds", 0.0)), 0.0
         self.meter, self.interrupted = Meter(resume.get("window")), False
-        writer = metricslog.MetricsWriter(self.workdir, enabled=self.lead, resume_step=self.start)
-        guard = Guard(self.cfg.train.max_bad_steps, writer, self.workdir, int(resume.get("bad_steps", 0)))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.length.total_steps, initial=self.start, disable=not self.lead, mininterval=1.0,
-                   desc=f"{evaluator.task.spec.name}/{self.cfg.method.name}", dynamic_ncols=True)
-        try:
-            with Signals() as signals:
+        with contextlib.ExitStack() as stack:  # closed in reverse order, also when a step fails
+            stack.callback(self.ckpt.close)
+            writer = metricslog.MetricsWriter(self.workdir, enabled=self.lead, resume_step=self.start)
+            stack.callback(writer.close)
+            guard = Guard(self.cfg.train.max_bad_steps, writer, self.workdir, int(resume.get("bad_steps", 0)))
+            bar = tqdm(total=self.length.total_steps, initial=self.start, disable=not self.lead, mininterval=1.0,
+                       desc=f"{evaluator.task.spec.name}/{self.cfg.method.name}", dynamic_ncols=True)
+            stack.callback(bar.close)
+            signals = stack.enter_context(Signals())
+            try:
                 state, done = self._steps(state, frozen, batches, evaluator, (self.meter, writer, guard, bar),
                                           lambda: signals.stop or (stop_after is not None and
                                                                    self.step - self.start >= stop_after))
-            self.interrupted = signals.interrupted
-        finally:
-            self.bad_steps = guard.bad_steps
-            bar.close()
-            writer.close()
-            self.ckpt.close()
+            finally:
+                self.bad_steps, self.interrupted = guard.bad_steps, signals.interrupted
         return state, done
 
     def examples_per_second(self) -> float:
