@@ -23,9 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spafit_jax import config as config_lib
-from spafit_jax import results
-from spafit_jax import metricslog, rundir
+from spafit_jax import metricslog, results, rundir
+from spafit_jax.config import Config, load_config
 from spafit_jax.errors import SpafitError
 from spafit_jax.plan import LAYER_KINDS
 
@@ -46,7 +45,7 @@ class RunRecord:
     method: str
     seed: int
     results: results.Results
-    config: config_lib.Config | None
+    config: Config | None
     records: list[dict]
 
     @property
@@ -74,7 +73,7 @@ def _read_run(folder: Path, names: tuple[str, str, int] | None = None) -> RunRec
         raise ReportError(f"{folder / rundir.RESULTS} ranks no evaluation (best is null); re-run the training "
                           "command with --overwrite, or leave the folder out")
     try:
-        cfg = config_lib.load_config([folder / rundir.CONFIG])
+        cfg = load_config([folder / rundir.CONFIG])
     except SpafitError:
         cfg = None  # an older schema: the strata diagram leaves this run out
     metrics = folder / rundir.METRICS

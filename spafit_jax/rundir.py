@@ -20,7 +20,7 @@ import socket
 import time
 from pathlib import Path
 
-from spafit_jax import config as config_lib
+from spafit_jax.config import Config, config_yaml, format_value
 from spafit_jax.errors import ConfigError, SpafitError
 
 log = logging.getLogger("spafit_jax")
@@ -61,7 +61,7 @@ def describe_os_error(e: OSError) -> str:
     return f"{path}: {what}; {fix}" if path else f"{what} ({e}); {fix}"
 
 
-def choose(workdir: str | os.PathLike | None, cfg: config_lib.Config, *, overwrite: bool, processes: int) -> Path:
+def choose(workdir: str | os.PathLike | None, cfg: Config, *, overwrite: bool, processes: int) -> Path:
     """The run folder: `workdir`, or runs/<task>-<method>-<time> on one host. Writes nothing.
 
     Raises ConfigError for a folder holding a finished run without `overwrite`, and for a
@@ -131,7 +131,7 @@ BATCH_FIELDS = {"padding": "bucket", "buckets": None, "bucket_multiple": None, "
                 "group_by_length": False}
 
 
-def check_resume_settings(workdir: Path, cfg: config_lib.Config) -> None:
+def check_resume_settings(workdir: Path, cfg: Config) -> None:
     """Refuses (writing nothing) a resume whose config forms batches otherwise than the run's config.yaml:
     the batch order and shapes must stay those of the steps already taken."""
     import yaml
@@ -142,7 +142,7 @@ def check_resume_settings(workdir: Path, cfg: config_lib.Config) -> None:
         return  # no readable config.yaml: nothing recorded to hold the resume to
     data = saved.get("data") if isinstance(saved, dict) else None
     data = data if isinstance(data, dict) else {}
-    fmt = lambda v: config_lib.format_value(list(v) if isinstance(v, tuple) else v)  # noqa: E731
+    fmt = lambda v: format_value(list(v) if isinstance(v, tuple) else v)  # noqa: E731
     changed = [(f"data.{key}", fmt(data.get(key, before)), fmt(getattr(cfg.data, key)))
                for key, before in BATCH_FIELDS.items() if fmt(data.get(key, before)) != fmt(getattr(cfg.data, key))]
     if changed:
@@ -153,10 +153,10 @@ def check_resume_settings(workdir: Path, cfg: config_lib.Config) -> None:
                           changed[0][0].split(".", 1)[1])
 
 
-def save_config(workdir: Path, cfg: config_lib.Config) -> Path:
+def save_config(workdir: Path, cfg: Config) -> Path:
     """config.yaml, written atomically once the run is accepted (a refused resume keeps the old one)."""
     path = workdir / CONFIG
-    write_atomic(path, config_lib.config_yaml(cfg, path))
+    write_atomic(path, config_yaml(cfg, path))
     return path
 
 
