@@ -303,8 +303,8 @@ def test_resume_with_max_steps_below_the_checkpoint_is_one_line_and_writes_nothi
 
 
 def disk_full_after(monkeypatch, name, writes):
-    """Makes `rundir`'s writes to files named `name` fail with ENOSPC after `writes` writes (the failing
-    write lands half its text, as a full disk would)."""
+    """Makes the writes of `rundir` (atomic files) and `metricslog` (metrics.jsonl) to files named `name` fail
+    with ENOSPC after `writes` writes (the failing write lands half its text, as a full disk would)."""
     import builtins
     import errno
 
@@ -336,6 +336,7 @@ def disk_full_after(monkeypatch, name, writes):
         return Full(f) if Path(path).name == name else f
 
     monkeypatch.setattr(rundir, "open", fake_open, raising=False)
+    monkeypatch.setattr(metricslog, "open", fake_open, raising=False)
 
 
 def test_a_full_disk_while_logging_is_one_line_keeps_the_checkpoint_and_a_rerun_resumes(
