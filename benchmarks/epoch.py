@@ -6,9 +6,9 @@ against PyTorch + PEFT with dynamic padding and length grouping, in one process.
     python benchmarks/epoch.py --task pairs --variants plain grouped --no-torch
 
 Ours runs `spafit_jax.train.train_and_evaluate` (one epoch, then evaluation, in a temporary run
-folder) per variant: `plain` (default buckets), `grouped` (`data.group_by_length=true
-data.max_shapes=8`: bucket lengths fitted to the batches) and `cached` (grouped +
-`train.cache_frozen=true`). The peer is `transformers` + `peft` with the same model, weights and plan
+folder) per variant: `plain` (the older defaults: a plain shuffle, buckets max_length/4, /2, /1),
+`grouped` (`data.group_by_length=true data.max_shapes=8`, the defaults now: bucket lengths fitted to
+the batches) and `cached` (grouped + `train.cache_frozen=true`). The peer is `transformers` + `peft` with the same model, weights and plan
 (`step.torch_model`), the same examples and batch size, AdamW with the same warmup/decay schedule,
 one epoch in a plain torch loop: batches drawn as the Hugging Face Trainer draws them with
 `group_by_length` (`get_length_grouped_indices`), each padded to its longest example (dynamic
@@ -117,7 +117,8 @@ def task_overrides(args, data_dir: Path | None) -> list[str]:
 
 def variant_overrides(variant: str, max_shapes: int = 8) -> list[str]:
     grouped = ["data.group_by_length=true", f"data.max_shapes={max_shapes}"]
-    return {"plain": [], "grouped": grouped, "cached": grouped + ["train.cache_frozen=true"]}[variant]
+    plain = ["data.group_by_length=false", "data.max_shapes=null"]  # the defaults before grouping became one
+    return {"plain": plain, "grouped": grouped, "cached": grouped + ["train.cache_frozen=true"]}[variant]
 
 
 def run_order(lengths: np.ndarray, args, group_by_length: bool) -> np.ndarray:
@@ -146,7 +147,7 @@ def run_ours(args, base: list[str], variant: str, root: Path) -> dict:
     workdir = root / f"ours-{variant}-{time.monotonic_ns()}"
     load0 = common.load_average()
     cache_s = []
-    build = getattr(getattr(train, "frozen_cache", None), "build_cache", None)
+    build = getattr(getattr(train, "frozen", None), "build_cache", None)
     if build is not None:  # time the frozen-stratum cache's build (a forward pass over the train split)
         def timed_build(*a, **k):
             t = time.perf_counter()
@@ -154,16 +155,16 @@ def run_ours(args, base: list[str], variant: str, root: Path) -> dict:
                 return build(*a, **k)
             finally:
                 cache_s.append(time.perf_counter() - t)
-        train.frozen_cache.build_cache = timed_build
+        train.frozen.build_cache = timed_build
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the trainer's summary; stdout carries only JSON
             run = train.train_and_evaluate(cfg, workdir)
     finally:
         if build is not None:
-            train.frozen_cache.build_cache = build
+            train.frozen.build_cache = build
     wall = time.perf_counter() - t0
-    r = run.results
+    r = run.results.to_json()
     buckets = r["buckets"]
     rec = {
         "impl": "spafit_jax", "variant": variant, "overrides": overrides,

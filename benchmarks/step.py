@@ -29,9 +29,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
-from spafit_jax import frozen as frozen_cache  # noqa: E402
-from spafit_jax import compiling, masking, optim  # noqa: E402
+from spafit_jax import compiling, frozen, optimizer, steps  # noqa: E402
 from spafit_jax.config import TrainConfig  # noqa: E402
+from spafit_jax.plan import make_plan  # noqa: E402
+from spafit_jax.schema import MethodConfig  # noqa: E402
 
 TOTAL_STEPS = 10_000  # length of the learning-rate schedule (its value does not change the timing)
 CACHED = "spafit_cached"  # spafit's step as the frozen-stratum cache runs it (train.cache_frozen=true)
@@ -48,58 +49,59 @@ class Runner:
     info: dict
 
 
-def jax_runner(built: common.Built, batch_np: dict, seed: int, apply_fn=None, extra: dict | None = None) -> Runner:
+def jax_runner(built: common.Built, batch_np: dict, seed: int, train_model=None, extra: dict | None = None) -> Runner:
     """Our train step for `built` (jit, state donated), compiled ahead of time.
 
-    `apply_fn` replaces `built.model.apply` in the step and `extra` (arrays) joins the batch:
-    `cached_inputs` gives both for the step of the frozen-stratum cache.
+    `train_model` = (apply_fn, batch keys) replaces `built.model.apply` of `steps.INPUTS` in the step
+    and `extra` (arrays) joins the batch: `cached_inputs` gives both for the step of the frozen-stratum cache.
     """
-    trainable, frozen = masking.split(built.params, built.plan.labels)
-    tx = optim.make_optimizer(built.plan.labels, TrainConfig(), TOTAL_STEPS)
-    state = optim.init_state(trainable, tx, seed)
+    trainable, frozen_half = built.plan.split(built.params)
+    tx = optimizer.make_optimizer(built.plan, TrainConfig(), TOTAL_STEPS)
+    state = steps.init_state(trainable, tx, seed)
     batch = {**jax.device_put(batch_np), **(extra or {})}
-    step = compiling.jit(functools.partial(optim.train_step, apply_fn=apply_fn or built.model.apply, tx=tx),
-                   donate_argnums=0)
+    apply_fn, inputs = train_model or (built.model.apply, steps.INPUTS)
+    step = compiling.jit(functools.partial(steps.train_step, apply_fn=apply_fn, inputs=inputs, tx=tx),
+                         donate_argnums=0)
     t0 = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
+    compiled = step.lower(state, frozen_half, batch).compile()
     compile_s = time.perf_counter() - t0
     # Optimizer state of full fine-tuning of the same model, from shapes only.
     base = unflatten_dict({p: v for p, v in flatten_dict(built.params).items() if p[-1] not in ("lora_a", "lora_b")})
-    full_labels = masking.method_labels(base, "full")
-    full_trainable, _ = masking.split(base, full_labels)
-    full_tx = optim.make_optimizer(full_labels, TrainConfig(), TOTAL_STEPS)
+    full = make_plan(MethodConfig(name="full"), built.plan.num_layers).label(base)
+    full_trainable, _ = full.split(base)
+    full_tx = optimizer.make_optimizer(full, TrainConfig(), TOTAL_STEPS)
     full_opt = jax.eval_shape(full_tx.init, full_trainable)
     full_opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(full_opt))
-    counts = masking.count_params(built.params, built.plan.labels)
+    counts = built.plan.counts
     holder = {"state": state}
 
     def run():
-        new, out = compiled(holder["state"], frozen, batch)
+        new, out = compiled(holder["state"], frozen_half, batch)
         jax.block_until_ready((new, out))
         holder["state"], holder["loss"] = new, out["loss"]
 
     opt_bytes = common.tree_bytes(state.opt_state)
     info = {
         "compile_s": compile_s, "flops_per_step": common.flops_of(compiled),
-        "trainable_params": sum(v for k, v in counts.items() if k != "frozen"),
-        "total_params": sum(counts.values()), "params_by_label": counts,
+        "trainable_params": built.plan.trainable_params,
+        "total_params": built.plan.total_params, "params_by_label": counts,
         "trainable_bytes": common.tree_bytes(trainable), "opt_state_bytes": opt_bytes,
         "opt_state_bytes_full": full_opt_bytes, "opt_state_fraction_of_full": opt_bytes / full_opt_bytes,
     }
     return Runner("jax", run, info)
 
 
-def cached_inputs(built: common.Built, batch_np: dict) -> tuple[callable, dict]:
-    """(apply_fn, {"hidden": ...}) of the step with the frozen-stratum cache (`frozen.build_cache`):
+def cached_inputs(built: common.Built, batch_np: dict) -> tuple[tuple, dict]:
+    """((apply_fn, batch keys), {"hidden": ...}) of the step with the frozen-stratum cache (`frozen.build_cache`):
     the embeddings and layers 0 .. N1-1 run once here, the step starts at layer N1 (`upper`)."""
-    n1 = frozen_cache.frozen_depth(built.plan.labels, built.model.config.family)
+    n1 = built.plan.frozen_depth
     if n1 == 0 or n1 != built.plan.n1:
         raise SystemExit(f"{CACHED}: the plan freezes the embeddings and {n1} leading layers, not n1={built.plan.n1}; "
                          "it needs n1 >= 1")
-    inputs = [batch_np[k] for k in ("input_ids", "attention_mask", "token_type_ids")]
+    inputs = [batch_np[k] for k in steps.INPUTS]
     hidden = built.model.apply({"params": built.params}, *inputs, method="lower", n1=n1)
     hidden = jax.block_until_ready(hidden)
-    return functools.partial(built.model.apply, method="upper", n1=n1), {"hidden": hidden}
+    return (functools.partial(built.model.apply, method="upper", n1=n1), frozen.CACHE_INPUTS), {"hidden": hidden}
 
 
 def jax_logits(built: common.Built, batch_np: dict) -> np.ndarray:
@@ -288,8 +290,8 @@ def main(argv=None) -> int:
                              dtype=args.dtype, n1=args.n1, n2=args.n2, rank=args.rank, alpha=args.alpha,
                              seed=args.seed)
         batch = common.random_batch(built.config, args.batch, args.seq, args.num_labels, args.seed)
-        apply_fn, extra = cached_inputs(built, batch) if method == CACHED else (None, None)
-        ours = jax_runner(built, batch, args.seed, apply_fn=apply_fn, extra=extra)
+        train_model, extra = cached_inputs(built, batch) if method == CACHED else (None, None)
+        ours = jax_runner(built, batch, args.seed, train_model=train_model, extra=extra)
         setup[method] = {"n1": built.plan.n1, "n2": built.plan.n2, "num_layers": built.config.num_hidden_layers}
         runners[f"{method}/jax"] = ours
         if args.vs_torch and method != CACHED:  # no torch peer of the cached step

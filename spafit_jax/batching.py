@@ -31,11 +31,12 @@ def resolve_buckets(max_length: int, padding: str = "bucket", buckets: Sequence[
                     multiple: int | None = None, max_shapes: int | None = None,
                     batch_maxima: Sequence[int] = ()) -> list[int]:
     """Bucket lengths from ``data.padding`` / ``data.buckets`` / ``data.bucket_multiple`` /
-    ``data.max_shapes`` / ``data.max_length``.
+    ``data.max_shapes`` / ``data.max_length``, the first that is set winning in that order.
 
-    ``multiple`` N gives every multiple of N below max_length, then max_length (fine buckets, at
-    most max_length / N compiled shapes). ``max_shapes`` K fits at most K lengths to
-    ``batch_maxima``, the longest example of each batch the buckets will serve (`fit_buckets`).
+    ``buckets`` are used as given. ``multiple`` N gives every multiple of N below max_length, then
+    max_length (fine buckets, at most max_length / N compiled shapes). ``max_shapes`` K (the default,
+    8) fits at most K lengths to ``batch_maxima``, the longest example of each batch the buckets
+    will serve (`fit_buckets`). With all three null: max_length/4, /2, /1 (`default_buckets`).
     Raises ConfigError unless the buckets are positive, strictly increasing and end at max_length.
     """
     if padding == "max_length":
@@ -43,11 +44,6 @@ def resolve_buckets(max_length: int, padding: str = "bucket", buckets: Sequence[
     if padding != "bucket":
         raise ConfigError(f"data.padding={padding!r} is unknown; use one of "
                           f"{' | '.join(PADDINGS)}")
-    if max_shapes is not None:
-        if buckets is not None or multiple is not None:
-            raise ConfigError(f"data.max_shapes={max_shapes} fits the buckets to the data, so data.buckets and "
-                              "data.bucket_multiple must be null; set one of the three")
-        return fit_buckets(batch_maxima, max_shapes, max_length)
     if multiple is not None:
         if int(multiple) < 1:
             raise ConfigError(f"data.bucket_multiple={multiple} must be >= 1; use e.g. data.bucket_multiple=16")
@@ -56,7 +52,7 @@ def resolve_buckets(max_length: int, padding: str = "bucket", buckets: Sequence[
                               "set one of them to null")
         return list(range(int(multiple), int(max_length), int(multiple))) + [int(max_length)]
     if buckets is None:
-        return default_buckets(max_length)
+        return default_buckets(max_length) if max_shapes is None else fit_buckets(batch_maxima, max_shapes, max_length)
     b = [int(x) for x in buckets]
     if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:])) or b[-1] != max_length:
         raise ConfigError(f"data.buckets={b} must be positive, strictly increasing lengths whose "
@@ -175,12 +171,15 @@ def padding_efficiency(batch: dict[str, np.ndarray]) -> tuple[int, int]:
 
 def train_batches(enc: Encoded, batch_size: int, *, seed: int, epoch: int,
                   buckets: Sequence[int], start: int = 0, process_index: int = 0,
-                  process_count: int = 1, group_by_length: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                  process_count: int = 1, group_by_length: bool = False, with_rows: bool = False
+                  ) -> Iterator[dict[str, np.ndarray]] | Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """This process's rows of each global train batch of one epoch, in `train_order`.
 
     Each global batch is padded to the smallest bucket holding its longest example, so all
     processes agree on the shape. Process ``p`` gets rows ``[p*B/P, (p+1)*B/P)``. ``start``
     skips that many batches (resume) without building them. Arguments are checked on the call.
+    With `with_rows` each item is (the examples' indices in `enc`, batch), for a step that adds
+    per-example data to the batch (the frozen-stratum cache, `frozen.Cache.attach`).
     """
     local = _check_sharding(batch_size, process_index, process_count)
     steps = steps_per_epoch(enc, batch_size)
@@ -195,7 +194,9 @@ def train_batches(enc: Encoded, batch_size: int, *, seed: int, epoch: int,
     def batches():
         for idx in order[start:]:
             length = pick_bucket(int(enc.lengths[idx].max()), buckets)
-            yield _batch(enc, idx[lo:lo + local], length, np.ones(local, np.float32))
+            rows = idx[lo:lo + local]
+            batch = _batch(enc, rows, length, np.ones(local, np.float32))
+            yield (rows, batch) if with_rows else batch
 
     return batches()
 

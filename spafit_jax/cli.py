@@ -1,16 +1,63 @@
-"""The command line of `python -m spafit_jax.train`: argparse over `config.load_config`."""
+"""The command lines: the one wrapper every command runs in (`run_command`, `program`), and the trainer's
+parser (argparse over `config.load_config`)."""
 
 import argparse
 import dataclasses
+import logging
+import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
-from spafit_jax import methods, tasks
+from spafit_jax import methods, rundir, tasks
 from spafit_jax.config import SECTIONS, Config, default, format_value, load_config, to_dict
+from spafit_jax.errors import SpafitError
 
-__all__ = ["build_parser", "parse_args", "format_fields"]
+__all__ = ["build_parser", "parse_args", "format_fields", "program", "run_command"]
+
+
+def program(command: str) -> str:
+    """The program name a command's usage and errors show: `spafit-<command>` when it runs as that console
+    script (sys.argv[0]), else `python -m spafit_jax.<command>`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name == f"spafit-{command}" else f"python -m spafit_jax.{command}"
+
+
+def run_command(work: Callable[[], int | None], *, compile_cache: bool = True,
+                interrupted: str = "interrupted; re-run the same command to resume") -> int:
+    """Runs a command line's `work` the way every command does, returning the exit status.
+
+    Logging at WARNING (Orbax's and the datasets library's routine notices off), the persistent compile
+    cache on (`compiling.use_compile_cache`, unless `compile_cache` is False), then `work()`: its status
+    (None is 0); a SpafitError or an OSError (the path, what happened, what to do:
+    `rundir.describe_os_error`) is one `error:` line on stderr and status 2; Ctrl-C is the line
+    `interrupted` and status 130. argparse's own usage errors (status 2) and --help (0) pass through.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's routine notices
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()  # "Generating train split" bars of small files
+    except ImportError:  # the light install: masking and LoRA only
+        pass
+    try:
+        if compile_cache:
+            from spafit_jax.compiling import use_compile_cache
+
+            use_compile_cache()  # a rerun or a resume loads the compiled steps
+        status = work()
+    except SpafitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {rundir.describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    return 0 if status is None else int(status)
 
 
 def format_fields() -> str:
@@ -43,9 +90,9 @@ examples:
   python -m spafit_jax.train --config configs/glue/rte.yaml --config configs/methods/lora.yaml \\
       train.lr=5e-4 method.lora_targets=[query,key,value] --workdir runs/rte-lora
 
-  # short, variable-length text: length-grouped batches, 8 fitted bucket lengths, frozen layers run once
-  python -m spafit_jax.train --config configs/tweets.yaml data.group_by_length=true data.max_shapes=8 \\
-      train.cache_frozen=true
+  # length-grouped batches and 8 fitted bucket lengths are the default; the frozen layers can run once
+  # (faster, but no dropout in them); data.group_by_length=false data.max_shapes=null: the older batching
+  python -m spafit_jax.train --config configs/tweets.yaml train.cache_frozen=true
 
   # print the resolved config and exit
   python -m spafit_jax.train --config configs/glue/mnli.yaml --config configs/methods/bitfit.yaml --print-config
@@ -64,7 +111,7 @@ restores XLA's default.
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `python -m spafit_jax.train`."""
     parser = argparse.ArgumentParser(
-        prog="python -m spafit_jax.train",
+        prog=program("train"),
         description=_DESCRIPTION,
         epilog=_EXAMPLES + "\nconfig fields (section.key = default), settable in YAML or as overrides:\n"
         + format_fields(),

@@ -342,12 +342,12 @@ def run_cells(cells: Sequence[Cell], workdir: str | os.PathLike, *, fail_fast: b
             status[cell.name], outcome = f"failed: {message}", f"FAILED ({type(e).__name__}: {message})"
         else:
             (folder / rundir.ERROR).unlink(missing_ok=True)
-            if "stopped_at" in run.results:
+            if run.results is None:
                 status[cell.name] = "stopped"
-                echo(f"{head}: stopped at step {run.results['stopped_at']}; re-run the same command to resume")
+                echo(f"{head}: stopped at step {run.step}; re-run the same command to resume")
                 break
-            best = run.results["best"]
-            status[cell.name], outcome = "done", f"{best['metric']} {run.results['eval'][best['metric']]:.4f}"
+            best = run.results.best
+            status[cell.name], outcome = "done", f"{best.metric} {run.results.eval[best.metric]:.4f}"
         spent.append(time.perf_counter() - t0)
         left -= 1
         eta = f"about {_clock(left * sum(spent) / len(spent))} left" if left else "last cell"
@@ -376,52 +376,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: 0 when every selected cell finished, 1 when some failed, 2 for bad input."""
-    args = build_parser().parse_intermixed_args(None if argv is None else list(argv))
-    try:
+    """Command-line entry point (`cli.run_command`): 0 when every selected cell finished, 1 when some failed,
+    2 for bad input, 130 on Ctrl-C."""
+    from spafit_jax import cli
+
+    parser = build_parser()
+    parser.prog = cli.program("experiment")
+    args = parser.parse_intermixed_args(None if argv is None else list(argv))
+
+    def work() -> int:
         cells, notes = load_experiment(args.config, args.overrides)
         cells = select(cells, args.only, args.shard)
-    except SpafitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    workdir = Path(args.workdir)
-    for note in notes:
-        print(note)
-    if args.dry_run:
-        for i, cell in enumerate(cells, 1):
-            folder = cell.folder(workdir)
-            state = ("finished" if (folder / rundir.RESULTS).exists() else "failed before" if (folder / rundir.ERROR).exists()
-                     else "unfinished" if folder.exists() else "to do")
-            print(f"[{i}/{len(cells)}] {cell.name}: {state} -> {folder}")
-        return 0
-    try:  # a copy of the experiment file; shards sharing EXP write it at once (they all hold the same text)
-        workdir.mkdir(parents=True, exist_ok=True)
-        rundir.write_atomic(workdir / "experiment.yaml", Path(args.config).read_text(encoding="utf-8"), per_process=True)
-    except OSError as e:
-        print(f"error: cannot write {workdir / 'experiment.yaml'} ({e.strerror or e}); choose a writable --workdir",
-              file=sys.stderr)
-        return 2
-    from spafit_jax.compiling import use_compile_cache
+        workdir = Path(args.workdir)
+        for note in notes:
+            print(note)
+        if args.dry_run:
+            for i, cell in enumerate(cells, 1):
+                folder = cell.folder(workdir)
+                state = ("finished" if (folder / rundir.RESULTS).exists() else "failed before"
+                         if (folder / rundir.ERROR).exists() else "unfinished" if folder.exists() else "to do")
+                print(f"[{i}/{len(cells)}] {cell.name}: {state} -> {folder}")
+            return 0
+        try:  # a copy of the experiment file; shards sharing EXP write it at once (they all hold the same text)
+            workdir.mkdir(parents=True, exist_ok=True)
+            rundir.write_atomic(workdir / "experiment.yaml", Path(args.config).read_text(encoding="utf-8"),
+                                per_process=True)
+        except OSError as e:
+            raise ConfigError(f"cannot write {workdir / 'experiment.yaml'} ({e.strerror or e}); choose a writable "
+                              "--workdir") from None
+        from spafit_jax.compiling import use_compile_cache
 
-    use_compile_cache(workdir / "jax_cache")  # the seeds of a method compile once
-    try:
+        use_compile_cache(workdir / "jax_cache")  # the seeds of a method compile once
         status = run_cells(cells, workdir, fail_fast=args.fail_fast)
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume (finished cells are kept)", file=sys.stderr)
-        return 130
-    failed = [f"  {name}: {s[len('failed: '):]}" for name, s in status.items() if s.startswith("failed")]
-    counts = {k: sum(s.split(":")[0] == k for s in status.values()) for k in ("done", "skipped", "failed")}
-    print(f"{counts['done']} trained, {counts['skipped']} finished before, {counts['failed']} failed, "
-          f"{len(cells) - len(status)} not run" + ("; failures:\n" + "\n".join(failed) if failed else ""))
-    if not args.no_report:
-        from spafit_jax import report
+        failed = [f"  {name}: {s[len('failed: '):]}" for name, s in status.items() if s.startswith("failed")]
+        counts = {k: sum(s.split(":")[0] == k for s in status.values()) for k in ("done", "skipped", "failed")}
+        print(f"{counts['done']} trained, {counts['skipped']} finished before, {counts['failed']} failed, "
+              f"{len(cells) - len(status)} not run" + ("; failures:\n" + "\n".join(failed) if failed else ""))
+        if not args.no_report:
+            from spafit_jax import report
 
-        try:
-            out = report.write_report(workdir)
-            print(f"report: {out['index.html']}")
-        except SpafitError as e:
-            print(f"report: {e}", file=sys.stderr)
-    return 1 if failed else 0
+            try:
+                out = report.write_report(workdir)
+                print(f"report: {out['index.html']}")
+            except SpafitError as e:
+                print(f"report: {e}", file=sys.stderr)
+        return 1 if failed else 0
+
+    return cli.run_command(work, compile_cache=False,
+                           interrupted="interrupted; re-run the same command to resume (finished cells are kept)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ __import__("spafit_jax.launch").launch.require_extra(__name__)  # the [train] ex
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -150,10 +149,11 @@ def export(run, out: str | os.PathLike, fmt: str, *, overwrite: bool = False) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; bad input is one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    p = argparse.ArgumentParser(prog="python -m spafit_jax.export", description=__doc__.split("\n\n")[0])
+    """Command-line entry point (`cli.run_command`); bad input is one line on stderr and exit status 2."""
+    from spafit_jax import cli
+    from spafit_jax.run import load_run
+
+    p = argparse.ArgumentParser(prog=cli.program("export"), description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="the run folder")
     p.add_argument("--out", required=True,
                    help="the folder to write: new, empty, or an earlier export with --overwrite")
@@ -161,14 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", default="best", help="best | last | a step number (default: best)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (whole)")
     args = p.parse_args(argv)
-    from spafit_jax.run import cli_main, load_run
 
     def work():
         outputs.check_folder(args.out, overwrite=args.overwrite, **_protected_early(args.workdir))  # before loading
         out = export(load_run(args.workdir, args.checkpoint), args.out, args.format, overwrite=args.overwrite)
         print(f"wrote {args.format} export to {out}")
 
-    return cli_main(work)
+    return cli.run_command(work)
 
 
 if __name__ == "__main__":

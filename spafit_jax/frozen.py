@@ -3,10 +3,12 @@
 When a plan freezes the embeddings and layers 0 .. N1-1, their output never changes during
 training. `build_cache` runs them once over the train split (deterministic, so without dropout:
 the one change to the maths), batched in length order, and keeps each example's hidden states on
-the host at its real length (float32 or bfloat16, under `train.cache_max_gb`). The train step then
-starts at layer N1 (`Cache.apply_fn`, `bert.BertForSequenceClassification.upper`); evaluation runs
-the whole model as before. Padding positions of a cached batch are zeros: attention never reads
-them, so the real positions are those of the uncached step.
+the host at its real length (float32 or bfloat16, under `train.cache_max_gb`). It is one optional
+step on the trainer's batches: `Cache.attach` adds each batch's rows' hidden states, and the train
+step starts at layer N1 (`Cache.train_model`, `bert.BertForSequenceClassification.upper`);
+evaluation runs the whole model as before. With the cache off nothing of this module runs.
+The plan says how many layers are frozen (`Plan.frozen_depth`). Padding positions of a cached
+batch are zeros: attention never reads them, so the real positions are those of the uncached step.
 
 Resume rebuilds the cache (the same parameters give the same cache). Each process of a
 multi-host run builds it on its first local device; every process holds every train row, since
@@ -19,32 +21,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Iterable, Iterator
+from typing import Callable
 
 import jax
 import numpy as np
 
-from spafit_jax import batching, compiling
+from spafit_jax import batching, compiling, steps
 from spafit_jax.errors import ConfigError
 
 DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}
-
-
-def frozen_depth(labels: Any, family) -> int:
-    """How many leading layers are frozen together with the embeddings (0 when the embeddings train).
-
-    `labels` is a plan's label tree; `family` names the prefix and the encoder (`families.Family`).
-    """
-    base = labels.get(family.prefix, {})
-    frozen = lambda tree: all(l == "frozen" for l in jax.tree_util.tree_leaves(tree))  # noqa: E731
-    if not all(frozen(base.get(k, {})) for k in ("embeddings", "embeddings_project")):
-        return 0
-    layers = base.get(family.encoder, {}).get("layer", {})
-    n = 0
-    while str(n) in layers and frozen(layers[str(n)]):
-        n += 1
-    return n
+#: the batch keys the step above the cache takes (`Cache.train_model`), in order.
+CACHE_INPUTS = ("hidden", "attention_mask", "token_type_ids")
 
 
 @dataclasses.dataclass
@@ -58,6 +46,11 @@ class Cache:
     seconds: float = 0.0  # time spent building it
 
     @property
+    def train_model(self) -> tuple[Callable, tuple[str, ...]]:
+        """What the train step applies, and the batch keys it takes (`parallel.make_driver`'s train_model)."""
+        return self.apply_fn, CACHE_INPUTS
+
+    @property
     def nbytes(self) -> int:
         return int(self.flat.nbytes)
 
@@ -68,6 +61,13 @@ class Cache:
             lo, hi = self.offsets[i], self.offsets[i + 1]
             out[row, :hi - lo] = self.flat[lo:hi]
         return out
+
+
+    def attach(self, batches: Iterable[tuple[np.ndarray, dict[str, np.ndarray]]]
+               ) -> Iterator[dict[str, np.ndarray]]:
+        """Each batch of `batching.train_batches(..., with_rows=True)` with its rows' "hidden" states."""
+        for rows, batch in batches:
+            yield {**batch, "hidden": self.hidden(rows, batch["input_ids"].shape[1])}
 
 
 def _refuse(plan, n1: int) -> None:
@@ -85,7 +85,7 @@ def build_cache(model, plan, params, enc, train_cfg, batch_size: int, buckets) -
     Raises ConfigError (one line) when the plan does not freeze them, or when the cache would
     exceed `train_cfg.cache_max_gb`.
     """
-    n1 = frozen_depth(plan.labels, model.config.family)
+    n1 = plan.frozen_depth
     _refuse(plan, n1)
     dtype = np.dtype(DTYPES[train_cfg.cache_dtype])
     lengths = np.asarray(enc.lengths, np.int64)
@@ -106,30 +106,8 @@ def build_cache(model, plan, params, enc, train_cfg, batch_size: int, buckets) -
     for b, batch in enumerate(batches):
         idx = order[b * batch_size:(b + 1) * batch_size]
         assert np.array_equal(batch["attention_mask"][:len(idx)].sum(1), lengths[idx]), "batch order changed"
-        inputs = jax.device_put([batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")], device)
+        inputs = jax.device_put([batch[k] for k in steps.INPUTS], device)
         out = np.asarray(lower(variables, *inputs))
         for row, i in enumerate(idx):
             flat[offsets[i]:offsets[i + 1]] = out[row, :lengths[i]].astype(dtype)
     return Cache(n1, flat, offsets, functools.partial(model.apply, method="upper", n1=n1), time.perf_counter() - t0)
-
-
-def train_batches(cache: Cache | None, enc, batch_size: int, *, seed: int, epoch: int, buckets, start: int = 0,
-                  process_index: int = 0, process_count: int = 1, group_by_length: bool = False
-                  ) -> Iterator[dict[str, np.ndarray]]:
-    """`batching.train_batches` (same arguments after `cache`), each batch with its rows' cached
-    "hidden" states added when `cache` is not None."""
-    batches = batching.train_batches(enc, batch_size, seed=seed, epoch=epoch, buckets=buckets, start=start,
-                                     process_index=process_index, process_count=process_count,
-                                     group_by_length=group_by_length)
-    if cache is None:
-        return batches
-    order = batching.train_order(enc.lengths, batch_size, seed=seed, epoch=epoch, group_by_length=group_by_length)
-    local = batch_size // process_count
-    lo = process_index * local
-
-    def with_hidden():
-        for idx, batch in zip(order[start:], batches):
-            rows = idx[lo:lo + local]
-            yield {**batch, "hidden": cache.hidden(rows, batch["input_ids"].shape[1])}
-
-    return with_hidden()

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spafit_jax import compiling, optim
+from spafit_jax import compiling, steps
 from spafit_jax.errors import ConfigError
 from spafit_jax.schema import ParallelConfig
 
@@ -126,8 +126,14 @@ def _fsdp_sharding(mesh: Mesh, x) -> NamedSharding:
     return NamedSharding(mesh, P(*spec))
 
 
+def _train_step(apply_fn, tx, train_model, **kw) -> Callable:
+    """`steps.train_step` of the whole model, or of `train_model` = (apply_fn, batch keys it takes)."""
+    apply, inputs = train_model or (apply_fn, steps.INPUTS)
+    return functools.partial(steps.train_step, apply_fn=apply, inputs=inputs, tx=tx, **kw)
+
+
 def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp: int = 1,
-                train_apply_fn=None) -> Driver:
+                train_model: tuple[Callable, tuple[str, ...]] | None = None) -> Driver:
     """`jax.jit` over a Mesh of all devices: batch sharded on ("data", "fsdp"), state replicated.
 
     The compiler inserts the gradient all-reduce. With fsdp > 1 the frozen base weights are
@@ -139,10 +145,9 @@ def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp:
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P((AXIS, FSDP)))
 
-    step = functools.partial(optim.train_step, apply_fn=train_apply_fn or apply_fn, tx=tx,
-                             is_regression=is_regression, grad_accum=grad_accum)
+    step = _train_step(apply_fn, tx, train_model, is_regression=is_regression, grad_accum=grad_accum)
     jit_step = compiling.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)
-    jit_eval = compiling.jit(functools.partial(optim.eval_step, apply_fn=apply_fn), out_shardings=rows)
+    jit_eval = compiling.jit(functools.partial(steps.eval_step, apply_fn=apply_fn), out_shardings=rows)
 
     def put_batch(local):
         return {k: jax.make_array_from_process_local_data(rows, np.asarray(v)) for k, v in local.items()}
@@ -165,7 +170,8 @@ def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp:
     )
 
 
-def pmap_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, train_apply_fn=None) -> Driver:
+def pmap_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1,
+                train_model: tuple[Callable, tuple[str, ...]] | None = None) -> Driver:
     """`jax.pmap` over the local devices of every process: state replicated and donated, gradients psum'd.
 
     Arrays carry a leading axis of local devices; on several hosts the collectives span
@@ -174,10 +180,10 @@ def pmap_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, train
     devices = jax.local_devices()
     n = len(devices)
     stacked = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), P(AXIS))
-    step = functools.partial(optim.train_step, apply_fn=train_apply_fn or apply_fn, tx=tx,
-                             is_regression=is_regression, grad_accum=grad_accum, axis_name=AXIS)
+    step = _train_step(apply_fn, tx, train_model, is_regression=is_regression, grad_accum=grad_accum,
+                       axis_name=AXIS)
     p_step = jax.pmap(step, axis_name=AXIS, donate_argnums=0)
-    p_eval = jax.pmap(functools.partial(optim.eval_step, apply_fn=apply_fn), axis_name=AXIS)
+    p_eval = jax.pmap(functools.partial(steps.eval_step, apply_fn=apply_fn), axis_name=AXIS)
 
     def replicate_one(x):
         host = to_host(x)[None]
@@ -219,12 +225,13 @@ def pmap_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, train
 
 
 def make_driver(cfg: ParallelConfig, apply_fn, tx, *, is_regression: bool, grad_accum: int = 1,
-                train_apply_fn=None) -> Driver:
+                train_model: tuple[Callable, tuple[str, ...]] | None = None) -> Driver:
     """The driver that `parallel.mode` names (its values are checked by the config).
 
-    `train_apply_fn` (default `apply_fn`) is what the train step applies, e.g. the layers above a
-    frozen-stratum cache; evaluation always applies `apply_fn`, the whole model."""
-    kw = dict(is_regression=is_regression, grad_accum=grad_accum, train_apply_fn=train_apply_fn)
+    `train_model` (default: `apply_fn` of `steps.INPUTS`) is what the train step applies and the
+    batch keys it takes, e.g. the layers above a frozen-stratum cache (`frozen.Cache.train_model`);
+    evaluation always applies `apply_fn`, the whole model."""
+    kw = dict(is_regression=is_regression, grad_accum=grad_accum, train_model=train_model)
     if cfg.mode == "pmap":
         return pmap_driver(apply_fn, tx, **kw)
     return mesh_driver(apply_fn, tx, fsdp=cfg.fsdp, **kw)

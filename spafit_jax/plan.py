@@ -1,9 +1,11 @@
-"""The trainability plan of a run, built once from the method config and the model.
+"""The trainability plan of a run, built once from the method config and the model: the one owner of strata.
 
 `make_plan(method, num_layers)` resolves the strata (n1, n2) and the LoRA adapters the model
 must be built with; `plan.label(params)` then labels that model's parameters and counts them.
-The trainer, the benchmarks, the checkpoint fingerprint, the summary table and results.json
-all read this one object; nothing else re-derives strata or LoRA placement.
+Everything that asks what trains asks the plan: the optimizer (`trainable_labels`), the
+frozen-stratum cache (`frozen_depth`), the checkpoint fingerprint (`labels`), the report's strata
+picture (`layer_kinds`), the summary table and results.json (`describe`). Nothing else resolves
+n1/n2 or reads a label tree to find layers.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
 from spafit_jax import masking
 from spafit_jax.errors import MaskingError
-from spafit_jax.methods import BIAS, FROZEN, LAYERNORM, LORA_METHODS, LoRAConfig
+from spafit_jax.methods import BIAS, FROZEN, LAYERNORM, LORA, LORA_METHODS, TRAINABLE_LABELS, WEIGHT, LoRAConfig
 from spafit_jax.schema import MethodConfig
+
+#: what a layer trains, as the report's strata picture names it (`Plan.layer_kinds`).
+LAYER_KINDS = (FROZEN, "bias only", "LoRA", "LoRA + bias", "all weights", "norm scale only", "LoRA + norm scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +29,9 @@ class Plan:
     """What trains in one model: the method, its strata, its LoRA adapters, and (once labelled) the labels.
 
     `n1`/`n2` are layer counts for spafit and None for the other methods. `labels` is a tree of
-    label strings shaped like the parameters and `counts` {label: parameters}, both None until
-    `label` has run.
+    label strings shaped like the parameters, `counts` {label: parameters}, `layers` the set of
+    trainable labels of each encoder layer and `embeddings_train` whether any embedding leaf
+    trains; all four are None until `label` has run.
     """
 
     method: MethodConfig
@@ -33,18 +41,59 @@ class Plan:
     lora: LoRAConfig | None
     labels: Any = None
     counts: dict[str, int] | None = None
+    layers: tuple[frozenset[str], ...] | None = None
+    embeddings_train: bool | None = None
 
     def label(self, params: Any) -> "Plan":
-        """This plan with the labels and counts of `params` (a model built with `self.lora`)."""
+        """This plan with the labels, counts and per-layer labels of `params` (a model built with `self.lora`)."""
         m = self.method
         labels = masking.method_labels(params, m.name, n1=self.n1, n2=self.n2, train_pooler=m.train_pooler,
                                        stratum3_bias=m.stratum3_bias,
                                        train_layernorm=None if m.name == "full" else m.train_layernorm)
-        return dataclasses.replace(self, labels=labels, counts=masking.count_params(params, labels))
+        layers: list[set[str]] = [set() for _ in range(self.num_layers)]
+        embeddings_train = False
+        for keypath, label in jax.tree_util.tree_flatten_with_path(labels)[0]:
+            path = jax.tree_util.keystr(keypath, simple=True, separator="/")
+            i = masking.layer_index(path)
+            if label != FROZEN and i is not None and i < self.num_layers:
+                layers[i].add(label)
+            embeddings_train |= label != FROZEN and i is None and "embeddings" in path
+        return dataclasses.replace(self, labels=labels, counts=masking.count_params(params, labels),
+                                   layers=tuple(frozenset(s) for s in layers), embeddings_train=embeddings_train)
 
     def split(self, params: Any) -> tuple[Any, Any]:
         """(trainable, frozen) halves of `params` (see `masking.split`)."""
         return masking.split(params, self.labels)
+
+    @property
+    def trainable_labels(self) -> tuple[str, ...]:
+        """The labels of the leaves that train, in display order (one optimizer group each)."""
+        present = {label for label in jax.tree_util.tree_leaves(self.labels) if label != FROZEN}
+        return tuple(sorted(present, key=lambda l: (TRAINABLE_LABELS.index(l) if l in TRAINABLE_LABELS
+                                                    else len(TRAINABLE_LABELS), l)))
+
+    @property
+    def frozen_depth(self) -> int:
+        """How many leading layers are frozen together with the embeddings (0 when an embedding trains):
+        what the frozen-stratum cache can compute once."""
+        if self.embeddings_train:
+            return 0
+        n = 0
+        while n < self.num_layers and not self.layers[n]:
+            n += 1
+        return n
+
+    def layer_kinds(self) -> list[str]:
+        """What each encoder layer trains, one of LAYER_KINDS per layer (the report's strata picture)."""
+        small = LAYERNORM if self.bias_stand_in else BIAS  # a model without biases trains its norm scales
+
+        def kind(s: frozenset[str]) -> str:
+            if WEIGHT in s:
+                return "all weights"
+            if LORA in s:
+                return ("LoRA + bias" if BIAS in s else "LoRA + norm scale" if small in s else "LoRA")
+            return ("norm scale only" if small == LAYERNORM else "bias only") if s else FROZEN
+        return [kind(s) for s in self.layers]
 
     @property
     def trainable_params(self) -> int:
@@ -64,13 +113,13 @@ class Plan:
 
     def describe(self) -> dict[str, Any]:
         """The plan's fields of results.json: method, n1, n2, stratum3_bias (spafit), trainable/total params
-        and percent, by label."""
+        and percent, by label, and each layer's kind."""
         return {"method": self.method.name, "n1": self.n1, "n2": self.n2,
                 "stratum3_bias": None if self.n1 is None else self.method.stratum3_bias,
                 "bias_stand_in": self.bias_stand_in,
                 "trainable_params": self.trainable_params, "total_params": self.total_params,
                 "trainable_percent": 100.0 * self.trainable_params / self.total_params,
-                "params_by_label": dict(self.counts)}
+                "params_by_label": dict(self.counts), "layer_kinds": self.layer_kinds()}
 
     def summary(self, params: Any) -> str:
         """The label table of `params`, then the strata in words (spafit)."""
@@ -86,7 +135,10 @@ class Plan:
 
 def make_plan(method: MethodConfig, num_layers: int) -> Plan:
     """Strata and LoRA placement for a model of `num_layers` layers: LoRA on every layer for lora,
-    on layers n2..L-1 for spafit, none otherwise. Raises MaskingError when n1/n2 do not fit L."""
+    on layers n2..L-1 for spafit, none otherwise. Raises MaskingError when n1/n2 do not fit L.
+
+    The one place n1/n2 are resolved (fractions and None to layer counts); everything after
+    passes the plan's integers on."""
     n1 = n2 = None
     if method.name == "spafit":
         try:

@@ -13,7 +13,6 @@ __import__("spafit_jax.launch").launch.require_extra(__name__)  # the [train] ex
 import argparse
 import csv
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -183,11 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; bad input is one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
-    from spafit_jax.run import cli_main, load_run
+    """Command-line entry point (`cli.run_command`); bad input is one line on stderr and exit status 2."""
+    from spafit_jax import cli
+    from spafit_jax.run import load_run
+
+    parser = build_parser()
+    parser.prog = cli.program("predict")
+    args = parser.parse_args(argv)
 
     def work():
         if args.batch_size is not None and args.batch_size < 1:
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         predictions = run.predict(texts, pairs, batch_size=batch, progress=len(texts) > PROGRESS_ABOVE)
         write(rows(run, predictions), output)
 
-    return cli_main(work)
+    return cli.run_command(work)
 
 if __name__ == "__main__":
     sys.exit(main())

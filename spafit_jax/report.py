@@ -17,21 +17,20 @@ import argparse
 import csv
 import dataclasses
 import html
-import json
 import math
-import re
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spafit_jax import config as config_lib
-from spafit_jax import rundir
+from spafit_jax import metricslog, results, rundir
+from spafit_jax.config import Config, load_config
 from spafit_jax.errors import SpafitError
+from spafit_jax.plan import LAYER_KINDS
 
-KINDS = {"frozen": "#d9d9d9", "bias only": "#9ecae1", "LoRA": "#fdd0a2", "LoRA + bias": "#e6550d",
-         "all weights": "#31a354", "norm scale only": "#c6dbef", "LoRA + norm scale": "#fd8d3c"}
+#: the colour of each of the plan's layer kinds (`plan.LAYER_KINDS`) in the strata picture.
+KINDS = dict(zip(LAYER_KINDS, ("#d9d9d9", "#9ecae1", "#fdd0a2", "#e6550d", "#31a354", "#c6dbef", "#fd8d3c")))
 
 
 class ReportError(SpafitError):
@@ -46,40 +45,44 @@ class RunRecord:
     task: str
     method: str
     seed: int
-    results: dict
-    config: config_lib.Config | None
+    results: results.Results
+    config: Config | None
     records: list[dict]
 
     @property
     def metric(self) -> str:
-        return self.results["best"]["metric"]
+        return self.results.best.metric
 
     @property
     def value(self) -> float | None:
-        return self.results["eval"].get(self.metric)
+        return self.results.eval.get(self.metric)
 
     @property
     def stratum3(self) -> str:
         """What SPAFIT's group 3 trains: "LoRA + bias" or "LoRA only" (from results.json, else config.yaml)."""
-        bias = self.results.get("stratum3_bias", None if self.config is None else self.config.method.stratum3_bias)
+        bias = self.results.stratum3_bias
+        bias = bias if bias is not None or self.config is None else self.config.method.stratum3_bias
         return "LoRA only" if bias is False else "LoRA + bias"
 
 
 def _read_run(folder: Path, names: tuple[str, str, int] | None = None) -> RunRecord:
     try:
-        results = json.loads((folder / rundir.RESULTS).read_text())
-    except (OSError, ValueError) as e:
-        raise ReportError(f"{folder}: cannot read {rundir.RESULTS} ({e}); pass finished run folders") from None
+        record = results.read(folder / rundir.RESULTS)
+    except results.ResultsError as e:
+        raise ReportError(f"{e} (or leave {folder} out of the report)") from None
+    if record.best is None:
+        raise ReportError(f"{folder / rundir.RESULTS} ranks no evaluation (best is null); re-run the training "
+                          "command with --overwrite, or leave the folder out")
     try:
-        cfg = config_lib.load_config([folder / rundir.CONFIG])
+        cfg = load_config([folder / rundir.CONFIG])
     except SpafitError:
         cfg = None  # an older schema: the strata diagram leaves this run out
     metrics = folder / rundir.METRICS
-    records = [r for _, r in rundir.read_metrics(metrics)] if metrics.exists() else []
+    records = [r for _, r in metricslog.read_metrics(metrics)] if metrics.exists() else []
     if names is None:
-        method = results["method"] + (f"@n1={results['n1']},n2={results['n2']}" if results.get("n1") is not None else "")
-        names = (results["task"], method, cfg.train.seed if cfg else 0)
-    return RunRecord(folder, *names, results, cfg, records)
+        method = record.method + (f"@n1={record.n1},n2={record.n2}" if record.n1 is not None else "")
+        names = (record.task, method, cfg.train.seed if cfg else 0)
+    return RunRecord(folder, *names, record, cfg, records)
 
 
 def collect(exp: str | Path | None, folders: Sequence[str | Path] = ()) -> tuple[list[RunRecord], dict[str, str]]:
@@ -118,7 +121,7 @@ class Groups:
         for r in self.runs:
             self.by.setdefault((r.task, r.method), []).append(r)
         self.tasks = sorted({r.task for r in self.runs})
-        size = {m: statistics.fmean(r.results["trainable_params"] for r in self.runs if r.method == m)
+        size = {m: statistics.fmean(r.results.trainable_params for r in self.runs if r.method == m)
                 for m in {r.method for r in self.runs}}
         self.methods = sorted(size, key=lambda m: (-size[m], m))
 
@@ -127,7 +130,7 @@ class Groups:
         return _mean_std([r.value for r in self.by.get((task, method), [])])
 
     def params(self, task: str, method: str) -> float:
-        return statistics.fmean(r.results["trainable_params"] for r in self.by[(task, method)])
+        return statistics.fmean(r.results.trainable_params for r in self.by[(task, method)])
 
     def metric(self, task: str) -> str:
         return next(r.metric for r in self.runs if r.task == task)
@@ -138,14 +141,14 @@ def summary_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         res = r.results
-        row = {"task": r.task, "method": r.method, "seed": r.seed, "n1": res.get("n1"), "n2": res.get("n2"),
-               "stratum3": r.stratum3 if res.get("n1") is not None else None,
-               "trainable_params": res["trainable_params"], "total_params": res["total_params"],
-               "trainable_percent": res["trainable_percent"], "main_metric": r.metric, "main_value": r.value,
-               "best_step": res["best"]["step"], "best_value": res["best"]["value"]}
-        for split, values in res.get("eval_splits", {"eval": res["eval"]}).items():
+        row = {"task": r.task, "method": r.method, "seed": r.seed, "n1": res.n1, "n2": res.n2,
+               "stratum3": r.stratum3 if res.n1 is not None else None,
+               "trainable_params": res.trainable_params, "total_params": res.total_params,
+               "trainable_percent": res.trainable_percent, "main_metric": r.metric, "main_value": r.value,
+               "best_step": res.best.step, "best_value": res.best.value}
+        for split, values in res.splits.items():
             row.update({f"{split}/{k}": v for k, v in values.items()})
-        row.update({k: res.get(k) for k in ("steps", "train_seconds", "eval_seconds", "examples_per_second")})
+        row.update({k: getattr(res, k) for k in ("steps", "train_seconds", "eval_seconds", "examples_per_second")})
         rows.append({**row, "folder": str(r.folder)})
     return rows
 
@@ -181,8 +184,8 @@ def table(groups: Groups) -> tuple[list[str], list[list[tuple[str, bool]]]]:
         cells = ["–" if mean is None else f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
                  for mean, std in scores]
         avg = "–" if None in means else f"{100 * statistics.fmean(means):.1f}"
-        cols[m] = [m, _spread([r.results["trainable_params"] for r in runs], count_text),
-                   _spread([r.results["trainable_percent"] for r in runs], lambda p: f"{p:.2f}"), *cells, avg]
+        cols[m] = [m, _spread([r.results.trainable_params for r in runs], count_text),
+                   _spread([r.results.trainable_percent for r in runs], lambda p: f"{p:.2f}"), *cells, avg]
     rows = [[(text, False) for text in cols[m]] for m in groups.methods]
     for j in range(3, len(header)):
         shown = [float(row[j][0].split(" ")[0]) for row in rows if row[j][0] != "–"]
@@ -287,7 +290,7 @@ def _per_method_curves(groups: Groups, out: Path, name: str, title: str, ylabel,
 
 
 def _eval_series(r: RunRecord) -> dict[int, float]:
-    split = next(iter(r.results.get("eval_splits", {None: None})))
+    split = next(iter(r.results.eval_splits or {None: None}))
     return {e["step"]: e.get(r.metric) for e in r.records
             if e.get("kind") == "eval" and e.get("split", split) == split and e.get(r.metric) is not None}
 
@@ -314,18 +317,18 @@ def plot_heatmap(groups: Groups, out: Path) -> list[str]:
     task and group-3 variant (LoRA + bias, LoRA only)."""
     import numpy as np
 
-    strata = [r for r in groups.runs if r.results.get("n1") is not None and r.value is not None]
-    if len({(r.results["n1"], r.results["n2"]) for r in strata}) < 2:
+    strata = [r for r in groups.runs if r.results.n1 is not None and r.value is not None]
+    if len({(r.results.n1, r.results.n2) for r in strata}) < 2:
         return []
     panels = sorted({(r.task, r.stratum3) for r in strata})
     fig, axes = _figure(len(panels), "SPAFIT: main metric x100 over (N1, N2)", 4.5, 4.0)
     for ax, (task, variant) in zip(axes, panels):
         runs = [r for r in strata if (r.task, r.stratum3) == (task, variant)]
-        n1s, n2s = sorted({r.results["n1"] for r in runs}), sorted({r.results["n2"] for r in runs})
+        n1s, n2s = sorted({r.results.n1 for r in runs}), sorted({r.results.n2 for r in runs})
         grid = np.full((len(n1s), len(n2s)), np.nan)
         for a, n1 in enumerate(n1s):
             for b, n2 in enumerate(n2s):
-                mean = _mean_std([r.value for r in runs if (r.results["n1"], r.results["n2"]) == (n1, n2)])[0]
+                mean = _mean_std([r.value for r in runs if (r.results.n1, r.results.n2) == (n1, n2)])[0]
                 grid[a, b] = np.nan if mean is None else mean
         image = ax.imshow(100 * grid, cmap="viridis", origin="lower", aspect="auto")
         middle = 50 * (np.nanmin(grid) + np.nanmax(grid))
@@ -339,34 +342,15 @@ def plot_heatmap(groups: Groups, out: Path) -> list[str]:
     return _save(fig, out, "heatmap_n1_n2")
 
 
-def layer_kinds(cfg: config_lib.Config) -> list[str]:
-    """What each encoder layer trains under this config's plan: one of KINDS per layer.
+def layer_kinds(run: RunRecord) -> list[str] | None:
+    """What each encoder layer of a run trains, one of `plan.LAYER_KINDS` per layer: from its results.json
+    (`Plan.layer_kinds`), or for results written before it held them, from the plan of its config.yaml
+    (`loading.plan_of_shapes`). None when neither is available."""
+    if run.results.layer_kinds:
+        return list(run.results.layer_kinds)
+    from spafit_jax import loading
 
-    The plan (`plan.make_plan`) labels the model's parameter shapes (no weights are read); a layer's
-    kind is the set of labels its trainable leaves carry."""
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-
-    from spafit_jax import hf
-    from spafit_jax import plan as plan_lib
-
-    model_cfg = hf.read_config(hf.resolve(cfg.model.name))
-    plan = plan_lib.make_plan(cfg.method, model_cfg.num_hidden_layers)
-    model = hf.family_classes(model_cfg.model_type)[1](model_cfg, lora=plan.lora, num_labels=2)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
-    plan = plan.label(shapes)
-    labels = traverse_util.flatten_dict(plan.labels, sep="/")
-    trained: list[set] = [set() for _ in range(plan.num_layers)]
-    for path, label in labels.items():
-        found = re.search(r"/layer/(\d+)/", path)
-        if found and label != "frozen":
-            trained[int(found.group(1))].add(label)
-    if plan.bias_stand_in:  # a model without biases (ModernBERT): its norm scales train in their place
-        trained = [{"norm scale" if label == "layernorm" else label for label in s} for s in trained]
-    return ["all weights" if "weight" in s else "LoRA + bias" if {"lora", "bias"} <= s else "LoRA + norm scale"
-            if {"lora", "norm scale"} <= s else "LoRA" if "lora" in s else "norm scale only" if s == {"norm scale"}
-            else "bias only" if s else "frozen" for s in trained]
+    return None if run.config is None else loading.plan_of_shapes(run.config).layer_kinds()
 
 
 def plot_strata(groups: Groups, out: Path) -> list[str]:
@@ -377,10 +361,10 @@ def plot_strata(groups: Groups, out: Path) -> list[str]:
 
     rows = {}
     for m in groups.methods:
-        cfg = next((r.config for r in groups.runs if r.method == m and r.config is not None), None)
+        run = next((r for r in groups.runs if r.method == m and (r.results.layer_kinds or r.config)), None)
         try:
-            rows[m] = layer_kinds(cfg) if cfg is not None else None
-        except SpafitError:  # the model cannot be resolved here (a hub model not in the cache)
+            rows[m] = layer_kinds(run) if run is not None else None
+        except SpafitError:  # an older run whose model cannot be resolved here (a hub model not in the cache)
             rows[m] = None
     rows = {m: k for m, k in rows.items() if k}
     if not rows:
@@ -450,22 +434,22 @@ def write_report(exp: str | Path | None, folders: Sequence[str | Path] = (), out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; bad input is one line on stderr and exit status 2."""
-    p = argparse.ArgumentParser(prog="python -m spafit_jax.report", description=__doc__.split("\n\n")[0])
+    """Command-line entry point (`cli.run_command`); bad input is one line on stderr and exit status 2."""
+    from spafit_jax import cli
+
+    p = argparse.ArgumentParser(prog=cli.program("report"), description=__doc__.split("\n\n")[0])
     p.add_argument("exp", metavar="EXP", help="experiment folder (its runs/), or a run folder")
     p.add_argument("folders", nargs="*", metavar="RUN_FOLDER", help="more run folders to compare")
     p.add_argument("--out", metavar="DIR", help="where to write (default EXP/report)")
     args = p.parse_args(argv)
-    if not Path(args.exp).is_dir():
-        print(f"error: {args.exp} is not a folder; pass an experiment folder (--workdir of the experiment)", file=sys.stderr)
-        return 2
-    try:
+
+    def work() -> None:
+        if not Path(args.exp).is_dir():
+            raise ReportError(f"{args.exp} is not a folder; pass an experiment folder (--workdir of the experiment)")
         files = write_report(args.exp, args.folders, args.out)
-    except SpafitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"report: {files['index.html']} ({', '.join(files)})")
-    return 0
+        print(f"report: {files['index.html']} ({', '.join(files)})")
+
+    return cli.run_command(work, compile_cache=False)
 
 
 if __name__ == "__main__":

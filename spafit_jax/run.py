@@ -14,20 +14,20 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax import batching, compiling, hf, lora as lora_lib, masking, optim, rundir
-from spafit_jax import checkpoint as ckpt_lib
+from spafit_jax import batching, compiling, hf, lora, masking, optimizer, results, rundir, steps
+from spafit_jax.checkpoint import Checkpointer, fingerprint
 from spafit_jax.config import Config, load_config
-from spafit_jax.errors import CheckpointError, DataError, LoadError, SpafitError
+from spafit_jax.errors import CheckpointError, DataError, LoadError
+from spafit_jax.loading import load_model
 from spafit_jax.metrics import main_metric
-from spafit_jax.plan import Plan, make_plan
+from spafit_jax.plan import Plan
 from spafit_jax.tasks import TaskSpec, spec_from_json
 from spafit_jax.tokens import Examples, check_texts, encode
 
@@ -45,18 +45,6 @@ def save_assets(workdir: str | os.PathLike, tokenizer: Any, spec: TaskSpec) -> N
     rundir.write_atomic(workdir / TASK, json.dumps(dataclasses.asdict(spec), indent=2))
 
 
-def cli_main(work: Callable[[], Any]) -> int:
-    """Runs a command line's `work` (with `use_compile_cache`): a SpafitError is one line on stderr and exit
-    status 2, else 0."""
-    compiling.use_compile_cache()
-    try:
-        work()
-    except SpafitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def load_spec(workdir: Path, cfg: Config) -> TaskSpec:
     """The run's task spec: task.json, else the registry / data config (a local or hub task reads its train split)."""
     path = workdir / TASK
@@ -72,24 +60,11 @@ def load_spec(workdir: Path, cfg: Config) -> TaskSpec:
     return task_from_config(cfg.data)
 
 
-def load_model(cfg: Config, num_labels: int, folder: Path | None = None,
-               plan: Plan | None = None) -> tuple[Any, Any, Plan]:
-    """(model, params, labelled plan) of a config: the base weights with the method's LoRA adapters.
-
-    `folder` and `plan` are resolved from the config when not given (the trainer plans before it
-    reads the data, so bad strata fail early, and passes its plan here)."""
-    folder = hf.resolve(cfg.model.name) if folder is None else folder
-    plan = make_plan(cfg.method, hf.read_config(folder).num_hidden_layers) if plan is None else plan
-    model, params = hf.load_pretrained(folder, num_labels=num_labels, dtype=jnp.dtype(cfg.model.dtype),
-                                       param_dtype=jnp.dtype(cfg.model.param_dtype), seed=cfg.train.seed,
-                                       lora=plan.lora)
-    return model, params, plan.label(params)
-
-
 @dataclasses.dataclass(eq=False)
 class LoadedRun:
     """A reloaded run: the model, its parameters (trained + frozen, adapters unmerged), the
-    tokenizer, the task spec, the resolved config, the plan and the checkpoint step."""
+    tokenizer, the task spec, the resolved config, the plan and the checkpoint step; `results` is the run's
+    results.json (None for a run that has not finished)."""
 
     workdir: Path
     config: Config
@@ -99,6 +74,7 @@ class LoadedRun:
     params: Any
     plan: Plan
     step: int
+    results: results.Results | None = None
     _logits_fn: Any = dataclasses.field(default=None, repr=False)
 
     @property
@@ -107,7 +83,7 @@ class LoadedRun:
 
     def merged_params(self) -> Any:
         """The parameters with every LoRA adapter folded into its kernel (a plain BERT tree)."""
-        return lora_lib.merge(self.params, self.plan.lora) if self.plan.lora else self.params
+        return lora.merge(self.params, self.plan.lora) if self.plan.lora else self.params
 
     def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, batch_size: int = 32,
                progress: bool = False) -> np.ndarray:
@@ -153,7 +129,7 @@ class LoadedRun:
         return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
-def _pick_step(ckpt: ckpt_lib.Checkpointer, which: str | int, directory: Path) -> int:
+def _pick_step(ckpt: Checkpointer, which: str | int, directory: Path) -> int:
     steps = ckpt.all_steps()
     if not steps:
         raise CheckpointError(f"no checkpoint in {directory}; the run saved none (train it, or let it reach a save)")
@@ -198,12 +174,11 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = "best") -> Load
         log.disabled = quiet
     tokenizer = hf.load_tokenizer(workdir / TOKENIZER if (workdir / TOKENIZER).is_dir() else cfg.model.name)
     trainable, frozen = plan.split(params)
-    tx = optim.make_optimizer(plan.labels, cfg.train, 1)
-    template = jax.eval_shape(lambda t: optim.init_state(t, tx, cfg.train.seed), trainable)
-    fingerprint = ckpt_lib.fingerprint(frozen, plan.labels, model_name=cfg.model.name)
-    with ckpt_lib.Checkpointer(directory, fingerprint=fingerprint,
-                                 keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
-                                 best_metric=cfg.train.best_metric or main_metric(spec)) as ckpt:
+    tx = optimizer.make_optimizer(plan, cfg.train, 1)
+    template = jax.eval_shape(lambda t: steps.init_state(t, tx, cfg.train.seed), trainable)
+    with Checkpointer(directory, fingerprint=fingerprint(frozen, plan.labels, model_name=cfg.model.name),
+                      keep=cfg.checkpoint.keep, keep_best=cfg.checkpoint.keep_best,
+                      best_metric=cfg.train.best_metric or main_metric(spec)) as ckpt:
         step = _pick_step(ckpt, checkpoint, directory)
         try:
             state, _ = ckpt.restore(template, step=step)
@@ -215,5 +190,6 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = "best") -> Load
                                   f"model.name in {workdir / rundir.CONFIG} to a folder that holds them") from None
     restored = jax.tree.map(lambda x: jnp.asarray(x), state.trainable)
     params = masking.merge(restored, frozen)
-    return LoadedRun(workdir, cfg, spec, tokenizer, model, params, plan, step)
+    done = results.read(workdir) if (workdir / rundir.RESULTS).is_file() else None
+    return LoadedRun(workdir, cfg, spec, tokenizer, model, params, plan, step, done)
 

@@ -94,10 +94,10 @@ class DataConfig:
     padding: str = _field("bucket", "bucket (pad to the smallest bucket that fits) | max_length")
     buckets: tuple[int, ...] | None = _field(None, "bucket lengths ending at max_length (null = max_length/4, /2, /1)")
     bucket_multiple: int | None = _field(None, "buckets every N tokens up to max_length, e.g. 16 (instead of data.buckets)")
-    max_shapes: int | None = _field(None, "fit at most N bucket lengths to the train batches, the least padding, "
-                                          "e.g. 8 (instead of data.buckets; best with data.group_by_length)")
-    group_by_length: bool = _field(False, "batch examples of similar length together (less padding; the order "
-                                          "stays seeded and resumable)")
+    max_shapes: int | None = _field(8, "fit at most N bucket lengths to the train batches, the least padding "
+                                       "(data.buckets or data.bucket_multiple, when set, win; null = max_length/4, /2, /1)")
+    group_by_length: bool = _field(True, "batch examples of similar length together (less padding, same maths; the "
+                                         "order stays seeded and resumable; false = a plain shuffle)")
     limit_train: int | None = _field(None, "use at most this many training examples")
     limit_eval: int | None = _field(None, "use at most this many examples per evaluation split")
     eval_splits: tuple[str, ...] | None = _field(None, "evaluation splits (null = the task's default)")
@@ -114,7 +114,7 @@ class DataConfig:
               "set data.hf_path to a hub dataset id or a local dataset folder")
         _need(self, self.max_length >= 8, "max_length", "must be >= 8", "use e.g. data.max_length=128")
         _one_of(self, "padding", batching.PADDINGS)
-        key = next((k for k in ("max_shapes", "bucket_multiple") if getattr(self, k) is not None), "buckets")
+        key = next((k for k in ("buckets", "bucket_multiple") if getattr(self, k) is not None), "max_shapes")
         _ask(self, key, self.bucket_lengths)
         _need(self, self.num_labels is None or self.num_labels >= 1, "num_labels", "must be >= 1",
               "use null to infer it")

@@ -231,7 +231,9 @@ def _suite(spec_path: str, out_path: str) -> int:
     import numpy as np
 
     from spafit_jax import config as config_lib
-    from spafit_jax import hf, masking, optim, parallel, train
+    from spafit_jax import hf, optimizer, parallel, train
+    from spafit_jax.plan import make_plan
+    from spafit_jax.schema import MethodConfig
 
     spec = json.loads(Path(spec_path).read_text())
     base, common = Path(spec["base"]), spec["common"]
@@ -239,8 +241,8 @@ def _suite(spec_path: str, out_path: str) -> int:
     for name, overrides in spec.get("runs", {}).items():
         t0 = time.perf_counter()
         run = train.train_and_evaluate(config_lib.load_config([], common + overrides), base / name)
-        out["runs"][name] = {"seconds": time.perf_counter() - t0, "devices": run.results["devices"],
-                             "parallel": run.results["parallel"]}
+        out["runs"][name] = {"seconds": time.perf_counter() - t0, "devices": run.results.devices,
+                             "parallel": run.results.parallel}
     for name, overrides in spec.get("errors", {}).items():
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
@@ -248,9 +250,9 @@ def _suite(spec_path: str, out_path: str) -> int:
         out["errors"][name] = {"rc": rc, "stderr": err.getvalue()}
     if spec.get("fsdp"):
         model, params = hf.load_pretrained(spec["model"], num_labels=5)
-        labels = masking.method_labels(params, "bitfit")
-        trainable, frozen = masking.split(params, labels)
-        tx = optim.make_optimizer(labels, config_lib.TrainConfig(), 4)
+        plan = make_plan(MethodConfig(name="bitfit"), model.config.num_hidden_layers).label(params)
+        trainable, frozen = plan.split(params)
+        tx = optimizer.make_optimizer(plan, config_lib.TrainConfig(), 4)
         for fsdp in spec["fsdp"]:
             driver = parallel.make_driver(config_lib.ParallelConfig(fsdp=fsdp), model.apply, tx, is_regression=False)
             placed = driver.put_frozen(frozen)
@@ -293,7 +295,7 @@ def _train(argv: list[str]) -> int:
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"process {jax.process_index()}/{jax.process_count()}: {run.results.get('stopped_at', 'finished')}")
+    print(f"process {jax.process_index()}/{jax.process_count()}: {'finished' if run.results else run.step}")
     return 0
 
 

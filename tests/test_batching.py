@@ -117,11 +117,15 @@ def test_fitted_buckets_from_the_config_and_their_refusals():
     cfg = load_config(overrides=["data.max_shapes=2", "data.max_length=64"])
     assert cfg.data.bucket_lengths([9, 10, 30, 31, 32]) == [16, 32, 64]
     assert cfg.data.bucket_lengths() == [64]  # nothing to fit yet: max_length only
-    for bad, words in ((["data.max_shapes=0"], "data.max_shapes=0 must be >= 1"),
-                       (["data.max_shapes=4", "data.bucket_multiple=16"], "must be null"),
-                       (["data.max_shapes=4", "data.buckets=[64,128]"], "must be null")):
-        with pytest.raises(ConfigError, match=words):
-            load_config(overrides=bad)
+    with pytest.raises(ConfigError, match="data.max_shapes=0 must be >= 1"):
+        load_config(overrides=["data.max_shapes=0"])
+    # Fitted shapes are the default (max_shapes=8); buckets given by hand win over them, null restores the old default.
+    assert load_config().data.max_shapes == 8 and load_config().data.group_by_length
+    maxima = [9, 10, 30, 31, 32, 40, 41, 50, 60, 70, 90]
+    assert load_config(overrides=["data.max_shapes=4", "data.bucket_multiple=16", "data.max_length=64"]
+                       ).data.bucket_lengths(maxima) == [16, 32, 48, 64]
+    assert load_config(overrides=["data.buckets=[64,128]"]).data.bucket_lengths(maxima) == [64, 128]
+    assert load_config(overrides=["data.max_shapes=null"]).data.bucket_lengths(maxima) == [32, 64, 128]
 
 
 def test_training_with_fitted_buckets_compiles_at_most_max_shapes(tiny_model_dir, tmp_path):
@@ -132,15 +136,15 @@ def test_training_with_fitted_buckets_compiles_at_most_max_shapes(tiny_model_dir
     base = [*tiny_run(tiny_model_dir), "data.task=tweets", "data.max_length=64", "data.group_by_length=true"]
     run = train_and_evaluate(load_config([], [*base, "data.max_shapes=2"]), tmp_path / "fitted")
     fitted = run.results
-    assert fitted["compiled_shapes"] <= 2 and fitted["buckets"][-1] == 64 and fitted["steps"] == 4
-    from spafit_jax import train
+    assert fitted.compiled_shapes <= 2 and fitted.buckets[-1] == 64 and fitted.steps == 4
+    from spafit_jax import loading
 
-    enc = train.load(load_config([], base)).task.train  # the same examples with the default buckets
+    enc = loading.load_for_training(load_config([], base)).task.train  # the same examples, other buckets
     real = padded = 0
     for batch in batching.train_batches(enc, 16, seed=0, epoch=0, buckets=[16, 32, 64], group_by_length=True):
         r, p = batching.padding_efficiency(batch)  # 4 steps of 16 over 64 examples: one epoch
         real, padded = real + r, padded + p
-    assert fitted["padding_efficiency"] >= real / padded
+    assert fitted.padding_efficiency >= real / padded
     texts = ["a b c", "a b c d e f g h i j k l m n o p q r s t u v w"]
     logits = load_run(tmp_path / "fitted").logits(texts, None, batch_size=1)
     assert logits.shape[0] == 2 and np.isfinite(logits).all()

@@ -19,7 +19,7 @@ import pytest
 
 from spafit_jax.checkpoint import FORMAT, Checkpointer, fingerprint
 from spafit_jax.errors import CheckpointError
-from spafit_jax.optim import TrainState
+from spafit_jax.steps import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = REPO / "tests" / "fixtures" / "old_checkpoint" / "checkpoints"

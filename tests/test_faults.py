@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spafit_jax import rundir
+from spafit_jax import metricslog, rundir, runlock
 from spafit_jax.train import main
 from tests.parallel_worker import signal_after_records
 
@@ -42,16 +42,17 @@ def records(workdir):
 
 def restore_latest(workdir):
     """The TrainState of the newest checkpoint in `workdir`, restored as a resume would."""
-    from spafit_jax import checkpoint, config as config_lib, optim, train
+    from spafit_jax import checkpoint, loading, optimizer, steps
+    from spafit_jax import config as config_lib
 
     cfg = config_lib.load_config([str(Path(workdir) / "config.yaml")])
-    loaded = train.load(cfg)
+    loaded = loading.load_for_training(cfg)
     trainable, frozen = loaded.plan.split(loaded.params)
-    tx = optim.make_optimizer(loaded.plan.labels, cfg.train, cfg.train.max_steps)
+    tx = optimizer.make_optimizer(loaded.plan, cfg.train, cfg.train.max_steps)
     fp = checkpoint.fingerprint(frozen, loaded.plan.labels, model_name=cfg.model.name)
     with checkpoint.Checkpointer(Path(workdir) / "checkpoints", fingerprint=fp, keep=2, keep_best=False,
                                  best_metric="accuracy") as ck:
-        return ck.restore(optim.init_state(trainable, tx, 0))[0]
+        return ck.restore(steps.init_state(trainable, tx, 0))[0]
 
 
 DIVERGE = ["method.name=full", "train.lr=1e30", "train.max_grad_norm=null", "train.epochs=10"]
@@ -103,7 +104,7 @@ def write_log(workdir, *lines):
 
 def test_metrics_log_torn_last_line_is_dropped_with_a_warning(tmp_path, caplog):
     write_log(tmp_path, '{"step": 1, "loss": 2.0}', '{"step": 2, "loss": 1.5}', '{"step": 3, "lo')
-    writer = rundir.MetricsWriter(tmp_path, enabled=True, resume_step=2)
+    writer = metricslog.MetricsWriter(tmp_path, enabled=True, resume_step=2)
     writer.write({"step": 3, "loss": float("nan")})
     writer.close()
     assert "torn last line 3" in caplog.text
@@ -115,7 +116,7 @@ def test_metrics_log_damaged_inside_is_one_line_naming_file_and_line(tmp_path, b
     write_log(tmp_path, '{"step": 1}', bad, '{"step": 3}')
     before = (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(rundir.WorkdirError) as e:
-        rundir.MetricsWriter(tmp_path, enabled=True, resume_step=3)
+        metricslog.MetricsWriter(tmp_path, enabled=True, resume_step=3)
     msg = str(e.value)
     assert "metrics.jsonl line 2" in msg and "\n" not in msg
     assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing lost
@@ -143,19 +144,19 @@ def dead_pid():
 
 def test_lock_is_held_during_the_run_and_released_on_exit_and_on_errors(tmp_path):
     work = tmp_path / "run"
-    with rundir.Lock(work, enabled=True):
+    with runlock.Lock(work, enabled=True):
         held = json.loads((work / rundir.LOCK).read_text())
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
         (work / "kept").write_text("x")
     assert not (work / rundir.LOCK).exists() and (work / "kept").exists()
     with pytest.raises(ValueError):
-        with rundir.Lock(work, enabled=True):
+        with runlock.Lock(work, enabled=True):
             raise ValueError("boom")
     assert not (work / rundir.LOCK).exists()
-    with rundir.Lock(tmp_path / "empty", enabled=True):
+    with runlock.Lock(tmp_path / "empty", enabled=True):
         pass
     assert not (tmp_path / "empty").exists()  # created by the lock, nothing written: removed
-    with rundir.Lock(tmp_path / "other", enabled=False):
+    with runlock.Lock(tmp_path / "other", enabled=False):
         assert not (tmp_path / "other").exists()  # processes other than 0 take no lock
 
 
@@ -179,7 +180,7 @@ def test_a_second_run_on_a_workdir_in_use_fails_at_once_naming_the_holder(tiny_m
 def test_a_lock_on_another_host_is_never_taken_over(tmp_path):
     (tmp_path / rundir.LOCK).write_text(json.dumps({"host": "elsewhere-0", "pid": dead_pid()}))
     with pytest.raises(rundir.WorkdirError, match="on elsewhere-0"):
-        with rundir.Lock(tmp_path, enabled=True):
+        with runlock.Lock(tmp_path, enabled=True):
             pass
 
 
@@ -189,12 +190,12 @@ def test_a_lock_from_before_a_reboot_or_from_a_recreated_vm_is_stale(tmp_path, m
         monkeypatch.setenv("SPAFIT_LOCK_HOST", "tpu:sst2-spafit:worker0")
         lock = {"host": "tpu:sst2-spafit:worker0", "boot": "an-earlier-boot", "pid": holder.pid}
         (tmp_path / rundir.LOCK).write_text(json.dumps(lock))
-        with rundir.Lock(tmp_path, enabled=True):
+        with runlock.Lock(tmp_path, enabled=True):
             assert json.loads((tmp_path / rundir.LOCK).read_text())["host"] == "tpu:sst2-spafit:worker0"
         assert "stale lock" in caplog.text
-        (tmp_path / rundir.LOCK).write_text(json.dumps({**lock, "boot": rundir._boot_id()}))  # this boot: live
+        (tmp_path / rundir.LOCK).write_text(json.dumps({**lock, "boot": runlock._boot_id()}))  # this boot: live
         with pytest.raises(rundir.WorkdirError, match=f"in use by pid {holder.pid}"):
-            with rundir.Lock(tmp_path, enabled=True):
+            with runlock.Lock(tmp_path, enabled=True):
                 pass
     finally:
         holder.kill()
@@ -249,7 +250,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_newest_readable_one(t
 
     extra = ("train.max_steps=6", "train.epochs=10", "checkpoint.every=2", "checkpoint.keep=3")
     cfg = config_lib.load_config([], small(tiny_model_dir, *extra))
-    assert train_and_evaluate(cfg, tmp_path, stop_after=4).results["stopped_at"] == 4
+    assert train_and_evaluate(cfg, tmp_path, stop_after=4).step == 4
     for f in (tmp_path / "checkpoints" / "4" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"not a checkpoint")
@@ -290,7 +291,7 @@ def test_resume_with_max_steps_below_the_checkpoint_is_one_line_and_writes_nothi
 
     extra = ("train.max_steps=6", "train.epochs=10")
     assert train_and_evaluate(config_lib.load_config([], small(tiny_model_dir, *extra)), tmp_path,
-                              stop_after=3).results["stopped_at"] == 3
+                              stop_after=3).step == 3
     before = snapshot(tmp_path)
     assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, "train.epochs=10")]) == 2  # max_steps=2
     line = one_error_line(capsys.readouterr().err)
@@ -302,8 +303,8 @@ def test_resume_with_max_steps_below_the_checkpoint_is_one_line_and_writes_nothi
 
 
 def disk_full_after(monkeypatch, name, writes):
-    """Makes `rundir`'s writes to files named `name` fail with ENOSPC after `writes` writes (the failing
-    write lands half its text, as a full disk would)."""
+    """Makes the writes of `rundir` (atomic files) and `metricslog` (metrics.jsonl) to files named `name` fail
+    with ENOSPC after `writes` writes (the failing write lands half its text, as a full disk would)."""
     import builtins
     import errno
 
@@ -335,6 +336,7 @@ def disk_full_after(monkeypatch, name, writes):
         return Full(f) if Path(path).name == name else f
 
     monkeypatch.setattr(rundir, "open", fake_open, raising=False)
+    monkeypatch.setattr(metricslog, "open", fake_open, raising=False)
 
 
 def test_a_full_disk_while_logging_is_one_line_keeps_the_checkpoint_and_a_rerun_resumes(

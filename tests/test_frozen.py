@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 
 from spafit_jax import config as config_lib
-from spafit_jax import frozen
+from spafit_jax import batching, frozen
 from spafit_jax.bert import BertConfig, BertForSequenceClassification
 from spafit_jax.errors import ConfigError
-from spafit_jax.families import FAMILIES
 from spafit_jax.train import main, train_and_evaluate
 from tests.parallel_worker import (PYTHON, ROOT, Procs, assert_same_run, dropout_free_copy, env, free_ports, tail,
                                    tiny_run)
@@ -39,16 +38,6 @@ def test_lower_then_upper_is_the_whole_model_whatever_the_padding_holds(model_ty
         assert hidden.shape == (2, 7, 16)
         zeroed = hidden.at[1, 4:].set(0.0)  # the cache pads with zeros
         np.testing.assert_allclose(model.apply(variables, zeroed, mask, n1=n1, method="upper"), whole, atol=1e-6)
-
-
-def test_frozen_depth_reads_the_labels():
-    fam = FAMILIES["bert"]
-    layers = {str(i): {"b": "frozen" if i < 2 else "bias"} for i in range(4)}
-    labels = {"bert": {"embeddings": {"w": "frozen"}, "encoder": {"layer": layers}}, "classifier": {"k": "head"}}
-    assert frozen.frozen_depth(labels, fam) == 2
-    every = {"bert": {"embeddings": {"w": "frozen"}, "encoder": {"layer": {"0": {"b": "frozen"}}}}}
-    assert frozen.frozen_depth(every, fam) == 1
-    assert frozen.frozen_depth({"bert": {"embeddings": {"w": "full"}, "encoder": {"layer": layers}}}, fam) == 0
 
 
 def run_cfg(model_dir, *extra):
@@ -73,8 +62,8 @@ def reference(nodrop, tmp_path_factory):
 def test_cached_training_equals_uncached_without_dropout(nodrop, reference, tmp_path):
     run = train_and_evaluate(run_cfg(nodrop, "train.cache_frozen=true"), tmp_path / "cached")
     assert_same_run(tmp_path / "cached", reference["plain"])
-    assert run.results["steps"] == 4 and run.results["frozen_cache"]["n1"] == 1
-    assert run.results["frozen_cache"]["bytes"] > 0 and run.results["frozen_cache"]["seconds"] > 0
+    assert run.results.steps == 4 and run.results.frozen_cache["n1"] == 1
+    assert run.results.frozen_cache["bytes"] > 0 and run.results.frozen_cache["seconds"] > 0
 
 
 def test_cached_training_with_length_grouping(nodrop, reference, tmp_path):
@@ -86,28 +75,29 @@ def test_cached_training_with_length_grouping(nodrop, reference, tmp_path):
 def test_resume_rebuilds_the_cache(nodrop, reference, tmp_path):
     cfg = run_cfg(nodrop, "train.cache_frozen=true")
     first = train_and_evaluate(cfg, tmp_path / "run", stop_after=2)
-    assert first.results["stopped_at"] == 2
+    assert first.results is None and first.step == 2
     train_and_evaluate(cfg, tmp_path / "run")
     assert_same_run(tmp_path / "run", reference["plain"])
 
 
 def test_bfloat16_cache_trains_close_to_float32(nodrop, tmp_path):
     run = train_and_evaluate(run_cfg(nodrop, "train.cache_frozen=true", "train.cache_dtype=bfloat16"), tmp_path)
-    assert run.results["steps"] == 4 and np.isfinite(run.results["eval"]["accuracy"])
+    assert run.results.steps == 4 and np.isfinite(run.results.eval["accuracy"])
 
 
 def test_cache_holds_real_lengths_and_its_batches_the_right_rows(nodrop):
-    from spafit_jax import train
+    from spafit_jax import loading
 
     cfg = run_cfg(nodrop)
-    run = train.load(cfg)
+    run = loading.load_for_training(cfg)
     buckets = cfg.data.bucket_lengths()
     cache = frozen.build_cache(run.model, run.plan, run.params, run.task.train, cfg.train, 16, buckets)
     enc = run.task.train
     assert cache.n1 == 1 and cache.flat.shape == (int(enc.lengths.sum()), 32) and cache.flat.dtype == np.float32
-    first = next(frozen.train_batches(cache, enc, 16, seed=0, epoch=1, buckets=buckets, start=2, process_index=1,
-                                      process_count=2, group_by_length=True))
-    rows = frozen.batching.train_order(enc.lengths, 16, seed=0, epoch=1, group_by_length=True)[2][8:]
+    first = next(cache.attach(batching.train_batches(enc, 16, seed=0, epoch=1, buckets=buckets, start=2,
+                                                     process_index=1, process_count=2, group_by_length=True,
+                                                     with_rows=True)))
+    rows = batching.train_order(enc.lengths, 16, seed=0, epoch=1, group_by_length=True)[2][8:]
     hidden = run.model.apply({"params": run.params}, first["input_ids"], first["attention_mask"],
                              first["token_type_ids"], n1=1, method="lower")
     real = first["attention_mask"][..., None] > 0

@@ -211,7 +211,7 @@ def stopped(tiny_model_dir, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("stopped")
     cfg = config_lib.load_config([], small(tiny_model_dir, "train.max_steps=6", "train.epochs=10"))
-    assert train_and_evaluate(cfg, work, stop_after=2).results["stopped_at"] == 2
+    assert train_and_evaluate(cfg, work, stop_after=2).step == 2
     return work
 
 

@@ -99,6 +99,26 @@ def test_plan_split_is_masking_split():
     assert jax.tree_util.tree_structure(masking.merge(trainable, frozen)) == jax.tree_util.tree_structure(params)
 
 
+KINDS = {"full": (["all weights"] * 6, 0, ("weight", "bias", "layernorm", "head", "pooler")),
+         "bitfit": (["bias only"] * 6, 0, ("bias", "head", "pooler")),
+         "lora": (["LoRA"] * 6, 0, ("lora", "head", "pooler")),
+         "head_only": (["frozen"] * 6, 6, ("head", "pooler")),
+         "spafit": (["frozen"] * 2 + ["bias only"] * 2 + ["LoRA + bias"] * 2, 2, ("bias", "lora", "head", "pooler"))}
+
+
+@pytest.mark.parametrize("method", list(KINDS))
+def test_the_plan_answers_layer_kinds_frozen_depth_and_trainable_labels(method):
+    """The plan is the one owner of strata: the report's picture, the cache's depth and the optimizer's groups."""
+    extra = {"train_layernorm": True} if method == "full" else {}
+    plan = make_plan(MethodConfig(name=method, **extra), 6)
+    plan = plan.label(params_for(plan))
+    kinds, depth, labels = KINDS[method]
+    assert plan.layer_kinds() == kinds and plan.frozen_depth == depth and plan.trainable_labels == labels
+    assert plan.describe()["layer_kinds"] == kinds
+    lora_only = make_plan(MethodConfig(n1=1, n2=3, stratum3_bias=False), 6)
+    assert lora_only.label(params_for(lora_only)).layer_kinds() == ["frozen", "bias only", "bias only"] + ["LoRA"] * 3
+
+
 # --- one owner per fact -----------------------------------------------------------------------------
 
 # (what, a literal that only its owner writes, the owner)
@@ -110,6 +130,7 @@ FACTS = [
     ("paddings", r'"bucket",\s*"max_length"', "spafit_jax/batching.py"),
     ("parallel modes", r'"mesh",\s*"pmap"', "spafit_jax/schema.py"),
     ("dtypes", r'"float32",\s*"bfloat16"', "spafit_jax/schema.py"),
+    ("the frozen label", r'"frozen"', "spafit_jax/methods.py"),
 ]
 
 

@@ -1,6 +1,7 @@
 """The report over synthetic run folders (written here, no training): csv, table, pictures, html, CLI."""
 
 import csv
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -113,16 +114,16 @@ def test_index_html_shows_table_pictures_and_failed_cells(exp):
     assert "a/broken/seed0: MaskingError: n1=5" in page and "unfinished" not in page
 
 
-def test_layer_kinds_follow_each_methods_plan(tiny_model_dir):
-    kinds = {m: report.layer_kinds(config_lib.load_config([], [f"model.name={tiny_model_dir}", *o]))
-             for m, o in {"full": ["method.name=full"], "bitfit": ["method.name=bitfit"], "lora": ["method.name=lora"],
-                          "head_only": ["method.name=head_only"],
-                          "spafit": ["method.name=spafit", "method.n1=1", "method.n2=2"],
-                          "lora_only": ["method.name=spafit", "method.n1=1", "method.n2=2",
-                                        "method.stratum3_bias=false"]}.items()}
-    assert kinds == {"full": ["all weights"] * 3, "bitfit": ["bias only"] * 3, "lora": ["LoRA"] * 3,
-                     "head_only": ["frozen"] * 3, "spafit": ["frozen", "bias only", "LoRA + bias"],
-                     "lora_only": ["frozen", "bias only", "LoRA"]}
+def test_layer_kinds_come_from_results_else_from_the_config_plan(tmp_path, tiny_model_dir):
+    """results.json names each layer's kind (`Plan.layer_kinds`); an older one without them falls back on the
+    plan of the run's config.yaml."""
+    make_run(tmp_path / "E/runs/a/spafit/seed0", tiny_model_dir, "a", "spafit@n1=1,n2=2", 0)
+    (run,), _ = report.collect(tmp_path / "E")
+    assert run.results.layer_kinds is None and report.layer_kinds(run) == ["frozen", "bias only", "LoRA + bias"]
+    path = tmp_path / "E/runs/a/spafit/seed0/results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "layer_kinds": ["frozen", "LoRA", "LoRA"]}))
+    (run,), _ = report.collect(tmp_path / "E")
+    assert report.layer_kinds(run) == ["frozen", "LoRA", "LoRA"]
 
 
 def test_group3_variants_get_their_own_heatmap_panels_and_csv_column(tiny_model_dir, tmp_path):
@@ -138,7 +139,7 @@ def test_group3_variants_get_their_own_heatmap_panels_and_csv_column(tiny_model_
     rows = report.summary_rows(runs)
     assert {(r["method"].rsplit("-", 1)[1], r["stratum3"]) for r in rows} == {("plus", "LoRA + bias"),
                                                                              ("only", "LoRA only")}
-    runs[0].results["stratum3_bias"] = False  # results.json, when it has the field, wins
+    runs[0].results = dataclasses.replace(runs[0].results, stratum3_bias=False)  # results.json's field wins
     assert runs[0].stratum3 == "LoRA only"
     (tmp_path / "out").mkdir()
     assert report.plot_heatmap(report.Groups(runs), tmp_path / "out") == ["heatmap_n1_n2.png", "heatmap_n1_n2.svg"]

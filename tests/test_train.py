@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from spafit_jax import config as config_lib
+from spafit_jax import results
 from spafit_jax.errors import CheckpointError
+from spafit_jax.methods import FROZEN
 from spafit_jax.train import main, train_and_evaluate
 from tests.parallel_worker import signal_after_records
 
@@ -78,16 +80,16 @@ def test_short_run_writes_results_metrics_config_and_tensorboard(tiny_model_dir,
     assert json.loads((tmp_path / "task.json").read_text())["label_names"] == data_labels()
     out = capsys.readouterr().out
     assert "trainable" in out and "accuracy" in out and "examples/s" in out
-    assert run.results == res
+    assert run.results == results.read(tmp_path) and run.results.to_json() == res
 
 
 @pytest.mark.parametrize("method", ["full", "bitfit", "lora", "head_only"])
 def test_baselines_run_from_the_same_entry_point(tiny_model_dir, tmp_path, method):
     res = train_and_evaluate(cfg(tiny_model_dir, f"method.name={method}", "train.max_steps=2"), tmp_path).results
-    counts = res["params_by_label"]
-    assert res["method"] == method
+    counts = res.params_by_label
+    assert res.method == method
     if method == "full":
-        assert "frozen" not in counts and counts["weight"] > 0
+        assert FROZEN not in counts and counts["weight"] > 0
     elif method == "head_only":
         assert set(counts) == {"head", "pooler", "frozen"}
     else:
@@ -101,7 +103,7 @@ def test_minilm_on_a_slice_of_bbc_news_learns(tmp_path):
     res = train_and_evaluate(c, tmp_path).results
     losses = [r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "kind" not in r]
     assert losses[-1] < losses[0]
-    assert res["eval"]["accuracy"] > 0.4  # 5 classes: chance is 0.2
+    assert res.eval["accuracy"] > 0.4  # 5 classes: chance is 0.2
 
 
 def test_resume_is_exact(tiny_model_dir, tmp_path):
@@ -109,13 +111,14 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
     c = cfg(tiny_model_dir, "train.max_steps=20", "train.epochs=4")
     straight = train_and_evaluate(c, tmp_path / "a")
     stopped = train_and_evaluate(c, tmp_path / "b", stop_after=10)
-    assert stopped.results == {"stopped_at": 10, "interrupted": False} and not (tmp_path / "b/results.json").exists()
+    assert (stopped.results, stopped.step, stopped.interrupted) == (None, 10, False)
+    assert not (tmp_path / "b/results.json").exists()
     resumed = train_and_evaluate(c, tmp_path / "b")
     assert int(resumed.state.step) == 20
     leaves = lambda s: jax.tree_util.tree_leaves((s.trainable, s.opt_state, s.step))  # noqa: E731
     for a, b in zip(leaves(straight.state), leaves(resumed.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert resumed.results["eval"] == straight.results["eval"]
+    assert resumed.results.eval == straight.results.eval
 
 
 def test_resume_with_another_base_model_is_refused(tiny_model_dir, tmp_path, capsys):
@@ -132,6 +135,27 @@ def test_resume_with_another_base_model_is_refused(tiny_model_dir, tmp_path, cap
         train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=8", "method.n1=0"), tmp_path)
     assert (tmp_path / "config.yaml").read_text() == config_yaml  # a refused resume keeps the run's config
     assert not (tmp_path / ".lock").exists()
+
+
+def test_resume_that_forms_other_batches_is_refused(tiny_model_dir, tmp_path, capsys):
+    """A resume keeps the run's batching: other settings are one line naming the field; a config.yaml written
+    before grouping and fitted shapes became the defaults holds the run to the older ones."""
+    old = ["train.max_steps=8", "data.group_by_length=false", "data.max_shapes=null"]
+    train_and_evaluate(cfg(tiny_model_dir, *old), tmp_path, stop_after=1)
+    capsys.readouterr()
+    config_yaml = (tmp_path / "config.yaml").read_text()
+    for changed, field in ((["data.group_by_length=true"], "data.group_by_length"),
+                           (["data.max_shapes=4"], "data.max_shapes"), (["data.buckets=[16,32]"], "data.buckets")):
+        assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, *old, *changed)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path} was trained with {field}=") and err.count("\n") == 1, err
+    assert (tmp_path / "config.yaml").read_text() == config_yaml
+    # A config.yaml from before the fields' defaults changed: absent fields mean the older defaults.
+    (tmp_path / "config.yaml").write_text(config_yaml.replace("  max_shapes: null\n", "").replace(
+        "  group_by_length: false\n", ""))
+    assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=8")]) == 2
+    assert "with data.max_shapes=null, data.group_by_length=false (" in capsys.readouterr().err
+    assert train_and_evaluate(cfg(tiny_model_dir, *old), tmp_path, stop_after=1).step == 2
 
 
 def test_finished_run_is_not_overwritten_silently(tiny_model_dir, tmp_path, capsys):
@@ -172,7 +196,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_the_rerun_finishes(tiny_model_d
     # the rerun resumes from that checkpoint (fewer steps left) and finishes
     res = train_and_evaluate(cfg(tiny_model_dir, "train.max_steps=400", "train.epochs=100", "train.log_every=1"),
                              tmp_path, stop_after=1)
-    assert res.results["stopped_at"] == max(steps) + 1
+    assert res.results is None and res.step == max(steps) + 1
 
 
 def test_the_command_line_keeps_compiled_steps_in_a_user_cache_unless_told_otherwise(tiny_model_dir, tmp_path):

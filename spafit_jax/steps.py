@@ -1,4 +1,4 @@
-"""The optimizer built from the config, the train state, and the pure train / eval steps.
+"""The train state and the pure train / eval steps (the optimizer they apply is built in `optimizer`).
 
 The step differentiates only the trainable part of the parameters (`masking.split`), so XLA
 drops the backward pass below the first trainable layer and the weight gradients of the
@@ -32,43 +32,6 @@ class TrainState:
     rng: jax.Array  # raw PRNG key data (uint32); dropout keys are folded from it and the step
 
 
-def schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
-    """Linear warmup to `peak` over warmup_ratio * total_steps, then linear decay to 0."""
-    warmup = min(max(int(round(warmup_ratio * total_steps)), 0), total_steps)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))],
-        [warmup],
-    )
-
-
-def make_optimizer(labels, train_cfg, total_steps: int) -> optax.GradientTransformation:
-    """Gradient clipping, then one AdamW per label with its own learning-rate schedule.
-
-    `train_cfg` needs lr, lr_by_label, warmup_ratio, weight_decay and max_grad_norm.
-    """
-    present = {l for l in jax.tree_util.tree_leaves(labels) if l != "frozen"}
-    settings = {
-        label: {
-            "learning_rate": schedule(train_cfg.lr_by_label.get(label, train_cfg.lr), total_steps, train_cfg.warmup_ratio),
-            "weight_decay": train_cfg.weight_decay,
-        }
-        for label in sorted(present)
-    }
-    tx = masking.stratified_optimizer(labels, settings)
-    if train_cfg.max_grad_norm:
-        tx = optax.chain(optax.clip_by_global_norm(train_cfg.max_grad_norm), tx)
-    return tx
-
-
-def learning_rates(labels, train_cfg, total_steps: int, step) -> dict[str, float]:
-    """The learning rate of each trainable label at `step` (for logging)."""
-    present = sorted({l for l in jax.tree_util.tree_leaves(labels) if l != "frozen"})
-    return {
-        l: float(schedule(train_cfg.lr_by_label.get(l, train_cfg.lr), total_steps, train_cfg.warmup_ratio)(step))
-        for l in present
-    }
-
-
 def init_state(trainable, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """Step 0, fresh optimizer state, and the dropout key."""
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.key_data(jax.random.key(seed)))
@@ -84,11 +47,8 @@ def loss_sum(logits, batch, is_regression: bool):
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
-def _inputs(batch):
-    """The model's positional inputs; a batch of the frozen-stratum cache (`frozen.py`) starts from
-    its "hidden" states (the step's `apply_fn` is then `frozen.Cache.apply_fn`)."""
-    first = batch["hidden"] if "hidden" in batch else batch["input_ids"]
-    return first, batch["attention_mask"], batch["token_type_ids"]
+#: the batch keys the model takes, in order; the frozen-stratum cache's step takes `frozen.CACHE_INPUTS`.
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def train_step(
@@ -98,6 +58,7 @@ def train_step(
     *,
     apply_fn: Callable,
     tx: optax.GradientTransformation,
+    inputs: tuple[str, ...] = INPUTS,
     is_regression: bool = False,
     grad_accum: int = 1,
     axis_name: str | None = None,
@@ -113,7 +74,9 @@ def train_step(
     Gradients are taken w.r.t. `state.trainable` only. With grad_accum = k > 1 the batch is cut
     into k micro-batches, rows i, i+k, i+2k, ... (so each device's rows split evenly and a
     batch sharded over devices needs no re-sharding), whose gradients are summed in a scan.
-    Under `pmap`, pass axis_name so gradients and losses are summed across devices.
+    Under `pmap`, pass axis_name so gradients and losses are summed across devices. `apply_fn`
+    takes the batch's `inputs` in order (the whole model: INPUTS; the layers above a frozen-stratum
+    cache: `frozen.CACHE_INPUTS`).
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:
@@ -121,7 +84,7 @@ def train_step(
 
     def loss(trainable, micro, key):
         params = masking.merge(trainable, frozen)
-        logits = apply_fn({"params": params}, *_inputs(micro), deterministic=False, rngs={"dropout": key})
+        logits = apply_fn({"params": params}, *(micro[k] for k in inputs), deterministic=False, rngs={"dropout": key})
         return loss_sum(logits, micro, is_regression)
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
@@ -157,5 +120,5 @@ def all_finite(tree) -> jax.Array:
 
 
 def eval_step(trainable, frozen, batch, *, apply_fn: Callable):
-    """Logits [B, C] of the deterministic model (padding examples included; weights mask them)."""
-    return apply_fn({"params": masking.merge(trainable, frozen)}, *_inputs(batch), deterministic=True)
+    """Logits [B, C] of the deterministic whole model (padding examples included; weights mask them)."""
+    return apply_fn({"params": masking.merge(trainable, frozen)}, *(batch[k] for k in INPUTS), deterministic=True)

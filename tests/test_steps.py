@@ -1,4 +1,4 @@
-"""The stratified optimizer and the pruned train step."""
+"""The stratified optimizer (`optimizer`) and the pruned train step (`steps`)."""
 
 import types
 
@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spafit_jax import masking, optim
+from spafit_jax import masking, optimizer, steps
 from spafit_jax.bert import BertConfig, BertForSequenceClassification
-from spafit_jax.lora import LoRAConfig
+from spafit_jax.methods import FROZEN
+from spafit_jax.plan import make_plan
+from spafit_jax.schema import MethodConfig
 
 CFG = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
                  intermediate_size=256, max_position_embeddings=64)
@@ -17,18 +19,14 @@ TRAIN = types.SimpleNamespace(lr=1e-3, lr_by_label={"head": 2e-3}, warmup_ratio=
                               max_grad_norm=1.0)
 
 
-def setup(method, B=8, T=32, seed=0, **kw):
-    lora = None
-    if method == "spafit":
-        lora = LoRAConfig(rank=8, alpha=16, targets=("query", "value"), layers=(4, 5))
-    elif method == "lora":
-        lora = LoRAConfig(rank=8, alpha=16)
-    model = BertForSequenceClassification(CFG, lora=lora, num_labels=3)
+def setup(method, B=8, T=32, seed=0):
+    plan = make_plan(MethodConfig(name=method, n1=2, n2=4), CFG.num_hidden_layers)  # spafit: LoRA on 4, 5
+    model = BertForSequenceClassification(CFG, lora=plan.lora, num_labels=3)
     params = model.init(jax.random.key(0), jnp.ones((1, T), jnp.int32))["params"]
-    labels = masking.method_labels(params, method, n1=2, n2=4, **kw)
-    trainable, frozen = masking.split(params, labels)
-    tx = optim.make_optimizer(labels, TRAIN, total_steps=10)
-    state = optim.init_state(trainable, tx, seed)
+    plan = plan.label(params)
+    trainable, frozen = plan.split(params)
+    tx = optimizer.make_optimizer(plan, TRAIN, total_steps=10)
+    state = steps.init_state(trainable, tx, seed)
     rng = np.random.RandomState(seed)
     batch = {
         "input_ids": rng.randint(1, 100, (B, T)).astype(np.int32),
@@ -37,11 +35,11 @@ def setup(method, B=8, T=32, seed=0, **kw):
         "labels": rng.randint(0, 3, (B,)).astype(np.int32),
         "weights": np.ones((B,), np.float32),
     }
-    return model, params, labels, tx, state, frozen, batch
+    return model, params, plan, tx, state, frozen, batch
 
 
 def step_fn(model, tx, **kw):
-    return jax.jit(lambda s, f, b: optim.train_step(s, f, b, apply_fn=model.apply, tx=tx, **kw))
+    return jax.jit(lambda s, f, b: steps.train_step(s, f, b, apply_fn=model.apply, tx=tx, **kw))
 
 
 def flops(method):
@@ -64,19 +62,19 @@ def nbytes(tree):
 
 
 def test_optimizer_state_holds_nothing_for_frozen_leaves():
-    _, params, labels, _, state, _, _ = setup("spafit")
-    counts = masking.count_params(params, labels)
-    trained = sum(v for k, v in counts.items() if k != "frozen")
+    _, params, plan, _, state, _, _ = setup("spafit")
+    counts = plan.counts
+    trained = plan.trainable_params
     # Adam: two float32 moments per trainable parameter, plus a few scalar counters.
     assert 8 * trained <= nbytes(state.opt_state) <= 8 * trained + 256
     full = setup("full")[4]
     assert nbytes(state.opt_state) < 0.05 * nbytes(full.opt_state)
-    frozen_leaves = [x for x in jax.tree_util.tree_leaves(masking.split(params, labels)[1])]
-    assert sum(x.size for x in frozen_leaves) == counts["frozen"]
+    frozen_leaves = [x for x in jax.tree_util.tree_leaves(plan.split(params)[1])]
+    assert sum(x.size for x in frozen_leaves) == counts[FROZEN]
 
 
 def test_train_step_updates_only_trainable_leaves_and_lowers_loss():
-    model, params, labels, tx, state, frozen, batch = setup("spafit")
+    model, params, plan, tx, state, frozen, batch = setup("spafit")
     step = step_fn(model, tx)
     losses = []
     for _ in range(8):
@@ -85,8 +83,8 @@ def test_train_step_updates_only_trainable_leaves_and_lowers_loss():
     assert losses[-1] < losses[0]
     new = masking.merge(state.trainable, frozen)
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), params, new)
-    for path_changed, label in zip(jax.tree_util.tree_leaves(changed), jax.tree_util.tree_leaves(labels)):
-        if label == "frozen":
+    for path_changed, label in zip(jax.tree_util.tree_leaves(changed), jax.tree_util.tree_leaves(plan.labels)):
+        if label == FROZEN:
             assert not path_changed
     assert int(state.step) == 8
 
@@ -105,28 +103,28 @@ def test_padding_examples_do_not_count():
     model, _, _, tx, state, frozen, batch = setup("bitfit")
     half = {k: v[:4] for k, v in batch.items()}
     padded = dict(batch, weights=np.array([1] * 4 + [0] * 4, np.float32))
-    ev = jax.jit(lambda t, f, b: optim.eval_step(t, f, b, apply_fn=model.apply))
+    ev = jax.jit(lambda t, f, b: steps.eval_step(t, f, b, apply_fn=model.apply))
     np.testing.assert_allclose(ev(state.trainable, frozen, half), ev(state.trainable, frozen, padded)[:4], atol=1e-6)
-    a = optim.loss_sum(ev(state.trainable, frozen, padded), padded, False)
-    b = optim.loss_sum(ev(state.trainable, frozen, half), half, False)
+    a = steps.loss_sum(ev(state.trainable, frozen, padded), padded, False)
+    b = steps.loss_sum(ev(state.trainable, frozen, half), half, False)
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_regression_loss_is_mse():
     logits = jnp.array([[1.0], [3.0]])
-    total, count = optim.loss_sum(logits, {"labels": jnp.array([0.0, 1.0]), "weights": jnp.ones(2)}, True)
+    total, count = steps.loss_sum(logits, {"labels": jnp.array([0.0, 1.0]), "weights": jnp.ones(2)}, True)
     assert float(total) == pytest.approx(5.0) and float(count) == 2
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-    s = optim.schedule(1.0, total_steps=100, warmup_ratio=0.1)
+    s = optimizer.schedule(1.0, total_steps=100, warmup_ratio=0.1)
     assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
     assert float(s(10)) == pytest.approx(1.0) and float(s(55)) == pytest.approx(0.5) and float(s(100)) == 0.0
 
 
 def test_per_label_learning_rates():
-    _, _, labels, _, _, _, _ = setup("spafit")
-    lrs = optim.learning_rates(labels, TRAIN, 10, 1)
+    _, _, plan, _, _, _, _ = setup("spafit")
+    lrs = optimizer.learning_rates(plan, TRAIN, 10, 1)
     assert lrs["head"] == pytest.approx(2 * lrs["bias"]) and set(lrs) == {"bias", "lora", "head", "pooler"}
 
 
@@ -145,6 +143,6 @@ def test_a_non_finite_step_is_skipped_and_flagged():
 
 
 def test_all_finite():
-    assert bool(optim.all_finite({"a": jnp.ones(3), "b": None, "n": jnp.arange(3)}))
-    assert not bool(optim.all_finite({"a": jnp.array([1.0, jnp.inf])}))
-    assert bool(optim.all_finite({}))
+    assert bool(steps.all_finite({"a": jnp.ones(3), "b": None, "n": jnp.arange(3)}))
+    assert not bool(steps.all_finite({"a": jnp.array([1.0, jnp.inf])}))
+    assert bool(steps.all_finite({}))
