@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 from spafit_jax import compiling, lora as lora_lib  # noqa: E402
-from spafit_jax.bert import BertForSequenceClassification  # noqa: E402
+from spafit_jax import hf  # noqa: E402
 
 
 def trained_adapters(params, seed: int, scale: float = 0.02):
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
                          rank=args.rank, alpha=args.alpha, seed=args.seed)
     unmerged = trained_adapters(built.params, args.seed)
     merged = lora_lib.merge(unmerged, built.plan.lora)
-    plain_model = BertForSequenceClassification(built.config, built.model.dtype, built.model.param_dtype, None,
-                                                num_labels=args.num_labels)
+    plain_model = hf.family_classes(built.config.model_type)[1](  # the same family without adapters
+        built.config, built.model.dtype, built.model.param_dtype, None, num_labels=args.num_labels)
     plain = unflatten_dict({p: v for p, v in flatten_dict(built.params).items() if p[-1] not in ("lora_a", "lora_b")})
     batch = jax.device_put(common.random_batch(built.config, args.batch, args.seq, args.num_labels, args.seed))
 

@@ -143,6 +143,9 @@ def torch_model(built: common.Built, method: str, num_labels: int, rank: int, al
     import transformers
     from peft import LoraConfig, get_peft_model
 
+    if built.config.model_type != "bert":
+        raise SystemExit(f"error: --vs-torch compares BERT models only; {built.name} is {built.config.model_type} "
+                         "(leave --vs-torch out to time our step alone)")
     cfg = transformers.BertConfig(**dataclasses.asdict(built.config), num_labels=num_labels)
     model = transformers.BertForSequenceClassification(cfg)
     missing, unexpected = model.load_state_dict(torch_state_dict(built.params), strict=False)

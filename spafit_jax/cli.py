@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 
 import yaml
 
-from spafit_jax import methods, rundir, tasks
-from spafit_jax.config import SECTIONS, Config, default, format_value, load_config, to_dict
+from spafit_jax import rundir
+from spafit_jax.config import CONFIGS_DIR, SECTIONS, Config, default, format_value, load_config, to_dict
 from spafit_jax.errors import SpafitError
 
 __all__ = ["build_parser", "parse_args", "format_fields", "program", "run_command"]
@@ -97,15 +97,24 @@ examples:
   # print the resolved config and exit
   python -m spafit_jax.train --config configs/glue/mnli.yaml --config configs/methods/bitfit.yaml --print-config
 
-config files: configs/default.yaml (the offline demo), configs/glue/<task>.yaml ({glue}),
-configs/methods/<method>.yaml ({methods}). Every run writes its resolved config to
-<workdir>/config.yaml, which --config accepts.
+shipped config files (--config glue/mrpc.yaml finds one from any folder; default.yaml is the offline demo;
+experiments/ holds grids for python -m spafit_jax.experiment --config experiments/<name>.yaml):
+{shipped}
+Every run writes its resolved config to <workdir>/config.yaml, which --config accepts.
 
 compiled steps are kept in ~/.cache/spafit_jax/jax (a rerun, a resume or another seed loads them);
 SPAFIT_COMPILE_CACHE=DIR moves it, SPAFIT_COMPILE_CACHE=off turns it off. On a CPU the programs
 compile at XLA's backend level 2 (same speed, less compile time); XLA_FLAGS=--xla_backend_optimization_level=3
 restores XLA's default.
-""".format(glue=" ".join(tasks.GLUE_TASKS), methods=" ".join(methods.METHODS))
+"""
+
+
+def shipped_configs() -> str:
+    """The shipped config files, one line per folder (configs/, glue/, methods/, experiments/, ...)."""
+    root = CONFIGS_DIR
+    folders = sorted({p.parent for p in root.rglob("*.yaml")}, key=lambda d: (d != root, str(d)))
+    return "\n".join(f"  {'configs/' if d == root else d.relative_to(root).as_posix() + '/'}: "
+                     + " ".join(sorted(p.name for p in d.glob("*.yaml"))) for d in folders)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program("train"),
         description=_DESCRIPTION,
-        epilog=_EXAMPLES + "\nconfig fields (section.key = default), settable in YAML or as overrides:\n"
+        epilog=_EXAMPLES.format(shipped=shipped_configs()) + "\nconfig fields (section.key = default), settable in YAML or as overrides:\n"
         + format_fields(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -98,8 +98,8 @@ def _find(path: Any, base: Path, where: str) -> str:
     """A config file named in the experiment: as given, else beside the experiment file, else in the repository."""
     if not isinstance(path, str):
         raise ExperimentError(f"{where}: config file names must be strings, got {path!r}")
-    for candidate in (Path(path), base / path, ROOT / path):
-        if candidate.is_file():
+    for candidate in (Path(path), base / path, ROOT / path, config_lib.shipped_config(path)):
+        if candidate is not None and candidate.is_file():
             return str(candidate.resolve())
     raise ExperimentError(f"{where}: config file '{path}' not found (looked in {os.getcwd()}, {base} and {ROOT})")
 
@@ -181,8 +181,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def experiment_file(path: str | os.PathLike) -> Path:
+    """The experiment file `path` names: as given, else the shipped one (`experiments/smoke.yaml` or
+    `configs/experiments/smoke.yaml`), as `train --config glue/mrpc.yaml` resolves."""
+    return Path(path) if Path(path).is_file() else config_lib.shipped_config(str(path)) or Path(path)
+
+
 def _read(path: str | os.PathLike) -> dict:
-    p = Path(path)
+    p = experiment_file(path)
     if not p.is_file():
         raise ExperimentError(f"experiment file '{path}' not found; the shipped ones are in {ROOT / 'configs' / 'experiments'}")
     try:
@@ -399,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         try:  # a copy of the experiment file; shards sharing EXP write it at once (they all hold the same text)
             workdir.mkdir(parents=True, exist_ok=True)
-            rundir.write_atomic(workdir / "experiment.yaml", Path(args.config).read_text(encoding="utf-8"),
+            rundir.write_atomic(workdir / "experiment.yaml", experiment_file(args.config).read_text(encoding="utf-8"),
                                 per_process=True)
         except OSError as e:
             raise ConfigError(f"cannot write {workdir / 'experiment.yaml'} ({e.strerror or e}); choose a writable "

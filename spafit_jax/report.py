@@ -86,8 +86,12 @@ def _read_run(folder: Path, names: tuple[str, str, int] | None = None) -> RunRec
 
 
 def collect(exp: str | Path | None, folders: Sequence[str | Path] = ()) -> tuple[list[RunRecord], dict[str, str]]:
-    """(finished runs, {cell: error} of failed cells) of experiment folder `exp` and extra run `folders`."""
-    runs, failures = [], {}
+    """(finished runs, {cell: why it is left out}) of experiment folder `exp` and extra run `folders`.
+
+    A cell of `exp` is left out, with its reason, when it failed (its error file), is unfinished (no
+    results.json yet) or its results.json is damaged; a run folder named in `folders` that is not a
+    finished run is an error (one line)."""
+    runs, left_out = [], {}
     if exp is not None and (Path(exp) / rundir.RESULTS).exists():
         folders, exp = [exp, *folders], None
     if exp is not None:
@@ -96,13 +100,21 @@ def collect(exp: str | Path | None, folders: Sequence[str | Path] = ()) -> tuple
             if not seed.isdigit():
                 continue
             names = (path.parent.parent.name, path.parent.name, int(seed))
+            cell = f"{names[0]}/{names[1]}/seed{seed}"
             if (path / rundir.RESULTS).exists():
-                runs.append(_read_run(path, names))
+                try:
+                    runs.append(_read_run(path, names))
+                except ReportError as e:
+                    left_out[cell] = f"damaged results: {e}"
             elif (path / rundir.ERROR).exists():
-                failures[f"{names[0]}/{names[1]}/seed{seed}"] = (path / rundir.ERROR).read_text().strip()
+                left_out[cell] = "failed: " + (path / rundir.ERROR).read_text(errors="replace").strip()
+            else:
+                left_out[cell] = f"unfinished: no {rundir.RESULTS} yet (re-run the experiment to finish it)"
     for folder in folders:
+        if not Path(folder).is_dir():
+            raise ReportError(f"{folder} is not a folder; pass run folders (the --workdir of a training run)")
         runs.append(_read_run(Path(folder)))
-    return runs, failures
+    return runs, left_out
 
 
 def _mean_std(values: list) -> tuple[float | None, float | None]:
@@ -201,12 +213,16 @@ def _caption(groups: Groups) -> str:
             f"{'/'.join(map(str, seeds))} seed(s); best per column in bold; trainable parameters include the head.")
 
 
-def table_markdown(groups: Groups) -> str:
-    """table.md: the paper's table as Markdown, with its caption."""
+def table_markdown(groups: Groups, left_out: dict[str, str] | None = None) -> str:
+    """table.md: the paper's table as Markdown, with its caption, then the cells left out and why."""
     header, rows = table(groups)
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     lines += ["| " + " | ".join(f"**{t}**" if best else t for t, best in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n\n" + _caption(groups) + "\n"
+    text = "\n".join(lines) + "\n\n" + _caption(groups) + "\n"
+    if left_out:
+        text += f"\nLeft out of this table ({len(left_out)}):\n\n" + "".join(
+            f"- {cell}: {why}\n" for cell, why in left_out.items())
+    return text
 
 
 # ----------------------------------------------------------------------------------------------- pictures
@@ -399,8 +415,8 @@ _STYLE = ("<style>body{font-family:sans-serif;margin:2em} table{border-collapse:
           "img{max-width:100%}</style>")
 
 
-def write_html(groups: Groups, failures: dict[str, str], pictures: list[str], path: Path, title: str) -> None:
-    """index.html: the table, the failed cells and every picture (SVG, linking to the PNG)."""
+def write_html(groups: Groups, left_out: dict[str, str], pictures: list[str], path: Path, title: str) -> None:
+    """index.html: the table, the cells left out (failed, unfinished, damaged) and every picture (SVG, linking to the PNG)."""
     header, rows = table(groups)
     esc = html.escape
     cells = "".join("<tr>" + "".join(f"<td>{'<b>' + esc(t) + '</b>' if best else esc(t)}</td>" for t, best in row)
@@ -409,9 +425,9 @@ def write_html(groups: Groups, failures: dict[str, str], pictures: list[str], pa
              f"<body><h1>{esc(title)}</h1><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>\n"
              + cells + f"</table><p>{esc(_caption(groups))}</p>",
              "<p><a href='summary.csv'>summary.csv</a> · <a href='table.md'>table.md</a></p>"]
-    if failures:
-        parts.append("<h2>Failed cells</h2><ul>" + "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in failures.items())
-                     + "</ul>")
+    if left_out:
+        parts.append("<h2>Left out of the report</h2><ul>" + "".join(f"<li>{esc(k)}: {esc(v)}</li>"
+                                                                     for k, v in left_out.items()) + "</ul>")
     for svg in (p for p in pictures if p.endswith(".svg")):
         png = svg[:-4] + ".png"
         parts.append(f"<h2>{esc(svg[:-4].replace('_', ' '))}</h2><a href='{png}'><img src='{svg}' alt='{esc(svg)}'></a>")
@@ -420,16 +436,20 @@ def write_html(groups: Groups, failures: dict[str, str], pictures: list[str], pa
 
 def write_report(exp: str | Path | None, folders: Sequence[str | Path] = (), out: str | Path | None = None) -> dict[str, Path]:
     """Writes summary.csv, table.md, the pictures and index.html to `out` (default EXP/report); returns {file name: path}."""
-    runs, failures = collect(exp, folders)
+    out = Path(out) if out is not None else Path(exp if exp is not None else folders[0]) / "report"
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file; name a folder for the report (it is created if missing)")
+    runs, left_out = collect(exp, folders)
+    for cell, why in left_out.items():
+        print(f"left out {cell}: {why}", file=sys.stderr)
     if not runs:
         raise ReportError(f"no finished runs (results.json) in {exp}/runs or the folders given; run the experiment first")
-    out = Path(out) if out is not None else Path(exp if exp is not None else folders[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
     groups = Groups(runs)
     write_csv(summary_rows(runs), out / "summary.csv")
-    (out / "table.md").write_text(table_markdown(groups), encoding="utf-8")
+    (out / "table.md").write_text(table_markdown(groups, left_out), encoding="utf-8")
     pictures = [name for plot in PICTURES.values() for name in plot(groups, out)]
-    write_html(groups, failures, pictures, out / "index.html", f"spafit_jax report: {Path(exp or out).name}")
+    write_html(groups, left_out, pictures, out / "index.html", f"spafit_jax report: {Path(exp or out).name}")
     return {name: out / name for name in ["summary.csv", "table.md", *pictures, "index.html"]}
 
 

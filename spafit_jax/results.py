@@ -47,6 +47,7 @@ class Results:
     n1: int | None = None  # spafit's strata, None for the other methods
     n2: int | None = None
     stratum3_bias: bool | None = None
+    bias_stand_in: str | None = None  # "layernorm" when a model without biases trains its norm scales instead
     trainable_percent: float | None = None
     params_by_label: dict[str, int] | None = None
     layer_kinds: list[str] | None = None  # what each encoder layer trains (`Plan.layer_kinds`)

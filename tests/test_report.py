@@ -61,6 +61,8 @@ def exp(tiny_model_dir, tmp_path_factory):
     (root / "runs/a/broken/seed0").mkdir(parents=True)
     (root / "runs/a/broken/seed0/error.txt").write_text("MaskingError: n1=5 exceeds the 3 layers\n")
     (root / "runs/a/unfinished/seed0").mkdir(parents=True)
+    (root / "runs/b/damaged/seed0").mkdir(parents=True)
+    (root / "runs/b/damaged/seed0/results.json").write_text('{"task": "b", "meth')
     return root, report.write_report(root)
 
 
@@ -89,7 +91,8 @@ def test_table_has_a_row_per_method_a_column_per_task_and_marks_the_best(exp):
         assert row[3].strip("*") == f"{means[0]:.1f} ± {std:.1f}" and row[5].strip("*") == f"{statistics.fmean(means):.1f}"
     bold = [m for m, row in rows.items() if row[3].startswith("**")]
     assert bold == ["spafit@n1=0,n2=2"] and rows["spafit@n1=0,n2=2"][5].startswith("**")
-    assert "2 seed(s)" in lines[-1] and "broken" not in "\n".join(lines)
+    table = "\n".join(lines[:lines.index("Left out of this table (3):")])
+    assert "2 seed(s)" in table.splitlines()[-1] and "broken" not in table  # the failed cell only in the list below
 
 
 def test_pictures_open_as_images_of_plausible_size(exp):
@@ -105,13 +108,35 @@ def test_pictures_open_as_images_of_plausible_size(exp):
     assert set(files) == {"summary.csv", "table.md", "index.html"} | {f"{n}.{e}" for n in names for e in ("png", "svg")}
 
 
-def test_index_html_shows_table_pictures_and_failed_cells(exp):
+def test_index_html_shows_table_pictures_and_the_cells_left_out(exp):
     root, _ = exp
     page = (root / "report/index.html").read_text()
     for name in ("params_vs_metric", "loss_curves", "eval_curves", "heatmap_n1_n2", "strata"):
         assert f"<img src='{name}.svg'" in page and f"href='{name}.png'" in page
     assert "<th>a (accuracy)</th>" in page and "<b>" in page and "spafit@n1=0,n2=2" in page
-    assert "a/broken/seed0: MaskingError: n1=5" in page and "unfinished" not in page
+    assert "a/broken/seed0: failed: MaskingError: n1=5" in page
+    assert "a/unfinished/seed0: unfinished: no results.json" in page and "b/damaged/seed0: damaged results" in page
+
+
+def test_table_md_and_stderr_name_every_cell_left_out(exp, tiny_model_dir, tmp_path, capsys):
+    """Failed, unfinished and damaged cells are listed with their reason in table.md and on stderr; the
+    damaged results.json is left as it was."""
+    root, _ = exp
+    table = (root / "report/table.md").read_text()
+    assert "Left out of this table (3):" in table
+    assert all(f"- {cell}: " in table for cell in ("a/broken/seed0", "a/unfinished/seed0", "b/damaged/seed0"))
+    assert (root / "runs/b/damaged/seed0/results.json").read_text() == '{"task": "b", "meth'
+    E = tmp_path / "E"
+    make_run(E / "runs/a/bitfit/seed0", tiny_model_dir, "a", "bitfit", 0)
+    (E / "runs/a/bitfit/seed1").mkdir(parents=True)
+    capsys.readouterr()
+    assert report.main([str(E)]) == 0
+    err = capsys.readouterr().err
+    assert err == "left out a/bitfit/seed1: unfinished: no results.json yet (re-run the experiment to finish it)\n"
+    (tmp_path / "a-file").write_text("mine")
+    assert report.main([str(E), "--out", str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and err.count("\n") == 1 and (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_layer_kinds_come_from_results_else_from_the_config_plan(tmp_path, tiny_model_dir):
