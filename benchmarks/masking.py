@@ -30,7 +30,7 @@ from common import emit, environment, median  # noqa: E402
 
 from spafit_jax import masking  # noqa: E402
 from spafit_jax.lora import LoRA  # noqa: E402
-from spafit_jax.methods import TRAINABLE_LABELS  # noqa: E402
+from spafit_jax.methods import FROZEN, TRAINABLE_LABELS  # noqa: E402
 
 SETTINGS = {k: {"learning_rate": 1e-3, "weight_decay": 0.01} for k in TRAINABLE_LABELS}
 
@@ -100,10 +100,10 @@ def linen_case(model, x, y, n1: int, n2: int, steps: int) -> dict:
 
     jitted = jax.jit(step)
     compile_s, times = _time(jitted, (trainable, state, frozen, x, y), steps)
-    whole = sum(x.size for (_, x), (_, l) in zip(masking._leaves(params), masking._leaves(labels)) if l != "frozen")
+    whole = sum(x.size for (_, x), (_, l) in zip(masking._leaves(params), masking._leaves(labels)) if l != FROZEN)
     counts = masking.count_params(params, labels)
     return {"opt_state_bytes": _bytes(state), "opt_state_bytes_whole_leaves": 2 * 4 * whole,
-            "trainable_params": sum(v for k, v in counts.items() if k != "frozen"),
+            "trainable_params": sum(v for k, v in counts.items() if k != FROZEN),
             "compile_s": compile_s, "step_ms_median": 1e3 * median(times)}
 
 
