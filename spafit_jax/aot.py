@@ -230,13 +230,13 @@ def figures(s: Setup, kind: str, batch: int, length: int, compiled, parts: dict,
         "output_bytes": out, "alias_bytes": alias, "code_bytes": code, "argument_bytes": args,
         "flops_per_chip": flops, "model_flops_per_chip": model_flops, "bytes_accessed_per_chip": accessed,
         "est_step_seconds": step, "est_mfu": model_flops / (step * chip.peak_flops) if step else None,
-        "xla_optimal_seconds": cost.get("optimal_seconds"), "compile_seconds": seconds,
+        "compile_seconds": seconds,
     }
 
 
-def programs(s: Setup, shapes: str = "all") -> list[tuple[str, int, int]]:
-    """(kind, global batch, length) of every program the run compiles: train and eval steps at every
-    bucket length (`shapes="largest"`: only the longest, the most memory)."""
+def programs(s: Setup, shapes: str = "all", steps: str = "both") -> list[tuple[str, int, int]]:
+    """(kind, global batch, length) of every program the run compiles: train and eval steps (`steps`:
+    both, train or eval) at every bucket length (`shapes="largest"`: only the longest, the most memory)."""
     cfg = s.cfg
     buckets = cfg.data.bucket_lengths()  # data.max_shapes fits buckets to the data: then max_length alone
     if shapes == "largest":
@@ -244,7 +244,8 @@ def programs(s: Setup, shapes: str = "all") -> list[tuple[str, int, int]]:
     t = cfg.train
     check_batch(s.topo, t.batch_size, "train.batch_size", t.grad_accum)
     check_batch(s.topo, t.eval_batch_size, "train.eval_batch_size")
-    return [("train", t.batch_size, n) for n in buckets] + [("eval", t.eval_batch_size, n) for n in buckets]
+    return ([("train", t.batch_size, n) for n in buckets if steps != "eval"]
+            + [("eval", t.eval_batch_size, n) for n in buckets if steps != "train"])
 
 
 def max_batch(s: Setup, length: int, known: dict | None = None, probes: int = 6) -> tuple[int, list[dict]]:
@@ -296,7 +297,7 @@ def format_table(rows: list[dict], topo: tpu_specs.Topology) -> str:
     head = (f"{'program':<22} {'fits':<4} {'HBM/chip':>8} {'frozen':>7} {'train.':>7} {'optim.':>7} {'batch':>7} "
             f"{'temp':>7} {'XLA GFLOP':>10} {'model GFLOP':>11} {'est. ms':>8} {'est. MFU':>8} {'compile s':>9}")
     c = topo.chip
-    lines = [f"{topo.name}: {len(topo.devices)} x {c.name} ({c.hbm_bytes / GIB:.0f} GiB HBM, {c.peak_flops / 1e12:.0f} "
+    lines = [f"{topo.name}: {len(topo.devices)} x {c.name} ({c.hbm_bytes / GIB:.2f} GiB HBM usable, {c.peak_flops / 1e12:.0f} "
              f"TFLOP/s bf16, {c.hbm_bandwidth / 1e9:.0f} GB/s each) on {topo.hosts} host(s); figures per chip; "
              "step time and MFU are a roofline estimate, not a measurement", head]
     for r in rows:
@@ -327,7 +328,8 @@ def advice(row: dict, s: Setup) -> str:
             f"chip, above the {row['hbm_capacity_bytes'] / GIB:.2f} GiB of a {s.topo.chip.name}; " + ", ".join(fixes))
 
 
-def run(cfg: Config, topology: str, *, shapes: str = "all", find_max: bool = False) -> tuple[list[dict], Setup, dict]:
+def run(cfg: Config, topology: str, *, shapes: str = "all", steps: str = "both", find_max: bool = False
+        ) -> tuple[list[dict], Setup, dict]:
     """Compiles every program of `cfg` for `topology`; returns (figures per program, the setup, extras:
     notes and, with `find_max`, the largest batch)."""
     topo = tpu_specs.topology(topology)
@@ -338,9 +340,9 @@ def run(cfg: Config, topology: str, *, shapes: str = "all", find_max: bool = Fal
                      "that are not attached); these are the mesh driver's programs, same per-chip batch")
     if cfg.data.max_shapes is not None:
         notes.append("data.max_shapes fits the bucket lengths to the data: compiled at data.max_length only")
-    rows = [compile_program(s, kind, b, n) for kind, b, n in programs(s, shapes)]
+    rows = [compile_program(s, kind, b, n) for kind, b, n in programs(s, shapes, steps)]
     extra = {"notes": notes}
-    if find_max:
+    if find_max and any(r["kind"] == "train" for r in rows):
         longest = max((r for r in rows if r["kind"] == "train"), key=lambda r: r["seq_len"])
         best, probes = max_batch(s, longest["seq_len"], longest)
         extra.update(max_batch=best, max_batch_seq_len=longest["seq_len"], max_batch_probes=len(probes) - 1)
@@ -364,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable), as train")
     p.add_argument("--shapes", choices=("all", "largest"), default="all",
                    help="compile every bucket length (all) or only the longest (largest: the most memory)")
+    p.add_argument("--steps", choices=("both", "train", "eval"), default="both", help="which steps to compile")
     p.add_argument("--max-batch", action="store_true", help="also find the largest global train batch that fits")
     p.add_argument("--json", action="store_true", help="one JSON object per line and program")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, as train")
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         tpu_specs.prepare()
-        rows, s, extra = run(cfg, args.topology, shapes=args.shapes, find_max=args.max_batch)
+        rows, s, extra = run(cfg, args.topology, shapes=args.shapes, steps=args.steps, find_max=args.max_batch)
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
