@@ -162,3 +162,27 @@ def test_multi_host_command_line(libtpu, tiny_dir):
         assert (r["chips"], r["hosts"], r["rows_per_host"]) == (8, 2, 8)  # 16 rows: 8 per host, 2 per chip
         assert r["argument_bytes"] == r["frozen_bytes"] + r["trainable_bytes"] + r["optimizer_bytes"] + r["batch_bytes"]
         assert r["fits"] and r["hbm_capacity_bytes"] == tpu_specs.CHIPS["v4"].hbm_bytes
+
+
+@pytest.mark.parametrize("fixed, per_row, nonlinear", [(3e9, 2.5e6, 0.0), (1e9, 7.3e7, 0.15)])
+def test_max_batch_finds_the_largest_multiple_that_fits(monkeypatch, fixed, per_row, nonlinear):
+    """The search on a stand-in for the compiler whose HBM grows with the batch (linearly, or faster)."""
+    from types import SimpleNamespace
+
+    from spafit_jax import aot
+
+    cap, unit = 15 * 2**30, 8
+    need = lambda b: fixed + per_row * b * (1 + nonlinear * b / 1000)  # noqa: E731
+    calls = []
+
+    def fake_compile(s, kind, batch, length):
+        calls.append(batch)
+        return {"global_batch": batch, "hbm_per_chip_bytes": need(batch), "fits": need(batch) <= cap}
+
+    monkeypatch.setattr(aot, "compile_program", fake_compile)
+    s = SimpleNamespace(topo=SimpleNamespace(devices=[0] * 4, chip=SimpleNamespace(hbm_bytes=cap)),
+                        cfg=SimpleNamespace(train=SimpleNamespace(grad_accum=2)))
+    best, probes = aot.max_batch(s, 128, known=fake_compile(s, "train", 32, 128), probes=12)
+    expected = max(b for b in range(unit, 100000, unit) if need(b) <= cap)
+    assert best == expected and len(calls) <= 13
+    assert [p["global_batch"] for p in probes] == sorted(set(calls))
