@@ -220,7 +220,8 @@ def figures(s: Setup, kind: str, batch: int, length: int, compiled, parts: dict,
     chips = len(s.topo.devices)
     model_flops = tpu_specs.model_flops(s.params, s.plan.labels, s.model.config, batch, length, train=kind == "train",
                                         start_layer=s.cache_n1 if kind == "train" else 0) / chips
-    step = max(flops / chip.peak_flops, accessed / chip.hbm_bandwidth)
+    # XLA counts a loop's body once (train.grad_accum > 1 scans the micro-batches): our count is the floor
+    step = max(max(flops, model_flops) / chip.peak_flops, accessed / chip.hbm_bandwidth)
     return {
         "program": f"{kind}[B={batch},T={length}]", "kind": kind, "topology": s.topo.name, "chip": chip.name,
         "chips": chips, "hosts": s.topo.hosts, "global_batch": batch, "rows_per_host": batch // s.topo.hosts,
@@ -338,6 +339,10 @@ def run(cfg: Config, topology: str, *, shapes: str = "all", steps: str = "both",
     if cfg.parallel.mode == "pmap":
         notes.append("parallel.mode=pmap cannot be compiled ahead of time (jax.pmap has no lowering for devices "
                      "that are not attached); these are the mesh driver's programs, same per-chip batch")
+    if cfg.train.grad_accum > 1:
+        notes.append(f"train.grad_accum={cfg.train.grad_accum} makes the train step a loop over micro-batches, whose "
+                     "body XLA's cost analysis counts once: its FLOPs and bytes are low by up to that factor (the "
+                     "estimate takes the larger of XLA's FLOPs and the model FLOPs)")
     if cfg.data.max_shapes is not None:
         notes.append("data.max_shapes fits the bucket lengths to the data: compiled at data.max_length only")
     rows = [compile_program(s, kind, b, n) for kind, b, n in programs(s, shapes, steps)]
