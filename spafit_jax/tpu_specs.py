@@ -12,6 +12,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import re
 from typing import Any
@@ -106,6 +107,9 @@ def topology(text: str) -> Topology:
     if chip.twod:  # up to 8 chips on one host, else 2x2 chips per host
         single = dims[0] * dims[1] <= 8
         kwargs["chips_per_host_bounds"] = (dims[0], dims[1], 1) if single else (2, 2, 1)
+    chips = math.prod(dims)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"v5litepod-{chips}" if chip.name == "v5e" else
+                          f"{chip.name}-{chips * (2 if chip.megacore else 1)}")  # as on a TPU VM; quiets libtpu
     try:
         devices = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices
     except Exception as e:  # noqa: BLE001 (libtpu raises runtime errors of its own)
@@ -149,6 +153,8 @@ def prepare() -> None:
                        f"{install_hint()}")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # not on a TPU VM: no metadata server to ask
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU is opened: no need for libtpu's lock file
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # what a TPU VM sets; else libtpu logs errors
+    os.environ.setdefault("TPU_WORKER_ID", "0")
     import jax
 
     jax.config.update("jax_platforms", "cpu")
