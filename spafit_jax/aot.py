@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        tpu_specs.prepare()
+        tpu_specs.prepare(compile_cache=False)
         rows, s, extra = run(cfg, args.topology, shapes=args.shapes, steps=args.steps, find_max=args.max_batch)
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -141,9 +141,11 @@ def libtpu_version() -> str | None:
         return "unknown"
 
 
-def prepare() -> None:
+def prepare(compile_cache: bool = True) -> None:
     """Checks that a libtpu matching jax is importable (else one AotError line) and keeps jax on the CPU
-    (the topology is compiled for, never attached), before jax picks its backends."""
+    (the topology is compiled for, never attached), before jax picks its backends. `compile_cache=False`
+    turns JAX's persistent compilation cache off for the process (the command line: a TPU program compiled
+    here cannot be loaded back without a TPU, so caching it only costs disk)."""
     have = libtpu_version()
     if have is None:
         raise AotError(f"ahead-of-time compilation for TPU needs libtpu, which is not installed: {install_hint()}")
@@ -158,6 +160,8 @@ def prepare() -> None:
     import jax
 
     jax.config.update("jax_platforms", "cpu")
+    if not compile_cache:
+        jax.config.update("jax_enable_compilation_cache", False)
 
 
 # Named architectures (Hugging Face config.json fields), so that the common models need no download.

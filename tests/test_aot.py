@@ -134,9 +134,12 @@ def test_single_host_figures_match_the_shapes(libtpu, spafit_v5e):
     assert train["flops_per_chip"] > evaluate["flops_per_chip"]
 
 
-def test_too_large_batch_is_refused_and_full_needs_far_more_optimizer_state(libtpu, spafit_v5e, tiny_dir, capsys):
+def test_too_large_batch_is_refused_and_full_needs_far_more_optimizer_state(libtpu, spafit_v5e, tiny_dir, capsys,
+                                                                             monkeypatch):
     from spafit_jax import aot
 
+    real = tpu_specs.prepare  # main turns the persistent compile cache off: not in this shared test process
+    monkeypatch.setattr(tpu_specs, "prepare", lambda compile_cache=True: real())
     code = aot.main(["--topology", "v5e:2x2", "--shapes", "largest", "--json", f"model.name={tiny_dir}",
                      "data.task=sst2", "method.name=full", *ARGS, "train.batch_size=4194304"])
     out, err = capsys.readouterr()
