@@ -33,7 +33,7 @@ from spafit_jax.frozen import DTYPES as CACHE_DTYPES, frozen_depth
 from spafit_jax.optim import init_state, make_optimizer
 from spafit_jax.plan import Plan, make_plan
 
-GIB = 2**30
+GIB = tpu_specs.GIB
 TOTAL_STEPS = 1000  # the schedule's length does not change a program's shapes
 
 
@@ -249,10 +249,12 @@ def programs(s: Setup, shapes: str = "all", steps: str = "both") -> list[tuple[s
             + [("eval", t.eval_batch_size, n) for n in buckets if steps != "train"])
 
 
-def max_batch(s: Setup, length: int, known: dict | None = None, probes: int = 6) -> tuple[int, list[dict]]:
+def max_batch(s: Setup, length: int, known: dict | None = None, probes: int = 6, progress=None
+              ) -> tuple[int, list[dict]]:
     """The largest global train batch (a multiple of chips x grad_accum) whose step fits at `length`,
     and the figures of every probe. The first guess extends the line through two compiled batches
-    (HBM grows about linearly with the batch); then bisection, at most `probes` compiles."""
+    (HBM grows about linearly with the batch); then bisection, at most `probes` compiles (the result then
+    fits but may not be the largest). `progress(figures)` is called after each compile."""
     unit = len(s.topo.devices) * s.cfg.train.grad_accum
     cap = s.topo.chip.hbm_bytes
     seen = {}
@@ -260,6 +262,8 @@ def max_batch(s: Setup, length: int, known: dict | None = None, probes: int = 6)
     def fits(b):
         if b not in seen:
             seen[b] = compile_program(s, "train", b, length)
+            if progress is not None:
+                progress(seen[b])
         return seen[b]["fits"]
 
     if known is not None:
@@ -329,8 +333,8 @@ def advice(row: dict, s: Setup) -> str:
             f"chip, above the {row['hbm_capacity_bytes'] / GIB:.2f} GiB of a {s.topo.chip.name}; " + ", ".join(fixes))
 
 
-def run(cfg: Config, topology: str, *, shapes: str = "all", steps: str = "both", find_max: bool = False
-        ) -> tuple[list[dict], Setup, dict]:
+def run(cfg: Config, topology: str, *, shapes: str = "all", steps: str = "both", find_max: bool = False,
+        progress=None) -> tuple[list[dict], Setup, dict]:
     """Compiles every program of `cfg` for `topology`; returns (figures per program, the setup, extras:
     notes and, with `find_max`, the largest batch)."""
     topo = tpu_specs.topology(topology)
@@ -349,7 +353,7 @@ def run(cfg: Config, topology: str, *, shapes: str = "all", steps: str = "both",
     extra = {"notes": notes}
     if find_max and any(r["kind"] == "train" for r in rows):
         longest = max((r for r in rows if r["kind"] == "train"), key=lambda r: r["seq_len"])
-        best, probes = max_batch(s, longest["seq_len"], longest)
+        best, probes = max_batch(s, longest["seq_len"], longest, progress=progress)
         extra.update(max_batch=best, max_batch_seq_len=longest["seq_len"], max_batch_probes=len(probes) - 1)
     return rows, s, extra
 
@@ -384,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         tpu_specs.prepare(compile_cache=False)
-        rows, s, extra = run(cfg, args.topology, shapes=args.shapes, steps=args.steps, find_max=args.max_batch)
+        report = lambda r: print(f"--max-batch: {r['program']} needs {r['hbm_per_chip_bytes'] / GIB:.2f} GiB per chip: "  # noqa: E731
+                                 f"{'fits' if r['fits'] else 'does not fit'}", file=sys.stderr, flush=True)
+        rows, s, extra = run(cfg, args.topology, shapes=args.shapes, steps=args.steps, find_max=args.max_batch,
+                             progress=report)
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
