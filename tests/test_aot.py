@@ -140,7 +140,7 @@ def test_too_large_batch_is_refused_and_full_needs_far_more_optimizer_state(libt
 
     real = tpu_specs.prepare  # main turns the persistent compile cache off: not in this shared test process
     monkeypatch.setattr(tpu_specs, "prepare", lambda compile_cache=True: real())
-    code = aot.main(["--topology", "v5e:2x2", "--shapes", "largest", "--json", f"model.name={tiny_dir}",
+    code = aot.main(["--topology", "v5e:2x2", "--shapes", "largest", "--steps", "train", "--json", f"model.name={tiny_dir}",
                      "data.task=sst2", "method.name=full", *ARGS, "train.batch_size=4194304"])
     out, err = capsys.readouterr()
     assert code == 2
