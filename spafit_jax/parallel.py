@@ -56,14 +56,16 @@ def check_batch(global_batch: int, what: str = "train.batch_size", grad_accum: i
     return global_batch // ways
 
 
-def _process_ordered_devices() -> list:
-    """All devices, those of process 0 first (so each process's rows are one contiguous block)."""
-    return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+def _process_ordered_devices(devices=None) -> list:
+    """All devices (or `devices`), those of process 0 first (so each process's rows are one contiguous block)."""
+    return sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
 
 
-def make_mesh(fsdp: int = 1) -> Mesh:
-    """A ("data", "fsdp") Mesh over all devices of all processes; batches are sharded over both axes."""
-    devices = _process_ordered_devices()
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+    """A ("data", "fsdp") Mesh over all devices of all processes; batches are sharded over both axes.
+
+    `devices`: another set, e.g. a TPU topology's compile-only devices (`aot`)."""
+    devices = _process_ordered_devices(devices)
     if fsdp < 1 or len(devices) % fsdp:
         raise ConfigError(f"parallel.fsdp={fsdp} does not divide the {len(devices)} devices; "
                           f"use a divisor of {len(devices)}")
@@ -133,15 +135,15 @@ def _train_step(apply_fn, tx, train_model, **kw) -> Callable:
 
 
 def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp: int = 1,
-                train_model: tuple[Callable, tuple[str, ...]] | None = None) -> Driver:
+                train_model: tuple[Callable, tuple[str, ...]] | None = None, devices=None) -> Driver:
     """`jax.jit` over a Mesh of all devices: batch sharded on ("data", "fsdp"), state replicated.
 
     The compiler inserts the gradient all-reduce. With fsdp > 1 the frozen base weights are
     sharded along "fsdp" (each over its largest axis that divides; leaves under
     MIN_SHARD_SIZE elements stay replicated) and gathered when used, for encoders too large
-    to replicate; the numbers are those of replication.
+    to replicate; the numbers are those of replication. `devices`: as in `make_mesh`.
     """
-    mesh = make_mesh(fsdp)
+    mesh = make_mesh(fsdp, devices)
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P((AXIS, FSDP)))
 

@@ -137,6 +137,12 @@ REMOTE_BIN = {
           echo "ENV JAX_PLATFORMS=$JAX_PLATFORMS PYTHONUNBUFFERED=$PYTHONUNBUFFERED EXTRA=${EXTRA-}"
           exit "${FAKE_TRAIN_EXIT:-0}"
         fi
+        if [[ $1 == -m && $2 == spafit_jax.aot ]]; then
+          shift 2
+          echo "AOT $*"
+          [[ -n ${FAKE_AOT_EXIT-} ]] && echo "error: train[B=32,T=128] does not fit on v4:2x2x1: ..." >&2
+          exit "${FAKE_AOT_EXIT:-0}"
+        fi
         [[ $1 == -c ]] && echo "8 4 TPU v4"
         exit 0
         """),
@@ -504,7 +510,11 @@ def test_launch_dry_run(sandbox):
     out = sandbox.dry("launch.sh", *NODE, "--workdir", WORKDIR, "--config",
                       "configs/glue/sst2.yaml", "--config", "configs/methods/spafit.yaml",
                       "--", "train.max_steps=100", "train.eval_every=500")
-    (ssh,) = _gcloud_lines(out)
+    preflight, ssh = _gcloud_lines(out)
+    assert preflight.startswith("gcloud compute tpus tpu-vm ssh sst2 --zone=us-central2-b --worker=0 --command ")
+    assert ('.venv/bin/python -m spafit_jax.aot --topology "$topology" --config configs/glue/sst2.yaml'
+            " --config configs/methods/spafit.yaml train.max_steps=100 train.eval_every=500'") in out
+    assert "instance/attributes/accelerator-type" in out
     assert ssh.startswith("gcloud compute tpus tpu-vm ssh sst2 --zone=us-central2-b --worker=all"
                           " --command ")
     assert (".venv/bin/python -m spafit_jax.train --config configs/glue/sst2.yaml"
@@ -525,7 +535,7 @@ def test_launch_dry_run(sandbox):
 
 
 def test_launch_options(sandbox):
-    out = sandbox.dry("launch.sh", *NODE, "--workdir", "/mnt/shared/run", "--no-distributed",
+    out = sandbox.dry("launch.sh", *NODE, "--workdir", "/mnt/shared/run", "--no-distributed", "--no-preflight",
                       "--worker", "1", "--session", "exp1", "--follow", "--log-dir", "/mnt/logs")
     launch, follow = _gcloud_lines(out)
     assert "--worker=1" in launch and "distributed.enabled" not in out
@@ -550,7 +560,8 @@ def test_launch_runs_the_command_on_every_worker_with_its_own_log(sandbox, exit_
                     "--env", "EXTRA=two words", "--", *TRAIN_ARGS,
                     FAKE_HOME=home, FAKE_TRAIN_EXIT=exit_code)
     assert r.returncode == 0, r.stderr
-    (call,) = sandbox.calls()
+    preflight, call = sandbox.calls()
+    assert "--worker=0" in preflight and "AOT --topology 0 --config configs/glue/sst2.yaml train.max_steps=100" in r.stdout
     assert call[:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in call
     for w in (0, 1):
         expected = ["--config", "configs/glue/sst2.yaml",
@@ -627,7 +638,7 @@ def test_launch_fails_in_one_line_when_the_bucket_cannot_be_mounted(sandbox, mis
     _installed_workers(home)
     if missing:
         (sandbox.bin / "gcsfuse").unlink()
-    r = sandbox.run("launch.sh", *NODE, "--workdir", WORKDIR, FAKE_HOME=home, FAKE_GCSFUSE_FAIL=1)
+    r = sandbox.run("launch.sh", *NODE, "--workdir", WORKDIR, "--no-preflight", FAKE_HOME=home, FAKE_GCSFUSE_FAIL=1)
     assert r.returncode == 0, r.stderr  # the launch itself went fine; the workers failed
     for w in (0, 1):
         log = _worker_log(home, w)
@@ -642,6 +653,27 @@ def test_launch_fails_in_one_line_when_the_bucket_cannot_be_mounted(sandbox, mis
                                          f" {home}/w{w}/gcs/my-bucket with gcsfuse") in errors[0]
         assert "MODULE" not in log and not (home / f"w{w}/python-calls.log").exists()
         assert (home / f"w{w}/spafit_jax/logs/sst2-worker{w}.exit").read_text().strip() == "1"
+
+
+@pytest.mark.parametrize("aot_exit", [2, 1])
+def test_launch_preflight_stops_a_run_that_would_not_fit(sandbox, aot_exit):
+    home = sandbox.path / "workers"
+    _installed_workers(home)
+    r = sandbox.run("launch.sh", *NODE, "--workdir", WORKDIR, "--", "train.batch_size=4096", "--overwrite",
+                    FAKE_HOME=home, FAKE_AOT_EXIT=aot_exit)
+    assert "AOT --topology 0 train.batch_size=4096\n" in r.stdout  # the overrides, not the trainer's options
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    if aot_exit == 2:  # would not fit: aot's line, then launch.sh's; nothing launched
+        assert r.returncode == 2 and len(sandbox.calls()) == 1
+        assert errors[0].startswith("error: train[B=32,T=128] does not fit on v4:2x2x1")
+        assert errors[1].startswith("launch.sh: error: preflight: the run would not fit") and len(errors) == 2
+        assert not (home / "w0/spafit_jax/logs").exists()
+    else:  # the check itself failed: a warning, and the run is launched
+        assert r.returncode == 0 and len(sandbox.calls()) == 2
+        assert "warning: the preflight could not run on worker 0 (exit status 1)" in r.stderr
+        assert "MODULE spafit_jax.train" in _worker_log(home, 1)
+    r = sandbox.run("launch.sh", *NODE, "--workdir", WORKDIR, "--module", "experiment", "--dry-run")
+    assert "spafit_jax.aot" not in r.stdout  # experiments: a grid of configs, no single preflight
 
 
 @pytest.mark.parametrize("workdir", ["gs://My_Bucket/x", "gs://b/x", "gs://bucket/a/../b",

@@ -50,6 +50,11 @@ options:
   --env KEY=VALUE          export KEY=VALUE for the training process (repeatable); the
                            defaults are PYTHONUNBUFFERED=1 and JAX_PLATFORMS=tpu
   --no-distributed         leave out distributed.enabled=true
+  --no-preflight           skip the preflight: before launching, worker 0 compiles the run's train
+                           and eval steps for its own TPU topology (python -m spafit_jax.aot
+                           --topology <the VM's accelerator type> with the same --config files and
+                           overrides) and the launch stops, with the line that says what to change,
+                           when a program would not fit in HBM (exit status 2). Train runs only.
   --follow                 afterwards, stream worker 0's log here (Ctrl-C stops following,
                            not the training)
   --dry-run                print the gcloud commands instead of running them
@@ -64,7 +69,7 @@ EOF
 }
 
 WORKDIR="" WORKER=all REMOTE_DIR=$REMOTE_DIR_DEFAULT LOG_DIR=$LOG_DIR_DEFAULT
-SESSION=$SESSION_DEFAULT DISTRIBUTED=1 FOLLOW=0 MODULE=train
+SESSION=$SESSION_DEFAULT DISTRIBUTED=1 FOLLOW=0 MODULE=train PREFLIGHT=1
 CONFIGS=() ENVS=() TRAIN_ARGS=()
 script_option() { # all but --name, --zone (both required), --project, --dry-run: see parse_options
   case $1 in
@@ -78,6 +83,7 @@ script_option() { # all but --name, --zone (both required), --project, --dry-run
     --session) takes_value "$@"; SESSION=$2 ;;
     --env) takes_value "$@"; ENVS+=("$2") ;;
     --no-distributed) DISTRIBUTED=0 ;;
+    --no-preflight) PREFLIGHT=0 ;;
     --follow) FOLLOW=1 ;;
     *) unknown_option "$1" ;;
   esac
@@ -181,6 +187,29 @@ fi
 echo \"\$(hostname): launched; log in $(remote_path "$(remote_log "$REMOTE_DIR" "$LOG_DIR" "$NAME-worker<N>.log")")\""
 if [[ -n ${bucket:-} ]]; then
   note "every worker mounts gs://$bucket at ~/$GCS_MOUNT_DIR/$bucket (gcsfuse) and runs with --workdir ~/$GCS_MOUNT_DIR/$bucket${gcs_path:+/$gcs_path}"
+fi
+# Preflight (train runs): worker 0 compiles the steps for the VM's own topology, ahead of time, on
+# its CPU (spafit_jax.aot never opens the TPU); exit status 2 and one line when they would not fit.
+if ((PREFLIGHT)) && [[ $MODULE == train ]]; then
+  aot=(.venv/bin/python -m spafit_jax.aot --topology)
+  aot_rest=()
+  for c in ${CONFIGS[@]+"${CONFIGS[@]}"}; do aot_rest+=(--config "$c"); done
+  for a in ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}; do # the overrides (section.key=value), not the trainer's options
+    [[ $a == -* || $a != *=* ]] || aot_rest+=("$a")
+  done
+  preflight="set -uo pipefail
+cd $(q "$REMOTE_DIR")
+topology=\$(curl -sf -m 5 -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/accelerator-type)
+$(q "${aot[@]}") \"\$topology\"${aot_rest[*]:+ $(q "${aot_rest[@]}")}"
+  note "preflight: worker 0 compiles the run's steps for its TPU topology (skip with --no-preflight)"
+  status=0
+  run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${LOC_FLAGS[@]}" --worker=0 --command "$preflight" || status=$?
+  if ((status == 2)); then
+    echo "$SCRIPT_NAME: error: preflight: the run would not fit on this TPU or its config is wrong (the error line above says what to change); nothing was launched (--no-preflight skips the check)" >&2
+    exit 2
+  elif ((status)); then
+    warn "the preflight could not run on worker 0 (exit status $status); launching anyway"
+  fi
 fi
 run "$GCLOUD" compute tpus tpu-vm ssh "$NAME" "${LOC_FLAGS[@]}" --worker="$WORKER" --command "$script"
 

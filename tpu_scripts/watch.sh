@@ -120,8 +120,9 @@ setup_args=("${node[@]}" --remote-dir "$REMOTE_DIR")
 [[ -n $GIT_URL ]] && setup_args+=(--git-url "$GIT_URL")
 [[ -n $GIT_REF ]] && setup_args+=(--git-ref "$GIT_REF")
 setup_args+=(${SETUP_EXTRA[@]+"${SETUP_EXTRA[@]}"})
+# --no-preflight: a relaunch resumes a run that passed its preflight when launch.sh first started it
 launch_args=("${node[@]}" --workdir "$WORKDIR" --remote-dir "$REMOTE_DIR" --log-dir "$LOG_DIR"
-  --session "$SESSION" --module "$MODULE")
+  --session "$SESSION" --module "$MODULE" --no-preflight)
 for c in ${CONFIGS[@]+"${CONFIGS[@]}"}; do launch_args+=(--config "$c"); done
 for e in ${ENVS[@]+"${ENVS[@]}"}; do launch_args+=(--env "$e"); done
 ((DISTRIBUTED)) || launch_args+=(--no-distributed)

@@ -1,0 +1,416 @@
+"""`python -m spafit_jax.aot --topology v5e:2x4`: compile the trainer's programs for a TPU topology on a CPU host.
+
+With `libtpu` installed (`pip install "jax[tpu]==<jax version>"`), JAX describes a TPU slice that is
+not attached (`jax.experimental.topologies.get_topology_desc`) and XLA compiles for it. This module
+builds the exact programs the trainer runs on such a slice -- the mesh driver's train step and eval
+step (`parallel.mesh_driver`), for every bucket length, with the run's dtypes, `parallel.fsdp`,
+gradient accumulation, LoRA placement and the frozen-stratum cache -- from abstract shapes only
+(`jax.eval_shape`: no weights, no data), compiles them, and reads XLA's memory and cost analyses:
+HBM per chip against the chip's capacity, FLOPs per step, and a roofline estimate of the step time.
+
+On several hosts every process runs the same SPMD program on its rows of each global batch, so the
+program compiled here over all of the slice's devices is the one each host runs. The pmap driver
+cannot be compiled this way (`jax.pmap` has no ahead-of-time lowering for devices that are not
+attached); for `parallel.mode=pmap` the mesh driver's figures are shown. Chip figures are in
+`tpu_specs`; the roofline is an estimate, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from typing import Any
+
+# The trainer's names, imported here once (issue 20 renames optim.py / run.py / rundir.py).
+from spafit_jax import parallel, tpu_specs
+from spafit_jax.config import Config, load_config
+from spafit_jax.errors import ConfigError, SpafitError
+from spafit_jax.frozen import DTYPES as CACHE_DTYPES, cache_depth, upper_model
+from spafit_jax.optimizer import make_optimizer
+from spafit_jax.steps import init_state
+from spafit_jax.plan import Plan, make_plan
+
+GIB = tpu_specs.GIB
+TOTAL_STEPS = 1000  # the schedule's length does not change a program's shapes
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every program of one config shares: the model, the plan, the abstract state, the driver."""
+
+    cfg: Config
+    topo: tpu_specs.Topology
+    model: Any
+    plan: Plan
+    params: Any  # abstract parameters (shapes)
+    state: Any  # abstract TrainState, placed as the driver places it
+    frozen: Any  # abstract frozen parameters, placed as the driver places them
+    driver: Any  # parallel.Driver over the topology's devices
+    num_labels: int
+    cache_n1: int  # > 0: the train step starts at this layer (train.cache_frozen)
+
+
+def _abstract(tree, sharding_of):
+    import jax
+
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding_of(s)), tree)
+
+
+def setup(cfg: Config, topo: tpu_specs.Topology) -> Setup:
+    """The model (from the named architecture or config.json), the plan, the optimizer, the abstract
+    train state and frozen parameters on the topology's devices, and the mesh driver."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from spafit_jax.hf import family_classes
+
+    model_cfg = tpu_specs.model_config(cfg.model.name)
+    if cfg.data.max_length > model_cfg.max_tokens:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {model_cfg.max_tokens} positions of "
+                          f"{cfg.model.name}; use data.max_length={model_cfg.max_tokens} or less", "data.max_length")
+    num_labels = tpu_specs.num_labels(cfg.data)
+    plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
+    model = family_classes(model_cfg.model_type)[1](model_cfg, jnp.dtype(cfg.model.dtype),
+                                                    jnp.dtype(cfg.model.param_dtype), plan.lora, num_labels=num_labels)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    plan = plan.label(params)
+    trainable, frozen = plan.split(params)
+    t = cfg.train
+    tx = make_optimizer(plan, t, TOTAL_STEPS)
+    state = jax.eval_shape(lambda tr: init_state(tr, tx, t.seed), trainable)
+    cache_n1, train_model = 0, None
+    if t.cache_frozen:  # the step starts at layer n1 from cached hidden states (`frozen.Cache.train_model`)
+        cache_n1 = cache_depth(plan)
+        train_model = upper_model(model, cache_n1)
+    driver = parallel.mesh_driver(model.apply, tx, is_regression=num_labels == 1, grad_accum=t.grad_accum,
+                                  fsdp=cfg.parallel.fsdp, train_model=train_model, devices=topo.devices)
+    mesh = driver.mesh
+    state = _abstract(state, lambda s: NamedSharding(mesh, P()))  # put_state: replicated
+    frozen = _abstract(frozen, functools.partial(parallel._fsdp_sharding, mesh))  # put_frozen
+    return Setup(cfg, topo, model, plan, params, state, frozen, driver, num_labels, cache_n1)
+
+
+def check_batch(topo: tpu_specs.Topology, batch: int, what: str, grad_accum: int = 1) -> None:
+    """A one-line ConfigError unless `batch` splits evenly over the topology's devices (x micro-batches)."""
+    ways = len(topo.devices) * grad_accum
+    if batch < ways or batch % ways:
+        good = max(ways, batch // ways * ways)
+        raise ConfigError(f"{what}={batch} does not split evenly over the {len(topo.devices)} chips of {topo.name}"
+                          + (f" x train.grad_accum={grad_accum}" if grad_accum > 1 else "")
+                          + f"; use a multiple of {ways}, e.g. {what}={good}")
+
+
+def batch_shapes(s: Setup, batch: int, length: int, train: bool) -> dict:
+    """The abstract global batch of the step, its rows sharded as `Driver.put_batch` shards them."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    rows = NamedSharding(s.driver.mesh, P((parallel.AXIS, parallel.FSDP)))
+    spec = {k: ((batch, length), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    spec["labels"] = ((batch,), jnp.float32 if s.num_labels == 1 else jnp.int32)
+    spec["weights"] = ((batch,), jnp.float32)
+    if train and s.cache_n1:
+        spec["hidden"] = ((batch, length, s.model.config.hidden_size), CACHE_DTYPES[s.cfg.train.cache_dtype])
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in spec.items()}
+
+
+def leaf_bytes(x, layout=None) -> int:
+    """Bytes of one chip's shard of abstract array `x`; with its device `layout`, padded to the layout's tiles
+    as the TPU stores it (a (32, 37) float32 tiled (8, 128) takes 32 x 128 x 4 bytes; a scalar one tile)."""
+    import numpy as np
+
+    shape = list(x.sharding.shard_shape(x.shape))
+    tiling = getattr(layout, "tiling", None)
+    if tiling:
+        shape = [shape[d] for d in layout.major_to_minor] or [1]
+        tile = tiling[0]
+        for i, t in enumerate(tile, start=len(shape) - len(tile)):
+            if i >= 0:
+                shape[i] = -(-shape[i] // t) * t
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def argument_bytes(args: tuple, formats) -> list[int]:
+    """Per-chip bytes of each argument tree of a compiled program, padded to its input layouts."""
+    import jax
+
+    out = []
+    for tree, fmt in zip(args, formats):
+        leaves, layouts = jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(fmt)
+        if len(layouts) != len(leaves):
+            layouts = [None] * len(leaves)
+        # an argument the program does not read (eval's labels) is dropped by jit: its format has no layout
+        out.append(sum(0 if f is not None and getattr(f, "layout", 0) is None else leaf_bytes(x, getattr(f, "layout", None))
+                       for x, f in zip(leaves, layouts)))
+    return out
+
+
+def compile_program(s: Setup, kind: str, batch: int, length: int) -> dict:
+    """Compiles the train or eval step for one (global batch, length) and returns its figures
+    (one JSON-able dict; see `figures`)."""
+    b = batch_shapes(s, batch, length, kind == "train")
+    t0 = time.perf_counter()
+    if kind == "train":
+        st = s.state
+        args = (st.trainable, (st.opt_state, st.step, st.rng), s.frozen, b)
+        lowered = s.driver.step.lower(st, s.frozen, b)
+    else:
+        args = (s.state.trainable, (), s.frozen, b)
+        lowered = s.driver.eval_logits.lower(s.state.trainable, s.frozen, b)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 (XLA raises its own runtime errors)
+        needs = tpu_specs.out_of_memory(str(e))
+        if needs is None:
+            raise tpu_specs.AotError(f"XLA could not compile {kind}[B={batch},T={length}] for {s.topo.name}: "
+                                     f"{str(e).splitlines()[0][:300]}") from None
+        parts = dict(zip(("trainable", "optimizer", "frozen", "batch"), argument_bytes(args, [None] * 4)))
+        return refused(s, kind, batch, length, parts, needs, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    formats = compiled.input_formats[0]
+    if kind == "train":  # (state, frozen, batch) -> the state's trainable / optimizer parts
+        state_fmt = formats[0]
+        formats = (state_fmt.trainable, (state_fmt.opt_state, state_fmt.step, state_fmt.rng), formats[1], formats[2])
+    else:
+        formats = (formats[0], (), formats[1], formats[2])
+    parts = dict(zip(("trainable", "optimizer", "frozen", "batch"), argument_bytes(args, formats)))
+    return figures(s, kind, batch, length, compiled, parts, seconds)
+
+
+def refused(s: Setup, kind: str, batch: int, length: int, parts: dict, temp: int, seconds: float) -> dict:
+    """The figures of a program XLA refused to compile for want of HBM: its arguments (unpadded) and the
+    temporaries XLA said it needs; no cost analysis."""
+    chips = len(s.topo.devices)
+    args = sum(parts.values())
+    return {
+        "program": f"{kind}[B={batch},T={length}]", "kind": kind, "topology": s.topo.name, "chip": s.topo.chip.name,
+        "chips": chips, "hosts": s.topo.hosts, "global_batch": batch, "rows_per_host": batch // s.topo.hosts,
+        "seq_len": length, "fits": False, "hbm_per_chip_bytes": args + temp, "hbm_capacity_bytes": s.topo.chip.hbm_bytes,
+        **{f"{k}_bytes": v for k, v in parts.items()}, "temp_bytes": temp, "argument_bytes": args,
+        "flops_per_chip": None, "model_flops_per_chip": tpu_specs.model_flops(
+            s.params, s.plan.labels, s.model.config, batch, length, train=kind == "train",
+            start_layer=s.cache_n1 if kind == "train" else 0) / chips,
+        "est_step_seconds": None, "est_mfu": None, "compile_seconds": seconds,
+        "xla": "RESOURCE_EXHAUSTED: XLA refused the program for want of HBM",
+    }
+
+
+def figures(s: Setup, kind: str, batch: int, length: int, compiled, parts: dict, seconds: float) -> dict:
+    """One program's figures: per-chip HBM (XLA's memory analysis, split by what the arguments hold),
+    XLA's FLOPs and bytes per chip, our model FLOPs, and the roofline estimate of the step."""
+    chip = s.topo.chip
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    args, out, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
+    code = int(mem.generated_code_size_in_bytes)
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    hbm = max(peak, args + out - alias + temp) + code
+    flops = float(cost.get("flops", 0.0))
+    accessed = float(cost.get("bytes accessed", 0.0))
+    chips = len(s.topo.devices)
+    model_flops = tpu_specs.model_flops(s.params, s.plan.labels, s.model.config, batch, length, train=kind == "train",
+                                        start_layer=s.cache_n1 if kind == "train" else 0) / chips
+    # XLA counts a loop's body once (train.grad_accum > 1 scans the micro-batches): our count is the floor
+    step = max(max(flops, model_flops) / chip.peak_flops, accessed / chip.hbm_bandwidth)
+    return {
+        "program": f"{kind}[B={batch},T={length}]", "kind": kind, "topology": s.topo.name, "chip": chip.name,
+        "chips": chips, "hosts": s.topo.hosts, "global_batch": batch, "rows_per_host": batch // s.topo.hosts,
+        "seq_len": length, "fits": hbm <= chip.hbm_bytes, "hbm_per_chip_bytes": hbm,
+        "hbm_capacity_bytes": chip.hbm_bytes, "frozen_bytes": parts["frozen"], "trainable_bytes": parts["trainable"],
+        "optimizer_bytes": parts["optimizer"], "batch_bytes": parts["batch"], "temp_bytes": temp,
+        "output_bytes": out, "alias_bytes": alias, "code_bytes": code, "argument_bytes": args,
+        "flops_per_chip": flops, "model_flops_per_chip": model_flops, "bytes_accessed_per_chip": accessed,
+        "est_step_seconds": step, "est_mfu": model_flops / (step * chip.peak_flops) if step else None,
+        "compile_seconds": seconds,
+    }
+
+
+def programs(s: Setup, shapes: str = "all", steps: str = "both") -> list[tuple[str, int, int]]:
+    """(kind, global batch, length) of every program the run compiles: train and eval steps (`steps`:
+    both, train or eval) at every bucket length (`shapes="largest"`: only the longest, the most memory)."""
+    cfg = s.cfg
+    buckets = cfg.data.bucket_lengths()  # data.max_shapes fits buckets to the data: then max_length alone
+    if shapes == "largest":
+        buckets = buckets[-1:]
+    t = cfg.train
+    check_batch(s.topo, t.batch_size, "train.batch_size", t.grad_accum)
+    check_batch(s.topo, t.eval_batch_size, "train.eval_batch_size")
+    return ([("train", t.batch_size, n) for n in buckets if steps != "eval"]
+            + [("eval", t.eval_batch_size, n) for n in buckets if steps != "train"])
+
+
+def max_batch(s: Setup, length: int, known: dict | None = None, probes: int = 6, progress=None
+              ) -> tuple[int, list[dict]]:
+    """The largest global train batch (a multiple of chips x grad_accum) whose step fits at `length`,
+    and the figures of every probe. The first guess extends the line through two compiled batches
+    (HBM grows about linearly with the batch); then bisection, at most `probes` compiles (the result then
+    fits but may not be the largest). `progress(figures)` is called after each compile."""
+    unit = len(s.topo.devices) * s.cfg.train.grad_accum
+    cap = s.topo.chip.hbm_bytes
+    seen = {}
+
+    def fits(b):
+        if b not in seen:
+            seen[b] = compile_program(s, "train", b, length)
+            if progress is not None:
+                progress(seen[b])
+        return seen[b]["fits"]
+
+    if known is not None:
+        seen[known["global_batch"]] = known
+    b0 = known["global_batch"] if known else unit
+    fits(b0)
+    b1 = b0 * 2
+    fits(b1)
+    slope = (seen[b1]["hbm_per_chip_bytes"] - seen[b0]["hbm_per_chip_bytes"]) / (b1 - b0)
+    fixed = seen[b0]["hbm_per_chip_bytes"] - slope * b0
+    lo = max((b for b in seen if seen[b]["fits"]), default=0)
+    hi = min((b for b in seen if not seen[b]["fits"]), default=None)
+    guess = int((cap - fixed) / slope) // unit * unit if slope > 0 else None
+    while len(seen) < probes + (known is not None) + 1:
+        if guess is not None and lo < guess and (hi is None or guess < hi):
+            b, guess = guess, None
+        elif hi is None:
+            b = lo * 2
+        elif hi - lo > unit:
+            b = (lo + hi) // 2 // unit * unit
+        else:
+            break
+        if fits(b):
+            lo = b
+        else:
+            hi = b
+    return lo, [seen[b] for b in sorted(seen)]
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f}G" if n >= GIB / 10 else f"{n / 2**20:.1f}M"
+
+
+def format_table(rows: list[dict], topo: tpu_specs.Topology) -> str:
+    """A text table of the programs' figures: bytes per chip (G = GiB, M = MiB), GFLOP per chip, estimated ms and MFU."""
+    head = (f"{'program':<22} {'fits':<4} {'HBM/chip':>8} {'frozen':>7} {'train.':>7} {'optim.':>7} {'batch':>7} "
+            f"{'temp':>7} {'XLA GFLOP':>10} {'model GFLOP':>11} {'est. ms':>8} {'est. MFU':>8} {'compile s':>9}")
+    c = topo.chip
+    lines = [f"{topo.name}: {len(topo.devices)} x {c.name} ({c.hbm_bytes / GIB:.2f} GiB HBM usable, {c.peak_flops / 1e12:.0f} "
+             f"TFLOP/s bf16, {c.hbm_bandwidth / 1e9:.0f} GB/s each) on {topo.hosts} host(s); figures per chip; "
+             "step time and MFU are a roofline estimate, not a measurement", head]
+    for r in rows:
+        mfu = "-" if r["est_mfu"] is None else f"{100 * r['est_mfu']:.0f}%"
+        num = lambda x, scale, f: "-" if x is None else format(x * scale, f)  # noqa: E731
+        sizes = " ".join(f"{_size(r[k]):>7}" for k in ("frozen_bytes", "trainable_bytes", "optimizer_bytes",
+                                                        "batch_bytes", "temp_bytes"))
+        lines.append(f"{r['program']:<22} {'yes' if r['fits'] else 'NO':<4} {_size(r['hbm_per_chip_bytes']):>8} {sizes} "
+                     f"{num(r['flops_per_chip'], 1e-9, '.1f'):>10} {r['model_flops_per_chip'] / 1e9:>11.1f} "
+                     f"{num(r['est_step_seconds'], 1e3, '.2f'):>8} {mfu:>8} {r['compile_seconds']:>9.1f}")
+    lines.append(f"{len(rows)} program(s)")
+    return "\n".join(lines)
+
+
+def advice(row: dict, s: Setup) -> str:
+    """The one line that says which program does not fit and what to change."""
+    cfg, chips = s.cfg, len(s.topo.devices)
+    fixes = ["lower train.batch_size (--max-batch finds the largest)" if row["kind"] == "train"
+             else "lower train.eval_batch_size"]
+    if cfg.parallel.fsdp < chips:
+        fixes.append(f"shard the frozen weights with parallel.fsdp={chips}")
+    if cfg.model.dtype != "bfloat16" or cfg.model.param_dtype != "bfloat16":
+        fixes.append("use model.dtype=bfloat16 model.param_dtype=bfloat16")
+    if row["kind"] == "train":
+        fixes.append(f"train.grad_accum={cfg.train.grad_accum * 2}")
+    fixes.append("shorter data.max_length / data.buckets")
+    return (f"{row['program']} does not fit on {s.topo.name}: it needs {row['hbm_per_chip_bytes'] / GIB:.2f} GiB per "
+            f"chip, above the {row['hbm_capacity_bytes'] / GIB:.2f} GiB of a {s.topo.chip.name}; " + ", ".join(fixes))
+
+
+def run(cfg: Config, topology: str, *, shapes: str = "all", steps: str = "both", find_max: bool = False,
+        progress=None) -> tuple[list[dict], Setup, dict]:
+    """Compiles every program of `cfg` for `topology`; returns (figures per program, the setup, extras:
+    notes and, with `find_max`, the largest batch)."""
+    topo = tpu_specs.topology(topology)
+    s = setup(cfg, topo)
+    notes = []
+    if cfg.parallel.mode == "pmap":
+        notes.append("parallel.mode=pmap cannot be compiled ahead of time (jax.pmap has no lowering for devices "
+                     "that are not attached); these are the mesh driver's programs, same per-chip batch")
+    if cfg.train.grad_accum > 1:
+        notes.append(f"train.grad_accum={cfg.train.grad_accum} makes the train step a loop over micro-batches, whose "
+                     "body XLA's cost analysis counts once: its FLOPs and bytes are low by up to that factor (the "
+                     "estimate takes the larger of XLA's FLOPs and the model FLOPs)")
+    if cfg.data.max_shapes is not None:
+        notes.append("data.max_shapes fits the bucket lengths to the data: compiled at data.max_length only")
+    rows = [compile_program(s, kind, b, n) for kind, b, n in programs(s, shapes, steps)]
+    extra = {"notes": notes}
+    if find_max and any(r["kind"] == "train" for r in rows):
+        longest = max((r for r in rows if r["kind"] == "train"), key=lambda r: r["seq_len"])
+        best, probes = max_batch(s, longest["seq_len"], longest, progress=progress)
+        extra.update(max_batch=best, max_batch_seq_len=longest["seq_len"], max_batch_probes=len(probes) - 1)
+    return rows, s, extra
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of `python -m spafit_jax.aot`."""
+    p = argparse.ArgumentParser(
+        prog="python -m spafit_jax.aot",
+        description="Compile the trainer's train and eval steps for a TPU topology on this (CPU) machine, from "
+                    "shapes only, and report HBM per chip, FLOPs and an estimated step time. Needs libtpu: "
+                    + tpu_specs.install_hint() + ". Exit status 2 when a program does not fit.",
+        epilog="examples:\n  python -m spafit_jax.aot --topology v5litepod-8 --config configs/glue/sst2.yaml "
+               "--config configs/methods/spafit.yaml\n  python -m spafit_jax.aot --topology v4:4x4x4 --json "
+               "model.name=bert-base-uncased train.batch_size=256\n\ntopologies: "
+               + tpu_specs.TOPOLOGY_HELP + "\nnamed architectures (no download): " + ", ".join(tpu_specs.ARCHITECTURES),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--topology", required=True, help="e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, v4:4x4x4, or an accelerator "
+                   "type: v4-8, v5litepod-8, v5p-8, v6e-8")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable), as train")
+    p.add_argument("--shapes", choices=("all", "largest"), default="all",
+                   help="compile every bucket length (all) or only the longest (largest: the most memory)")
+    p.add_argument("--steps", choices=("both", "train", "eval"), default="both", help="which steps to compile")
+    p.add_argument("--max-batch", action="store_true", help="also find the largest global train batch that fits")
+    p.add_argument("--json", action="store_true", help="one JSON object per line and program")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, as train")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: 0 when every program fits, 2 when one does not or the input is bad."""
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        tpu_specs.prepare(compile_cache=False)
+        report = lambda r: print(f"--max-batch: {r['program']} needs {r['hbm_per_chip_bytes'] / GIB:.2f} GiB per chip: "  # noqa: E731
+                                 f"{'fits' if r['fits'] else 'does not fit'}", file=sys.stderr, flush=True)
+        rows, s, extra = run(cfg, args.topology, shapes=args.shapes, steps=args.steps, find_max=args.max_batch,
+                             progress=report)
+    except SpafitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        if "max_batch" in extra:
+            print(json.dumps({"max_batch": extra["max_batch"], "seq_len": extra["max_batch_seq_len"],
+                              "topology": s.topo.name, "probes": extra["max_batch_probes"]}))
+    else:
+        print(format_table(rows, s.topo))
+        for note in extra["notes"]:
+            print(f"note: {note}")
+        if "max_batch" in extra:
+            print(f"largest train batch that fits at T={extra['max_batch_seq_len']}: {extra['max_batch']} "
+                  f"({extra['max_batch_probes']} more compiles)")
+    bad = [r for r in rows if not r["fits"]]
+    if bad:
+        print(f"error: {advice(bad[0], s)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
