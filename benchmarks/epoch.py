@@ -140,14 +140,14 @@ def epoch_tokens(lengths: np.ndarray, order: np.ndarray, pad_to) -> tuple[int, i
 # ------------------------------------------------------------------------------------ ours
 def run_ours(args, base: list[str], variant: str, root: Path) -> dict:
     """One epoch + evaluation through `train.train_and_evaluate` in a fresh run folder."""
-    from spafit_jax import train
+    from spafit_jax import frozen, train
 
     overrides = variant_overrides(variant, args.max_shapes)
     cfg = config_lib.load_config([], base + overrides + ["checkpoint.keep=1"])
     workdir = root / f"ours-{variant}-{time.monotonic_ns()}"
     load0 = common.load_average()
     cache_s = []
-    build = getattr(getattr(train, "frozen", None), "build_cache", None)
+    build = getattr(frozen, "build_cache", None)
     if build is not None:  # time the frozen-stratum cache's build (a forward pass over the train split)
         def timed_build(*a, **k):
             t = time.perf_counter()
@@ -155,14 +155,14 @@ def run_ours(args, base: list[str], variant: str, root: Path) -> dict:
                 return build(*a, **k)
             finally:
                 cache_s.append(time.perf_counter() - t)
-        train.frozen.build_cache = timed_build
+        frozen.build_cache = timed_build
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the trainer's summary; stdout carries only JSON
             run = train.train_and_evaluate(cfg, workdir)
     finally:
         if build is not None:
-            train.frozen.build_cache = build
+            frozen.build_cache = build
     wall = time.perf_counter() - t0
     r = run.results.to_json()
     buckets = r["buckets"]
