@@ -93,7 +93,7 @@ def linen_case(model, x, y, n1: int, n2: int, steps: int) -> dict:
 
     def step(trainable, state, frozen, x, y):
         loss = lambda t: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
-            model.apply({"params": masking.merge(t, frozen)}, x), y).mean()
+            model.apply({"params": masking.join(t, frozen)}, x), y).mean()
         grads = jax.grad(loss)(trainable)
         updates, state = tx.update(grads, state, trainable)
         return optax.apply_updates(trainable, updates), state

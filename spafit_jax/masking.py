@@ -1,4 +1,4 @@
-"""Trainability labels for any Flax model: labels, split/merge, filters, a stratified optimizer.
+"""Trainability labels for any Flax model: labels, split/join, filters, a stratified optimizer.
 
 Labels are a pytree of strings with the structure of the parameters: each leaf names the group
 its parameter belongs to (the labels of `spafit_jax.methods`: frozen, weight, bias, layernorm, lora,
@@ -35,7 +35,7 @@ from spafit_jax.tree_paths import (Rows, Trainable, _leaves, _lookup, _map, _par
 __all__ = [
     "MaskingError", "LAYER_PATTERN", "HEAD_PATTERN", "STACKED_PATTERN", "METHODS", "Rows", "Trainable",
     "layer_index", "num_layers", "label_params", "resolve_strata", "spafit_labels", "method_labels",
-    "trainable", "split", "merge", "count_params", "summary", "stratified_optimizer",
+    "trainable", "split", "join", "count_params", "summary", "stratified_optimizer",
 ]
 
 #: layer/7, layers/7, layers_7, layer_7, h/7, block/7, blocks/7, blocks_7 (case-insensitive).
@@ -177,7 +177,7 @@ def label_params(params: Any, rules: Sequence[tuple[str, str]] | Mapping[str, st
     return _unbox(labels) if state is not params else labels
 
 
-def _plan(params: Any, in_layer: Callable[[int], frozenset], outside: frozenset, layout: _Layout, *,
+def _label_tree(params: Any, in_layer: Callable[[int], frozenset], outside: frozenset, layout: _Layout, *,
           train_layernorm: bool, train_pooler: bool, head_pattern: str, needs_head: bool) -> Any:
     """Labels leaves from the kinds allowed to train in layer i (`in_layer`) and outside layers."""
     try:
@@ -210,7 +210,7 @@ def _plan(params: Any, in_layer: Callable[[int], frozenset], outside: frozenset,
                            f"(outside the layers they read like {example!r}); pass head_pattern= a regex "
                            "naming your output module, e.g. head_pattern='out_proj'")
     if found <= {FROZEN}:
-        raise MaskingError("the plan trains no parameter: no layer leaf is trainable; lower n1/n2 or "
+        raise MaskingError("the labels train no parameter: no layer leaf is trainable; lower n1/n2 or "
                            "pick another method")
     return _unbox(labels) if state is not params else labels
 
@@ -265,7 +265,7 @@ def spafit_labels(params: Any, n1: int, n2: int, *, train_layernorm: bool = Fals
     full = some | {LORA} if stratum3_bias else frozenset({LAYERNORM, LORA})
     if not train_layernorm and bias_free(params, head_pattern):  # ModernBERT: norm scales stand in for biases
         some, full, train_layernorm = frozenset({LAYERNORM}), full if stratum3_bias else frozenset({LORA}), True
-    labels = _plan(params, lambda i: frozenset() if i < n1 else some if i < n2 else full, frozenset(), layout,
+    labels = _label_tree(params, lambda i: frozenset() if i < n1 else some if i < n2 else full, frozenset(), layout,
                    train_layernorm=train_layernorm, train_pooler=train_pooler, head_pattern=head_pattern,
                    needs_head=True)
     stratum2 = [l for p, l in _leaves(labels) if layout.index(p) in range(n1, n2)]
@@ -299,7 +299,7 @@ def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | 
         raise _no_lora("params")
     allowed = {"full": frozenset({WEIGHT, BIAS, LAYERNORM, LORA}), "bitfit": frozenset({BIAS, LAYERNORM}),
                "lora": frozenset({LORA, LAYERNORM}), "head_only": frozenset()}[method]
-    return _plan(params, lambda i: allowed, allowed if method == "full" else frozenset(), layout,
+    return _label_tree(params, lambda i: allowed, allowed if method == "full" else frozenset(), layout,
                  needs_head=method != "full", **kw)
 
 
@@ -322,7 +322,7 @@ def split(params: Any, labels: Any) -> tuple[Any, Any]:
     return trainable, frozen
 
 
-def merge(trainable: Any, frozen: Any) -> Any:
+def join(trainable: Any, frozen: Any) -> Any:
     """Inverse of `split`: each leaf from whichever half holds it."""
     try:
         return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen,

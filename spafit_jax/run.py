@@ -189,7 +189,7 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = "best") -> Load
                                   f"{cfg.model.name} ({rundir.CONFIG}); put the original weights back there, or set "
                                   f"model.name in {workdir / rundir.CONFIG} to a folder that holds them") from None
     restored = jax.tree.map(lambda x: jnp.asarray(x), state.trainable)
-    params = masking.merge(restored, frozen)
+    params = masking.join(restored, frozen)
     done = results.read(workdir) if (workdir / rundir.RESULTS).is_file() else None
     return LoadedRun(workdir, cfg, spec, tokenizer, model, params, plan, step, done)
 

@@ -83,7 +83,7 @@ def train_step(
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
     def loss(trainable, micro, key):
-        params = masking.merge(trainable, frozen)
+        params = masking.join(trainable, frozen)
         logits = apply_fn({"params": params}, *(micro[k] for k in inputs), deterministic=False, rngs={"dropout": key})
         return loss_sum(logits, micro, is_regression)
 
@@ -121,4 +121,4 @@ def all_finite(tree) -> jax.Array:
 
 def eval_step(trainable, frozen, batch, *, apply_fn: Callable):
     """Logits [B, C] of the deterministic whole model (padding examples included; weights mask them)."""
-    return apply_fn({"params": masking.merge(trainable, frozen)}, *(batch[k] for k in INPUTS), deterministic=True)
+    return apply_fn({"params": masking.join(trainable, frozen)}, *(batch[k] for k in INPUTS), deterministic=True)

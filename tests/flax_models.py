@@ -149,7 +149,7 @@ def n_trainable(params, labels):
 
 
 def linen_train(model_fn, params, labels, steps=3):
-    """A few AdamW steps of the linen split/merge loop; returns (new params, optimizer state)."""
+    """A few AdamW steps of the linen split/join loop; returns (new params, optimizer state)."""
     x, y = batch()
     trainable, frozen = masking.split(params, labels)
     tx = masking.stratified_optimizer(labels, SETTINGS)
@@ -158,11 +158,11 @@ def linen_train(model_fn, params, labels, steps=3):
     @jax.jit
     def step(trainable, state):
         loss = lambda t: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
-            model_fn(masking.merge(t, frozen), x), y).mean()
+            model_fn(masking.join(t, frozen), x), y).mean()
         grads = jax.grad(loss)(trainable)
         updates, state = tx.update(grads, state, trainable)
         return optax.apply_updates(trainable, updates), state
 
     for _ in range(steps):
         trainable, state = step(trainable, state)
-    return masking.merge(trainable, frozen), state
+    return masking.join(trainable, frozen), state

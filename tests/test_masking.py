@@ -297,7 +297,7 @@ def test_labels_structure_mismatch_and_merge_mismatch():
     _err(lambda: masking.count_params(params, other), r"labels do not have the structure")
     tr, _ = masking.split(params, masking.method_labels(params, "bitfit"))
     _, fr3 = masking.split(bert_tree(3)[0], other)
-    _err(lambda: masking.merge(tr, fr3), r"trainable and frozen trees differ in structure")
+    _err(lambda: masking.join(tr, fr3), r"trainable and frozen trees differ in structure")
 
 
 # ----------------------------------------------------------------------------- tree kinds
@@ -318,7 +318,7 @@ def test_split_merge_round_trip(kind):
     got = [p for p, _ in masking._leaves(trainable)]
     assert got == [p for p, l in pairs(params, labels) if l != "frozen"]
     assert len(jax.tree.leaves(trainable)) + len(jax.tree.leaves(frozen)) == len(jax.tree.leaves(params))
-    _assert_same(masking.merge(trainable, frozen), params)
+    _assert_same(masking.join(trainable, frozen), params)
     if isinstance(params, FrozenDict):  # same labels as for the plain dict
         plain = method(jax.tree.map(lambda x: x, params.unfreeze()), "spafit")
         assert jax.tree.leaves(plain) == jax.tree.leaves(labels)
@@ -380,7 +380,7 @@ def test_nnx_state_labels_split_merge_and_step():
     assert lab["layers/2/norm/bias"] == "frozen" and lab["layers/2/ff/kernel"] == "frozen"
     assert lab["head/kernel"] == "head" and lab["embed/embedding"] == "frozen"
     trainable, frozen = masking.split(state, labels)
-    merged = masking.merge(trainable, frozen)
+    merged = masking.join(trainable, frozen)
     _assert_same(merged, state)
     nnx.update(model, merged)
 
@@ -393,7 +393,7 @@ def test_nnx_state_labels_split_merge_and_step():
     @jax.jit
     def step(trainable, opt_state, frozen):
         def loss_fn(t):
-            logits = nnx.merge(graphdef, masking.merge(t, frozen))(ids)
+            logits = nnx.merge(graphdef, masking.join(t, frozen))(ids)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         grads = jax.grad(loss_fn)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -457,13 +457,13 @@ def test_optimizer_jitted_update_changes_only_trainable_leaves():
 
     @jax.jit
     def step(trainable, opt_state, frozen):
-        loss = lambda t: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(masking.merge(t, frozen)))
+        loss = lambda t: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(masking.join(t, frozen)))
         grads = jax.grad(loss)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state
 
     new_trainable, _ = step(trainable, opt_state, frozen)
-    new = masking.merge(new_trainable, frozen)
+    new = masking.join(new_trainable, frozen)
     for (path, label), a, b in zip(pairs(params, labels), jax.tree.leaves(params), jax.tree.leaves(new)):
         assert np.array_equal(a, b) == (label == "frozen"), path
 

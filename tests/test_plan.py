@@ -96,7 +96,7 @@ def test_plan_split_is_masking_split():
     params = params_for(plan)
     plan = plan.label(params)
     trainable, frozen = plan.split(params)
-    assert jax.tree_util.tree_structure(masking.merge(trainable, frozen)) == jax.tree_util.tree_structure(params)
+    assert jax.tree_util.tree_structure(masking.join(trainable, frozen)) == jax.tree_util.tree_structure(params)
 
 
 KINDS = {"full": (["all weights"] * 6, 0, ("weight", "bias", "layernorm", "head", "pooler")),

@@ -81,7 +81,7 @@ def test_train_step_updates_only_trainable_leaves_and_lowers_loss():
         state, out = step(state, frozen, batch)
         losses.append(float(out["loss"]))
     assert losses[-1] < losses[0]
-    new = masking.merge(state.trainable, frozen)
+    new = masking.join(state.trainable, frozen)
     changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), params, new)
     for path_changed, label in zip(jax.tree_util.tree_leaves(changed), jax.tree_util.tree_leaves(plan.labels)):
         if label == FROZEN:
