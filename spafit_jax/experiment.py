@@ -45,7 +45,8 @@ from spafit_jax import config as config_lib
 from spafit_jax import rundir
 from spafit_jax.errors import ConfigError, SpafitError
 
-FILE_KEYS = ("configs", "overrides", "tasks", "methods", "grid", "seeds", "description")
+FILE_KEYS = ("configs", "overrides", "tasks", "methods", "grid", "seeds", "description",
+             "select")  # select: read by spafit_jax.selection (issue 25)
 ROOT = config_lib.CONFIGS_DIR.parent
 
 
@@ -328,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: 0 when every selected cell finished, 1 when some failed, 2 for bad input."""
     args = build_parser().parse_intermixed_args(None if argv is None else list(argv))
+    from spafit_jax import selection  # issue 25 hook: a `select:` section runs the dev-split protocol there
+
+    if selection.wanted(args.config):
+        return selection.run(args)
     try:
         cells, notes = load_experiment(args.config, args.overrides)
         cells = select(cells, args.only, args.shard)
