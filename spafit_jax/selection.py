@@ -78,7 +78,7 @@ class Search:
 
     grid: dict[str, list]
     methods: dict[str, dict[str, list]]
-    dev: Dev
+    dev: dict[str, Dev]  # by task; "" for tasks not named in select.dev.tasks
     seed: int
     metric: str | None
 
@@ -118,9 +118,25 @@ def wanted(path: str | os.PathLike) -> bool:
 # The section
 
 
-def _dev(raw: Any, where: str) -> Dev:
-    if raw is None:
-        raw = {"fraction": 0.2}
+def _devs(raw: Any, tasks: Sequence[str], where: str) -> dict[str, Dev]:
+    """{task or "": Dev} of `select.dev`; its `tasks:` entry gives a task other keys (e.g. {tweets: {size: 300}})."""
+    raw = {"fraction": 0.2} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise SelectError(f"{where}: write {{fraction: 0.2, seed: 0}}, {{size: 300, seed: 0}} or {{split: NAME}}")
+    own = raw.get("tasks") or {}
+    if not isinstance(own, dict) or any(t not in tasks or not isinstance(v, dict) for t, v in own.items()):
+        raise SelectError(f"{where}.tasks: must map this experiment's tasks ({', '.join(tasks)}) to dev settings, "
+                          "e.g. {tweets: {size: 300}}")
+    common = {k: v for k, v in raw.items() if k != "tasks"}
+    out = {"": _dev(common, where)}
+    for task, keys in own.items():
+        mine = {k: v for k, v in common.items() if k not in ("fraction", "size", "split") or not
+                {"fraction", "size", "split"} & set(keys)}
+        out[task] = _dev({**mine, **keys}, f"{where}.tasks.{task}")
+    return out
+
+
+def _dev(raw: dict, where: str) -> Dev:
     if not isinstance(raw, dict) or set(raw) - {"fraction", "size", "split", "seed"}:
         raise SelectError(f"{where}: write {{fraction: 0.2, seed: 0}}, {{size: 300, seed: 0}} or {{split: NAME}}")
     dev = Dev(**raw)
@@ -138,8 +154,9 @@ def _dev(raw: Any, where: str) -> Dev:
     return dev
 
 
-def parse(raw: Any, methods: Sequence[str], seeds: Sequence[int], where: str) -> Search:
-    """The `select:` section as a Search; `methods` are the experiment's method labels (for `select.methods`)."""
+def parse(raw: Any, tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int], where: str) -> Search:
+    """The `select:` section as a Search; `tasks` and `methods` are the experiment's names (for `select.methods`
+    and `select.dev.tasks`)."""
     if not isinstance(raw, dict) or not raw:
         raise SelectError(f"{where}: must be a mapping, e.g. {{grid: {{train.lr: [1.0e-3, 3.0e-3]}}, dev: {{fraction: 0.2}}}}")
     unknown = [k for k in raw if k not in SELECT_KEYS]
@@ -162,7 +179,7 @@ def parse(raw: Any, methods: Sequence[str], seeds: Sequence[int], where: str) ->
     metric = raw.get("metric")
     if metric is not None and not isinstance(metric, str):
         raise SelectError(f"{where}.metric: must name a metric, e.g. accuracy, got {metric!r}")
-    return Search(grid, own, _dev(raw.get("dev"), f"{where}.dev"), seed, metric)
+    return Search(grid, own, _devs(raw.get("dev"), tasks, f"{where}.dev"), seed, metric)
 
 
 def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[list[experiment.Cell], Search, list[str]]:
@@ -170,7 +187,8 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[list[e
     cells, notes = experiment.load_experiment(path, overrides)
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     seeds = list(dict.fromkeys(c.seed for c in cells))
-    search = parse(data.get("select"), list(dict.fromkeys(c.method for c in cells)), seeds, f"{path}: select")
+    search = parse(data.get("select"), list(dict.fromkeys(c.task for c in cells)),
+                   list(dict.fromkeys(c.method for c in cells)), seeds, f"{path}: select")
     return cells, search, notes
 
 
@@ -278,7 +296,7 @@ def _source(cell: experiment.Cell) -> tuple:
             d.label_column, d.num_labels, d.is_regression, d.limit_eval, d.eval_splits)
 
 
-def splits(cells: Sequence[experiment.Cell], dev: Dev, workdir: Path, *, write: bool) -> dict[str, Split]:
+def splits(cells: Sequence[experiment.Cell], dev: dict[str, Dev], workdir: Path, *, write: bool) -> dict[str, Split]:
     """Each task's Split under `workdir/data/<task>`: carved and written (`write`), or checked against what is there.
 
     Every cell of a task must read the same data; a folder carved with other settings is refused."""
@@ -290,7 +308,7 @@ def splits(cells: Sequence[experiment.Cell], dev: Dev, workdir: Path, *, write: 
             raise SelectError(f"{differ[0]} reads other data than {mine[0].name}; a task's methods may not change "
                               "data.task, its files, columns or limit_eval (the dev split must be the same for all)")
         folder = (workdir / DATA / task).resolve()
-        files, info = carve(mine[0].config().data, dev)
+        files, info = carve(mine[0].config().data, dev.get(task, dev[""]))
         saved = folder / "split.json"
         if saved.is_file():
             old = json.loads(saved.read_text())
