@@ -159,3 +159,21 @@ def test_paired_bootstrap_matches_scipy_on_the_per_example_differences():
     assert got["significant"] == (got["low"] > 0 or got["high"] < 0)
     same = protocol.paired_bootstrap(a[:1], a[:1], labels, "accuracy")
     assert same == {"difference": 0.0, "low": 0.0, "high": 0.0, "significant": False}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"grid": {"train.lr": [1e-3]}, "dev": {"fraction": 0.2, "size": 10}}, "exactly one of fraction, size or split"),
+    ({"grid": {"train.lr": [1e-3]}, "methods": {"lorra": {"train.lr": [1e-3]}}}, "'lorra' is not a method"),
+    ({"grid": {"train.lr": [1e-3]}, "dev": {"size": 10, "tasks": {"sst2": {"size": 5}}}}, "must map this experiment's tasks"),
+    ({"grid": {"train.lrr": [1e-3]}}, "unknown config key 'train.lrr'"),
+    ({"dev": {"size": 10}}, "nothing to search"),
+])
+def test_a_bad_select_section_is_one_line_naming_the_fix(raw, message):
+    with pytest.raises(selection.SelectError if "config key" not in message else Exception, match=message):
+        selection.parse(raw, ["bbc_news"], ["bitfit", "lora"], [0], "x.yaml: select")
+
+
+def test_a_task_can_have_its_own_dev_size():
+    search = selection.parse({"grid": {"train.lr": [1e-3]}, "dev": {"size": 150, "seed": 2, "tasks": {"tweets": {"fraction": 0.1}}}},
+                             ["bbc_news", "tweets"], ["bitfit"], [0], "x")
+    assert search.dev[""] == selection.Dev(size=150, seed=2) and search.dev["tweets"] == selection.Dev(fraction=0.1, seed=2)
