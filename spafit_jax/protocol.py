@@ -4,7 +4,8 @@ Reads EXP/selection.json (written by `selection`): per task and method the chose
 score, and each seed's test scores (test.json) and test predictions (test_predictions.npz). Writes
 to DIR (default EXP/report): table.md and protocol.csv (chosen value, dev score, test mean ± sample
 std over seeds, the difference to the task's best method with its 95 % paired-bootstrap interval,
-trainable parameters), and the dev curves (dev score vs the searched value, per method) as PNG and SVG.
+trainable parameters), the dev curves (dev score vs the searched value, per method) and the search
+cells' training losses as PNG and SVG.
 
 The interval: the test examples are resampled with replacement (the same draw for both methods: the
 comparison is paired); on each draw the statistic is the method's score minus the best method's, each
@@ -180,7 +181,9 @@ def table_markdown(table: Sequence[dict]) -> str:
             diff = "best" if r["best"] else f"{_x100(r['diff'], True)} [{_x100(r['low'], True)}, {_x100(r['high'], True)}]"
             lines.append(f"| {r['method']} | {_params(r['params'])} | {r['chosen']} | {_x100(r['dev'])} | "
                          f"{'**' + test + '**' if r['best'] else test} | {diff} | {'*' if r['significant'] else ''} |")
-        lines.append("")
+        notes = [f"{r['method']}: dev tie among {r['ties']}" for r in mine if r["ties"]]
+        notes += [f"{r['method']}: {r['failed_search']} search cell(s) failed" for r in mine if r["failed_search"]]
+        lines += ["", *(f"- {n}" for n in notes), ""] if notes else [""]
     lines.append("Chosen: the searched value with the best dev score (a dev split carved from the training data); "
                  "Test: the untouched test split, mean ± sample std over seeds; Δ: the method's test score minus the "
                  "best method's, averaged over seeds, with a 95% paired-bootstrap interval over test examples "
@@ -234,8 +237,39 @@ def plot_dev_curves(exp: Path, index: dict, out: Path) -> list[str]:
     return _save(fig, out, "dev_curves")
 
 
+def _losses(folder: Path) -> dict[int, float]:
+    path = folder / rundir.METRICS
+    if not path.is_file():
+        return {}
+    return {r["step"]: r["loss"] for _, r in rundir.read_metrics(path) if r.get("kind", "train") == "train" and "loss" in r}
+
+
+def plot_train_loss(exp: Path, index: dict, out: Path) -> list[str]:
+    """train_loss.png/svg: training loss vs step of every searched value per method (the chosen one solid), one
+    panel per task and method: whether the budget let each method converge at its chosen value."""
+    from spafit_jax.report import _figure, _save
+
+    panels: dict = {}
+    for e in index["search"]:
+        losses = _losses(exp / e["folder"])
+        if losses:
+            panels.setdefault((e["task"], e["method"]), []).append((e, losses))
+    if not panels:
+        return []
+    fig, axes = _figure(len(panels), "Training loss of the search cells (chosen value solid)", width=3.4, height=2.6)
+    for ax, ((task, method), runs) in zip(axes, panels.items()):
+        chosen = (index["choices"].get(f"{task}/{method}") or {}).get("label")
+        for i, (e, losses) in enumerate(runs):
+            steps = sorted(losses)
+            ax.plot(steps, [losses[k] for k in steps], color=f"C{i % 10}", ls="-" if e["label"] == chosen else ":",
+                    label=_value(e["point"]))
+        ax.set(title=f"{task} / {method}", xlabel="step", ylabel="training loss")
+        ax.legend(fontsize=6)
+    return _save(fig, out, "train_loss")
+
+
 def write_report(exp: str | Path, out: str | Path | None = None, *, resamples: int = RESAMPLES) -> dict[str, Path]:
-    """Writes table.md, protocol.csv and dev_curves.png/svg to `out` (default EXP/report); returns {name: path}."""
+    """Writes table.md, protocol.csv, dev_curves.png/svg and train_loss.png/svg to `out` (default EXP/report); returns {name: path}."""
     exp = Path(exp)
     data = collect(exp)
     out = Path(out) if out is not None else exp / "report"
@@ -243,7 +277,7 @@ def write_report(exp: str | Path, out: str | Path | None = None, *, resamples: i
     table = rows(data, resamples=resamples)
     (out / "table.md").write_text(table_markdown(table), encoding="utf-8")
     write_csv(table, out / "protocol.csv")
-    pictures = plot_dev_curves(exp, data["index"], out)
+    pictures = plot_dev_curves(exp, data["index"], out) + plot_train_loss(exp, data["index"], out)
     return {name: out / name for name in ["table.md", "protocol.csv", *pictures]}
 
 

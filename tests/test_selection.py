@@ -120,6 +120,7 @@ def test_the_protocol_report(exp):
     assert "### bbc_news (accuracy x100)" in table and "| lora | " in table and "| bitfit | " in table
     assert "lr=0.01, lora_rank=2" in table and "best" in table
     assert (exp["work"] / "report" / "dev_curves.png").stat().st_size > 0
+    assert (exp["work"] / "report" / "train_loss.png").stat().st_size > 0
 
 
 def test_choose_breaks_ties_by_the_next_metric_then_grid_order_and_survives_failures():
