@@ -24,7 +24,8 @@ The choice is the best dev score of the task's main metric (`select.metric` name
 broken by the task's other metrics in order, then by grid order, and recorded. A failed search cell
 (error.txt, or a non-finite dev score) is left out and recorded; a method whose every search cell
 failed gets no choice and no seeds. A seed whose config equals a search cell's (select.seed is one
-of the seeds) is that cell: it is not trained twice. Cells run search first, then seeds seed by seed;
+of the seeds) is that cell: it is not trained twice. The search runs method by method (each on every task);
+once a method's search is complete its choice is made and its first seed scored, then the other seeds run seed by seed;
 --only, --shard and --dry-run apply to both; a rerun resumes.
 """
 
@@ -158,10 +159,12 @@ def _with(cell: experiment.Cell, split: Split, point: dict, seed: int, at: str, 
 
 
 def search_cells(cells: Sequence[experiment.Cell], search: Search, split_of: dict[str, Split]) -> list[Placed]:
-    """The search cells: per task, method and grid point, one cell at `search.seed` scored on dev."""
+    """The search cells: per method, task and grid point (method by method, so that a grid cut short has whole
+    methods on every task), one cell at `search.seed` scored on dev."""
     first = {(c.task, c.method): c for c in reversed(cells)}
+    methods, tasks = list(dict.fromkeys(c.method for c in cells)), list(dict.fromkeys(c.task for c in cells))
     out = []
-    for (task, method), cell in reversed(list(first.items())):
+    for (task, method), cell in sorted(first.items(), key=lambda kv: (methods.index(kv[0][1]), tasks.index(kv[0][0]))):
         for point in search.points(method):
             label = _label(method, point)
             out.append(_with(cell, split_of[task], point, search.seed, f"{SEARCH}/runs/{task}/{label}/seed{search.seed}", label))
