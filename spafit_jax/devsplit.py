@@ -140,13 +140,15 @@ def carve(data_cfg: config_lib.DataConfig, dev: Dev) -> tuple[dict[str, str], di
 
     spec = data_lib.task_from_config(data_cfg)
     test_name = spec.eval_splits[0]
+    if dev.split in (test_name, spec.train_split):
+        what = "test" if dev.split == test_name else "train"
+        raise SelectError(f"select.dev.split={dev.split!r} is the {what} split of task {spec.name}; name another "
+                          "split, or carve one with select.dev.fraction")
     splits = (test_name,) + ((dev.split,) if dev.split else ())
     cfg = dataclasses.replace(data_cfg, limit_train=None, eval_splits=splits)
     spec, train, evals = data_lib.load_task_texts(cfg, seed=0)
     dropped = 0
     if dev.split:
-        if dev.split == test_name:
-            raise SelectError(f"select.dev.split={dev.split!r} is the test split; name another split")
         files = {"train": _records(train, range(len(train))), "dev": _records(evals[dev.split], range(len(evals[dev.split])))}
         counts = {"train": train.labels, "dev": evals[dev.split].labels}
     else:

@@ -256,7 +256,7 @@ def plot_train_loss(exp: Path, index: dict, out: Path) -> list[str]:
             panels.setdefault((e["task"], e["method"]), []).append((e, losses))
     if not panels:
         return []
-    fig, axes = _figure(len(panels), "Training loss of the search cells (chosen value solid)", width=3.4, height=2.6)
+    fig, axes = _figure(len(panels), "Training loss (chosen value solid)", width=3.4, height=2.6)
     for ax, ((task, method), runs) in zip(axes, panels.items()):
         chosen = (index["choices"].get(f"{task}/{method}") or {}).get("label")
         for i, (e, losses) in enumerate(runs):

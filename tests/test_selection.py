@@ -178,3 +178,13 @@ def test_a_task_can_have_its_own_dev_size():
     search = selection.parse({"grid": {"train.lr": [1e-3]}, "dev": {"size": 150, "seed": 2, "tasks": {"tweets": {"fraction": 0.1}}}},
                              ["bbc_news", "tweets"], ["bitfit"], [0], "x")
     assert search.dev[""] == selection.Dev(size=150, seed=2) and search.dev["tweets"] == selection.Dev(fraction=0.1, seed=2)
+
+
+def test_a_named_dev_split_must_be_neither_the_train_nor_the_test_split():
+    from spafit_jax.config import load_config
+    from spafit_jax.devsplit import carve
+
+    data = load_config([], ["data.task=bbc_news"]).data
+    for name, what in (("train", "train"), ("validation", "test")):
+        with pytest.raises(selection.SelectError, match=f"is the {what} split of task bbc_news"):
+            carve(data, selection.Dev(split=name))
