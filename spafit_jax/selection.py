@@ -3,11 +3,12 @@
     select:
       grid: {train.lr: [1.0e-3, 3.0e-3, 1.0e-2]}             # searched for every method
       methods: {full: {train.lr: [3.0e-5, 1.0e-4, 3.0e-4]}}  # a method's own grid (key by key over grid)
-      dev: {fraction: 0.2, seed: 0}      # carved from the train split; or {size: 300, seed: 0}; or {split: NAME}
+      dev: {fraction: 0.2, seed: 0}      # carved from the train split; or {size: 300, seed: 0}; or {split: NAME};
+                                         # tasks: {tweets: {size: 300}} gives a task its own
       seed: 0                            # the search cells' train.seed (default: the experiment's first seed)
 
-The dev split is carved once per task from the task's whole train split (stratified by class for
-classification, seeded, disjoint from what trains) and written as files, so every cell of a task
+The dev split is carved once per task from the task's whole train split (`devsplit`: stratified by
+class for classification, seeded, sharing no text with what trains or the test split) and written as files, so every cell of a task
 reads the same examples; the test split is the task's first eval split and no choice ever sees it.
 Every cell trains on `data/<task>/train.jsonl` (`data.limit_train` still draws each seed's subset
 from it) and the trainer scores it on `dev.jsonl`. In the experiment folder EXP:
@@ -32,6 +33,7 @@ once a method's search is complete its choice is made and its first seed scored,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -138,10 +140,6 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[list[e
 
 
 # ----------------------------------------------------------------------------------------------
-# The dev split
-
-
-# ----------------------------------------------------------------------------------------------
 # Cells and choices
 
 
@@ -186,7 +184,9 @@ def seed_cells(cells: Sequence[experiment.Cell], choices: dict, split_of: dict[s
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _key(cell: experiment.Cell) -> str:
+    """The cell's whole config as text (two cells with the same key train the same run)."""
     return json.dumps(config_lib.to_dict(cell.config()), sort_keys=True)
 
 
