@@ -40,7 +40,7 @@ class Dev:
     def describe(self) -> str:
         if self.split:
             return f"the task's split {self.split!r}"
-        part = f"{self.fraction:g} of" if self.fraction is not None else f"{self.size} examples of"
+        part = f"{self.fraction:g} of the distinct texts of" if self.fraction is not None else f"{self.size} distinct texts of"
         return f"{part} the train split, seed {self.seed}"
 
 
