@@ -46,7 +46,8 @@ from spafit_jax import config as config_lib
 from spafit_jax import rundir
 from spafit_jax.errors import ConfigError, SpafitError
 
-FILE_KEYS = ("configs", "overrides", "tasks", "methods", "grid", "seeds", "description")
+FILE_KEYS = ("configs", "overrides", "tasks", "methods", "grid", "seeds", "description",
+             "select")  # select: read by spafit_jax.selection (issue 25)
 ROOT = config_lib.CONFIGS_DIR.parent
 
 
@@ -391,6 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(None if argv is None else list(argv))
 
     def work() -> int:
+        from spafit_jax import selection  # a `select:` section runs the dev-split protocol there
+
+        if selection.wanted(args.config):
+            return selection.run(args)
         cells, notes = load_experiment(args.config, args.overrides)
         cells = select(cells, args.only, args.shard)
         workdir = Path(args.workdir)
