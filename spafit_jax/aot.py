@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-# The trainer's names, imported here once (issue 20 renames optim.py / run.py / rundir.py).
+# The trainer's names this module builds on, imported here once.
 from spafit_jax import parallel, tpu_specs
 from spafit_jax.config import Config, load_config
 from spafit_jax.errors import ConfigError, SpafitError

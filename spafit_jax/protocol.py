@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from spafit_jax import rundir
+from spafit_jax import metricslog, rundir
 from spafit_jax.errors import SpafitError
 
 RESAMPLES, CONFIDENCE = 2000, 0.95
@@ -241,7 +241,7 @@ def _losses(folder: Path) -> dict[int, float]:
     path = folder / rundir.METRICS
     if not path.is_file():
         return {}
-    return {r["step"]: r["loss"] for _, r in rundir.read_metrics(path) if r.get("kind", "train") == "train" and "loss" in r}
+    return {r["step"]: r["loss"] for _, r in metricslog.read_metrics(path) if r.get("kind", "train") == "train" and "loss" in r}
 
 
 def plot_train_loss(exp: Path, index: dict, out: Path) -> list[str]:

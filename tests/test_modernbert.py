@@ -319,11 +319,12 @@ def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_expo
     out = capsys.readouterr().out
     assert "norm scale-only 1..1, LoRA + norm scale 2..3" in out and "no biases" in out
     from spafit_jax import config as config_lib
-    from spafit_jax import report
+    from spafit_jax import loading
 
-    picture = report.layer_kinds(config_lib.load_config([], argv[:-2]))  # the strata picture's rows
-    assert picture == ["frozen", "norm scale only", "LoRA + norm scale", "LoRA + norm scale"]
+    kinds = ["frozen", "norm scale only", "LoRA + norm scale", "LoRA + norm scale"]  # the strata picture's rows
+    assert loading.plan_of_shapes(config_lib.load_config([], argv[:-2])).layer_kinds() == kinds
     res = json.loads((work / "results.json").read_text())
+    assert res["layer_kinds"] == kinds
     assert res["bias_stand_in"] == "layernorm" and "bias" not in res["params_by_label"]
     assert {"layernorm", "lora", "head"} <= set(res["params_by_label"])
 
