@@ -54,6 +54,9 @@ class Setup:
     cache_n1: int  # > 0: the train step starts at this layer (train.cache_frozen)
 
 
+#: the train step's arguments as the HBM table splits them (trainable, optimizer state, frozen base, batch).
+ARGUMENTS = ("trainable", "optimizer", "frozen_params", "batch")
+
 def _abstract(tree, sharding_of):
     import jax
 
@@ -170,7 +173,7 @@ def compile_program(s: Setup, kind: str, batch: int, length: int) -> dict:
         if needs is None:
             raise tpu_specs.AotError(f"XLA could not compile {kind}[B={batch},T={length}] for {s.topo.name}: "
                                      f"{str(e).splitlines()[0][:300]}") from None
-        parts = dict(zip(("trainable", "optimizer", "frozen", "batch"), argument_bytes(args, [None] * 4)))
+        parts = dict(zip(ARGUMENTS, argument_bytes(args, [None] * 4)))
         return refused(s, kind, batch, length, parts, needs, time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
     formats = compiled.input_formats[0]
@@ -179,7 +182,7 @@ def compile_program(s: Setup, kind: str, batch: int, length: int) -> dict:
         formats = (state_fmt.trainable, (state_fmt.opt_state, state_fmt.step, state_fmt.rng), formats[1], formats[2])
     else:
         formats = (formats[0], (), formats[1], formats[2])
-    parts = dict(zip(("trainable", "optimizer", "frozen", "batch"), argument_bytes(args, formats)))
+    parts = dict(zip(ARGUMENTS, argument_bytes(args, formats)))
     return figures(s, kind, batch, length, compiled, parts, seconds)
 
 
@@ -223,7 +226,7 @@ def figures(s: Setup, kind: str, batch: int, length: int, compiled, parts: dict,
         "program": f"{kind}[B={batch},T={length}]", "kind": kind, "topology": s.topo.name, "chip": chip.name,
         "chips": chips, "hosts": s.topo.hosts, "global_batch": batch, "rows_per_host": batch // s.topo.hosts,
         "seq_len": length, "fits": hbm <= chip.hbm_bytes, "hbm_per_chip_bytes": hbm,
-        "hbm_capacity_bytes": chip.hbm_bytes, "frozen_bytes": parts["frozen"], "trainable_bytes": parts["trainable"],
+        "hbm_capacity_bytes": chip.hbm_bytes, "frozen_bytes": parts["frozen_params"], "trainable_bytes": parts["trainable"],
         "optimizer_bytes": parts["optimizer"], "batch_bytes": parts["batch"], "temp_bytes": temp,
         "output_bytes": out, "alias_bytes": alias, "code_bytes": code, "argument_bytes": args,
         "flops_per_chip": flops, "model_flops_per_chip": model_flops, "bytes_accessed_per_chip": accessed,

@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from spafit_jax.errors import ConfigError, SpafitError
+from spafit_jax.methods import FROZEN
 
 GIB = 2**30
 
@@ -226,8 +227,8 @@ def model_flops(params, labels, config, batch: int, length: int, *, train: bool,
     from flax.traverse_util import flatten_dict
 
     flat, lab = flatten_dict(params), flatten_dict(labels)
-    trained = [_layer(p) for p, label in lab.items() if label != "frozen"]
-    embeddings_train = any(label != "frozen" and _layer(p) is None and any("embeddings" in k for k in p)
+    trained = [_layer(p) for p, label in lab.items() if label != FROZEN]
+    embeddings_train = any(label != FROZEN and _layer(p) is None and any("embeddings" in k for k in p)
                            for p, label in lab.items())
     lowest = -1 if embeddings_train else min([l for l in trained if l is not None], default=config.num_hidden_layers)
     forward = backward = 0.0
@@ -239,7 +240,7 @@ def model_flops(params, labels, config, batch: int, length: int, *, train: bool,
         f = 2.0 * rows * int(x.shape[0]) * int(x.shape[1])
         forward += f
         if train:
-            backward += f * ((layer is None or layer >= lowest) + (lab[path] != "frozen"))
+            backward += f * ((layer is None or layer >= lowest) + (lab[path] != FROZEN))
     attention = 4.0 * batch * length * length * config.hidden_size
     for layer in range(start_layer, config.num_hidden_layers):
         forward += attention
