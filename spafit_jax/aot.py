@@ -54,8 +54,9 @@ class Setup:
     cache_n1: int  # > 0: the train step starts at this layer (train.cache_frozen)
 
 
-#: the train step's arguments as the HBM table splits them (trainable, optimizer state, frozen base, batch).
-ARGUMENTS = ("trainable", "optimizer", "frozen_params", "batch")
+#: the fields of the train step's arguments as the HBM table splits them (trainable, optimizer state, frozen base,
+#: batch), in the order `argument_bytes` returns them.
+ARGUMENTS = ("trainable_bytes", "optimizer_bytes", "frozen_bytes", "batch_bytes")
 
 def _abstract(tree, sharding_of):
     import jax
@@ -96,16 +97,6 @@ def setup(cfg: Config, topo: tpu_specs.Topology) -> Setup:
     state = _abstract(state, lambda s: NamedSharding(mesh, P()))  # put_state: replicated
     frozen = _abstract(frozen, functools.partial(parallel._fsdp_sharding, mesh))  # put_frozen
     return Setup(cfg, topo, model, plan, params, state, frozen, driver, num_labels, cache_n1)
-
-
-def check_batch(topo: tpu_specs.Topology, batch: int, what: str, grad_accum: int = 1) -> None:
-    """A one-line ConfigError unless `batch` splits evenly over the topology's devices (x micro-batches)."""
-    ways = len(topo.devices) * grad_accum
-    if batch < ways or batch % ways:
-        good = max(ways, batch // ways * ways)
-        raise ConfigError(f"{what}={batch} does not split evenly over the {len(topo.devices)} chips of {topo.name}"
-                          + (f" x train.grad_accum={grad_accum}" if grad_accum > 1 else "")
-                          + f"; use a multiple of {ways}, e.g. {what}={good}")
 
 
 def batch_shapes(s: Setup, batch: int, length: int, train: bool) -> dict:
@@ -186,19 +177,23 @@ def compile_program(s: Setup, kind: str, batch: int, length: int) -> dict:
     return figures(s, kind, batch, length, compiled, parts, seconds)
 
 
+def _program(s: Setup, kind: str, batch: int, length: int) -> dict:
+    """The fields every program's row starts with: its names and sizes, the chip, our model FLOPs per chip."""
+    chips = len(s.topo.devices)
+    flops = tpu_specs.model_flops(s.params, s.plan, s.model.config, batch, length, train=kind == "train",
+                                  start_layer=s.cache_n1 if kind == "train" else 0)
+    return {"program": f"{kind}[B={batch},T={length}]", "kind": kind, "topology": s.topo.name, "chip": s.topo.chip.name,
+            "chips": chips, "hosts": s.topo.hosts, "global_batch": batch, "rows_per_host": batch // s.topo.hosts,
+            "seq_len": length, "hbm_capacity_bytes": s.topo.chip.hbm_bytes, "model_flops_per_chip": flops / chips}
+
+
 def refused(s: Setup, kind: str, batch: int, length: int, parts: dict, temp: int, seconds: float) -> dict:
     """The figures of a program XLA refused to compile for want of HBM: its arguments (unpadded) and the
     temporaries XLA said it needs; no cost analysis."""
-    chips = len(s.topo.devices)
     args = sum(parts.values())
     return {
-        "program": f"{kind}[B={batch},T={length}]", "kind": kind, "topology": s.topo.name, "chip": s.topo.chip.name,
-        "chips": chips, "hosts": s.topo.hosts, "global_batch": batch, "rows_per_host": batch // s.topo.hosts,
-        "seq_len": length, "fits": False, "hbm_per_chip_bytes": args + temp, "hbm_capacity_bytes": s.topo.chip.hbm_bytes,
-        **{f"{k}_bytes": v for k, v in parts.items()}, "temp_bytes": temp, "argument_bytes": args,
-        "flops_per_chip": None, "model_flops_per_chip": tpu_specs.model_flops(
-            s.params, s.plan.labels, s.model.config, batch, length, train=kind == "train",
-            start_layer=s.cache_n1 if kind == "train" else 0) / chips,
+        **_program(s, kind, batch, length), "fits": False, "hbm_per_chip_bytes": args + temp,
+        **parts, "temp_bytes": temp, "argument_bytes": args, "flops_per_chip": None,
         "est_step_seconds": None, "est_mfu": None, "compile_seconds": seconds,
         "xla": "RESOURCE_EXHAUSTED: XLA refused the program for want of HBM",
     }
@@ -217,19 +212,14 @@ def figures(s: Setup, kind: str, batch: int, length: int, compiled, parts: dict,
     hbm = max(peak, args + out - alias + temp) + code
     flops = float(cost.get("flops", 0.0))
     accessed = float(cost.get("bytes accessed", 0.0))
-    chips = len(s.topo.devices)
-    model_flops = tpu_specs.model_flops(s.params, s.plan.labels, s.model.config, batch, length, train=kind == "train",
-                                        start_layer=s.cache_n1 if kind == "train" else 0) / chips
+    row = _program(s, kind, batch, length)
+    model_flops = row["model_flops_per_chip"]
     # XLA counts a loop's body once (train.grad_accum > 1 scans the micro-batches): our count is the floor
     step = max(max(flops, model_flops) / chip.peak_flops, accessed / chip.hbm_bandwidth)
     return {
-        "program": f"{kind}[B={batch},T={length}]", "kind": kind, "topology": s.topo.name, "chip": chip.name,
-        "chips": chips, "hosts": s.topo.hosts, "global_batch": batch, "rows_per_host": batch // s.topo.hosts,
-        "seq_len": length, "fits": hbm <= chip.hbm_bytes, "hbm_per_chip_bytes": hbm,
-        "hbm_capacity_bytes": chip.hbm_bytes, "frozen_bytes": parts["frozen_params"], "trainable_bytes": parts["trainable"],
-        "optimizer_bytes": parts["optimizer"], "batch_bytes": parts["batch"], "temp_bytes": temp,
+        **row, "fits": hbm <= chip.hbm_bytes, "hbm_per_chip_bytes": hbm, **parts, "temp_bytes": temp,
         "output_bytes": out, "alias_bytes": alias, "code_bytes": code, "argument_bytes": args,
-        "flops_per_chip": flops, "model_flops_per_chip": model_flops, "bytes_accessed_per_chip": accessed,
+        "flops_per_chip": flops, "bytes_accessed_per_chip": accessed,
         "est_step_seconds": step, "est_mfu": model_flops / (step * chip.peak_flops) if step else None,
         "compile_seconds": seconds,
     }
@@ -243,8 +233,8 @@ def programs(s: Setup, shapes: str = "all", steps: str = "both") -> list[tuple[s
     if shapes == "largest":
         buckets = buckets[-1:]
     t = cfg.train
-    check_batch(s.topo, t.batch_size, "train.batch_size", t.grad_accum)
-    check_batch(s.topo, t.eval_batch_size, "train.eval_batch_size")
+    parallel.check_batch(t.batch_size, "train.batch_size", t.grad_accum, devices=len(s.topo.devices))
+    parallel.check_batch(t.eval_batch_size, "train.eval_batch_size", devices=len(s.topo.devices))
     return ([("train", t.batch_size, n) for n in buckets if steps != "eval"]
             + [("eval", t.eval_batch_size, n) for n in buckets if steps != "train"])
 

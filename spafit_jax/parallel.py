@@ -36,12 +36,14 @@ __all__ = ["AXIS", "FSDP", "Driver", "check_batch", "make_driver", "make_mesh", 
            "to_host"]
 
 
-def check_batch(global_batch: int, what: str = "train.batch_size", grad_accum: int = 1) -> int:
+def check_batch(global_batch: int, what: str = "train.batch_size", grad_accum: int = 1,
+                devices: int | None = None) -> int:
     """The per-device batch (per micro-batch); a ConfigError unless every device gets the same, non-zero share.
 
-    `what` names the config field in the message. Call it before anything heavy.
+    `what` names the config field in the message; `devices` is the device count (default: all devices of
+    all processes; `aot` passes a TPU topology's). Call it before anything heavy.
     """
-    n = jax.device_count()
+    n = jax.device_count() if devices is None else devices
     ways = n * grad_accum
     accum = f" x train.grad_accum={grad_accum} micro-batches" if grad_accum > 1 else ""
     multiple = max(ways, -(-global_batch // ways) * ways)

@@ -215,22 +215,20 @@ def _layer(path: tuple[str, ...]) -> int | None:
     return int(path[path.index("layer") + 1]) if "layer" in path else None
 
 
-def model_flops(params, labels, config, batch: int, length: int, *, train: bool, start_layer: int = 0) -> float:
+def model_flops(params, plan, config, batch: int, length: int, *, train: bool, start_layer: int = 0) -> float:
     """FLOPs of one step counted from the model, matmuls only (what MFU counts).
 
     Forward: 2 x rows x in x out per matrix (kernels, LoRA A and B; rows = B x T, or B for the pooler and
     the head) plus attention's 4 x B x T^2 x D per layer. A train step adds, as the step differentiates the
     trainable half only, the activation gradients of every layer from the lowest one with a trainable
     leaf up (x1 its forward; x2 for attention's two activation products) and the weight gradients of the trainable matrices (x1 each). Layers below
-    `start_layer` do not run (the frozen-stratum cache). `params`: shapes; `labels`: the plan's labels.
+    `start_layer` do not run (the frozen-stratum cache). `params`: shapes; `plan`: their labelled `Plan`, whose
+    `frozen_depth` is the lowest layer the backward pass reaches.
     """
     from flax.traverse_util import flatten_dict
 
-    flat, lab = flatten_dict(params), flatten_dict(labels)
-    trained = [_layer(p) for p, label in lab.items() if label != FROZEN]
-    embeddings_train = any(label != FROZEN and _layer(p) is None and any("embeddings" in k for k in p)
-                           for p, label in lab.items())
-    lowest = -1 if embeddings_train else min([l for l in trained if l is not None], default=config.num_hidden_layers)
+    flat, lab = flatten_dict(params), flatten_dict(plan.labels)
+    lowest = plan.frozen_depth  # 0 when an embedding trains: every layer then has activation gradients
     forward = backward = 0.0
     for path, x in flat.items():
         layer = _layer(path)

@@ -98,7 +98,7 @@ def test_model_flops_counts_forward_and_backward(tiny_dir):
         model = BertForSequenceClassification(config, lora=plan.lora, num_labels=c)
         params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
         plan = plan.label(params)
-        counts[name] = [tpu_specs.model_flops(params, plan.labels, config, b, t, train=train) for train in (False, True)]
+        counts[name] = [tpu_specs.model_flops(params, plan, config, b, t, train=train) for train in (False, True)]
     assert counts["full"][0] == forward
     assert counts["full"][1] == 3 * forward  # activation and weight gradients of every matrix
     assert counts["bitfit"][1] < counts["full"][1]  # no weight gradients of frozen kernels
