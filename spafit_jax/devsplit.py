@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from spafit_jax import config as config_lib
-from spafit_jax import experiment, rundir
+from spafit_jax import grid, rundir
 
 DATA = "data"
 
 
-class SelectError(experiment.ExperimentError):
+class SelectError(grid.ExperimentError):
     """The `select:` section, or what a rerun finds in the experiment folder, is unusable."""
 
 
@@ -90,7 +90,7 @@ class Split:
     info: dict
 
     def overrides(self, eval_name: str = "dev") -> list[str]:
-        return [*self.keys, experiment._override("data.eval_file", str(self.folder / f"{eval_name}.jsonl"))]
+        return [*self.keys, grid.override("data.eval_file", str(self.folder / f"{eval_name}.jsonl"))]
 
 
 def _records(examples, rows) -> str:
@@ -174,16 +174,16 @@ def _data_keys(folder: Path, info: dict) -> tuple[str, ...]:
             "data.text_pair_column": "text_pair" if info["pairs"] else None, "data.label_column": "label",
             "data.is_regression": info["is_regression"], "data.num_labels": None if info["is_regression"] else info["num_labels"],
             "data.limit_eval": None, "data.eval_splits": None}
-    return tuple(experiment._override(k, v) for k, v in keys.items())
+    return tuple(grid.override(k, v) for k, v in keys.items())
 
 
-def _source(cell: experiment.Cell) -> tuple:
+def _source(cell: grid.Cell) -> tuple:
     d = cell.config().data
     return (d.task, d.train_file, d.eval_file, d.hf_path, d.hf_name, d.train_split, d.text_column, d.text_pair_column,
             d.label_column, d.num_labels, d.is_regression, d.limit_eval, d.eval_splits)
 
 
-def splits(cells: Sequence[experiment.Cell], dev: dict[str, Dev], workdir: Path, *, write: bool) -> dict[str, Split]:
+def splits(cells: Sequence[grid.Cell], dev: dict[str, Dev], workdir: Path, *, write: bool) -> dict[str, Split]:
     """Each task's Split under `workdir/data/<task>`: carved and written (`write`), or checked against what is there.
 
     Every cell of a task must read the same data; a folder carved with other settings is refused."""

@@ -55,9 +55,10 @@ def _correlation(kind: str) -> Callable:
     return fn
 
 
-_CLASSIFICATION = {"accuracy": _accuracy, "f1": _f1, "macro_f1": _macro_f1,
-                   "matthews_correlation": _mcc}
-_REGRESSION = {"pearson": _correlation("pearson"), "spearmanr": _correlation("spearmanr")}
+#: metric name -> fn(predicted class ids or scores [N], labels [N]) (`compute_metrics`; `protocol`'s bootstrap).
+CLASSIFICATION = {"accuracy": _accuracy, "f1": _f1, "macro_f1": _macro_f1,
+                  "matthews_correlation": _mcc}
+REGRESSION = {"pearson": _correlation("pearson"), "spearmanr": _correlation("spearmanr")}
 
 
 def _spec(spec_or_task_name: TaskSpec | str) -> TaskSpec:
@@ -98,7 +99,7 @@ def compute_metrics(spec_or_task_name: TaskSpec | str, predictions, labels,
         pred, y = pred[keep], y[keep]
     if y.shape[0] == 0:
         raise DataError(f"no examples with nonzero weight to score task {spec.name}")
-    table = _REGRESSION if spec.is_regression else _CLASSIFICATION
+    table = REGRESSION if spec.is_regression else CLASSIFICATION
     out = {}
     for name in spec.metrics:
         if name == "combined":

@@ -49,7 +49,7 @@ def _per_example(metric: str) -> Callable | None:
 def _metric_fn(metric: str) -> Callable:
     from spafit_jax import metrics
 
-    table = {**metrics._CLASSIFICATION, **metrics._REGRESSION}
+    table = {**metrics.CLASSIFICATION, **metrics.REGRESSION}
     if metric not in table:
         raise ProtocolError(f"metric {metric!r} has no bootstrap here; use one of {', '.join(sorted(table))}")
     return lambda logits, labels: table[metric](logits.argmax(-1) if logits.ndim == 2 and logits.shape[1] > 1
@@ -216,13 +216,13 @@ def _dev_points(exp: Path, index: dict) -> dict:
 
 def plot_dev_curves(exp: Path, index: dict, out: Path) -> list[str]:
     """dev_curves.png/svg: dev score vs the searched value (log x) per method, one panel per task; chosen values ringed."""
-    from spafit_jax.report import MARKERS, _figure, _save
+    from spafit_jax.pictures import MARKERS, figure, save
 
     points = _dev_points(exp, index)
     if not points:
         return []
     key = next(iter(index["search"][0]["point"]))
-    fig, axes = _figure(len(points), f"Dev score vs {key} (chosen value ringed)")
+    fig, axes = figure(len(points), f"Dev score vs {key} (chosen value ringed)")
     for ax, (task, methods) in zip(axes, points.items()):
         for i, (m, pts) in enumerate(methods.items()):
             pts = sorted(pts)
@@ -234,7 +234,7 @@ def plot_dev_curves(exp: Path, index: dict, out: Path) -> list[str]:
                         color=f"C{i % 10}")
         ax.set(xscale="log", xlabel=key, ylabel=f"dev {pts[0][2]} x100", title=task)
         ax.legend(fontsize=7)
-    return _save(fig, out, "dev_curves")
+    return save(fig, out, "dev_curves")
 
 
 def _losses(folder: Path) -> dict[int, float]:
@@ -247,7 +247,7 @@ def _losses(folder: Path) -> dict[int, float]:
 def plot_train_loss(exp: Path, index: dict, out: Path) -> list[str]:
     """train_loss.png/svg: training loss vs step of every searched value per method (the chosen one solid), one
     panel per task and method: whether the budget let each method converge at its chosen value."""
-    from spafit_jax.report import _figure, _save
+    from spafit_jax.pictures import figure, save
 
     panels: dict = {}
     for e in index["search"]:
@@ -256,7 +256,7 @@ def plot_train_loss(exp: Path, index: dict, out: Path) -> list[str]:
             panels.setdefault((e["task"], e["method"]), []).append((e, losses))
     if not panels:
         return []
-    fig, axes = _figure(len(panels), "Training loss (chosen value solid)", width=3.4, height=2.6)
+    fig, axes = figure(len(panels), "Training loss (chosen value solid)", width=3.4, height=2.6)
     for ax, ((task, method), runs) in zip(axes, panels.items()):
         chosen = (index["choices"].get(f"{task}/{method}") or {}).get("label")
         for i, (e, losses) in enumerate(runs):
@@ -265,7 +265,7 @@ def plot_train_loss(exp: Path, index: dict, out: Path) -> list[str]:
                     label=_value(e["point"]))
         ax.set(title=f"{task} / {method}", xlabel="step", ylabel="training loss")
         ax.legend(fontsize=6)
-    return _save(fig, out, "train_loss")
+    return save(fig, out, "train_loss")
 
 
 def write_report(exp: str | Path, out: str | Path | None = None, *, resamples: int = RESAMPLES) -> dict[str, Path]:

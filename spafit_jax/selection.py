@@ -45,7 +45,8 @@ from typing import Any
 import yaml
 
 from spafit_jax import config as config_lib
-from spafit_jax import experiment, rundir
+from spafit_jax import grid as grid_lib
+from spafit_jax import rundir
 from spafit_jax.devsplit import Dev, SelectError, Split, parse_dev, splits
 from spafit_jax.errors import SpafitError
 
@@ -77,7 +78,7 @@ class Search:
 
 
 @dataclasses.dataclass(frozen=True)
-class Placed(experiment.Cell):
+class Placed(grid_lib.Cell):
     """A cell whose run folder is `EXP/<at>` (search cells, and seeds that are a search cell)."""
 
     at: str = ""
@@ -91,7 +92,7 @@ class Placed(experiment.Cell):
 def wanted(path: str | os.PathLike) -> bool:
     """Whether the experiment file has a `select:` section (False when it cannot be read: the runner says why)."""
     try:
-        data = yaml.safe_load(experiment.experiment_file(path).read_text(encoding="utf-8"))
+        data = yaml.safe_load(grid_lib.experiment_file(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
     return isinstance(data, dict) and data.get("select") is not None
@@ -109,7 +110,7 @@ def parse(raw: Any, tasks: Sequence[str], methods: Sequence[str], seeds: Sequenc
     unknown = [k for k in raw if k not in SELECT_KEYS]
     if unknown:
         raise SelectError(f"{where}: unknown key '{unknown[0]}'; keys are: {', '.join(SELECT_KEYS)}")
-    grid = experiment._grid(raw.get("grid"), f"{where}.grid")
+    grid = grid_lib.parse_grid(raw.get("grid"), f"{where}.grid")
     own = raw.get("methods") or {}
     if not isinstance(own, dict):
         raise SelectError(f"{where}.methods: must map method names to grids, e.g. {{full: {{train.lr: [1.0e-4]}}}}")
@@ -117,7 +118,7 @@ def parse(raw: Any, tasks: Sequence[str], methods: Sequence[str], seeds: Sequenc
     for name in own:
         if name not in names:
             raise SelectError(f"{where}.methods: '{name}' is not a method of this experiment ({', '.join(methods)})")
-    own = {name: experiment._grid(g, f"{where}.methods.{name}") for name, g in own.items()}
+    own = {name: grid_lib.parse_grid(g, f"{where}.methods.{name}") for name, g in own.items()}
     if not grid and not any(own.values()):
         raise SelectError(f"{where}: nothing to search; give grid: {{train.lr: [...]}} or a grid per method")
     seed = raw.get("seed", seeds[0])
@@ -129,10 +130,10 @@ def parse(raw: Any, tasks: Sequence[str], methods: Sequence[str], seeds: Sequenc
     return Search(grid, own, parse_dev(raw.get("dev"), tasks, f"{where}.dev"), seed, metric)
 
 
-def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[list[experiment.Cell], Search, list[str]]:
+def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[list[grid_lib.Cell], Search, list[str]]:
     """(the experiment's cells, its Search, notes) of an experiment file with a `select:` section."""
-    cells, notes = experiment.load_experiment(path, overrides)
-    data = yaml.safe_load(experiment.experiment_file(path).read_text(encoding="utf-8"))
+    cells, notes = grid_lib.load_experiment(path, overrides)
+    data = yaml.safe_load(grid_lib.experiment_file(path).read_text(encoding="utf-8"))
     seeds = list(dict.fromkeys(c.seed for c in cells))
     search = parse(data.get("select"), list(dict.fromkeys(c.task for c in cells)),
                    list(dict.fromkeys(c.method for c in cells)), seeds, f"{path}: select")
@@ -149,14 +150,14 @@ def _label(method: str, point: dict[str, Any]) -> str:
     return method + ("," if "@" in method else "@") + ",".join(f"{n}={json.dumps(v)}" for n, v in zip(names, point.values()))
 
 
-def _with(cell: experiment.Cell, split: Split, point: dict, seed: int, at: str, method: str) -> Placed:
+def _with(cell: grid_lib.Cell, split: Split, point: dict, seed: int, at: str, method: str) -> Placed:
     """`cell` reading the carved splits, at grid `point` and `seed`, run in EXP/`at` (the point wins over every key)."""
     base = [o for o in cell.overrides if not o.startswith("train.seed=")]
-    keys = [*base, *split.overrides(), *(experiment._override(k, v) for k, v in point.items()), f"train.seed={seed}"]
+    keys = [*base, *split.overrides(), *(grid_lib.override(k, v) for k, v in point.items()), f"train.seed={seed}"]
     return Placed(cell.task, method, seed, cell.paths, tuple(keys), at=at, base=cell.method, point=tuple(point.items()))
 
 
-def search_cells(cells: Sequence[experiment.Cell], search: Search, split_of: dict[str, Split]) -> list[Placed]:
+def search_cells(cells: Sequence[grid_lib.Cell], search: Search, split_of: dict[str, Split]) -> list[Placed]:
     """The search cells: per method, task and grid point (method by method, so that a grid cut short has whole
     methods on every task), one cell at `search.seed` scored on dev."""
     first = {(c.task, c.method): c for c in reversed(cells)}
@@ -169,7 +170,7 @@ def search_cells(cells: Sequence[experiment.Cell], search: Search, split_of: dic
     return out
 
 
-def seed_cells(cells: Sequence[experiment.Cell], choices: dict, split_of: dict[str, Split],
+def seed_cells(cells: Sequence[grid_lib.Cell], choices: dict, split_of: dict[str, Split],
                search: Sequence[Placed]) -> list[Placed]:
     """The seeds of every chosen (task, method) at its chosen value; one equal to a search cell runs there."""
     same = {_key(c): c.at for c in search}
@@ -185,7 +186,7 @@ def seed_cells(cells: Sequence[experiment.Cell], choices: dict, split_of: dict[s
 
 
 @functools.lru_cache(maxsize=None)
-def _key(cell: experiment.Cell) -> str:
+def _key(cell: grid_lib.Cell) -> str:
     """The cell's whole config as text (two cells with the same key train the same run)."""
     return json.dumps(config_lib.to_dict(cell.config()), sort_keys=True)
 
@@ -291,8 +292,8 @@ def score_test(folder: Path, split: Split) -> dict:
 def _pick(cells: list, args) -> list:
     """--only / --shard over one list of cells; no match is an empty list here (main checks both lists)."""
     try:
-        return experiment.select(cells, args.only, args.shard) if cells else []
-    except experiment.ExperimentError as e:
+        return grid_lib.select(cells, args.only, args.shard) if cells else []
+    except grid_lib.ExperimentError as e:
         if args.shard and "--shard" in str(e):
             raise
         return []
@@ -344,7 +345,7 @@ def run(args) -> int:
     choices, more = decide(search, search_all, workdir, write=False)
     seeds_mine = _pick(seed_cells(cells, choices, split_of, search_all), args)
     if args.only and not search_mine and not seeds_mine and not _pick(list(cells), args):
-        raise experiment.ExperimentError(f"no cell matches --only {' '.join(args.only)}; cells are named like "
+        raise grid_lib.ExperimentError(f"no cell matches --only {' '.join(args.only)}; cells are named like "
                                          f"{search_all[0].name} and {cells[0].name}")
     for note in notes + more:
         print(note)
@@ -352,7 +353,7 @@ def run(args) -> int:
     if args.dry_run:
         return _dry_run(search_all, search_mine, choices, seeds_mine, list(dict.fromkeys(pending)), workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rundir.write_atomic(workdir / "experiment.yaml", experiment.experiment_file(args.config).read_text(encoding="utf-8"),
+    rundir.write_atomic(workdir / "experiment.yaml", grid_lib.experiment_file(args.config).read_text(encoding="utf-8"),
                         per_process=True)
     split_of = splits(cells, search.dev, workdir, write=True)
     from spafit_jax.compiling import use_compile_cache
@@ -384,7 +385,7 @@ def _search_then_choose(cells, search: Search, split_of, search_all, search_mine
                 line = line.replace(f"[{i}/{n}]", f"[search {offset + i}/{len(search_mine)}]", 1)
             print(line, flush=True)
 
-        status.update(experiment.run_cells(mine, workdir, fail_fast=args.fail_fast, echo=echo))
+        status.update(grid_lib.run_cells(mine, workdir, fail_fast=args.fail_fast, echo=echo))
         done += len(mine)
         stopped = "stopped" in status.values() or (args.fail_fast and any(s.startswith("failed") for s in status.values()))
         choices, notes = decide(search, search_all, workdir, write=True)
@@ -405,7 +406,7 @@ def _run_seeds(cells: Sequence[Placed], split_of: dict[str, Split], workdir: Pat
         def echo(line: str, i=i) -> None:
             print(line.replace("[1/1]", f"[seed {i}/{len(cells)}]", 1), flush=True)
 
-        status.update(experiment.run_cells([cell], workdir, fail_fast=fail_fast, echo=echo))
+        status.update(grid_lib.run_cells([cell], workdir, fail_fast=fail_fast, echo=echo))
         folder = cell.folder(workdir)
         if (folder / rundir.RESULTS).exists() and not (folder / TEST_JSON).exists():
             try:
@@ -438,13 +439,3 @@ def _finish(status: dict, search_all, choices: dict, notes: list, workdir: Path,
         except SpafitError as e:
             print(f"report: {e}", file=sys.stderr)
     return 1 if failed or counts["stopped"] else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m spafit_jax.selection`: the same command line as `python -m spafit_jax.experiment`."""
-    args = experiment.build_parser().parse_intermixed_args(None if argv is None else list(argv))
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

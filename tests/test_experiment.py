@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spafit_jax import hf, report
-from spafit_jax.experiment import load_experiment, main, select
+from spafit_jax import hf, tables
+from spafit_jax.experiment import main
+from spafit_jax.grid import load_experiment, select
 from spafit_jax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_report_at_the_end_holds_the_runs_numbers(grid, tiny_model_dir):
     for method in ("bitfit", "spafit"):
         runs = [results(exp, f"bbc_news/{method}/seed{s}") for s in (0, 1)]
         line = next(x for x in table.splitlines() if x.startswith(f"| {method} |"))
-        assert f"| {report.count_text(runs[0]['trainable_params'])} | {runs[0]['trainable_percent']:.2f} |" in line
+        assert f"| {tables.count_text(runs[0]['trainable_params'])} | {runs[0]['trainable_percent']:.2f} |" in line
         mean = 50 * (runs[0]["eval"]["accuracy"] + runs[1]["eval"]["accuracy"])
         assert f"{mean:.1f} ± " in line
     ranked = table.split("Left out of this table")[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spafit_jax import config as config_lib
-from spafit_jax import report
+from spafit_jax import pictures, report, tables
 
 # method label -> (config overrides, trainable params, accuracy of seed 0 on task "a"); "b" scores 0.1 less.
 METHODS = {
@@ -87,7 +87,7 @@ def test_table_has_a_row_per_method_a_column_per_task_and_marks_the_best(exp):
         row = rows[method]
         means = [100 * statistics.fmean(score(t, method, s) for s in (0, 1)) for t in ("a", "b")]
         std = 100 * statistics.stdev([score("a", method, s) for s in (0, 1)])
-        assert row[1] == report.count_text(trainable) and row[2] == f"{trainable / 1e4:.2f}"
+        assert row[1] == tables.count_text(trainable) and row[2] == f"{trainable / 1e4:.2f}"
         assert row[3].strip("*") == f"{means[0]:.1f} ± {std:.1f}" and row[5].strip("*") == f"{statistics.fmean(means):.1f}"
     bold = [m for m, row in rows.items() if row[3].startswith("**")]
     assert bold == ["spafit@n1=0,n2=2"] and rows["spafit@n1=0,n2=2"][5].startswith("**")
@@ -143,12 +143,12 @@ def test_layer_kinds_come_from_results_else_from_the_config_plan(tmp_path, tiny_
     """results.json names each layer's kind (`Plan.layer_kinds`); an older one without them falls back on the
     plan of the run's config.yaml."""
     make_run(tmp_path / "E/runs/a/spafit/seed0", tiny_model_dir, "a", "spafit@n1=1,n2=2", 0)
-    (run,), _ = report.collect(tmp_path / "E")
-    assert run.results.layer_kinds is None and report.layer_kinds(run) == ["frozen", "bias only", "LoRA + bias"]
+    (run,), _ = tables.collect(tmp_path / "E")
+    assert run.results.layer_kinds is None and pictures.layer_kinds(run) == ["frozen", "bias only", "LoRA + bias"]
     path = tmp_path / "E/runs/a/spafit/seed0/results.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "layer_kinds": ["frozen", "LoRA", "LoRA"]}))
-    (run,), _ = report.collect(tmp_path / "E")
-    assert report.layer_kinds(run) == ["frozen", "LoRA", "LoRA"]
+    (run,), _ = tables.collect(tmp_path / "E")
+    assert pictures.layer_kinds(run) == ["frozen", "LoRA", "LoRA"]
 
 
 def test_group3_variants_get_their_own_heatmap_panels_and_csv_column(tiny_model_dir, tmp_path):
@@ -159,20 +159,20 @@ def test_group3_variants_get_their_own_heatmap_panels_and_csv_column(tiny_model_
             make_run(folder, tiny_model_dir, "a", method, 0)
             cfg = config_lib.load_config([folder / "config.yaml"], [f"method.stratum3_bias={flag}"])
             config_lib.save_config(cfg, folder / "config.yaml")  # results.json without the field: config.yaml says
-    runs, _ = report.collect(root)
+    runs, _ = tables.collect(root)
     assert sorted(r.stratum3 for r in runs) == ["LoRA + bias"] * 2 + ["LoRA only"] * 2
-    rows = report.summary_rows(runs)
+    rows = tables.summary_rows(runs)
     assert {(r["method"].rsplit("-", 1)[1], r["stratum3"]) for r in rows} == {("plus", "LoRA + bias"),
                                                                              ("only", "LoRA only")}
     runs[0].results = dataclasses.replace(runs[0].results, stratum3_bias=False)  # results.json's field wins
     assert runs[0].stratum3 == "LoRA only"
     (tmp_path / "out").mkdir()
-    assert report.plot_heatmap(report.Groups(runs), tmp_path / "out") == ["heatmap_n1_n2.png", "heatmap_n1_n2.svg"]
+    assert pictures.plot_heatmap(tables.Groups(runs), tmp_path / "out") == ["heatmap_n1_n2.png", "heatmap_n1_n2.svg"]
 
 
 def test_pareto_front_and_counts():
-    assert report.pareto_front([(10, 1.0), (5, 2.0), (20, 3.0), (30, 2.5), (5, 1.0)]) == [(5, 2.0), (20, 3.0)]
-    assert [report.count_text(n) for n in (950, 12_345, 1_230_000)] == ["950", "12.3K", "1.23M"]
+    assert pictures.pareto_front([(10, 1.0), (5, 2.0), (20, 3.0), (30, 2.5), (5, 1.0)]) == [(5, 2.0), (20, 3.0)]
+    assert [tables.count_text(n) for n in (950, 12_345, 1_230_000)] == ["950", "12.3K", "1.23M"]
 
 
 def test_cli_on_run_folders_with_out_dir_and_bad_input(tiny_model_dir, tmp_path, capsys):
@@ -199,6 +199,6 @@ def test_nan_scores_are_left_out(tmp_path, tiny_model_dir):
     res = json.loads(path.read_text())
     res["eval"]["accuracy"] = None
     path.write_text(json.dumps(res))
-    runs, _ = report.collect(tmp_path / "E")
-    assert "| bitfit | 1.8K | 0.18 | – | – |" in report.table_markdown(report.Groups(runs))
-    assert report.summary_rows(runs)[0]["main_value"] is None
+    runs, _ = tables.collect(tmp_path / "E")
+    assert "| bitfit | 1.8K | 0.18 | – | – |" in tables.table_markdown(tables.Groups(runs))
+    assert tables.summary_rows(runs)[0]["main_value"] is None
