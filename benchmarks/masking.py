@@ -28,7 +28,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, environment, median  # noqa: E402
 
-from spafit_jax import masking  # noqa: E402
+from spafit_jax import masking, tree_paths  # noqa: E402
 from spafit_jax.lora import LoRA  # noqa: E402
 from spafit_jax.methods import FROZEN, TRAINABLE_LABELS  # noqa: E402
 
@@ -100,7 +100,7 @@ def linen_case(model, x, y, n1: int, n2: int, steps: int) -> dict:
 
     jitted = jax.jit(step)
     compile_s, times = _time(jitted, (trainable, state, frozen, x, y), steps)
-    whole = sum(x.size for (_, x), (_, l) in zip(masking._leaves(params), masking._leaves(labels)) if l != FROZEN)
+    whole = sum(x.size for (_, x), (_, l) in zip(tree_paths.path_leaves(params), tree_paths.path_leaves(labels)) if l != FROZEN)
     counts = masking.count_params(params, labels)
     return {"opt_state_bytes": _bytes(state), "opt_state_bytes_whole_leaves": 2 * 4 * whole,
             "trainable_params": sum(v for k, v in counts.items() if k != FROZEN),

@@ -95,7 +95,7 @@ def setup(cfg: Config, topo: tpu_specs.Topology) -> Setup:
                                   fsdp=cfg.parallel.fsdp, train_model=train_model, devices=topo.devices)
     mesh = driver.mesh
     state = _abstract(state, lambda s: NamedSharding(mesh, P()))  # put_state: replicated
-    frozen = _abstract(frozen, functools.partial(parallel._fsdp_sharding, mesh))  # put_frozen
+    frozen = _abstract(frozen, functools.partial(parallel.fsdp_sharding, mesh))  # put_frozen
     return Setup(cfg, topo, model, plan, params, state, frozen, driver, num_labels, cache_n1)
 
 

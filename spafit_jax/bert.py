@@ -113,7 +113,7 @@ class Dropout(nn.Module):
         return jnp.where(keep, x * jnp.asarray(65536 / (65536 - cut), x.dtype), jnp.zeros_like(x))
 
 
-class _Module(nn.Module):
+class EncoderModule(nn.Module):
     """Shared attributes of every BERT module; `layer` is the index of the enclosing layer."""
 
     config: BertConfig
@@ -162,7 +162,7 @@ def position_ids(input_ids_BxT, config: BertConfig):
     return jnp.cumsum(real_BxT, axis=-1) * real_BxT + config.pad_token_id
 
 
-class BertEmbeddings(_Module):
+class BertEmbeddings(EncoderModule):
     """Word + position (+ token type) embeddings of size `embedding_size or hidden_size`, LayerNorm, dropout."""
 
     @nn.compact
@@ -184,7 +184,7 @@ class BertEmbeddings(_Module):
         return Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
-class _SelfAttention(_Module):
+class _SelfAttention(EncoderModule):
     """`self/{query,key,value}` (DistilBERT: `attention/{q_lin,k_lin,v_lin}` and `out_lin`):
     scaled dot-product attention over a padding mask, then the `out` projection if it is named."""
 
@@ -211,7 +211,7 @@ class _SelfAttention(_Module):
         return self.dense(D, self.out, ctx_BxTxD, deterministic, target="attention_output")
 
 
-class _Output(_Module):
+class BertOutput(EncoderModule):
     """`dense` + dropout + residual + `LayerNorm`, as HF's attention/output and output blocks."""
 
     target: str = "output"
@@ -223,33 +223,33 @@ class _Output(_Module):
         return self.layer_norm("LayerNorm")(y + residual)
 
 
-class _Attention(_Module):
+class _Attention(EncoderModule):
     """`attention/self/...` and `attention/output/...`."""
 
     @nn.compact
     def __call__(self, x_BxTxD, mask_bias_Bx1x1xT, deterministic: bool):
         ctx_BxTxD = self.child(_SelfAttention, "self")(x_BxTxD, mask_bias_Bx1x1xT, deterministic)
-        return self.child(_Output, "output", target="attention_output")(ctx_BxTxD, x_BxTxD, deterministic)
+        return self.child(BertOutput, "output", target="attention_output")(ctx_BxTxD, x_BxTxD, deterministic)
 
 
-class _Intermediate(_Module):
+class BertIntermediate(EncoderModule):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         y = self.dense(self.config.intermediate_size, "dense", x, deterministic, target="intermediate")
         return ACTIVATIONS[self.config.hidden_act](y)
 
 
-class BertLayer(_Module):
+class BertLayer(EncoderModule):
     """One encoder layer: self-attention block, then the feed-forward block."""
 
     @nn.compact
     def __call__(self, x_BxTxD, mask_bias_Bx1x1xT, deterministic: bool):
         h_BxTxD = self.child(_Attention, "attention")(x_BxTxD, mask_bias_Bx1x1xT, deterministic)
-        inter_BxTxF = self.child(_Intermediate, "intermediate")(h_BxTxD, deterministic)
-        return self.child(_Output, "output", target="output")(inter_BxTxF, h_BxTxD, deterministic)
+        inter_BxTxF = self.child(BertIntermediate, "intermediate")(h_BxTxD, deterministic)
+        return self.child(BertOutput, "output", target="output")(inter_BxTxF, h_BxTxD, deterministic)
 
 
-class _FFN(_Module):
+class _FFN(EncoderModule):
     """DistilBERT's `ffn/{lin1,lin2}`: lin1, activation, lin2, dropout."""
 
     @nn.compact
@@ -260,7 +260,7 @@ class _FFN(_Module):
         return Dropout(c.hidden_dropout_prob)(y, deterministic=deterministic)
 
 
-class DistilBertLayer(_Module):
+class DistilBertLayer(EncoderModule):
     """DistilBERT's TransformerBlock: the same computation as `BertLayer` under its own names."""
 
     @nn.compact
@@ -273,7 +273,7 @@ class DistilBertLayer(_Module):
 LAYERS = {"bert": BertLayer, "distilbert": DistilBertLayer}
 
 
-class _Encoder(_Module):
+class _Encoder(EncoderModule):
     """`encoder/layer/<i>` (DistilBERT: `transformer/layer/<i>`) for i in 0 .. L-1, unrolled."""
 
     @nn.compact
@@ -282,7 +282,7 @@ class _Encoder(_Module):
         return layers(x, mask_bias, deterministic, start, stop)
 
 
-class _Layers(_Module):
+class _Layers(EncoderModule):
     """Layers start .. stop-1 (default: all of them)."""
 
     @nn.compact
@@ -293,7 +293,7 @@ class _Layers(_Module):
         return x
 
 
-class BertModel(_Module):
+class BertModel(EncoderModule):
     """Embeddings, L unrolled layers and (BERT) the pooler; returns (last_hidden_BxTxD, pooled_BxD or None).
 
     ELECTRA projects embeddings of `embedding_size` to the hidden size (`embeddings_project`).
@@ -332,13 +332,13 @@ class BertModel(_Module):
         return x, pooled
 
 
-class _Pooler(_Module):
+class _Pooler(EncoderModule):
     @nn.compact
     def __call__(self, cls_BxD, deterministic: bool):
         return self.dense(self.config.hidden_size, "dense", cls_BxD, deterministic)
 
 
-class _ClassificationHead(_Module):
+class _ClassificationHead(EncoderModule):
     """RoBERTa's / ELECTRA's `classifier/{dense,out_proj}` on the first token: dropout, dense, tanh
     (ELECTRA: exact gelu), dropout, out_proj."""
 
@@ -354,7 +354,7 @@ class _ClassificationHead(_Module):
         return self.dense(self.num_labels, "out_proj", x, deterministic)
 
 
-class BertForSequenceClassification(_Module):
+class BertForSequenceClassification(EncoderModule):
     """An encoder of `config.model_type` under its prefix (`bert`, `roberta`, ...) and the family's
     head; logits [B, num_labels] (num_labels == 1: a regressor).
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax.bert import ACTIVATIONS, BertConfig, Dropout, _Intermediate, _Module, _Output
+from spafit_jax.bert import ACTIVATIONS, BertConfig, BertIntermediate, BertOutput, Dropout, EncoderModule
 from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRA
 
@@ -121,8 +121,8 @@ def relative_positions(length: int, config: DebertaConfig) -> np.ndarray:
     return rel.astype(np.int64)
 
 
-class _Deberta(_Module):
-    """`_Module` with Linear layers that can be applied more than once (shared query/key projections)."""
+class _Deberta(EncoderModule):
+    """`EncoderModule` with Linear layers that can be applied more than once (shared query/key projections)."""
 
     def linear(self, features: int, name: str, target: str | None = None, use_bias: bool = True):
         """A callable (x, deterministic) -> y for the Dense `name`, LoRA-wrapped when `target` is adapted here."""
@@ -207,15 +207,15 @@ class DebertaLayer(_Deberta):
     def __call__(self, x_BxTxD, mask_Bx1xTxT, rel_TxT, rel_emb_SxD, deterministic: bool):
         attention = self.child(_Attention, "attention")
         h_BxTxD = attention(x_BxTxD, mask_Bx1xTxT, rel_TxT, rel_emb_SxD, deterministic)
-        inter_BxTxF = self.child(_Intermediate, "intermediate")(h_BxTxD, deterministic)
-        return self.child(_Output, "output", target="output")(inter_BxTxF, h_BxTxD, deterministic)
+        inter_BxTxF = self.child(BertIntermediate, "intermediate")(h_BxTxD, deterministic)
+        return self.child(BertOutput, "output", target="output")(inter_BxTxF, h_BxTxD, deterministic)
 
 
 class _Attention(_Deberta):
     @nn.compact
     def __call__(self, x_BxTxD, mask_Bx1xTxT, rel_TxT, rel_emb_SxD, deterministic: bool):
         ctx = self.child(_DisentangledSelfAttention, "self")(x_BxTxD, mask_Bx1xTxT, rel_TxT, rel_emb_SxD, deterministic)
-        return self.child(_Output, "output", target="attention_output")(ctx, x_BxTxD, deterministic)
+        return self.child(BertOutput, "output", target="attention_output")(ctx, x_BxTxD, deterministic)
 
 
 class _Layers(_Deberta):

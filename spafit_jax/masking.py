@@ -29,8 +29,7 @@ from spafit_jax.errors import MaskingError
 from spafit_jax.methods import (BIAS, FROZEN, HEAD, LAYERNORM, LORA, METHODS, POOLER,  # noqa: F401
                                 TRAINABLE_LABELS, WEIGHT, resolve_strata)
 from spafit_jax.stratified import stratified_optimizer
-from spafit_jax.tree_paths import (Rows, Trainable, _leaves, _lookup, _map, _params, _path,  # noqa: F401
-                                   _size, _unbox)
+from spafit_jax.tree_paths import Rows, Trainable, map_paths, params_of, path_leaves, path_lookup, size_of, unbox
 
 __all__ = [
     "MaskingError", "LAYER_PATTERN", "HEAD_PATTERN", "STACKED_PATTERN", "METHODS", "Rows", "Trainable",
@@ -118,7 +117,7 @@ def _stacked_layout(leaves: list[tuple[str, Any]], rx: re.Pattern, axis: int, na
 
 def _layout(params: Any, layer_pattern: str | None, stacked: Any, required: bool = True) -> _Layout:
     """The layers of `params`: `stacked=` if given, else unrolled indices, else a detected stacked subtree."""
-    leaves = _leaves(params)
+    leaves = path_leaves(params)
     if stacked is not None:
         rx, axis = _stacked_arg(stacked)
         found = _stacked_layout(leaves, rx, axis, named=True)
@@ -168,13 +167,13 @@ def label_params(params: Any, rules: Sequence[tuple[str, str]] | Mapping[str, st
         uncovered.append(path)
         return FROZEN
 
-    state = _params(params)
-    labels = _map(one, state)
+    state = params_of(params)
+    labels = map_paths(one, state)
     if uncovered:
         shown = ", ".join(repr(p) for p in uncovered[:5]) + (" ..." if len(uncovered) > 5 else "")
         raise MaskingError(f"{len(uncovered)} parameter(s) match no rule: {shown}; add a rule for "
                            "them, e.g. ('.*', 'frozen') as the last rule")
-    return _unbox(labels) if state is not params else labels
+    return unbox(labels) if state is not params else labels
 
 
 def _label_tree(params: Any, in_layer: Callable[[int], frozenset], outside: frozenset, layout: _Layout, *,
@@ -184,7 +183,7 @@ def _label_tree(params: Any, in_layer: Callable[[int], frozenset], outside: froz
         head_re = re.compile(head_pattern)
     except re.error as e:
         raise MaskingError(f"head_pattern {head_pattern!r} is invalid ({e}); fix the regex") from None
-    state = _params(params)
+    state = params_of(params)
 
     def one(path: str, _: Any) -> str:
         kind = _kind(path)
@@ -202,17 +201,17 @@ def _label_tree(params: Any, in_layer: Callable[[int], frozenset], outside: froz
             return FROZEN
         return kind if kind in (outside if i is None else in_layer(i)) else FROZEN
 
-    labels = _map(one, state)
-    found = {str(label) for _, label in _leaves(labels)}
+    labels = map_paths(one, state)
+    found = {str(label) for _, label in path_leaves(labels)}
     if needs_head and HEAD not in found:
-        example = next((p for p, _ in _leaves(state) if layout.index(p) is None and not layout.is_stacked(p)), "<none>")
+        example = next((p for p, _ in path_leaves(state) if layout.index(p) is None and not layout.is_stacked(p)), "<none>")
         raise MaskingError(f"no task head found: no parameter path matches head_pattern={head_pattern!r} "
                            f"(outside the layers they read like {example!r}); pass head_pattern= a regex "
                            "naming your output module, e.g. head_pattern='out_proj'")
     if found <= {FROZEN}:
         raise MaskingError("the labels train no parameter: no layer leaf is trainable; lower n1/n2 or "
                            "pick another method")
-    return _unbox(labels) if state is not params else labels
+    return unbox(labels) if state is not params else labels
 
 
 def _no_lora(where: str) -> MaskingError:
@@ -226,7 +225,7 @@ def bias_free(params: Any, head_pattern: str = HEAD_PATTERN) -> bool:
     labelled "layernorm": the per-feature parameters such a model has (`spafit_labels`)."""
     head = re.compile(head_pattern)
     return not any(_kind(p) == BIAS and not head.search(p) and "pooler" not in p.lower()
-                   for p, _ in _leaves(_params(params)))
+                   for p, _ in path_leaves(params_of(params)))
 
 
 def _strata(n1: Any, n2: Any, L: int) -> None:
@@ -258,7 +257,7 @@ def spafit_labels(params: Any, n1: int, n2: int, *, train_layernorm: bool = Fals
     layout = _layout(params, layer_pattern, stacked)
     L = layout.num_layers
     _strata(n1, n2, L)
-    lora = [p for p, _ in _leaves(params) if _kind(p) == LORA]
+    lora = [p for p, _ in path_leaves(params) if _kind(p) == LORA]
     if n2 < L and not any(layout.is_stacked(p) or (layout.index(p) is not None and layout.index(p) >= n2) for p in lora):
         raise _no_lora(f"stratum 3 (layers {n2}..{L - 1})")
     some = frozenset({BIAS, LAYERNORM})
@@ -268,7 +267,7 @@ def spafit_labels(params: Any, n1: int, n2: int, *, train_layernorm: bool = Fals
     labels = _label_tree(params, lambda i: frozenset() if i < n1 else some if i < n2 else full, frozenset(), layout,
                    train_layernorm=train_layernorm, train_pooler=train_pooler, head_pattern=head_pattern,
                    needs_head=True)
-    stratum2 = [l for p, l in _leaves(labels) if layout.index(p) in range(n1, n2)]
+    stratum2 = [l for p, l in path_leaves(labels) if layout.index(p) in range(n1, n2)]
     if stratum2 and all(l == FROZEN for l in stratum2):
         raise MaskingError(f"stratum 2 (layers {n1}..{n2 - 1}) has no bias or norm scale to train; set n1 = n2 "
                            "to drop it, or train_layernorm")
@@ -295,7 +294,7 @@ def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | 
         return spafit_labels(params, n1, n2, stratum3_bias=stratum3_bias, layer_pattern=layer_pattern,
                              stacked=stacked, **kw)
     layout = _layout(params, layer_pattern, stacked, required=method in ("bitfit", "lora"))
-    if method == "lora" and not any(_kind(p) == LORA for p, _ in _leaves(params)):
+    if method == "lora" and not any(_kind(p) == LORA for p, _ in path_leaves(params)):
         raise _no_lora("params")
     allowed = {"full": frozenset({WEIGHT, BIAS, LAYERNORM, LORA}), "bitfit": frozenset({BIAS, LAYERNORM}),
                "lora": frozenset({LORA, LAYERNORM}), "head_only": frozenset()}[method]
@@ -307,7 +306,7 @@ def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | 
 def trainable(labels: Any) -> Trainable:
     """The filter of the leaves `labels` does not mark frozen: `nnx.Optimizer(..., wrt=trainable(labels))`,
     `nnx.DiffState(0, trainable(labels))`, or `trainable(labels)(path, leaf)` on a linen tree."""
-    return Trainable(frozenset(p for p, label in _leaves(labels) if label != FROZEN))
+    return Trainable(frozenset(p for p, label in path_leaves(labels) if label != FROZEN))
 
 
 def split(params: Any, labels: Any) -> tuple[Any, Any]:
@@ -315,10 +314,10 @@ def split(params: Any, labels: Any) -> tuple[Any, Any]:
 
     A stacked leaf with `Rows` goes whole to the trainable half; the optimizer leaves its frozen rows alone.
     """
-    lookup = _lookup(labels, params)
-    params = _params(params)
-    trainable = _map(lambda p, x: None if lookup[p] == FROZEN else x, params)
-    frozen = _map(lambda p, x: x if lookup[p] == FROZEN else None, params)
+    lookup = path_lookup(labels, params)
+    params = params_of(params)
+    trainable = map_paths(lambda p, x: None if lookup[p] == FROZEN else x, params)
+    frozen = map_paths(lambda p, x: x if lookup[p] == FROZEN else None, params)
     return trainable, frozen
 
 
@@ -334,10 +333,10 @@ def join(trainable: Any, frozen: Any) -> Any:
 
 def count_params(params: Any, labels: Any) -> dict[str, int]:
     """{label: number of parameters} over the leaves of params (the frozen rows of a `Rows` leaf count as frozen)."""
-    lookup = _lookup(labels, params)
+    lookup = path_lookup(labels, params)
     counts: dict[str, int] = {}
-    for path, x in _leaves(params):
-        label, n = lookup[path], _size(x)
+    for path, x in path_leaves(params):
+        label, n = lookup[path], size_of(x)
         if isinstance(label, Rows):
             k = n * (label.stop - label.start) // np.shape(x)[label.axis]
             counts[FROZEN] = counts.get(FROZEN, 0) + n - k
@@ -353,7 +352,7 @@ def _sort_key(label: str) -> tuple[int, str]:
 def summary(params: Any, labels: Any) -> str:
     """A text table: every label present, its tensors, parameters and percent; then trainable and total."""
     counts, tensors = count_params(params, labels), {}
-    for _, label in _leaves(labels):
+    for _, label in path_leaves(labels):
         tensors[str(label)] = tensors.get(str(label), 0) + 1
     total = sum(counts.values()) or 1
     n_tr = sum(v for k, v in counts.items() if k != FROZEN)

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax.bert import ACTIVATIONS, BertConfig, Dropout, _Module
+from spafit_jax.bert import ACTIVATIONS, BertConfig, Dropout, EncoderModule
 from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRA
 
@@ -134,8 +134,8 @@ class ModernBertConfig(BertConfig):
         return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
 
 
-class _MB(_Module):
-    """A ModernBERT module: `bert._Module` with Dense layers whose bias is a config setting."""
+class _MB(EncoderModule):
+    """A ModernBERT module: `bert.EncoderModule` with Dense layers whose bias is a config setting."""
 
     def linear(self, features: int, name: str, x, deterministic: bool, use_bias: bool, target: str | None = None):
         """Applies a Dense named `name` (bias when `use_bias`); LoRA-wrapped when the LoRA config targets `target` here."""

@@ -116,7 +116,7 @@ def _global(x, sharding):
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
-def _fsdp_sharding(mesh: Mesh, x) -> NamedSharding:
+def fsdp_sharding(mesh: Mesh, x) -> NamedSharding:
     """Shard a frozen leaf over "fsdp" along its largest axis that divides; small leaves stay replicated."""
     fsdp = mesh.shape[FSDP]
     shape = np.shape(x)
@@ -163,7 +163,7 @@ def mesh_driver(apply_fn, tx, *, is_regression: bool, grad_accum: int = 1, fsdp:
     return Driver(
         mode="mesh",
         put_state=lambda s: jax.tree_util.tree_map(lambda x: _global(x, replicated), s),
-        put_frozen=lambda f: jax.tree_util.tree_map(lambda x: _global(x, _fsdp_sharding(mesh, x)), f),
+        put_frozen=lambda f: jax.tree_util.tree_map(lambda x: _global(x, fsdp_sharding(mesh, x)), f),
         put_batch=put_batch,
         step=jit_step,
         eval_logits=jit_eval,

@@ -20,7 +20,7 @@ import optax
 
 from spafit_jax.errors import MaskingError
 from spafit_jax.methods import FROZEN, TRAINABLE_LABELS
-from spafit_jax.tree_paths import Rows, _lookup, _map, _path
+from spafit_jax.tree_paths import Rows, join_path, map_paths, path_lookup
 
 _ADAM_KEYS = ("learning_rate", "weight_decay", "b1", "b2", "eps")
 
@@ -30,13 +30,13 @@ def _slice_rows(tree: Any, rows: Mapping[str, Rows]) -> Any:
     def one(path, x):
         r = rows.get(path)
         return x if r is None else jax.lax.slice_in_dim(x, r.start, r.stop, axis=r.axis)
-    return _map(one, tree)
+    return map_paths(one, tree)
 
 
 def _pad_rows(sliced: Any, full: Any, rows: Mapping[str, Rows]) -> Any:
     """`sliced` put back at its rows of zeros shaped like `full` (frozen rows get exactly zero)."""
     def one(kp, u, x):
-        r = rows.get(_path(kp))
+        r = rows.get(join_path(kp))
         return u if r is None else jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(x), u, r.start, r.axis)
     return jax.tree_util.tree_map_with_path(one, sliced, full)
 
@@ -62,7 +62,7 @@ def _adamw(label: str, s: Any, rows: Mapping[str, Rows]) -> optax.GradientTransf
         raise MaskingError(f"settings[{label!r}] has unknown key(s) {unknown}; use {list(_ADAM_KEYS)}")
     parts = [optax.scale_by_adam(b1=s.get("b1", 0.9), b2=s.get("b2", 0.999), eps=s.get("eps", 1e-8))]
     if s.get("weight_decay", 0.0):  # matrices only; a stacked leaf's layer axis does not count
-        decay = lambda tree: _map(lambda p, x: x.ndim - (p in rows) >= 2, tree)  # noqa: E731
+        decay = lambda tree: map_paths(lambda p, x: x.ndim - (p in rows) >= 2, tree)  # noqa: E731
         parts.append(optax.add_decayed_weights(s["weight_decay"], mask=decay))
     parts.append(optax.scale_by_learning_rate(s["learning_rate"]))
     return _on_rows(optax.chain(*parts), rows) if rows else optax.chain(*parts)
@@ -80,7 +80,7 @@ def stratified_optimizer(labels: Any, settings: Mapping[str, Mapping[str, Any]])
     they are None in `masking.split(params, labels)[0]` and left out by `wrt=masking.trainable(labels)`
     in NNX. Pass params to `update` when using weight decay.
     """
-    lookup = _lookup(labels)
+    lookup = path_lookup(labels)
     present = sorted({str(label) for label in lookup.values() if label != FROZEN}, key=_order)
     if not present:
         raise MaskingError("labels mark every parameter frozen; nothing to optimize")
@@ -101,4 +101,4 @@ def stratified_optimizer(labels: Any, settings: Mapping[str, Mapping[str, Any]])
                                "(masking.split) or, in NNX, wrt=masking.trainable(labels)")
         return str(lookup[path])
 
-    return optax.multi_transform(transforms, lambda tree: _map(label_of, tree))
+    return optax.multi_transform(transforms, lambda tree: map_paths(label_of, tree))

@@ -46,7 +46,8 @@ def _key_str(key: Any) -> str:
     return str(key)
 
 
-def _path(keypath: Sequence[Any]) -> str:
+def join_path(keypath: Sequence[Any]) -> str:
+    """The '/'-joined path of a jax key path (an `nnx.Variable` / `nn.Partitioned` box's `value` left out)."""
     keys = list(keypath)
     if len(keys) > 1 and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
         keys = keys[:-1]  # nnx.Variable / nn.Partitioned box
@@ -57,7 +58,7 @@ def _nnx():
     return sys.modules.get("flax.nnx")  # only loaded when the caller uses NNX: masking stays light
 
 
-def _params(tree: Any) -> Any:
+def params_of(tree: Any) -> Any:
     """An `nnx.Module`'s `nnx.Param` state; any other tree as it is."""
     nnx = _nnx()
     if nnx is not None and isinstance(tree, nnx.Module):
@@ -65,7 +66,7 @@ def _params(tree: Any) -> Any:
     return tree
 
 
-def _unbox(labels: Any) -> Any:
+def unbox(labels: Any) -> Any:
     """Labels of an nnx State with the `Param(value=label)` boxes replaced by the label strings."""
     nnx = _nnx()
     if nnx is None:
@@ -75,22 +76,25 @@ def _unbox(labels: Any) -> Any:
     return jax.tree.map(lambda v: value(v) if box(v) else v, labels, is_leaf=box)
 
 
-def _leaves(tree: Any) -> list[tuple[str, Any]]:
-    return [(_path(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(_params(tree))[0]]
+def path_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """[(path, leaf)] of a tree (an `nnx.Module`: its `nnx.Param` state), in jax's leaf order."""
+    return [(join_path(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(params_of(tree))[0]]
 
 
-def _map(fn: Callable[[str, Any], Any], tree: Any) -> Any:
-    return jax.tree_util.tree_map_with_path(lambda kp, x: fn(_path(kp), x), tree)
+def map_paths(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+    """The tree of `fn(path, leaf)` over `tree`'s leaves."""
+    return jax.tree_util.tree_map_with_path(lambda kp, x: fn(join_path(kp), x), tree)
 
 
-def _size(x: Any) -> int:
+def size_of(x: Any) -> int:
+    """The number of elements of an array (or of anything with a shape)."""
     return int(math.prod(getattr(x, "shape", np.shape(x))))
 
 
-def _lookup(labels: Any, params: Any = None) -> dict[str, str]:
+def path_lookup(labels: Any, params: Any = None) -> dict[str, str]:
     """{path: label} of a labels tree; with `params`, checks that both have the same paths."""
-    found = _leaves(labels)
-    if params is not None and [p for p, _ in _leaves(params)] != [p for p, _ in found]:
+    found = path_leaves(labels)
+    if params is not None and [p for p, _ in path_leaves(params)] != [p for p, _ in found]:
         raise MaskingError("labels do not have the structure of params; build them from this "
                            "very tree with label_params / spafit_labels / method_labels")
     return dict(found)
@@ -106,5 +110,5 @@ class Trainable:
     paths: frozenset[str]
 
     def __call__(self, path: Any, _leaf: Any = None) -> bool:
-        key = path if isinstance(path, str) else _path(path)
+        key = path if isinstance(path, str) else join_path(path)
         return key in self.paths

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from spafit_jax import masking
+from spafit_jax import masking, tree_paths
 
 H, R, C, L = 8, 2, 3, 4  # hidden, LoRA rank, classes, layers
 SETTINGS = {k: {"learning_rate": 0.05, "weight_decay": 0.01} for k in ("bias", "lora", "head", "layernorm", "weight")}
@@ -132,8 +132,8 @@ def opt_floats(state):
 
 def trained_exactly(before, after, labels):
     """Asserts that a leaf (a row of a stacked leaf) changed iff its label trains it."""
-    lookup = dict(masking._leaves(labels))
-    for (path, a), (_, b) in zip(masking._leaves(before), masking._leaves(after)):
+    lookup = dict(tree_paths.path_leaves(labels))
+    for (path, a), (_, b) in zip(tree_paths.path_leaves(before), tree_paths.path_leaves(after)):
         a, b, label = np.asarray(a), np.asarray(b), lookup[path]
         if isinstance(label, masking.Rows):
             rows = np.moveaxis(a, label.axis, 0), np.moveaxis(b, label.axis, 0)

@@ -12,7 +12,7 @@ import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from spafit_jax import masking
+from spafit_jax import masking, tree_paths
 from spafit_jax.errors import MaskingError, SpafitError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ TREES = {"bert": bert_tree, "gpt2": gpt2_tree}
 
 
 def pairs(params, labels):
-    return list(zip([p for p, _ in masking._leaves(params)], jax.tree.leaves(labels)))
+    return list(zip([p for p, _ in tree_paths.path_leaves(params)], jax.tree.leaves(labels)))
 
 
 def n_total(params):
@@ -315,7 +315,7 @@ def test_split_merge_round_trip(kind):
     labels = method(params, "spafit")
     trainable, frozen = masking.split(params, labels)
     assert type(trainable) is type(params) and type(frozen) is type(params)
-    got = [p for p, _ in masking._leaves(trainable)]
+    got = [p for p, _ in tree_paths.path_leaves(trainable)]
     assert got == [p for p, l in pairs(params, labels) if l != "frozen"]
     assert len(jax.tree.leaves(trainable)) + len(jax.tree.leaves(frozen)) == len(jax.tree.leaves(params))
     _assert_same(masking.join(trainable, frozen), params)
@@ -400,7 +400,7 @@ def test_nnx_state_labels_split_merge_and_step():
         return optax.apply_updates(trainable, updates), opt_state
 
     new, _ = step(trainable, opt_state, frozen)
-    for (path, a), b in zip(masking._leaves(trainable), jax.tree.leaves(new)):
+    for (path, a), b in zip(tree_paths.path_leaves(trainable), jax.tree.leaves(new)):
         assert not np.allclose(a, b), path
 
 
@@ -476,7 +476,7 @@ def test_weight_decay_only_on_matrices():
                                                for k in ("weight", "bias", "layernorm", "lora", "head", "pooler")})
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     updates, _ = jax.jit(tx.update)(zeros, tx.init(trainable), trainable)
-    for (path, p), u in zip(masking._leaves(trainable), jax.tree.leaves(updates)):
+    for (path, p), u in zip(tree_paths.path_leaves(trainable), jax.tree.leaves(updates)):
         np.testing.assert_allclose(u, -0.5 * p if p.ndim >= 2 else 0 * p, rtol=1e-6, err_msg=path)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from spafit_jax import masking
+from spafit_jax import masking, tree_paths
 from spafit_jax.errors import MaskingError
 from tests.flax_models import (L, SETTINGS, batch, n_trainable, nnx_list_model, nnx_scan_model, opt_floats,
                                trained_exactly)
@@ -50,7 +50,7 @@ def test_nnx_trains_exactly_the_labels(kind, method):
     trained_exactly(before, nnx.state(model, nnx.Param), labels)
     assert opt_floats(nnx.state(opt, nnx.OptState)) == 2 * n_trainable(model, labels)
     if kind == "scan":  # stacked leaves train by rows: spafit's LoRA in rows n2.., its biases in rows n1..
-        lab = dict(masking._leaves(labels))
+        lab = dict(tree_paths.path_leaves(labels))
         want = {"spafit": (3, 1), "bitfit": (None, 0), "lora": (0, None)}[method]
         for path, start in zip(("layers/attn/lora/lora_a", "layers/attn/bias"), want):
             assert (lab[path] == "frozen") if start is None else (lab[path].start, lab[path].stop) == (start, L)
@@ -58,7 +58,7 @@ def test_nnx_trains_exactly_the_labels(kind, method):
 
 def test_nnx_labels_name_what_trains():
     model = nnx_list_model()
-    lab = dict(masking._leaves(masking.spafit_labels(model, 1, 3, train_layernorm=True)))
+    lab = dict(tree_paths.path_leaves(masking.spafit_labels(model, 1, 3, train_layernorm=True)))
     assert lab["layers/0/attn/bias"] == "frozen" and lab["layers/1/attn/bias"] == "bias"
     assert lab["layers/2/proj/lora_a"] == "frozen" and lab["layers/3/proj/lora_b"] == "lora"
     assert lab["layers/3/attn/lora/lora_a"] == "lora" and lab["layers/3/proj/base_module/kernel"] == "frozen"
@@ -75,7 +75,7 @@ def test_nnx_head_by_another_name():
     with pytest.raises(MaskingError, match=r"no task head found.*head_pattern="):
         masking.spafit_labels(model, 1, 3)
     labels = masking.spafit_labels(model, 1, 3, head_pattern="out_proj")
-    assert dict(masking._leaves(labels))["out_proj/kernel"] == "head"
+    assert dict(tree_paths.path_leaves(labels))["out_proj/kernel"] == "head"
     assert "head" in masking.summary(model, labels)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spafit_jax import lora, masking
+from spafit_jax import lora, masking, tree_paths
 from spafit_jax.errors import ConfigError, MaskingError, SpafitError
 from tests.flax_models import (H, L, R, batch, linen_lora_model, linen_scan_model, linen_train, n_trainable,
                                opt_floats, trained_exactly)
@@ -51,7 +51,7 @@ def test_linen_trains_exactly_the_labels(models, kind, method):
 def test_stacked_rows_labels_and_counts(models):
     params = models["scan"][1]["params"]
     assert masking.num_layers(params) == L
-    lab = dict(masking._leaves(masking.spafit_labels(params, 1, 3, train_layernorm=True)))
+    lab = dict(tree_paths.path_leaves(masking.spafit_labels(params, 1, 3, train_layernorm=True)))
     assert repr(lab["ScanBlock_0/attn/bias"]) == "Rows('bias', 1, 4, axis=0)"
     assert (lab["ScanBlock_0/attn/lora_a"].start, lab["ScanBlock_0/ln/scale"].start) == (3, 1)
     assert lab["ScanBlock_0/attn/kernel"] == "frozen" and lab["classifier/kernel"] == "head"
@@ -63,12 +63,12 @@ def test_stacked_rows_labels_and_counts(models):
     assert sum(counts.values()) == sum(x.size for x in jax.tree.leaves(params))
     # the layer axis named explicitly: the same labels, and axis 1 read as such
     same = masking.spafit_labels(params, 1, 3, stacked="ScanBlock_0/")
-    assert dict(masking._leaves(same)) == dict(masking._leaves(masking.spafit_labels(params, 1, 3)))
+    assert dict(tree_paths.path_leaves(same)) == dict(tree_paths.path_leaves(masking.spafit_labels(params, 1, 3)))
     moved = {"enc": jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1) if x.ndim > 1 else x, params["ScanBlock_0"]),
              "head": params["classifier"]}
     moved["enc"]["attn"]["bias"] = jnp.zeros((2, L))  # (features, layers)
     moved["enc"]["ln"] = {"scale": jnp.zeros((2, L))}
-    got = dict(masking._leaves(masking.spafit_labels(moved, 1, 3, stacked=("enc/", 1))))
+    got = dict(tree_paths.path_leaves(masking.spafit_labels(moved, 1, 3, stacked=("enc/", 1))))
     assert (got["enc/attn/lora_b"].start, got["enc/attn/lora_b"].axis) == (3, 1)
 
 
