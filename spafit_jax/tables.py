@@ -104,6 +104,7 @@ def collect(exp: str | Path | None, folders: Sequence[str | Path] = ()) -> tuple
 
 
 def mean_std(values: list) -> tuple[float | None, float | None]:
+    """(mean, sample std) of the finite values (None where there are none; std None for one value)."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return None, None
@@ -194,6 +195,7 @@ def table(groups: Groups) -> tuple[list[str], list[list[tuple[str, bool]]]]:
 
 
 def caption(groups: Groups) -> str:
+    """What the table's numbers are (the seeds counted), under table.md and index.html's table."""
     seeds = sorted({len(v) for v in groups.by.values()})
     return (f"Main metric x100 on the first eval split at the end of training, mean ± sample std over "
             f"{'/'.join(map(str, seeds))} seed(s); best per column in bold; trainable parameters include the head.")

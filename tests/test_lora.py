@@ -453,7 +453,7 @@ def torch_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def torch_weights(torch_dir):
     """The torch model's weights mapped to our layout (what `load_pretrained` reads; its `lora=` is tested above)."""
-    from spafit_jax.hf import read_weights
+    from spafit_jax.weights import read_weights
 
     if torch_dir is None:
         return None
