@@ -239,15 +239,27 @@ def programs(s: Setup, shapes: str = "all", steps: str = "both") -> list[tuple[s
             + [("eval", t.eval_batch_size, n) for n in buckets if steps != "train"])
 
 
-def max_batch(s: Setup, length: int, known: dict | None = None, probes: int = 6, progress=None
-              ) -> tuple[int, list[dict]]:
-    """The largest global train batch (a multiple of chips x grad_accum) whose step fits at `length`,
-    and the figures of every probe. The first guess extends the line through two compiled batches
-    (HBM grows about linearly with the batch); then bisection, at most `probes` compiles (the result then
-    fits but may not be the largest). `progress(figures)` is called after each compile."""
+#: `--max-batch` stops at this many examples per chip: far past any useful batch, and XLA's TPU compile of a
+#: tiny model's step at a hundred thousand rows takes minutes.
+MAX_ROWS_PER_CHIP = 4096
+
+
+def max_batch(s: Setup, length: int, known: dict | None = None, probes: int = 6, progress=None,
+              rows_per_chip: int = MAX_ROWS_PER_CHIP) -> tuple[int, list[dict], bool]:
+    """The largest global train batch (a multiple of chips x grad_accum, at most `rows_per_chip` per chip)
+    whose step fits at `length`; the figures of every probe; and whether the bound stopped the search.
+
+    HBM grows about linearly with the batch, so each guess is where the line through the largest batch that
+    fits and the smallest that does not (at first: two compiled batches) meets the chip's capacity, and a
+    guess that fits is checked one unit higher, which for a linear need ends the search in two compiles.
+    At most `probes` compiles beyond `known`; the result then fits but may not be the largest.
+    `progress(figures)` is called after each compile."""
     unit = len(s.topo.devices) * s.cfg.train.grad_accum
+    top = max(unit, rows_per_chip * len(s.topo.devices) // unit * unit)
     cap = s.topo.chip.hbm_bytes
     seen = {}
+    if known is not None:
+        seen[known["global_batch"]] = known
 
     def fits(b):
         if b not in seen:
@@ -256,31 +268,33 @@ def max_batch(s: Setup, length: int, known: dict | None = None, probes: int = 6,
                 progress(seen[b])
         return seen[b]["fits"]
 
-    if known is not None:
-        seen[known["global_batch"]] = known
+    def crossing(a, b):  # the batch where the line through probes a and b reaches the capacity
+        ha, hb = seen[a]["hbm_per_chip_bytes"], seen[b]["hbm_per_chip_bytes"]
+        return a + (cap - ha) * (b - a) / (hb - ha) if hb > ha else None
+
+    budget = probes + len(seen)
     b0 = known["global_batch"] if known else unit
-    fits(b0)
-    b1 = b0 * 2
-    fits(b1)
-    slope = (seen[b1]["hbm_per_chip_bytes"] - seen[b0]["hbm_per_chip_bytes"]) / (b1 - b0)
-    fixed = seen[b0]["hbm_per_chip_bytes"] - slope * b0
-    lo = max((b for b in seen if seen[b]["fits"]), default=0)
-    hi = min((b for b in seen if not seen[b]["fits"]), default=None)
-    guess = int((cap - fixed) / slope) // unit * unit if slope > 0 else None
-    while len(seen) < probes + (known is not None) + 1:
-        if guess is not None and lo < guess and (hi is None or guess < hi):
-            b, guess = guess, None
-        elif hi is None:
-            b = lo * 2
-        elif hi - lo > unit:
-            b = (lo + hi) // 2 // unit * unit
-        else:
+    if not fits(b0):
+        return 0, [seen[b] for b in sorted(seen)], False
+    if b0 < top:
+        fits(min(b0 * 2, top))
+    sides = []  # whether each guess fitted: two on one side in a row and the next guess bisects
+    while len(seen) < budget:
+        lo = max(b for b in seen if seen[b]["fits"])
+        hi = min((b for b in seen if not seen[b]["fits"]), default=None)
+        if lo >= top or (hi is not None and hi - lo <= unit):
             break
-        if fits(b):
-            lo = b
+        if hi is None:  # not bracketed yet: extend the line through the two largest batches, or double
+            below = max(b for b in seen if b < lo) if len(seen) > 1 else None
+            line = crossing(below, lo) if below is not None else None
+            guess = min(int(line) // unit * unit if line is not None else 2 * lo, top)
+        elif len(sides) >= 2 and sides[-1] == sides[-2]:
+            guess = (lo + hi) // 2 // unit * unit
         else:
-            hi = b
-    return lo, [seen[b] for b in sorted(seen)]
+            guess = min(int(crossing(lo, hi)) // unit * unit, hi - unit)
+        sides.append(fits(max(guess, lo + unit)))  # a line that says lo is the largest: check one unit up
+    best = max(b for b in seen if seen[b]["fits"])
+    return best, [seen[b] for b in sorted(seen)], best >= top
 
 
 def _size(n: float) -> str:
@@ -343,8 +357,9 @@ def run(cfg: Config, topology: str, *, shapes: str = "all", steps: str = "both",
     extra = {"notes": notes}
     if find_max and any(r["kind"] == "train" for r in rows):
         longest = max((r for r in rows if r["kind"] == "train"), key=lambda r: r["seq_len"])
-        best, probes = max_batch(s, longest["seq_len"], longest, progress=progress)
-        extra.update(max_batch=best, max_batch_seq_len=longest["seq_len"], max_batch_probes=len(probes) - 1)
+        best, probes, bounded = max_batch(s, longest["seq_len"], longest, progress=progress)
+        extra.update(max_batch=best, max_batch_seq_len=longest["seq_len"], max_batch_probes=len(probes) - 1,
+                     max_batch_bounded=bounded)
     return rows, s, extra
 
 
@@ -390,14 +405,17 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r))
         if "max_batch" in extra:
             print(json.dumps({"max_batch": extra["max_batch"], "seq_len": extra["max_batch_seq_len"],
-                              "topology": s.topo.name, "probes": extra["max_batch_probes"]}))
+                              "topology": s.topo.name, "probes": extra["max_batch_probes"],
+                              "bounded": extra["max_batch_bounded"]}))
     else:
         print(format_table(rows, s.topo))
         for note in extra["notes"]:
             print(f"note: {note}")
         if "max_batch" in extra:
-            print(f"largest train batch that fits at T={extra['max_batch_seq_len']}: {extra['max_batch']} "
-                  f"({extra['max_batch_probes']} more compiles)")
+            bound = (f" or more (the search's bound: {MAX_ROWS_PER_CHIP} examples per chip)"
+                     if extra["max_batch_bounded"] else "")
+            print(f"largest train batch that fits at T={extra['max_batch_seq_len']}: {extra['max_batch']}{bound} "
+                  f"after {extra['max_batch_probes']} more compiles")
     bad = [r for r in rows if not r["fits"]]
     if bad:
         print(f"error: {advice(bad[0], s)}", file=sys.stderr)

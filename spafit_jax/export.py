@@ -5,7 +5,8 @@
   tokenizer. `AutoModelForSequenceClassification.from_pretrained(DIR)` loads it.
 - `peft`: adapter_config.json + adapter_model.safetensors for `PeftModel.from_pretrained(base, DIR)`:
   the LoRA adapters as trained (layers_to_transform, target_modules, rank_pattern, use_rslora),
-  the trained biases (`bias="all"`) and the head and pooler (`modules_to_save`).
+  the trained biases (`bias="all"`), and whole copies (`modules_to_save`) of the head, the pooler and each
+  norm module whose scale trains (ModernBERT's norm scales standing in for biases, `train_layernorm`).
 - `flax`: config.json + flax_model.msgpack (merged) + tokenizer, for `hf.load_pretrained(DIR)`.
 
 DIR must be new or empty, or an earlier export (it holds `.spafit-export.json`), which `--overwrite`
@@ -23,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from spafit_jax import families, hf, outputs
 from spafit_jax import lora as lora_lib
@@ -73,18 +76,33 @@ def export_flax(run, out: Path) -> Path:
     return out
 
 
-def peft_parts(plan, heads: tuple[str, ...] = ("classifier",)) -> tuple[str, list[str]]:
-    """PEFT's `bias` and `modules_to_save` for a plan whose model has the task-head modules `heads`;
-    a plan PEFT cannot express is a ConfigError."""
+def peft_norms(plan, model_type: str = "bert") -> dict[str, str]:
+    """The norm modules whose scales (or biases) `plan` trains, outside the task heads: {our '/'-joined
+    module path: its PyTorch module name from the model's root}, the `modules_to_save` PEFT copies whole
+    (its matching is by suffix, so a name from the root matches that one module only)."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    heads = families.get(model_type).heads
+    leaves = {k[:-1]: k for k, label in flatten_dict(plan.labels).items() if label == LAYERNORM and k[0] not in heads}
+    return {"/".join(m): next(iter(hf.to_torch_names(unflatten_dict({k: np.zeros(1)})))).rsplit(".", 1)[0]
+            for m, k in leaves.items()}
+
+
+def peft_parts(plan, model_type: str = "bert") -> tuple[str, list[str]]:
+    """PEFT's `bias` and `modules_to_save` for a plan on a `model_type` model: the task heads, the
+    pooler and the trained norm modules (`peft_norms`) as whole copies; a plan PEFT cannot express
+    (no LoRA, whole weight matrices, ModernBERT's Wqkv slices) is a ConfigError."""
     counts = plan.counts
     fix = "export with --format hf (a merged model) instead"
     if plan.lora is None or LORA not in counts:
         raise ConfigError(f"method {plan.method.name} trains no LoRA adapters, which a PEFT LoRA adapter needs; {fix}")
-    for label, what in ((WEIGHT, "whole weight matrices"), (LAYERNORM, "LayerNorm scales")):
-        if label in counts:
-            raise ConfigError(f"method {plan.method.name} trains {what}, which a PEFT LoRA adapter cannot carry; {fix}")
+    if WEIGHT in counts:
+        raise ConfigError(f"method {plan.method.name} trains whole weight matrices, which a PEFT LoRA adapter cannot "
+                          f"carry; {fix}")
+    families.check_peft_targets(model_type, plan.lora.matched())
+    heads = families.get(model_type).heads
     modules = (list(heads) if HEAD in counts else []) + (["pooler"] if POOLER in counts else [])
-    return ("all" if BIAS in counts else "none"), modules
+    return ("all" if BIAS in counts else "none"), modules + sorted(peft_norms(plan, model_type).values())
 
 
 def export_peft(run, out: Path) -> Path:
@@ -94,9 +112,11 @@ def export_peft(run, out: Path) -> Path:
     from safetensors.numpy import save_file
 
     model_config = hf.read_config(hf.resolve(run.config.model.name))
-    bias, modules = peft_parts(run.plan, model_config.family.heads)
+    bias, modules = peft_parts(run.plan, model_config.model_type)
+    norms = peft_norms(run.plan, model_config.model_type)
     labels = {"/".join(k): v for k, v in flatten_dict(run.plan.labels).items()}
-    keep = {p for p, label in labels.items() if label in (BIAS, HEAD, POOLER)}
+    # a trained norm module whole: its untrained leaves (a frozen bias) as the base has them, which is exact
+    keep = {p for p, label in labels.items() if label in (BIAS, HEAD, POOLER) or p.rsplit("/", 1)[0] in norms}
     config = lora_lib.to_peft_config(run.plan.lora, run.plan.num_layers, bias=bias, modules_to_save=modules,
                                      base_model=base_model_name(run.config.model.name),
                                      model_type=model_config.model_type)
@@ -141,7 +161,7 @@ def export(run, out: str | os.PathLike, fmt: str, *, overwrite: bool = False) ->
         raise ConfigError(f"--format {fmt!r} is unknown; use one of {' | '.join(FORMATS)}")
     path = outputs.check_folder(out, overwrite=overwrite, **protected(run.workdir, run.config.model.name))
     if fmt == "peft":  # refused before anything is written
-        peft_parts(run.plan, hf.read_config(hf.resolve(run.config.model.name)).family.heads)
+        peft_parts(run.plan, hf.read_config(hf.resolve(run.config.model.name)).model_type)
     marker = {"format": fmt, "workdir": str(Path(run.workdir).resolve()), "step": run.step,
               "written": time.strftime("%Y-%m-%d %H:%M:%S")}
     build = {"hf": export_hf, "peft": export_peft, "flax": export_flax}[fmt]

@@ -167,15 +167,12 @@ def test_multi_host_command_line(libtpu, tiny_dir):
         assert r["fits"] and r["hbm_capacity_bytes"] == tpu_specs.CHIPS["v4"].hbm_bytes
 
 
-@pytest.mark.parametrize("fixed, per_row, nonlinear", [(3e9, 2.5e6, 0.0), (1e9, 7.3e7, 0.15)])
-def test_max_batch_finds_the_largest_multiple_that_fits(monkeypatch, fixed, per_row, nonlinear):
-    """The search on a stand-in for the compiler whose HBM grows with the batch (linearly, or faster)."""
+def _stand_in(monkeypatch, need, cap, chips=4, grad_accum=2):
+    """A setup whose compiler is a stand-in: HBM per chip `need(batch)`, capacity `cap`; and the batches compiled."""
     from types import SimpleNamespace
 
     from spafit_jax import aot
 
-    cap, unit = 15 * 2**30, 8
-    need = lambda b: fixed + per_row * b * (1 + nonlinear * b / 1000)  # noqa: E731
     calls = []
 
     def fake_compile(s, kind, batch, length):
@@ -183,9 +180,38 @@ def test_max_batch_finds_the_largest_multiple_that_fits(monkeypatch, fixed, per_
         return {"global_batch": batch, "hbm_per_chip_bytes": need(batch), "fits": need(batch) <= cap}
 
     monkeypatch.setattr(aot, "compile_program", fake_compile)
-    s = SimpleNamespace(topo=SimpleNamespace(devices=[0] * 4, chip=SimpleNamespace(hbm_bytes=cap)),
-                        cfg=SimpleNamespace(train=SimpleNamespace(grad_accum=2)))
-    best, probes = aot.max_batch(s, 128, known=fake_compile(s, "train", 32, 128), probes=12)
-    expected = max(b for b in range(unit, 100000, unit) if need(b) <= cap)
-    assert best == expected and len(calls) <= 13
+    s = SimpleNamespace(topo=SimpleNamespace(devices=[0] * chips, chip=SimpleNamespace(hbm_bytes=cap)),
+                        cfg=SimpleNamespace(train=SimpleNamespace(grad_accum=grad_accum)))
+    return s, fake_compile, calls
+
+
+@pytest.mark.parametrize("fixed, per_row, power", [(3e9, 2.5e6, 1.0), (1e9, 7.3e6, 1.3), (2e7, 8e6, 0.8)])
+def test_max_batch_finds_the_largest_multiple_that_fits(monkeypatch, fixed, per_row, power):
+    """The search on a stand-in compiler whose HBM grows with the batch linearly, faster (power 1.3) or slower
+    (0.8, as XLA's TPU compile of the tiny model did: 11.8 GiB at 56,712 rows, 17.1 at 113,396)."""
+    from spafit_jax import aot
+
+    cap, unit = 15 * 2**30, 8
+    need = lambda b: fixed + per_row * b ** power  # noqa: E731
+    s, fake_compile, calls = _stand_in(monkeypatch, need, cap)
+    best, probes, bounded = aot.max_batch(s, 128, known=fake_compile(s, "train", 32, 128), probes=12)
+    expected = max(b for b in range(unit, 4 * aot.MAX_ROWS_PER_CHIP + 1, unit) if need(b) <= cap)
+    assert best == expected and not bounded
+    assert len(calls) <= 13 and (power != 1.0 or len(calls) <= 5)  # a linear need: the line, then one unit up
     assert [p["global_batch"] for p in probes] == sorted(set(calls))
+
+
+def test_max_batch_stops_at_its_bound_and_says_so(monkeypatch):
+    """A model so small that every batch fits: the search stops at MAX_ROWS_PER_CHIP per chip, never above."""
+    from spafit_jax import aot
+
+    s, fake_compile, calls = _stand_in(monkeypatch, lambda b: 1e6 + 100 * b, 15 * 2**30)
+    best, probes, bounded = aot.max_batch(s, 64, known=fake_compile(s, "train", 16, 64))
+    assert bounded and best == 4 * aot.MAX_ROWS_PER_CHIP and max(calls) == best and len(calls) <= 3
+
+
+def test_max_batch_of_a_batch_that_does_not_fit_is_zero(monkeypatch):
+    from spafit_jax import aot
+
+    s, fake_compile, calls = _stand_in(monkeypatch, lambda b: 20 * 2**30, 15 * 2**30)
+    assert aot.max_batch(s, 64, known=fake_compile(s, "train", 16, 64))[::2] == (0, False)

@@ -15,7 +15,7 @@ from tests.test_predict import data_dir, torch_base_dir, trained  # noqa: F401 (
 ATOL = 1e-5
 
 
-def eval_texts(data_dir, regression=False):
+def eval_texts(data_dir, regression=False):  # noqa: F811 (fixtures)
     rows = list(csv.DictReader(open(data_dir / f"eval{'_reg' if regression else ''}.csv")))
     return [r["premise"] for r in rows], [r["hypothesis"] for r in rows]
 
@@ -41,7 +41,7 @@ def peft_model(base_dir, adapter_dir, num_labels):
 @pytest.mark.reference
 @pytest.mark.parametrize("name", ["spafit_pairs", "lora_single", "bitfit_pairs", "full_single", "spafit_regression",
                                   "minilm_spafit_pairs"])
-def test_predict_equals_torch_on_hf_export_and_peft_on_peft_export(name, trained, data_dir, tmp_path):
+def test_predict_equals_torch_on_hf_export_and_peft_on_peft_export(name, trained, data_dir, tmp_path):  # noqa: F811 (fixtures)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run = load_run(trained(name))
@@ -88,7 +88,7 @@ def test_predict_equals_torch_on_hf_export_and_peft_on_peft_export(name, trained
 
 
 @pytest.mark.reference
-def test_peft_trained_adapter_imports_with_peft_logits_and_round_trips(torch_base_dir, tmp_path):
+def test_peft_trained_adapter_imports_with_peft_logits_and_round_trips(torch_base_dir, tmp_path):  # noqa: F811 (fixtures)
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.numpy import load_file
@@ -146,7 +146,7 @@ def test_peft_folder_where_a_model_is_expected(tmp_path):
         hf.load_pretrained(tmp_path, num_labels=2)
 
 
-def test_export_cli_refuses_peft_for_bitfit_in_one_line(trained, tmp_path, capsys):
+def test_export_cli_refuses_peft_for_bitfit_in_one_line(trained, tmp_path, capsys):  # noqa: F811 (fixtures)
     workdir = trained("bitfit_pairs")
     capsys.readouterr()
     assert main(["--workdir", str(workdir), "--out", str(tmp_path / "x"), "--format", "peft"]) == 2

@@ -299,8 +299,8 @@ def test_bias_free_model_trains_norm_scales_in_place_of_biases():
 def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_export(torch_mb, data_dir, tmp_path,  # noqa: F811
                                                                                   capsys):
     """A short SPAFIT run of the training command (frozen-stratum cache on), its summary and results.json naming
-    the norm scales standing in for biases; predict = transformers on the hf export; the PEFT export (norm
-    scales, Wqkv slices) refused in one line, writing nothing."""
+    the norm scales standing in for biases; predict = transformers on the hf export; the PEFT export (its LoRA
+    on Wqkv slices) refused in one line, writing nothing (norm scales alone it carries: tests/test_peft_norms.py)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -348,7 +348,7 @@ def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_expo
     ids, mask = batch(model.config.vocab_size, model.config.pad_token_id)
     np.testing.assert_allclose(model.apply({"params": params}, ids, mask),
                                run.model.apply({"params": run.params}, ids, mask), atol=ATOL)
-    with pytest.raises(ConfigError, match="cannot carry"):  # the norm scales standing in for biases
+    with pytest.raises(ConfigError, match="slices of ModernBERT's fused attn.Wqkv"):  # query and value
         export_lib.export(run, tmp_path / "peft", "peft")
     assert not (tmp_path / "peft").exists()
 
