@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from spafit_jax import families, hf, outputs
+from spafit_jax import families, hf, outputs, weights
 from spafit_jax import lora as lora_lib
 from spafit_jax.errors import ConfigError
 from spafit_jax.methods import BIAS, HEAD, LAYERNORM, LORA, POOLER, WEIGHT
@@ -61,7 +61,7 @@ def export_hf(run, out: Path) -> Path:
     raw.update(label_fields(run.spec), architectures=[families.get(raw.get("model_type", "bert")).architecture])
     raw.pop("_name_or_path", None)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
-    save_file(hf.to_torch_names(run.merged_params()), str(out / hf.SAFETENSORS), metadata={"format": "pt"})
+    save_file(weights.to_torch_names(run.merged_params()), str(out / weights.SAFETENSORS), metadata={"format": "pt"})
     run.tokenizer.save_pretrained(str(out))
     return out
 
@@ -84,7 +84,7 @@ def peft_norms(plan, model_type: str = "bert") -> dict[str, str]:
 
     heads = families.get(model_type).heads
     leaves = {k[:-1]: k for k, label in flatten_dict(plan.labels).items() if label == LAYERNORM and k[0] not in heads}
-    return {"/".join(m): next(iter(hf.to_torch_names(unflatten_dict({k: np.zeros(1)})))).rsplit(".", 1)[0]
+    return {"/".join(m): next(iter(weights.to_torch_names(unflatten_dict({k: np.zeros(1)})))).rsplit(".", 1)[0]
             for m, k in leaves.items()}
 
 

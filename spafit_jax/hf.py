@@ -26,8 +26,7 @@ from spafit_jax import families
 from spafit_jax.bert import BertConfig, BertForSequenceClassification
 from spafit_jax.errors import LoadError
 from spafit_jax.lora import LoRAConfig
-from spafit_jax.weights import (FLAX, SAFETENSORS, SAFETENSORS_INDEX, TORCH,  # noqa: F401 (hf.SAFETENSORS: export.py)
-                                read_weights, to_torch_names)
+from spafit_jax.weights import FLAX, SAFETENSORS_INDEX, TORCH, read_weights, to_torch_names
 
 log = logging.getLogger("spafit_jax")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spafit_jax import experiment, export, hf, outputs, predict
+from spafit_jax import experiment, export, hf, outputs, predict, weights
 from spafit_jax.errors import SpafitError
 from spafit_jax.train import main as train_main
 from tests.test_faults import small
@@ -472,9 +472,9 @@ def test_export_overwrite_replaces_the_folder_whole_and_keeps_it_when_the_new_ex
     assert export.main(["--workdir", str(run), "--out", str(user / "exp"), "--format", "hf", "--overwrite"]) == 0
     names = {p.name for p in (user / "exp").iterdir()}
     assert hf.PEFT_CONFIG not in names and hf.PEFT_WEIGHTS not in names  # no stale adapter beside merged weights
-    assert {"config.json", hf.SAFETENSORS, outputs.MARKER} <= names
+    assert {"config.json", weights.SAFETENSORS, outputs.MARKER} <= names
     marker = json.loads((user / "exp" / outputs.MARKER).read_text())
-    assert marker["format"] == "hf" and hf.SAFETENSORS in marker["files"]
+    assert marker["format"] == "hf" and weights.SAFETENSORS in marker["files"]
     assert not [p for p in user.iterdir() if p.name.startswith(".")]  # nothing moved aside is left
 
 
@@ -482,7 +482,7 @@ def test_export_writes_into_an_empty_folder_and_a_new_one_under_missing_parents(
     (user / "empty").mkdir()
     for out in (user / "empty", user / "a" / "b" / "flax"):
         assert export.main(["--workdir", str(run), "--out", str(out), "--format", "flax"]) == 0
-        assert (out / hf.FLAX).is_file() and outputs.is_export(out)
+        assert (out / weights.FLAX).is_file() and outputs.is_export(out)
     model, params = hf.load_pretrained(user / "empty", num_labels=5)
     assert model.config.num_hidden_layers == 3
 
