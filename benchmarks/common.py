@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax import hf, methods
+from spafit_jax import hf, methods, tpu_specs
 from spafit_jax.bert import BertConfig, BertForSequenceClassification
 from spafit_jax.config import DTYPES, MethodConfig
 from spafit_jax.plan import Plan, make_plan
@@ -35,12 +35,9 @@ RANDOM_MODELS: dict[str, dict[str, Any]] = {
 }
 METHODS = tuple(m for m in methods.METHODS if m != "head_only")  # the methods of the paper
 
-# Dense bfloat16 peak FLOP/s of one JAX device, by device_kind (substring, lower case, first match).
-# TPU v2/v3 expose one device per core, later generations one per chip.
-CHIP_PEAK_BF16: tuple[tuple[str, float], ...] = (
-    ("tpu v2", 22.5e12), ("tpu v3", 61.5e12), ("tpu v4 lite", 137.5e12), ("tpu v4", 275e12),
-    ("tpu v5 lite", 197e12), ("tpu v5e", 197e12), ("tpu v5p", 459e12), ("tpu v5", 459e12),
-    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu7x", 2307e12),
+# Dense bfloat16 peak FLOP/s of one JAX device, by device_kind (substring, lower case, first match):
+# the TPUs from `tpu_specs` (one owner of the chip figures), then the GPUs.
+CHIP_PEAK_BF16: tuple[tuple[str, float], ...] = tpu_specs.DEVICE_PEAK_FLOPS + (
     ("h200", 989e12), ("h100", 989e12), ("h800", 989e12), ("gh200", 989e12), ("b200", 2250e12),
     ("a100", 312e12), ("a800", 312e12), ("l40s", 362e12), ("l4", 121e12), ("a10g", 70e12), ("a10", 125e12),
     ("v100", 125e12), ("t4", 65e12),

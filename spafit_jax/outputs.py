@@ -9,16 +9,16 @@ complete. Every refusal is an `OutputError`: one line naming the path, the optio
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import IO, Callable, Mapping
 
 from spafit_jax.errors import SpafitError
+from spafit_jax.rundir import write_atomic
 
 MARKER = ".spafit-export.json"  # written into every export folder: the folder is ours to replace
 PSEUDO = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
@@ -128,19 +128,15 @@ def describe(e: OSError, flag: str) -> str:
     return f"cannot write {path or 'the output'} ({e.strerror or e}); {fix}; nothing was replaced"
 
 
-def write_file(path: Path, write: Callable[[object], None], *, flag: str = "--output",
+def write_file(path: Path, write: Callable[[IO[str]], None], *, flag: str = "--output",
                newline: str | None = None) -> None:
-    """Writes `path` atomically: `write(f)` fills a temporary file beside it, which then replaces `path`
-    (a failure leaves the old file, or none, and no temporary file). Missing parent folders are created."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Writes `path` atomically with `rundir.write_atomic` (`write(f)` fills a temporary file beside it, which
+    then replaces `path`; a failure leaves the old file, or none, and no temporary file). Missing parent folders
+    are created; a failure is an `OutputError` that names `flag`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", newline=newline) as f:
-            write(f)
-        os.replace(tmp, path)
+        write_atomic(path, write, per_process=True, newline=newline)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise OutputError(describe(e, flag)) from None
 
 

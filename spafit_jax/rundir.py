@@ -18,7 +18,9 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from spafit_jax.config import Config, config_yaml, format_value
 from spafit_jax.errors import ConfigError, SpafitError
@@ -171,17 +173,23 @@ def finite_json(obj):
     return obj
 
 
-def write_atomic(path: Path, text: str, *, per_process: bool = False) -> None:
+def write_atomic(path: Path, text: str | Callable[[IO[str]], None], *, per_process: bool = False,
+                 newline: str | None = None) -> None:
     """`path` holds `text` or what it held before (a full disk leaves no half file, and no tmp file).
 
-    `per_process`: the temporary file is named after this host and process, for files that several
-    processes (shards on one mounted folder) may write at once; the last rename wins.
+    `text` is the whole content, or a function that writes it to the open temporary file (opened with
+    `newline`, as `open` takes it). `per_process`: the temporary file is named after this host and
+    process, for files that several processes (shards on one mounted folder) may write at once; the
+    last rename wins. The one atomic file write of the package (`outputs.write_file` adds its errors).
     """
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp" if per_process
                          else path.name + ".tmp")
     try:
-        with naming(tmp), open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with naming(tmp), open(tmp, "w", encoding="utf-8", newline=newline) as f:
+            if callable(text):
+                text(f)
+            else:
+                f.write(text)
         tmp.replace(path)
     except OSError:
         with contextlib.suppress(OSError):  # e.g. the folder is gone: report the first error

@@ -47,6 +47,15 @@ CHIPS = {
     "v5p": Chip("v5p", int(95.74 * GIB), 459e12, 2765e9, True, False),
     "v6e": Chip("v6e", int(31.25 * GIB), 918e12, 1640e9, False, True),
 }
+# Peak dense bf16 FLOP/s of one JAX device by its device_kind (substring, lower case, first match): the
+# chips above, and the generations aot does not compile for (v2/v3 expose one device per core, later
+# generations one per chip). `benchmarks.common` measures against it.
+DEVICE_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("tpu v2", 22.5e12), ("tpu v3", 61.5e12), ("tpu v4 lite", 137.5e12), ("tpu v4", CHIPS["v4"].peak_flops),
+    ("tpu v5 lite", CHIPS["v5e"].peak_flops), ("tpu v5e", CHIPS["v5e"].peak_flops),
+    ("tpu v5p", CHIPS["v5p"].peak_flops), ("tpu v5", CHIPS["v5p"].peak_flops),
+    ("tpu v6 lite", CHIPS["v6e"].peak_flops), ("tpu v6e", CHIPS["v6e"].peak_flops), ("tpu7x", 2307e12),
+)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 
 

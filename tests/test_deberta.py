@@ -9,9 +9,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
 from spafit_jax import families, hf, masking
 from spafit_jax.deberta import DebertaConfig, DebertaForSequenceClassification, DebertaModel, relative_positions
@@ -19,6 +18,7 @@ from spafit_jax.errors import ConfigError, LoadError
 from spafit_jax.hf import load_pretrained, read_config, save_pretrained
 from spafit_jax.lora import LoRAConfig, adapters, from_peft_config, to_peft_config
 from spafit_jax.methods import LORA_TARGETS
+from tests import peers
 
 ATOL = 1e-5
 VOCAB, NUM_LABELS, L = 400, 3, 3
@@ -269,7 +269,6 @@ def test_flax_msgpack_round_trip(saved, tmp_path):
 @pytest.mark.reference
 def test_lora_on_late_layers_matches_peft_gradients_and_adapter_folder(saved, tmp_path):
     """v3's shared keys: the adapted query/key projections also project the relative embeddings, as in PEFT."""
-    import torch
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -291,34 +290,9 @@ def test_lora_on_late_layers_matches_peft_gradients_and_adapter_folder(saved, tm
                                          target_modules=peft_cfg["target_modules"])).eval()
     wrapped = {n[: -len(".lora_A")] for n, _ in ref.named_modules() if n.endswith(".lora_A")}
     assert wrapped == {"base_model.model." + fam.peft_module(i, t) for i in (1, 2) for t in targets}
-    pairs = {}
-    with torch.no_grad():
-        for path, v in ad.items():
-            mod = ref.get_submodule("base_model.model." + path.replace("/", "."))
-            a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
-            a.copy_(torch.tensor(np.array(v["lora_a"]).T))
-            b.copy_(torch.tensor(np.array(v["lora_b"]).T))
-            pairs[path] = a, b
     ids, mask, types = inputs()
-    labels = np.array([0, 2, 1])
-    out = ref(**torch_kw(ids, mask, types)).logits
-    loss = torch.nn.functional.cross_entropy(out, torch.tensor(labels))
-    loss.backward()
-
-    def our_loss(leaves):
-        tree = flatten_dict(params, sep="/")
-        tree.update({f"{p}/{k}": v for p, node in leaves.items() for k, v in node.items()})
-        logits = model.apply({"params": unflatten_dict(tree, sep="/")}, ids, mask, types)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-
-    (value, logits), grads = jax.value_and_grad(our_loss, has_aux=True)(ad)
-    np.testing.assert_allclose(logits, out.detach().numpy(), atol=ATOL)
-    np.testing.assert_allclose(float(value), loss.item(), atol=ATOL)
-    worst = 0.0
-    for path, (a, b) in pairs.items():
-        for ours, theirs in ((grads[path]["lora_a"], a.grad.numpy().T), (grads[path]["lora_b"], b.grad.numpy().T)):
-            np.testing.assert_allclose(ours, theirs, atol=1e-4, err_msg=path)
-            worst = max(worst, float(np.abs(ours - theirs).max()))
+    logits, worst = peers.lora_matches_peft(ref, model, params, (ids, mask, types), torch_kw(ids, mask, types),
+                                            np.array([0, 2, 1]))
     print(f"deberta v3: max |grad diff| {worst:.2e}")
     ref.save_pretrained(tmp_path)  # PEFT's adapter folder loads onto our model
     imported, imported_params = load_pretrained(folder, num_labels=NUM_LABELS, adapter=tmp_path)

@@ -9,9 +9,8 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
 from spafit_jax import families, masking
 from spafit_jax.bert import BertConfig, BertEmbeddings, BertForSequenceClassification, BertModel
@@ -19,6 +18,7 @@ from spafit_jax.errors import ConfigError, LoadError
 from spafit_jax.hf import load_pretrained, read_config, save_pretrained
 from spafit_jax.lora import LoRAConfig, adapters, from_peft_config, to_peft_config
 from spafit_jax.methods import LORA_TARGETS
+from tests import peers
 
 ATOL = 1e-5
 VOCAB, NUM_LABELS, L = 30522, 3, 3  # MiniLM's vocabulary, so the training run can use its tokenizer
@@ -154,7 +154,6 @@ def test_parameter_trees_have_hugging_face_flax_names():
 @pytest.mark.reference
 @pytest.mark.parametrize("family", ["roberta", "electra", "distilbert"])
 def test_lora_on_late_layers_matches_peft_logits_gradients_and_adapter_folder(saved, tmp_path, family):
-    import torch
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -176,35 +175,9 @@ def test_lora_on_late_layers_matches_peft_logits_gradients_and_adapter_folder(sa
     ref.eval()
     wrapped = {n[: -len(".lora_A")] for n, _ in ref.named_modules() if n.endswith(".lora_A")}
     assert wrapped == {"base_model.model." + fam.peft_module(i, t) for i in (1, 2) for t in targets}
-    pairs = {}
-    with torch.no_grad():
-        for path, v in ad.items():
-            mod = ref.get_submodule("base_model.model." + path.replace("/", "."))
-            a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
-            a.copy_(torch.tensor(np.array(v["lora_a"]).T))
-            b.copy_(torch.tensor(np.array(v["lora_b"]).T))
-            pairs[path] = a, b
     ids, mask, types = inputs(model.config)
-    labels = np.array([0, 2, 1])
-    out = ref(**torch_kw(family, ids, mask, types)).logits
-    loss = torch.nn.functional.cross_entropy(out, torch.tensor(labels))
-    loss.backward()
-
-    def our_loss(leaves):
-        tree = flatten_dict(params, sep="/")
-        tree.update({f"{p}/{k}": v for p, node in leaves.items() for k, v in node.items()})
-        logits = model.apply({"params": unflatten_dict(tree, sep="/")}, ids, mask, types)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-
-    (value, logits), grads = jax.value_and_grad(our_loss, has_aux=True)(ad)
-    np.testing.assert_allclose(logits, out.detach().numpy(), atol=ATOL)
-    np.testing.assert_allclose(float(value), loss.item(), atol=ATOL)
-    worst = 0.0
-    for path, (a, b) in pairs.items():
-        np.testing.assert_allclose(grads[path]["lora_a"], a.grad.numpy().T, atol=1e-4, err_msg=path)
-        np.testing.assert_allclose(grads[path]["lora_b"], b.grad.numpy().T, atol=1e-4, err_msg=path)
-        worst = max(worst, float(np.abs(grads[path]["lora_a"] - a.grad.numpy().T).max()),
-                    float(np.abs(grads[path]["lora_b"] - b.grad.numpy().T).max()))
+    logits, worst = peers.lora_matches_peft(ref, model, params, (ids, mask, types), torch_kw(family, ids, mask, types),
+                                            np.array([0, 2, 1]))
     print(f"{family}: max |grad diff| {worst:.2e}")
     ref.save_pretrained(tmp_path)  # PEFT's adapter folder loads onto our model of the family
     imported, imported_params = load_pretrained(folder, num_labels=NUM_LABELS, adapter=tmp_path)

@@ -20,6 +20,7 @@ from spafit_jax.errors import ConfigError, MaskingError
 from spafit_jax.lora import LoRAConfig
 from spafit_jax.methods import LORA_TARGETS
 from spafit_jax.modernbert import ModernBertConfig, ModernBertModel
+from tests import peers
 from tests.test_predict import data_dir  # noqa: F401 (session fixture: small csv files)
 
 ATOL = 1e-5
@@ -149,14 +150,6 @@ def _lora_model(folder, lora):
     return model, params
 
 
-def _grads(model, params, ids, mask, labels):
-    def loss(p):
-        logits = model.apply({"params": p}, ids, mask)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-
-    return jax.jit(jax.grad(loss))(params)
-
-
 @pytest.mark.reference
 def test_lora_gradients_match_peft_on_whole_modules_and_on_wqkv_slices(torch_mb, tmp_path):
     """attention_output / intermediate / output are PEFT's attn.Wo, mlp.Wi, mlp.Wo; query + value (slices of
@@ -173,7 +166,6 @@ def test_lora_gradients_match_peft_on_whole_modules_and_on_wqkv_slices(torch_mb,
     model, params = _lora_model(st, lora)
     ids, mask = batch(model.config.vocab_size, model.config.pad_token_id)
     labels = np.array([0, 2, 1])
-    grads = _grads(model, params, ids, mask, jnp.asarray(labels))
 
     whole = LoraConfig(r=r, lora_alpha=8, target_modules=["attn.Wo", "mlp.Wi", "mlp.Wo"], layers_to_transform=list(layers),
                        layers_pattern="layers")
@@ -183,35 +175,26 @@ def test_lora_gradients_match_peft_on_whole_modules_and_on_wqkv_slices(torch_mb,
     peft.add_adapter("qkv", qkv)
     peft.base_model.set_adapter(["default", "qkv"])
     D = model.config.hidden_size
-    named = dict(peft.named_parameters())
-    with torch.no_grad():
-        for i in layers:
-            ours = params["model"]["encoder"]["layer"][str(i)]
-            for mod, path in (("attn.Wo", ("attn", "Wo")), ("mlp.Wi", ("mlp", "Wi")), ("mlp.Wo", ("mlp", "Wo"))):
-                node = ours[path[0]][path[1]]
-                for leaf in ("a", "b"):
-                    named[f"base_model.model.model.layers.{i}.{mod}.lora_{leaf.upper()}.default.weight"].copy_(
-                        torch.tensor(np.asarray(node[f"lora_{leaf}"]).T))
-            a = np.concatenate([ours["attn"]["Wqkv"][t]["lora_a"] for t in ("query", "value")], axis=1)  # D x 2r
-            b = np.zeros((2 * r, 3 * D), np.float32)
-            b[:r, :D], b[r:, 2 * D:] = ours["attn"]["Wqkv"]["query"]["lora_b"], ours["attn"]["Wqkv"]["value"]["lora_b"]
-            named[f"base_model.model.model.layers.{i}.attn.Wqkv.lora_A.qkv.weight"].copy_(torch.tensor(a.T))
-            named[f"base_model.model.model.layers.{i}.attn.Wqkv.lora_B.qkv.weight"].copy_(torch.tensor(b.T))
-    out = peft(torch.tensor(ids), attention_mask=torch.tensor(mask))
-    np.testing.assert_allclose(model.apply({"params": params}, ids, mask), out.logits.detach().numpy(), atol=ATOL)
-    torch.nn.functional.cross_entropy(out.logits, torch.tensor(labels)).backward()
-    named = dict(peft.named_parameters())
+    ad, factors = lora_lib.adapters(params), {}
     for i in layers:
-        g = grads["model"]["encoder"]["layer"][str(i)]
-        for mod, path in (("attn.Wo", ("attn", "Wo")), ("mlp.Wi", ("mlp", "Wi")), ("mlp.Wo", ("mlp", "Wo"))):
-            for leaf in ("a", "b"):
-                theirs = named[f"base_model.model.model.layers.{i}.{mod}.lora_{leaf.upper()}.default.weight"].grad
-                np.testing.assert_allclose(g[path[0]][path[1]][f"lora_{leaf}"], theirs.numpy().T, atol=1e-4)
-        ga = named[f"base_model.model.model.layers.{i}.attn.Wqkv.lora_A.qkv.weight"].grad.numpy().T
-        gb = named[f"base_model.model.model.layers.{i}.attn.Wqkv.lora_B.qkv.weight"].grad.numpy().T
+        ours = f"model/encoder/layer/{i}/"
+        for mod in ("attn/Wo", "mlp/Wi", "mlp/Wo"):
+            node = ad[ours + mod]
+            factors[ours + mod] = (f"base_model.model.model.layers.{i}.{mod.replace('/', '.')}", "default",
+                                   node["lora_a"], node["lora_b"])
+        query, value = ad[ours + "attn/Wqkv/query"], ad[ours + "attn/Wqkv/value"]
+        a = np.concatenate([query["lora_a"], value["lora_a"]], axis=1)  # D x 2r
+        b = np.zeros((2 * r, 3 * D), np.float32)
+        b[:r, :D], b[r:, 2 * D:] = query["lora_b"], value["lora_b"]
+        factors[i] = (f"base_model.model.model.layers.{i}.attn.Wqkv", "qkv", a, b)
+    out = peers.peft_lora_grads(peft, factors, dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)),
+                                labels)
+    theirs = {k: g for k, g in out[2].items() if isinstance(k, str)}
+    for i in layers:  # the Wqkv adapter's gradients: query's and value's A columns and diagonal blocks of B
+        ga, gb = out[2][i]
         for j, (t, cols) in enumerate((("query", slice(0, D)), ("value", slice(2 * D, 3 * D)))):
-            np.testing.assert_allclose(g["attn"]["Wqkv"][t]["lora_a"], ga[:, j * r:(j + 1) * r], atol=1e-4)
-            np.testing.assert_allclose(g["attn"]["Wqkv"][t]["lora_b"], gb[j * r:(j + 1) * r, cols], atol=1e-4)
+            theirs[f"model/encoder/layer/{i}/attn/Wqkv/{t}"] = ga[:, j * r:(j + 1) * r], gb[j * r:(j + 1) * r, cols]
+    peers.assert_same(peers.our_lora_grads(model, params, labels, ids, mask), (out[0], out[1], theirs))
 
     # PEFT export: the whole-module adapters load in PEFT with our logits; the Wqkv slices are refused in one line
     with pytest.raises(ConfigError, match="slices of ModernBERT's fused attn.Wqkv"):
