@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from spafit_jax import families, hf, masking
+from spafit_jax import families, hf, masking, weights
 from spafit_jax import lora as lora_lib
 from spafit_jax.errors import ConfigError, MaskingError
 from spafit_jax.lora import LoRAConfig
@@ -113,7 +113,7 @@ def test_logits_and_hidden_states_match_torch_with_padding_past_the_local_window
     np.testing.assert_allclose(np.asarray(last) * real, ref.hidden_states[4].numpy() * real, atol=ATOL)
     # the name map is its own inverse: our tree back in transformers' names and shapes
     state = {k: v.numpy() for k, v in tmodel.state_dict().items()}
-    back = hf.to_torch_names(params)
+    back = weights.to_torch_names(params)
     assert set(back) == set(state)
     for k, v in back.items():
         np.testing.assert_array_equal(v, state[k])
