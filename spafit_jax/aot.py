@@ -178,11 +178,13 @@ def compile_program(s: Setup, kind: str, batch: int, length: int) -> dict:
 
 
 def _program(s: Setup, kind: str, batch: int, length: int) -> dict:
-    """The fields every program's row starts with: its names and sizes, the chip, our model FLOPs per chip."""
+    """The fields every program's row starts with: its names and sizes, the model and method, the chip, our model
+    FLOPs per chip."""
     chips = len(s.topo.devices)
     flops = tpu_specs.model_flops(s.params, s.plan, s.model.config, batch, length, train=kind == "train",
                                   start_layer=s.cache_n1 if kind == "train" else 0)
-    return {"program": f"{kind}[B={batch},T={length}]", "kind": kind, "topology": s.topo.name, "chip": s.topo.chip.name,
+    return {"program": f"{kind}[B={batch},T={length}]", "kind": kind, "model": s.cfg.model.name,
+            "method": s.cfg.method.name, "topology": s.topo.name, "chip": s.topo.chip.name,
             "chips": chips, "hosts": s.topo.hosts, "global_batch": batch, "rows_per_host": batch // s.topo.hosts,
             "seq_len": length, "hbm_capacity_bytes": s.topo.chip.hbm_bytes, "model_flops_per_chip": flops / chips}
 

@@ -163,6 +163,7 @@ def test_multi_host_command_line(libtpu, tiny_dir):
     assert [r["program"] for r in rows] == ["train[B=16,T=64]", "eval[B=16,T=64]"]
     for r in rows:
         assert (r["chips"], r["hosts"], r["rows_per_host"]) == (8, 2, 8)  # 16 rows: 8 per host, 2 per chip
+        assert (r["model"], r["method"]) == (str(tiny_dir), "spafit")  # which run each JSON line describes
         assert r["argument_bytes"] == r["frozen_bytes"] + r["trainable_bytes"] + r["optimizer_bytes"] + r["batch_bytes"]
         assert r["fits"] and r["hbm_capacity_bytes"] == tpu_specs.CHIPS["v4"].hbm_bytes
 
