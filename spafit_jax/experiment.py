@@ -34,7 +34,7 @@ from pathlib import Path
 
 from spafit_jax import rundir, selection
 from spafit_jax.errors import ConfigError, SpafitError
-from spafit_jax.grid import experiment_file, load_experiment, run_cells, select
+from spafit_jax.grid import experiment_file, load_experiment, run_cells, select, tally
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         use_compile_cache(workdir / "jax_cache")  # the seeds of a method compile once
         status = run_cells(cells, workdir, fail_fast=args.fail_fast)
-        failed = [f"  {name}: {s[len('failed: '):]}" for name, s in status.items() if s.startswith("failed")]
-        counts = {k: sum(s.split(":")[0] == k for s in status.values()) for k in ("done", "skipped", "failed")}
+        counts, failed = tally(status)
         print(f"{counts['done']} trained, {counts['skipped']} finished before, {counts['failed']} failed, "
               f"{len(cells) - len(status)} not run" + ("; failures:\n" + "\n".join(failed) if failed else ""))
         if not args.no_report:

@@ -300,6 +300,12 @@ def _echo(line: str) -> None:
     print(line, flush=True)
 
 
+def tally(status: dict[str, str]) -> tuple[dict[str, int], list[str]]:
+    """`run_cells`' statuses counted by kind (done, skipped, failed, stopped) and one indented line per failure."""
+    counts = {k: sum(s.split(":")[0] == k for s in status.values()) for k in ("done", "skipped", "failed", "stopped")}
+    return counts, [f"  {name}: {s[len('failed: '):]}" for name, s in status.items() if s.startswith("failed")]
+
+
 def run_cells(cells: Sequence[Cell], workdir: str | os.PathLike, *, fail_fast: bool = False,
               echo=_echo) -> dict[str, str]:
     """Trains each unfinished cell in turn; returns {cell name: "done" | "skipped" | "failed: ..." | "stopped"}.

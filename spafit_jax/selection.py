@@ -423,8 +423,7 @@ def _run_seeds(cells: Sequence[Placed], split_of: dict[str, Split], workdir: Pat
 def _finish(status: dict, search_all, choices: dict, notes: list, workdir: Path, args) -> int:
     for note in notes:
         print(note)
-    failed = [f"  {name}: {s[len('failed: '):]}" for name, s in status.items() if s.startswith("failed")]
-    counts = {k: sum(s.split(":")[0] == k for s in status.values()) for k in ("done", "skipped", "failed", "stopped")}
+    counts, failed = grid_lib.tally(status)
     waiting = sorted({f"{c.task}/{c.base}" for c in search_all if (c.task, c.base) not in choices})
     print(f"{counts['done']} trained, {counts['skipped']} finished before, {counts['failed']} failed, "
           f"{counts['stopped']} stopped; {len(choices)} choices made" + (f", {len(waiting)} wait for their search "
