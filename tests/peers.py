@@ -1,4 +1,5 @@
-"""The LoRA gradient check against PEFT that the family tests share (torch and peft imported when called).
+"""The checks against PEFT that the family tests share (torch and peft imported when called): LoRA gradients,
+and a trained run's hf and peft exports.
 
 Our adapters are copied into PEFT's LoRA layers of the same PyTorch model; one cross-entropy backward pass
 on each side must give the same logits, loss and gradients of every A and B. Our factors are laid out
@@ -70,3 +71,27 @@ def lora_matches_peft(ref, model, params, inputs, torch_inputs, labels, prefix="
                for p, n in adapters(params).items()}
     ours = our_lora_grads(model, params, labels, *inputs)
     return ours[0], assert_same(ours, peft_lora_grads(ref, factors, torch_inputs, labels))
+
+
+def exports_match_ours(workdir, base_dir):
+    """The run in `workdir` (trained on `base_dir`) exported to workdir/hf and workdir/peft: transformers on the hf
+    export and PEFT on the base give our predicted probabilities to 1e-5. Returns the peft export's folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from spafit_jax import export, load_run
+
+    run = load_run(workdir, checkpoint="last")
+    texts = ["the markets rallied today", "a film that nobody saw coming", "rain"]
+    ours = run.predict(texts)
+    hf_dir, peft_dir = export.export(run, workdir / "hf", "hf"), export.export(run, workdir / "peft", "peft")
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    enc = tok(texts, padding=True, return_tensors="pt")
+    for model in (AutoModelForSequenceClassification.from_pretrained(str(hf_dir)),
+                  PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+                      str(base_dir), num_labels=ours.shape[1]), str(peft_dir))):
+        with torch.no_grad():
+            theirs = torch.softmax(model.eval()(**enc).logits, -1).numpy()
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    return peft_dir

@@ -302,11 +302,6 @@ def test_lora_on_late_layers_matches_peft_gradients_and_adapter_folder(saved, tm
 
 @pytest.mark.reference
 def test_short_spafit_run_on_the_cli_and_exports(saved, tmp_path):
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from spafit_jax import export, load_run
     from spafit_jax.train import main
 
     folder, _ = saved("v3", "base")  # BBC News has 5 classes: the head is the task's
@@ -317,19 +312,8 @@ def test_short_spafit_run_on_the_cli_and_exports(saved, tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["steps"] == 2 and 0 < res["trainable_params"] < res["total_params"]
     assert all(math.isfinite(v) for v in res["eval"].values())
-    run = load_run(tmp_path, checkpoint="last")
-    texts = ["the markets rallied today", "a film that nobody saw coming", "rain"]  # BBC News: single texts
-    ours = run.predict(texts)
-    hf_dir, peft_dir = export.export(run, tmp_path / "hf", "hf"), export.export(run, tmp_path / "peft", "peft")
+    peft_dir = peers.exports_match_ours(tmp_path, folder)  # BBC News: single texts
     peft_cfg = json.loads((peft_dir / "adapter_config.json").read_text())
     assert peft_cfg["target_modules"] == ["attention.self.key_proj", "attention.self.query_proj",
                                           "attention.self.value_proj"] and peft_cfg["layers_to_transform"] == [2]
     assert set(peft_cfg["modules_to_save"]) == {"pooler", "classifier"}
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    enc = tok(texts, padding=True, return_tensors="pt")
-    for model in (AutoModelForSequenceClassification.from_pretrained(str(hf_dir)),
-                  PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
-                      str(folder), num_labels=ours.shape[1]), str(peft_dir))):
-        with torch.no_grad():
-            theirs = torch.softmax(model.eval()(**enc).logits, -1).numpy()
-        np.testing.assert_allclose(ours, theirs, atol=1e-5)

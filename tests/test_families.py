@@ -305,26 +305,4 @@ def test_short_spafit_run_on_the_cli(saved, tmp_path, family):
     assert all(math.isfinite(v) for v in res["eval"].values())
     print(family, {k: res[k] for k in ("train_seconds", "compile_seconds", "eval_seconds", "compiled_shapes")})
     if family in ("roberta", "distilbert"):  # heads unlike BERT's: exports load in transformers and PEFT
-        _exports_match_ours(tmp_path, folder)
-
-
-def _exports_match_ours(workdir, base_dir):
-    import numpy as np
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from spafit_jax import export, load_run
-
-    run = load_run(workdir, checkpoint="last")
-    texts = ["the markets rallied today", "a film that nobody saw coming", "rain"]
-    ours = run.predict(texts)
-    hf_dir, peft_dir = export.export(run, workdir / "hf", "hf"), export.export(run, workdir / "peft", "peft")
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    enc = tok(texts, padding=True, return_tensors="pt")
-    for model in (AutoModelForSequenceClassification.from_pretrained(str(hf_dir)),
-                  PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
-                      str(base_dir), num_labels=ours.shape[1]), str(peft_dir))):
-        with torch.no_grad():
-            theirs = torch.softmax(model.eval()(**enc).logits, -1).numpy()
-        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+        peers.exports_match_ours(tmp_path, folder)
