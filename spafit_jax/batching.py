@@ -164,9 +164,13 @@ def train_order(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
 
 
 def padding_efficiency(batch: dict[str, np.ndarray]) -> tuple[int, int]:
-    """(real tokens, padded tokens) of a batch."""
-    mask = batch["attention_mask"] * (batch["weights"][:, None] > 0)
-    return int(mask.sum()), int(batch["attention_mask"].size)
+    """(real tokens, padded tokens) of a batch; packed (weights [R, K]): the tokens of segments weighted > 0."""
+    seg, weights = np.asarray(batch["attention_mask"]), np.asarray(batch["weights"])
+    if weights.ndim == 2:
+        real = np.take_along_axis(weights, np.maximum(seg - 1, 0), axis=1) * (seg > 0)
+        return int((real > 0).sum()), int(seg.size)
+    mask = seg * (weights[:, None] > 0)
+    return int(mask.sum()), int(seg.size)
 
 
 def train_batches(enc: Encoded, batch_size: int, *, seed: int, epoch: int,

@@ -54,20 +54,27 @@ class Cache:
     def nbytes(self) -> int:
         return int(self.flat.nbytes)
 
-    def hidden(self, idx: np.ndarray, length: int) -> np.ndarray:
-        """[len(idx), length, D] hidden states of examples `idx`, zeros past each real length."""
+    def hidden(self, idx: np.ndarray, length: int, starts: np.ndarray | None = None) -> np.ndarray:
+        """[len(idx), length, D] hidden states of examples `idx`, zeros past each real length. Packed rows:
+        `idx` [R, K] the slots of each row (`packing.EMPTY` = none) and `starts` [R, K] where each begins,
+        so that a row holds its examples' cached states one after the other."""
         out = np.zeros((len(idx), length, self.flat.shape[1]), self.flat.dtype)
-        for row, i in enumerate(idx):
-            lo, hi = self.offsets[i], self.offsets[i + 1]
-            out[row, :hi - lo] = self.flat[lo:hi]
+        idx = np.asarray(idx)
+        slots = idx[:, None] if idx.ndim == 1 else idx
+        starts = np.zeros_like(slots) if starts is None else np.asarray(starts)
+        for row in range(len(slots)):
+            for i, at in zip(slots[row].tolist(), starts[row].tolist()):
+                if i >= 0:
+                    lo, hi = self.offsets[i], self.offsets[i + 1]
+                    out[row, at:at + hi - lo] = self.flat[lo:hi]
         return out
-
 
     def attach(self, batches: Iterable[tuple[np.ndarray, dict[str, np.ndarray]]]
                ) -> Iterator[dict[str, np.ndarray]]:
-        """Each batch of `batching.train_batches(..., with_rows=True)` with its rows' "hidden" states."""
+        """Each batch of `batching.train_batches(..., with_rows=True)` (or `packing.train_batches`) with its
+        rows' "hidden" states."""
         for rows, batch in batches:
-            yield {**batch, "hidden": self.hidden(rows, batch["input_ids"].shape[1])}
+            yield {**batch, "hidden": self.hidden(rows, batch["input_ids"].shape[1], batch.get("segment_starts"))}
 
 
 def cache_depth(plan) -> int:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from spafit_jax import batching, data, metrics, metricslog, optimizer, rundir
+from spafit_jax import batching, data, metrics, metricslog, optimizer, packing, rundir
 from spafit_jax.config import Config
 from spafit_jax.plan import Plan
 from spafit_jax.steps import DivergedError
@@ -39,20 +39,24 @@ class Length:
 
 
 class Batches:
-    """This process's train batches of each epoch, in the run's one training order (`batching.train_batches`);
-    with a frozen-stratum cache (`frozen.Cache`) each batch also carries its rows' hidden states."""
+    """This process's train batches of each epoch, in the run's one training order (`batching.train_batches`,
+    or with data.packing `packing.train_batches` of `rows` rows a step); with a frozen-stratum cache
+    (`frozen.Cache`) each batch also carries its rows' hidden states."""
 
-    def __init__(self, cfg: Config, train: data.Encoded, buckets, cache=None):
-        self.cfg, self.train, self.buckets, self.cache = cfg, train, buckets, cache
+    def __init__(self, cfg: Config, train: data.Encoded, buckets, cache=None, rows: int | None = None):
+        self.cfg, self.train, self.buckets, self.cache, self.rows = cfg, train, buckets, cache, rows
 
     def epoch(self, epoch: int, start: int) -> Iterator[dict[str, np.ndarray]]:
         """The batches of `epoch` from its batch `start` on."""
-        t = self.cfg.train
-        batches = batching.train_batches(self.train, t.batch_size, seed=t.seed, epoch=epoch, buckets=self.buckets,
-                                         start=start, process_index=jax.process_index(),
-                                         process_count=jax.process_count(),
-                                         group_by_length=self.cfg.data.group_by_length,
-                                         with_rows=self.cache is not None)
+        t, where = self.cfg.train, dict(process_index=jax.process_index(), process_count=jax.process_count())
+        if self.rows is not None:
+            batches = packing.train_batches(self.train, t.batch_size, self.rows, max_segments=self.cfg.data.max_segments,
+                                            seed=t.seed, epoch=epoch, start=start, with_rows=self.cache is not None,
+                                            **where)
+        else:
+            batches = batching.train_batches(self.train, t.batch_size, seed=t.seed, epoch=epoch, buckets=self.buckets,
+                                             start=start, group_by_length=self.cfg.data.group_by_length,
+                                             with_rows=self.cache is not None, **where)
         return batches if self.cache is None else self.cache.attach(batches)
 
 
@@ -143,20 +147,31 @@ class Evaluator:
         """train.eval_batch_size, capped at the largest eval split rounded up to the devices."""
         return capped(self.cfg.train.eval_batch_size, max(len(enc) for enc in self.task.evals.values()))
 
+    def batches(self, enc: data.Encoded) -> Iterator[dict[str, np.ndarray]]:
+        """This process's eval batches of one split: every example once (packed with data.packing, about
+        train.eval_batch_size examples a batch; otherwise `batching.eval_batches`)."""
+        where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        if self.cfg.data.packing:
+            slots, rows = packing.eval_rows(enc, self.cfg.train.eval_batch_size, max_segments=self.cfg.data.max_segments,
+                                            multiple=jax.device_count())
+            return (batch for _, batch in packing.eval_batches(enc, slots, rows, **where))
+        return batching.eval_batches(enc, self.batch_size(), buckets=self.buckets,
+                                     group_by_length=self.cfg.data.group_by_length, **where)
+
     def __call__(self, state, frozen, step: int, writer: metricslog.MetricsWriter) -> dict[str, float]:
         """The first split's metrics at `step`; all splits' in `self.results`."""
-        out, size = {}, self.batch_size()
+        out = {}
         for split, enc in self.task.evals.items():
             logits, labels, weights = [], [], []
-            for local in batching.eval_batches(enc, size, buckets=self.buckets, process_index=jax.process_index(),
-                                               process_count=jax.process_count(),
-                                               group_by_length=self.cfg.data.group_by_length):
+            for local in self.batches(enc):
                 batch = self.driver.put_batch(local)
                 logits.append(self.driver.eval_logits(state.trainable, frozen, batch))
                 labels.append(batch["labels"])
                 weights.append(batch["weights"])
             logits, labels, weights = (self.driver.gather(x) for x in (logits, labels, weights))
-            out[split] = metrics.compute_metrics(self.task.spec, logits, labels, weights)
+            if logits.ndim == 3:  # packed: [rows, K, C] -> one prediction per segment; weights drop absent ones
+                logits = logits.reshape(-1, logits.shape[-1])
+            out[split] = metrics.compute_metrics(self.task.spec, logits, labels.reshape(-1), weights.reshape(-1))
             writer.write({"kind": "eval", "step": step, "split": split, **out[split]})
         first = next(iter(out.values()))
         if self.best is None or first[self.best_metric] > self.best["value"]:

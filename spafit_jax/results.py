@@ -63,6 +63,7 @@ class Results:
     processes: int | None = None
     parallel: str | None = None
     frozen_cache: dict[str, Any] | None = None  # {"n1", "bytes", "seconds"} when train.cache_frozen was on
+    packing: dict[str, Any] | None = None  # data.packing: `packing.describe` (rows per step, segments per row, ...)
 
     @property
     def splits(self) -> dict[str, dict[str, float]]:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax import batching, compiling, hf, lora, masking, optimizer, results, rundir, steps
+from spafit_jax import batching, compiling, hf, lora, masking, optimizer, packing, results, rundir, steps
 from spafit_jax.checkpoint import Checkpointer, fingerprint
 from spafit_jax.config import Config, load_config
 from spafit_jax.errors import CheckpointError, DataError, LoadError
@@ -87,7 +87,8 @@ class LoadedRun:
 
     def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, batch_size: int = 32,
                progress: bool = False) -> np.ndarray:
-        """Logits [N, num_labels] in input order; batches padded to the training buckets. `texts` (and
+        """Logits [N, num_labels] in input order; batches padded to the training buckets, or packed rows when the
+        run was trained with data.packing (`_packed_logits`). `texts` (and
         `text_pairs`) are lists of strings, or one string as one text; `batch_size` an integer >= 1."""
         texts = check_texts(texts, "texts")
         text_pairs = None if text_pairs is None else check_texts(text_pairs, "text_pairs")
@@ -107,7 +108,9 @@ class LoadedRun:
         if self._logits_fn is None:
             apply = self.model.apply
             self._logits_fn = compiling.jit(lambda p, b: apply({"params": p}, b["input_ids"], b["attention_mask"],
-                                                         b["token_type_ids"]))
+                                                         b["token_type_ids"], **steps.packed_kwargs(b)))
+        if d.packing:
+            return self._packed_logits(enc, batch_size, progress)
         batch_size = max(1, min(int(batch_size), n))
         buckets = d.bucket_lengths([enc.lengths[i:i + batch_size].max() for i in range(0, n, batch_size)])
         out = []
@@ -119,6 +122,19 @@ class LoadedRun:
             logits = np.asarray(self._logits_fn(self.params, b))
             out.append(logits[b["weights"] > 0])
         return np.concatenate(out).astype(np.float32)
+
+    def _packed_logits(self, enc, batch_size: int, progress: bool) -> np.ndarray:
+        """`logits` of a run trained with data.packing: the texts packed first-fit decreasing (the best fill) into
+        rows of data.max_length, about `batch_size` texts a batch, the logits returned in input order."""
+        from tqdm.auto import tqdm
+
+        slots, rows = packing.eval_rows(enc, batch_size, max_segments=self.config.data.max_segments)
+        held, out = [], []
+        for mine, b in tqdm(packing.eval_batches(enc, slots, rows), total=-(-len(slots) // rows),
+                            disable=not progress, desc="predict", mininterval=1.0):
+            held.append(mine)
+            out.append(np.asarray(self._logits_fn(self.params, b)))
+        return packing.unpack(np.concatenate(out), np.concatenate(held), len(enc)).astype(np.float32)
 
     def predict(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, batch_size: int = 32,
                 progress: bool = False) -> np.ndarray:

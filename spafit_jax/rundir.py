@@ -130,7 +130,7 @@ def check_resume_step(step: int, total_steps: int, train_cfg, checkpoints: Path)
 #: the fields that decide how batches are formed, with their value in a config.yaml written before the field
 #: existed or before its default changed (group_by_length and max_shapes became defaults in one change).
 BATCH_FIELDS = {"padding": "bucket", "buckets": None, "bucket_multiple": None, "max_shapes": None,
-                "group_by_length": False}
+                "group_by_length": False, "packing": False, "max_segments": 16}
 
 
 def check_resume_settings(workdir: Path, cfg: Config) -> None:

@@ -2,8 +2,8 @@
 which check their own values when built (`__post_init__`).
 
 Each check asks the owner of its rule (`tasks` for task names, `methods` for methods, labels,
-strata and LoRA settings, `batching` for buckets), so no rule is written twice. A failed check
-raises `ConfigError(field=...)`; `config.load_config` adds where the value came from.
+strata and LoRA settings, `batching` for buckets, `packing` for packed rows), so no rule is written
+twice. A failed check raises `ConfigError(field=...)`; `config.load_config` adds where the value came from.
 Stdlib only (numpy once a data section is built, for the bucket rule).
 """
 
@@ -98,13 +98,16 @@ class DataConfig:
                                        "(data.buckets or data.bucket_multiple, when set, win; null = max_length/4, /2, /1)")
     group_by_length: bool = _field(True, "batch examples of similar length together (less padding, same maths; the "
                                          "order stays seeded and resumable; false = a plain shuffle)")
+    packing: bool = _field(False, "pack several examples into each row of max_length tokens (one train shape, no "
+                                  "padding; exact per example; padding/buckets/group_by_length then do not apply)")
+    max_segments: int = _field(16, "data.packing: at most this many examples per packed row")
     limit_train: int | None = _field(None, "use at most this many training examples")
     limit_eval: int | None = _field(None, "use at most this many examples per evaluation split")
     eval_splits: tuple[str, ...] | None = _field(None, "evaluation splits (null = the task's default)")
     encoding: str = _field("utf-8", "local task: text encoding of csv/tsv/json/jsonl files, e.g. latin-1, cp1252")
 
     def __post_init__(self):
-        from spafit_jax import batching  # imports numpy: only when a config is built
+        from spafit_jax import batching, packing  # import numpy: only when a config is built
 
         _one_of(self, "task", tasks.TASK_NAMES)
         for key in ("train_file", "eval_file"):
@@ -116,6 +119,7 @@ class DataConfig:
         _one_of(self, "padding", batching.PADDINGS)
         key = next((k for k in ("buckets", "bucket_multiple") if getattr(self, k) is not None), "max_shapes")
         _ask(self, key, self.bucket_lengths)
+        _ask(self, "max_segments", packing.check_settings, self.max_length, self.max_segments)
         _need(self, self.num_labels is None or self.num_labels >= 1, "num_labels", "must be >= 1",
               "use null to infer it")
         _need(self, not (self.is_regression and self.num_labels not in (None, 1)), "num_labels",

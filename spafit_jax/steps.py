@@ -38,7 +38,10 @@ def init_state(trainable, tx: optax.GradientTransformation, seed: int) -> TrainS
 
 
 def loss_sum(logits, batch, is_regression: bool):
-    """(sum of weighted per-example losses, sum of weights): cross-entropy, or MSE for regression."""
+    """(sum of weighted per-example losses, sum of weights): cross-entropy, or MSE for regression.
+
+    Unpacked: logits [B, C], labels and weights [B]; packed: logits [R, K, C], labels and weights [R, K]
+    (one example per segment; absent segments weigh 0)."""
     weights = batch["weights"]
     if is_regression:
         losses = jnp.square(logits[..., 0] - batch["labels"])
@@ -49,6 +52,13 @@ def loss_sum(logits, batch, is_regression: bool):
 
 #: the batch keys the model takes, in order; the frozen-stratum cache's step takes `frozen.CACHE_INPUTS`.
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+#: the key of a packed batch (`packing`) that the model takes by keyword: its presence switches to packed mode.
+SEGMENT_STARTS = "segment_starts"
+
+
+def packed_kwargs(batch) -> dict:
+    """``{"segment_starts": ...}`` for a packed batch, ``{}`` for an unpacked one (the model's keyword)."""
+    return {SEGMENT_STARTS: batch[SEGMENT_STARTS]} if SEGMENT_STARTS in batch else {}
 
 
 def train_step(
@@ -73,7 +83,8 @@ def train_step(
 
     Gradients are taken w.r.t. `state.trainable` only. With grad_accum = k > 1 the batch is cut
     into k micro-batches, rows i, i+k, i+2k, ... (so each device's rows split evenly and a
-    batch sharded over devices needs no re-sharding), whose gradients are summed in a scan.
+    batch sharded over devices needs no re-sharding), whose gradients are summed in a scan; the
+    loss is the mean over the step's real examples (packed: its real segments) in every case.
     Under `pmap`, pass axis_name so gradients and losses are summed across devices. `apply_fn`
     takes the batch's `inputs` in order (the whole model: INPUTS; the layers above a frozen-stratum
     cache: `frozen.CACHE_INPUTS`).
@@ -84,7 +95,8 @@ def train_step(
 
     def loss(trainable, micro, key):
         params = masking.join(trainable, frozen)
-        logits = apply_fn({"params": params}, *(micro[k] for k in inputs), deterministic=False, rngs={"dropout": key})
+        logits = apply_fn({"params": params}, *(micro[k] for k in inputs), deterministic=False, rngs={"dropout": key},
+                          **packed_kwargs(micro))
         return loss_sum(logits, micro, is_regression)
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
@@ -120,5 +132,7 @@ def all_finite(tree) -> jax.Array:
 
 
 def eval_step(trainable, frozen, batch, *, apply_fn: Callable):
-    """Logits [B, C] of the deterministic whole model (padding examples included; weights mask them)."""
-    return apply_fn({"params": masking.join(trainable, frozen)}, *(batch[k] for k in INPUTS), deterministic=True)
+    """Logits [B, C] (packed: [R, K, C]) of the deterministic whole model (padding examples included; weights
+    mask them)."""
+    return apply_fn({"params": masking.join(trainable, frozen)}, *(batch[k] for k in INPUTS), deterministic=True,
+                    **packed_kwargs(batch))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import jax
 
-from spafit_jax import (batching, checkpoint, cli, data, frozen, loading, metrics, optimizer, parallel, rundir, runlock,
-                        steps)
+from spafit_jax import (batching, checkpoint, cli, data, frozen, loading, metrics, optimizer, packing, parallel, rundir,
+                        runlock, steps)
 from spafit_jax.config import Config
 from spafit_jax.loop import Batches, Evaluator, Length, Loop, capped
 from spafit_jax.results import Best, Results
@@ -81,6 +81,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
     run = loading.load_for_training(cfg)
     plan, spec = run.plan, run.task.spec
     per_epoch = batching.steps_per_epoch(run.task.train, t.batch_size)  # a batch larger than the data: refused
+    rows = _packed_rows(cfg, run) if cfg.data.packing else None  # a family that cannot pack: refused
     length = Length(per_epoch, min(math.ceil(t.epochs * per_epoch), t.max_steps or math.inf))
     rundir.prepare(workdir, lead=lead)  # only once the model, the plan and the data are good
 
@@ -111,11 +112,11 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
     evaluator = Evaluator(driver, cfg, run.task, buckets, best_metric)
     try:
         state, done = loop.run(driver.put_state(state), driver.put_frozen(frozen_half),
-                               Batches(cfg, run.task.train, buckets, cache), evaluator, resume, stop_after)
+                               Batches(cfg, run.task.train, buckets, cache, rows), evaluator, resume, stop_after)
     finally:
         if lead:
             rundir.discard_overwritten(workdir)
-    results = _results(cfg, run, loop, evaluator, (driver, buckets, cache)) if done else None
+    results = _results(cfg, run, loop, evaluator, (driver, buckets, cache, rows)) if done else None
     if results is not None and lead:
         path = results.write(workdir)
         print(_summary(run, results, cfg))
@@ -125,8 +126,8 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
 
 def _results(cfg: Config, run: loading.ModelAndTask, loop: Loop, evaluator: Evaluator, how) -> Results:
     """The typed results.json record of a finished run."""
-    driver, buckets, cache = how
-    best = evaluator.best
+    driver, buckets, cache, rows = how
+    best, d = evaluator.best, cfg.data
     return Results(
         task=run.task.spec.name, model=str(cfg.model.name), **run.plan.describe(),
         eval=next(iter(evaluator.results.values())), eval_splits=evaluator.results,
@@ -136,7 +137,19 @@ def _results(cfg: Config, run: loading.ModelAndTask, loop: Loop, evaluator: Eval
         compiled_shapes=len(loop.meter.shapes), buckets=list(buckets), bad_steps=loop.bad_steps,
         devices=jax.device_count(), processes=jax.process_count(), parallel=driver.mode,
         frozen_cache=None if cache is None else {"n1": cache.n1, "bytes": cache.nbytes, "seconds": cache.seconds},
+        packing=None if rows is None else packing.describe(run.task.train, rows, d.max_segments,
+                                                           batch_size=cfg.train.batch_size, seed=cfg.train.seed),
     )
+
+
+def _packed_rows(cfg: Config, run: loading.ModelAndTask) -> int:
+    """Rows per packed train step (`packing.rows_per_step`: about train.batch_size examples, a multiple of the
+    devices x train.grad_accum); a one-line ConfigError when the model family cannot pack."""
+    packing.check_model(run.model, f"model.name={cfg.model.name} ({type(run.model).__name__})")
+    t = cfg.train
+    return packing.rows_per_step(run.task.train.lengths, t.batch_size, max_length=run.task.train.max_length,
+                                 max_segments=cfg.data.max_segments, seed=t.seed,
+                                 multiple=jax.device_count() * t.grad_accum)
 
 
 def cache_advice(cfg: Config, plan) -> str | None:
