@@ -261,3 +261,86 @@ def test_packed_step_equals_the_unpacked_step_of_the_same_examples(regression, g
     per_example = packing.unpack(np.asarray(logits), slots, 12)
     np.testing.assert_allclose(per_example, np.asarray(steps.eval_step(params, frozen_half, plain, apply_fn=model.apply)),
                                rtol=1e-6)
+
+
+# ------------------------------------------------------------------ end to end, with the model side of packing
+
+
+def _model_packs() -> bool:
+    import inspect
+
+    from spafit_jax.bert import BertForSequenceClassification
+
+    return "segment_starts" in inspect.signature(BertForSequenceClassification.__call__).parameters
+
+
+needs_model = pytest.mark.skipif(not _model_packs(), reason="the model side of packing (segment_starts=) is not "
+                                                            "merged yet")
+#: a short packed run of the tiny model on tweets (short texts: about two a row of 64 tokens)
+PACKED_RUN = ["data.task=tweets", "data.limit_train=64", "data.limit_eval=40", "data.max_length=64",
+              "data.packing=true", "data.max_segments=4", "train.batch_size=16", "train.eval_batch_size=16",
+              "train.max_steps=4", "train.lr=1e-2", "method.name=spafit", "method.n1=1", "method.n2=2",
+              "train.log_every=1"]
+
+
+@pytest.mark.slow
+@needs_model
+def test_packed_run_evaluates_and_predicts_each_example_as_unpacked(tmp_path, tiny_model_dir):
+    import dataclasses
+
+    from spafit_jax import data, metrics, rundir, train
+    from spafit_jax.run import load_run
+
+    overrides = [f"model.name={tiny_model_dir}", *PACKED_RUN]
+    done = train.train_and_evaluate(load_config([], overrides), tmp_path / "run")
+    r = done.results
+    assert r.compiled_shapes == 1 and r.steps == 4
+    assert r.packing["max_segments"] == 4 and r.packing["segments_per_row"] > 1.5
+    assert r.padding_efficiency > 0.75 and r.packing["real_token_fraction"] > 0.75
+    loaded = load_run(tmp_path / "run", "last")
+    unpacked_cfg = load_config([], overrides + ["data.packing=false"])
+    plain = dataclasses.replace(loaded, config=unpacked_cfg, _logits_fn=None)
+    spec, _, evals = data.load_task_texts(unpacked_cfg.data, seed=unpacked_cfg.train.seed)
+    split, ex = next(iter(evals.items()))
+    packed_logits, plain_logits = loaded.logits(ex.texts_a), plain.logits(ex.texts_a, batch_size=7)
+    assert packed_logits.shape == (len(ex), spec.num_labels)
+    np.testing.assert_allclose(packed_logits, plain_logits, rtol=0, atol=1e-5)
+    assert np.abs(plain_logits - plain_logits.mean(0)).max() > 1e-4  # the examples' logits differ: not vacuous
+    # the evaluator's metrics (packed eval batches) are those of the unpacked logits of the same parameters
+    expected = metrics.compute_metrics(spec, plain_logits, ex.labels)
+    assert r.splits[split] == pytest.approx(expected, abs=1e-6)
+    # a resume that changes a packing setting is refused in one line naming the fix
+    for change, words in (("data.packing=false", "data.packing=true.*this resume sets data.packing=false.*resume "
+                                                 "with data.packing=true"),
+                          ("data.max_segments=8", "data.max_segments=4.*resume with data.max_segments=4")):
+        with pytest.raises(ConfigError, match=words) as e:
+            rundir.check_resume_settings(tmp_path / "run", load_config([], overrides + [change]))
+        assert "\n" not in str(e.value)
+    rundir.check_resume_settings(tmp_path / "run", load_config([], overrides))
+
+
+@pytest.mark.slow
+@needs_model
+def test_packed_mesh_pmap_and_frozen_cache_agree_on_8_devices(tmp_path, tiny_model_dir):
+    import json
+    import time
+
+    from tests.parallel_worker import PYTHON, ROOT, Procs, assert_same_run, dropout_free_copy, env, tail
+
+    model = dropout_free_copy(tiny_model_dir, tmp_path / "tiny_no_dropout")
+    common = [f"model.name={model}", *PACKED_RUN]
+    runs = {"mesh": ["parallel.mode=mesh"], "pmap": ["parallel.mode=pmap"],
+            "pmap_cache": ["parallel.mode=pmap", "train.cache_frozen=true"]}
+    (tmp_path / "spec.json").write_text(json.dumps({"base": str(tmp_path / "d8"), "common": common, "runs": runs}))
+    with Procs() as procs:
+        p = procs.start([PYTHON, str(ROOT / "tests" / "parallel_worker.py"), "suite", str(tmp_path / "spec.json"),
+                         str(tmp_path / "out.json")], env(8, tmp_path / "tokens"), tmp_path / "d8.txt")
+        assert procs.wait(p, time.monotonic() + 600) == 0, tail(tmp_path / "d8.txt")
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["devices"] == 8 and {v["parallel"] for v in out["runs"].values()} == {"mesh", "pmap"}
+    d8 = tmp_path / "d8"
+    assert_same_run(d8 / "mesh", d8 / "pmap")
+    assert_same_run(d8 / "pmap_cache", d8 / "pmap")
+    results = {name: json.loads((d8 / name / "results.json").read_text()) for name in runs}
+    assert results["mesh"]["packing"]["rows_per_step"] % 8 == 0
+    assert results["mesh"]["compiled_shapes"] == 1
