@@ -6,7 +6,8 @@ to the host. Both drivers give the same numbers as one device, on one host or se
 tests check it on 8 simulated CPU devices and on 2 processes x 2 CPU devices).
 
 Multi-host: every process runs the same program on its own rows of each global batch
-(`batching.train_batches(..., process_index, process_count)`); the mesh driver assembles the
+(`batching.train_batches(..., process_index, process_count)`, or `packing.train_batches`: packed
+rows [R, T] with labels and weights [R, K] shard along their first axis alike); the mesh driver assembles the
 global batch with `jax.make_array_from_process_local_data`, `pmap` does the same inside.
 Devices are ordered by process, so process p's rows are rows [p*B/P, (p+1)*B/P) of the
 global batch, as on one host.
