@@ -29,15 +29,12 @@ if TYPE_CHECKING:
 EMPTY = -1  # an empty slot of a packing
 
 
-def check_settings(max_length: int, max_segments: int) -> int:
-    """K, checked against `data.max_length` (schema asks this); a one-line ConfigError naming the fix."""
+def check_settings(max_segments: int) -> int:
+    """K, checked (schema asks this); a one-line ConfigError naming the fix. A K above what a row can
+    hold is allowed: rows then hold what fits."""
     if isinstance(max_segments, bool) or not isinstance(max_segments, (int, np.integer)) or max_segments < 1:
         raise ConfigError(f"data.max_segments={max_segments!r} must be an integer >= 1 (examples per packed row); "
                           "use e.g. data.max_segments=8", "max_segments")
-    if max_segments > max_length // 2:
-        raise ConfigError(f"data.max_segments={max_segments} is more than data.max_length={max_length} tokens can "
-                          f"hold (every example has at least 2 tokens); use data.max_segments<={max_length // 2}",
-                          "max_segments")
     return int(max_segments)
 
 
@@ -51,9 +48,7 @@ def first_fit(lengths, max_length: int, max_segments: int, order=None, max_rows:
     """
     lengths = np.asarray(lengths, np.int64)
     order = np.arange(len(lengths)) if order is None else np.asarray(order, np.int64)
-    t, k = int(max_length), int(max_segments)
-    if k < 1:
-        raise ConfigError(f"max_segments={k} must be >= 1; use e.g. data.max_segments=8")
+    t, k = int(max_length), check_settings(max_segments)
     if len(order) and int(lengths[order].max()) > t:
         raise DataError(f"an example has {int(lengths[order].max())} tokens, more than a packed row of "
                         f"data.max_length={t}; raise data.max_length or tokenise with truncation to it")

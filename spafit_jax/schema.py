@@ -119,7 +119,7 @@ class DataConfig:
         _one_of(self, "padding", batching.PADDINGS)
         key = next((k for k in ("buckets", "bucket_multiple") if getattr(self, k) is not None), "max_shapes")
         _ask(self, key, self.bucket_lengths)
-        _ask(self, "max_segments", packing.check_settings, self.max_length, self.max_segments)
+        _ask(self, "max_segments", packing.check_settings, self.max_segments)
         _need(self, self.num_labels is None or self.num_labels >= 1, "num_labels", "must be >= 1",
               "use null to infer it")
         _need(self, not (self.is_regression and self.num_labels not in (None, 1)), "num_labels",

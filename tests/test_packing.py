@@ -91,14 +91,16 @@ def test_bad_packing_input_is_one_line_naming_the_fix():
         packing.first_fit([4, 11], 10, 2)
     with pytest.raises(DataError, match="0 tokens"):
         packing.first_fit([4, 0], 10, 2)
-    for bad, words in ((0, ">= 1"), (-3, ">= 1"), (True, ">= 1"), (65, "max_segments<=64")):
+    assert packing.check_settings(16) == 16
+    for bad, words in ((0, ">= 1"), (-3, ">= 1"), (True, ">= 1"), (2.5, ">= 1")):
         with pytest.raises(ConfigError, match=words) as e:
-            packing.check_settings(128, bad)
+            packing.check_settings(bad)
         assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match=r"data.max_segments=0 must be an integer >= 1.*use e.g."):
         load_config(overrides=["data.packing=true", "data.max_segments=0"])
     cfg = load_config(overrides=["data.packing=true", "data.max_segments=8"])
     assert cfg.data.packing and cfg.data.max_segments == 8
+    assert load_config(overrides=["data.max_length=8"]).data.max_segments >= 1  # the default K fits any length
 
 
 def test_a_family_without_segment_starts_is_refused_in_one_line():
