@@ -224,6 +224,32 @@ def test_frozen_cache_rows_are_the_examples_states_one_after_the_other():
     np.testing.assert_array_equal(cache.hidden(np.array([1, 2]), 6), cache.hidden(np.array([[1], [2]]), 6))
 
 
+def test_loop_batches_are_packings_and_the_cache_fills_each_segment():
+    from spafit_jax import loop
+
+    enc = encoded(lengths_of(60, seed=4, hi=30), seed=4)
+    cfg = load_config(overrides=["train.batch_size=8", "train.seed=3", "data.max_length=64", "data.packing=true",
+                                 f"data.max_segments={K}"])
+    rows = packing.rows_per_step(enc.lengths, 8, max_length=T, max_segments=K, seed=3)
+    want = list(packing.train_batches(enc, 8, rows, max_segments=K, seed=3, epoch=1, start=2, with_rows=True))
+    got = list(loop.Batches(cfg, enc, None, rows=rows).epoch(1, 2))
+    assert len(got) == len(want) == 60 // 8 - 2
+    for a, (_, b) in zip(got, want):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    offsets = np.concatenate([[0], np.cumsum(enc.lengths.astype(np.int64))])
+    flat = np.repeat(np.arange(len(enc), dtype=np.float32), enc.lengths)[:, None] + 1
+    cache = frozen.Cache(1, flat, offsets, apply_fn=None)
+    for a, (slots, b) in zip(loop.Batches(cfg, enc, None, cache, rows).epoch(1, 2), want):
+        assert set(a) == set(b) | {"hidden"}
+        seg = b["attention_mask"]
+        example = np.take_along_axis(slots, np.maximum(seg - 1, 0), axis=1) + 1  # the example of each token, + 1
+        np.testing.assert_array_equal(a["hidden"][..., 0], np.where((seg > 0) & (example > 0), example, 0))
+    meter = loop.Meter()
+    meter.batch(got[0], got[0]["input_ids"].shape)
+    real = int(enc.lengths[packing.packed_examples(want[0][0])].sum())
+    assert meter.tokens["run"] == [real, rows * T]
+
+
 class PackedToy:
     """A per-token linear model whose packed mode pools each segment's first token (the interface's shape):
     packed logits of an example equal its unpacked logits exactly."""
