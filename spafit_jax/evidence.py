@@ -88,8 +88,6 @@ def _cells(exp: Path, index: dict) -> list[dict]:
                                                   "point": e.get("point")})
             if role not in cell["roles"]:
                 cell["roles"].append(role)
-            if role == "seed":
-                cell["seed_method"] = e["method"]
     for cell in cells.values():
         folder = exp / cell["folder"]
         fix = "the run is damaged: delete its folder and rerun the experiment"

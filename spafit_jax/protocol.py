@@ -328,7 +328,7 @@ def recompute(published: str | Path, out: str | Path | None = None, *, resamples
     differ = []
     for name, text in texts.items():
         path = published / name
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
             differ.append(name)
     return differ
 
