@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from spafit_jax import rundir
-from spafit_jax.protocol_files import ProtocolError, read_json
+from spafit_jax.protocol_files import ProtocolError, check_index, check_labels, check_score, read_json
 
 FOLDER = "evidence"
 COMMIT_KEYS = ("code_version", "commit", "git_commit", "code")  # what a run may record its code version under
@@ -154,8 +154,6 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def read(published: Path) -> dict:
     """`protocol.collect`'s data rebuilt from a published folder's evidence (predictions, tests, results)."""
-    from spafit_jax.protocol import check_index, check_labels, check_score
-
     root = Path(published) / FOLDER
     fix = "publish the folder again with protocol --publish"
     if not root.is_dir():

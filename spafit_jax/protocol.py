@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
-import math
 import statistics
 import sys
 import zipfile
@@ -38,8 +36,9 @@ import numpy as np
 
 from spafit_jax import intervals, rundir
 from spafit_jax.errors import SpafitError
-from spafit_jax.intervals import CONFIDENCE, RESAMPLES, paired_bootstrap  # noqa: F401  (paired_bootstrap: public here)
-from spafit_jax.protocol_files import ProtocolError, read_json, write_outputs
+from spafit_jax.intervals import RESAMPLES, paired_bootstrap
+from spafit_jax.protocol_files import (ProtocolError, check_index, check_labels, check_score, read_json,
+                                      write_outputs)
 
 TABLES = ("table.md", "protocol.csv", "differences.csv")
 PICTURES = ("dev_curves.png", "dev_curves.svg", "train_loss.png", "train_loss.svg")
@@ -59,7 +58,7 @@ def _predictions(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             logits, labels = f["logits"], f["labels"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise ProtocolError(f"{path} is not readable predictions ({type(e).__name__}: {str(e)[:80]}); delete it and "
+        raise ProtocolError(f"{path} is not readable predictions ({type(e).__name__}: {' '.join(str(e).split())[:80]}); delete it and "
                             f"{folder / 'test.json'} and rerun the experiment to score the seed again") from None
     if logits.ndim not in (1, 2) or labels.ndim != 1 or len(logits) != len(labels):
         raise ProtocolError(f"{path}: logits {logits.shape} do not fit labels {labels.shape}; delete it and "
@@ -84,40 +83,6 @@ def _read_seed(exp: Path, entry: dict, metric: str) -> dict | None:
                 f"delete both and {fix}")
     return {**entry, "test": test["metrics"], "dev": results["eval"], "pred": pred, "labels": labels,
             "params": results.get("trainable_params"), "train_seconds": results.get("train_seconds")}
-
-
-def _need(ok: bool, what: str) -> None:
-    if not ok:
-        raise TypeError(what)
-
-
-def check_score(recorded: Any, pred: np.ndarray, labels: np.ndarray, metric: str, what: str, source: str,
-                fix: str) -> None:
-    """Refuses a recorded test score ({metric: value}) that the predictions it came from do not give."""
-    value = recorded.get(metric) if isinstance(recorded, dict) else None
-    recomputed = intervals.metric_fn(metric)(pred, labels)
-    if not isinstance(value, (int, float)) or not math.isclose(value, recomputed, rel_tol=1e-9, abs_tol=1e-12):
-        raise ProtocolError(f"{what} {metric} {value} is not the {recomputed:.6g} of {source} (mismatched files); {fix}")
-
-
-def check_index(index: Any, path: Path) -> dict:
-    """`index` (a selection.json) checked for the fields the protocol reads; a ProtocolError naming `path` if not."""
-    fix = "it is not a selection.json written by the experiment; rerun the experiment to write it again"
-    try:
-        _need(isinstance(index, dict) and isinstance(index["choices"], dict), "choices")
-        _need(isinstance(index["seeds"], list) and isinstance(index.get("search", []), list), "seeds, search")
-        for e in [*index["seeds"], *index.get("search", [])]:
-            _need(isinstance(e["task"], str) and isinstance(e["method"], str) and isinstance(e["folder"], str), "task")
-            _need(not Path(e["folder"]).is_absolute() and ".." not in Path(e["folder"]).parts, "folder")
-        for e in index["seeds"]:
-            _need(isinstance(e["seed"], int), "seed")
-        for e in index.get("search", []):
-            _need(isinstance(e["point"], dict) and isinstance(e["label"], str), "point")
-        for key, c in index["choices"].items():
-            _need("/" in key and isinstance(c, dict) and isinstance(c["metric"], str), "metric")
-    except (KeyError, TypeError) as e:
-        raise ProtocolError(f"{path}: {fix} (bad or missing field {e})") from None
-    return index
 
 
 def _choice(index: dict, task: str, method: str, path: Path) -> dict:
@@ -147,17 +112,6 @@ def collect(exp: str | Path) -> dict:
         raise ProtocolError(f"no seed of {exp} has been scored on test yet; let the experiment run on")
     check_labels(runs)
     return {"index": index, "runs": runs}
-
-
-def check_labels(runs: dict) -> None:
-    """Every seed of a task must have been scored on the same test labels."""
-    first: dict[str, tuple] = {}
-    for (task, method), seeds in runs.items():
-        for r in seeds:
-            seen = first.setdefault(task, (f"{method} seed {r['seed']}", r["labels"]))
-            if not np.array_equal(seen[1], r["labels"]):
-                raise ProtocolError(f"{task}: {method} seed {r['seed']} was scored on other test labels than "
-                                    f"{seen[0]}; delete the stale test.json and rerun the experiment to score it again")
 
 
 # ----------------------------------------------------------------------------------------------

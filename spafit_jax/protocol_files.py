@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from spafit_jax import intervals
 from spafit_jax.errors import SpafitError
 
 MARKER = ".spafit-protocol.json"  # in every folder the protocol wrote: {"files": {name: sha256}}
@@ -44,6 +49,51 @@ def read_json(path: Path, fix: str) -> dict:
     if not isinstance(obj, dict):
         raise ProtocolError(f"{path} is not a JSON object; {fix}")
     return obj
+
+
+def check_score(recorded: Any, pred: np.ndarray, labels: np.ndarray, metric: str, what: str, source: str,
+                fix: str) -> None:
+    """Refuses a recorded test score ({metric: value}) that the predictions it came from do not give."""
+    value = recorded.get(metric) if isinstance(recorded, dict) else None
+    recomputed = intervals.metric_fn(metric)(pred, labels)
+    if not isinstance(value, (int, float)) or not math.isclose(value, recomputed, rel_tol=1e-9, abs_tol=1e-12):
+        raise ProtocolError(f"{what} {metric} {value} is not the {recomputed:.6g} of {source} (mismatched files); {fix}")
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise TypeError(what)
+
+
+def check_index(index: Any, path: Path) -> dict:
+    """`index` (a selection.json) checked for the fields the protocol reads; a ProtocolError naming `path` if not."""
+    fix = "it is not a selection.json written by the experiment; rerun the experiment to write it again"
+    try:
+        _need(isinstance(index, dict) and isinstance(index["choices"], dict), "choices")
+        _need(isinstance(index["seeds"], list) and isinstance(index.get("search", []), list), "seeds, search")
+        for e in [*index["seeds"], *index.get("search", [])]:
+            _need(isinstance(e["task"], str) and isinstance(e["method"], str) and isinstance(e["folder"], str), "task")
+            _need(not Path(e["folder"]).is_absolute() and ".." not in Path(e["folder"]).parts, "folder")
+        for e in index["seeds"]:
+            _need(isinstance(e["seed"], int), "seed")
+        for e in index.get("search", []):
+            _need(isinstance(e["point"], dict) and isinstance(e["label"], str), "point")
+        for key, c in index["choices"].items():
+            _need("/" in key and isinstance(c, dict) and isinstance(c["metric"], str), "metric")
+    except (KeyError, TypeError) as e:
+        raise ProtocolError(f"{path}: {fix} (bad or missing field {e})") from None
+    return index
+
+
+def check_labels(runs: dict) -> None:
+    """Every seed of a task must have been scored on the same test labels."""
+    first: dict[str, tuple] = {}
+    for (task, method), seeds in runs.items():
+        for r in seeds:
+            seen = first.setdefault(task, (f"{method} seed {r['seed']}", r["labels"]))
+            if not np.array_equal(seen[1], r["labels"]):
+                raise ProtocolError(f"{task}: {method} seed {r['seed']} was scored on other test labels than "
+                                    f"{seen[0]}; delete the stale test.json and rerun the experiment to score it again")
 
 
 def sha256(path: Path) -> str:

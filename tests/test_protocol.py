@@ -219,3 +219,18 @@ def test_outputs_that_are_not_ours_are_refused(tmp_path):
     rc, _, err = run(exp, "--out", tmp_path / "rep")
     assert rc == 2 and "which changed since" in err.replace("(or which changed since)", "which changed since")
     assert (tmp_path / "rep" / "table.md").read_text() == "edited by hand"
+
+
+def test_scrub_drops_machine_paths_and_keeps_the_rest(tmp_path):
+    from spafit_jax import evidence
+
+    exp = tmp_path / "EXP"
+    record = {"workdir": str(exp / "runs/t/m/seed1"), "model": "/opt/models/all-MiniLM-L6-v2",
+              "note": f"read {exp}/data/t/test.jsonl and ~/cache/x.bin", "label": "m@lr=0.001/seed0",
+              "ratio": "1/3", "n": 3, str(exp / "k"): [str(exp)]}
+    assert evidence.scrub(record, exp) == {
+        "workdir": "runs/t/m/seed1", "model": "<local>/all-MiniLM-L6-v2",
+        "note": "read data/t/test.jsonl and <local>/x.bin", "label": "m@lr=0.001/seed0", "ratio": "1/3", "n": 3,
+        "k": ["."]}
+    assert evidence.commit_of({"steps": 3}, {"code_version": {"commit": "abc"}}) == "abc"
+    assert evidence.commit_of({"git_commit": "def"}) == "def" and evidence.commit_of(None, {}) is None
