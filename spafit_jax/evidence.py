@@ -6,8 +6,9 @@ DIR/evidence/ holds:
 - `cells.json`: {"counts", "cells"}: one entry per distinct run folder of the experiment (a seed-0 cell that is
   also its method's search cell counts once) with its roles (search, seed), task, method, seed, searched point,
   `results.json`, `config.yaml` (as a mapping), `test.json` when the cell was scored on test, and the code
-  commit it ran on where the run recorded one. `counts`: the distinct trainings, search cells, seed runs,
-  seeds that reused their search cell, cells scored on test, cells unfinished, and runs per commit.
+  commit it ran on where the run recorded one, and the one-line error of a cell that failed. `counts`: the
+  distinct trainings, search cells, seed runs, seeds that reused their search cell, cells scored on test,
+  cells failed or unfinished, and runs per commit.
 - `predictions-<task>.npz`: the test `labels` and, per scored seed, its predicted classes (or regression scores)
   under `<method>@seed<k>`: everything the protocol's tables are computed from.
 
@@ -93,13 +94,15 @@ def _cells(exp: Path, index: dict) -> list[dict]:
         fix = "the run is damaged: delete its folder and rerun the experiment"
         results = read_json(folder / rundir.RESULTS, fix) if (folder / rundir.RESULTS).is_file() else None
         test = read_json(folder / "test.json", fix) if (folder / "test.json").is_file() else None
-        cell.update(results=results, config=_config(folder), test=test, commit=commit_of(results, test))
+        error = folder / rundir.ERROR
+        cell.update(results=results, config=_config(folder), test=test, commit=commit_of(results, test),
+                    error=error.read_text(encoding="utf-8", errors="replace").strip() if error.is_file() else None)
     return list(cells.values())
 
 
 def counts(cells: list[dict]) -> dict:
     """The exact counts of the experiment's runs: distinct trainings (finished run folders), search cells, seed
-    runs, seed runs that are their search cell, cells scored on test, unfinished cells, runs per commit."""
+    runs, seed runs that are their search cell, cells scored on test, cells failed or unfinished, runs per commit."""
     done = [c for c in cells if c["results"] is not None]
     commits: dict[str, int] = {}
     for c in done:
@@ -108,7 +111,7 @@ def counts(cells: list[dict]) -> dict:
             "seed_runs": sum("seed" in c["roles"] for c in cells),
             "seed_runs_that_are_search_cells": sum(c["roles"] == ["search", "seed"] for c in cells),
             "scored_on_test": sum(c["test"] is not None for c in cells),
-            "unfinished": len(cells) - len(done), "commits": commits}
+            "failed_or_unfinished": len(cells) - len(done), "commits": commits}
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:

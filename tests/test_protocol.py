@@ -53,8 +53,16 @@ def make_exp(root: Path, *, spread: float, seeds: int = 4, rng_seed: int = 0) ->
             index["search"].append({"task": "bbc_news", "method": m, "label": f"{m}@lr={lr}",
                                     "point": {"train.lr": lr}, "seed": 0, "folder": folder})
             _write_cell(exp / folder, m, 0.8 if lr == 0.01 else 0.7, root, "abc1234")
+        failed = []
+        if m == "beta":  # one more search cell, which failed
+            folder = "search/runs/bbc_news/beta@lr=0.1/seed0"
+            index["search"].append({"task": "bbc_news", "method": m, "label": "beta@lr=0.1",
+                                    "point": {"train.lr": 0.1}, "seed": 0, "folder": folder})
+            (exp / folder).mkdir(parents=True)
+            (exp / folder / "error.txt").write_text(f"loss is NaN at step 3 (see {exp / folder})\n")
+            failed = [{"label": "beta@lr=0.1", "error": "loss is NaN at step 3"}]
         index["choices"][f"bbc_news/{m}"] = {"chosen": {"train.lr": 0.01}, "label": f"{m}@lr=0.01",
-                                             "metric": "accuracy", "dev": 0.8, "ties": [], "failed": []}
+                                             "metric": "accuracy", "dev": 0.8, "ties": [], "failed": failed}
         shared = rng.random(N) < p
         for s in range(seeds):
             folder = f"search/runs/bbc_news/{m}@lr=0.01/seed0" if s == 0 else f"runs/bbc_news/{m}/seed{s}"
@@ -128,6 +136,10 @@ def test_published_evidence_recomputes_every_number(published, tmp_path):
     cells = json.loads((pub / "evidence" / "cells.json").read_text())
     assert cells["counts"]["trainings"] == 10  # 4 search cells + 3 more seeds per method; seed 0 counted once
     assert cells["counts"]["seed_runs_that_are_search_cells"] == 2
+    assert (cells["counts"]["search_cells"], cells["counts"]["failed_or_unfinished"]) == (5, 1)
+    failed = next(c for c in cells["cells"] if c["folder"].endswith("beta@lr=0.1/seed0"))
+    assert failed["results"] is None and failed["error"] == f"loss is NaN at step 3 (see {failed['folder']})"
+    assert "- beta: 1 search cell(s) failed" in (pub / "table.md").read_text()
     assert cells["counts"]["commits"] == {"abc1234": 4, "not recorded": 4, "def5678": 2}
     cell = cells["cells"][0]
     assert cell["config"]["train"]["lr"] == 0.01 and cell["results"]["eval"]["accuracy"] == 0.8
