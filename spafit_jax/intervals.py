@@ -11,7 +11,9 @@ percentile interval of those draws; it is the one the protocol's significance ma
 first) with scipy's BCa interval: the interval the first published comparison used, kept as a second
 column. It is narrower whenever the seeds disagree, because it leaves their disagreement out.
 
-Both take each method's per-seed predictions: logits [N, C] or predicted classes / scores [N].
+Both take each method's per-seed predictions: logits [N, C] or predicted classes / scores [N]. Accuracy
+decomposes over examples (each draw is a weighted mean); F1, macro F1 and MCC are computed from each draw's
+confusion counts (`confusion_metric`, vectorised over draws); correlations are recomputed draw by draw.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def metric_fn(metric: str) -> Callable:
     from spafit_jax import metrics
 
     table = {**metrics.CLASSIFICATION, **metrics.REGRESSION}
+    if metric == "combined":  # stsb: (pearson + spearmanr) / 2, as compute_metrics gives it
+        return lambda x, labels: float(np.mean([table[m](predictions(x), labels) for m in ("pearson", "spearmanr")]))
     if metric not in table:
         raise IntervalError(f"metric {metric!r} has no bootstrap here; use one of {', '.join(sorted(table))}")
     return lambda x, labels: float(table[metric](predictions(x), labels))
@@ -108,9 +112,62 @@ def two_stage_draws(a: np.ndarray, b: np.ndarray | None = None, *, resamples: in
     return np.einsum("bi,bi->b", v, per_example)
 
 
+def confusion_metric(metric: str, conf: np.ndarray) -> np.ndarray:
+    """`metric` (accuracy, f1 of class 1, macro_f1, matthews_correlation) from confusion counts conf [..., C, C]
+    (true class x predicted class), as scikit-learn computes it from the examples those counts describe: macro F1
+    averages over the classes present in truth or prediction, a zero denominator gives 0."""
+    conf = np.asarray(conf, dtype=np.float64)
+    total = conf.sum((-2, -1))
+    right = np.trace(conf, axis1=-2, axis2=-1)
+    true, pred = conf.sum(-1), conf.sum(-2)
+    if metric == "accuracy":
+        return right / total
+    tp = np.diagonal(conf, axis1=-2, axis2=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.where(true + pred > 0, 2 * tp / (true + pred), 0.0)
+        if metric == "f1":
+            return f1[..., 1]
+        if metric == "macro_f1":
+            present = (true + pred) > 0
+            return (f1 * present).sum(-1) / present.sum(-1)
+        if metric == "matthews_correlation":
+            cov = right * total - (true * pred).sum(-1)
+            denom = np.sqrt((total**2 - (pred * pred).sum(-1)) * (total**2 - (true * true).sum(-1)))
+            return np.where(denom > 0, cov / denom, 0.0)
+    raise IntervalError(f"metric {metric!r} is not computed from a confusion matrix here")
+
+
+CONFUSION = ("f1", "macro_f1", "matthews_correlation")  # bootstrapped through confusion counts (vectorised)
+
+
+def _confusion_draws(a: Sequence[np.ndarray], b: Sequence[np.ndarray] | None, labels: np.ndarray, metric: str, *,
+                     resamples: int, seed: int, resample_seeds: bool) -> np.ndarray:
+    """The draws of `two_stage_draws` for a classification metric that does not decompose: each seed's confusion
+    counts on each draw's resampled examples (example counts @ one-hot (label, prediction) pairs), its metric, then
+    the seeds' weighted mean. The same sampling as `two_stage_draws` (seeds of a, seeds of b, examples)."""
+    rng = np.random.default_rng(seed)
+    wa = _weights(rng, resamples, len(a), resample_seeds)
+    wb = None if b is None else _weights(rng, resamples, len(b), resample_seeds)
+    counts = rng.multinomial(len(labels), np.full(len(labels), 1.0 / len(labels)), size=resamples).astype(np.float64)
+    classes = int(max(labels.max(), *(p.max() for p in [*a, *(b or [])]))) + 1
+
+    def scores(preds):  # [resamples, seeds]
+        out = []
+        for p in preds:
+            pairs = np.zeros((len(labels), classes * classes))
+            pairs[np.arange(len(labels)), labels.astype(int) * classes + p.astype(int)] = 1.0
+            out.append(confusion_metric(metric, (counts @ pairs).reshape(resamples, classes, classes)))
+        return np.stack(out, axis=1)
+
+    draws = np.einsum("bs,bs->b", wa, scores(a))
+    if b is not None:
+        draws -= np.einsum("bs,bs->b", wb, scores(b))
+    return draws
+
+
 def _metric_draws(a: Sequence[np.ndarray], b: Sequence[np.ndarray] | None, labels: np.ndarray, fn: Callable, *,
                   resamples: int, seed: int, resample_seeds: bool) -> np.ndarray:
-    """The draws of `two_stage_draws` for a metric that does not decompose: each seed's metric recomputed on the
+    """The draws of `two_stage_draws` for a regression metric (correlations): each seed's metric recomputed on the
     resampled examples (a loop over draws; seeds drawn by index, examples by index)."""
     rng = np.random.default_rng(seed)
     n = len(labels)
@@ -145,6 +202,10 @@ def two_stage(a: Sequence[np.ndarray], b: Sequence[np.ndarray] | None, labels: n
         sa = np.stack([score(x, labels) for x in a])
         sb = None if b is None else np.stack([score(x, labels) for x in b])
         draws = two_stage_draws(sa, sb, resamples=resamples, seed=seed, resample_seeds=resample_seeds)
+    elif metric in CONFUSION:
+        pa = [predictions(x) for x in a]
+        pb = None if b is None else [predictions(x) for x in b]
+        draws = _confusion_draws(pa, pb, labels, metric, resamples=resamples, seed=seed, resample_seeds=resample_seeds)
     else:
         pa = [predictions(x) for x in a]
         pb = None if b is None else [predictions(x) for x in b]

@@ -100,7 +100,7 @@ def test_seeds_that_agree_give_the_examples_only_interval():
     assert two["significant"] == (two["low"] > 0)
 
 
-def test_a_metric_that_does_not_decompose_resamples_seeds_too():
+def test_metrics_that_do_not_decompose_resample_seeds_too():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 3, 200)
     a = _seeds(rng, labels, [0.55, 0.85, 0.7])
@@ -109,6 +109,15 @@ def test_a_metric_that_does_not_decompose_resamples_seeds_too():
     ex = intervals.two_stage(a, b, labels, "macro_f1", resamples=300, seed=0, resample_seeds=False)
     assert two["low"] < two["estimate"] < two["high"]
     assert two["high"] - two["low"] > 1.3 * (ex["high"] - ex["low"])
+    # a regression metric: each draw recomputes the correlation (a loop, so few draws here)
+    y = rng.normal(size=150)
+    good = [y + rng.normal(scale=s, size=150) for s in (0.3, 1.5)]
+    fixed = [y + rng.normal(scale=1.0, size=150)] * 2
+    two = intervals.two_stage(good, fixed, y, "pearson", resamples=200, seed=0)
+    ex = intervals.two_stage(good, fixed, y, "pearson", resamples=200, seed=0, resample_seeds=False)
+    assert two["low"] < two["estimate"] < two["high"] and two["high"] - two["low"] > 1.3 * (ex["high"] - ex["low"])
+    assert intervals.metric_fn("combined")(good[0], y) == pytest.approx(
+        np.mean([intervals.metric_fn("pearson")(good[0], y), intervals.metric_fn("spearmanr")(good[0], y)]))
     with pytest.raises(intervals.IntervalError, match="against 200 labels"):
         intervals.two_stage([a[0][:10]], b, labels, "accuracy")
     with pytest.raises(intervals.IntervalError, match="has no bootstrap here"):
@@ -121,3 +130,21 @@ def test_predictions_from_logits_and_scores():
     assert intervals.predictions(np.array([2, 0])).tolist() == [2, 0]
     assert intervals.per_example("accuracy")(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([1, 1])).tolist() == [1.0, 0.0]
     assert intervals.per_example("macro_f1") is None
+
+
+@pytest.mark.filterwarnings("ignore:A single label")
+@pytest.mark.parametrize("metric", ["accuracy", "f1", "macro_f1", "matthews_correlation"])
+def test_confusion_metrics_match_scikit_learn_on_resamples(metric):
+    from spafit_jax import metrics
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 4 if metric != "f1" else 2, 60)
+    pred = np.where(rng.random(60) < 0.6, labels, rng.integers(0, 4 if metric != "f1" else 2, 60))
+    cases = [rng.integers(0, 60, 60) for _ in range(40)]
+    cases += [np.flatnonzero(labels == labels[0])[:5], np.flatnonzero(pred == labels)[:8]]  # classes absent, perfect
+    for idx in cases:
+        counts = np.bincount(idx, minlength=60)
+        conf = np.zeros((4, 4))
+        np.add.at(conf, (labels, pred), counts)
+        expected = metrics.CLASSIFICATION[metric](pred[idx], labels[idx])
+        assert intervals.confusion_metric(metric, conf) == pytest.approx(expected, abs=1e-12)
