@@ -214,3 +214,14 @@ def two_stage(a: Sequence[np.ndarray], b: Sequence[np.ndarray] | None, labels: n
     low, high = (float(q) for q in np.nanpercentile(draws, [tail, 100 - tail]))
     return {"estimate": float(estimate), "low": low, "high": high,
             "significant": None if b is None else not (low <= 0 <= high)}
+
+
+def examples_only(a: Sequence[np.ndarray], b: Sequence[np.ndarray], labels: np.ndarray, metric: str, *,
+                  resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+    """The examples-only interval of a - b (seeds held fixed): `paired_bootstrap`'s BCa where the metric decomposes
+    over examples (accuracy, vectorised), else `two_stage` without the seed stage (percentile; BCa would recompute
+    the metric for every draw and every left-out example). Returns {difference, low, high, significant}."""
+    if per_example(metric) is not None:
+        return paired_bootstrap(a, b, labels, metric, resamples=resamples, confidence=confidence, seed=seed)
+    r = two_stage(a, b, labels, metric, resamples=resamples, confidence=confidence, seed=seed, resample_seeds=False)
+    return {"difference": r["estimate"], "low": r["low"], "high": r["high"], "significant": r["significant"]}

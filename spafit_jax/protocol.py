@@ -10,10 +10,10 @@ method) and the search cells' training losses as PNG and SVG. `--publish DIR` wr
 The intervals (`intervals.py`): each method's test score and its difference to the task's best method with a
 95 % two-stage bootstrap interval, seeds resampled per method and test examples resampled (one draw shared by
 both methods: paired), 2,000 draws, percentile; a difference is marked significant (*) only when that interval
-excludes 0. The examples-only interval (seeds held fixed, BCa) is the second column: it leaves out how much
-the trained models vary between seeds. differences.csv holds every pair of methods of a task, both intervals.
-The best method is the one with the highest test mean: the marks say which methods are distinguishable from
-it, not a ranking of the others.
+excludes 0. The examples-only interval (seeds held fixed; BCa for accuracy) is the second column: it leaves
+out how much the trained models vary between seeds. differences.csv holds every pair of methods of a task,
+both intervals. The best method is the one with the highest test mean: the marks say which methods are
+distinguishable from it, not a ranking of the others.
 
 Every file read is checked: a damaged or missing one (selection.json, test.json, results.json, predictions
 that do not fit their labels or their test.json) is one `error:` line and exit status 2, and nothing is written;
@@ -36,7 +36,7 @@ import numpy as np
 
 from spafit_jax import intervals, rundir
 from spafit_jax.errors import SpafitError
-from spafit_jax.intervals import RESAMPLES, paired_bootstrap
+from spafit_jax.intervals import RESAMPLES, examples_only, paired_bootstrap  # noqa: F401 (protocol.paired_bootstrap)
 from spafit_jax.protocol_files import (ProtocolError, check_index, check_labels, check_score, read_json,
                                       write_outputs)
 
@@ -151,7 +151,7 @@ def rows(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
             seeds, choice = runs[(task, m)], index["choices"][f"{task}/{m}"]
             score = intervals.two_stage(preds[m], None, labels, metric, resamples=resamples)
             hier = None if m == best else intervals.two_stage(preds[m], preds[best], labels, metric, resamples=resamples)
-            ex = None if m == best else paired_bootstrap(preds[m], preds[best], labels, metric, resamples=resamples)
+            ex = None if m == best else examples_only(preds[m], preds[best], labels, metric, resamples=resamples)
             out.append({"task": task, "method": m, "metric": metric, "chosen": _value(choice.get("chosen")),
                         "dev": choice.get("dev"), "ties": ", ".join(choice.get("ties") or []),
                         "failed_search": len(choice.get("failed") or []), "seeds": len(seeds), "test_mean": means[m],
@@ -177,7 +177,7 @@ def differences(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any
         for i, a in enumerate(order):
             for b in order[i + 1:]:
                 hier = intervals.two_stage(preds[a], preds[b], labels, metric, resamples=resamples)
-                ex = paired_bootstrap(preds[a], preds[b], labels, metric, resamples=resamples)
+                ex = examples_only(preds[a], preds[b], labels, metric, resamples=resamples)
                 out.append({"task": task, "a": a, "b": b, "metric": metric, "diff": hier["estimate"],
                             "low": hier["low"], "high": hier["high"], "significant": hier["significant"],
                             "examples_low": ex["low"], "examples_high": ex["high"],
@@ -224,7 +224,7 @@ def table_markdown(table: Sequence[dict]) -> str:
                  "test score minus the best method's, averaged over seeds. Intervals: two-stage bootstrap, seeds "
                  "resampled per method, then test examples (paired between methods), "
                  f"{RESAMPLES} draws, percentile; * that interval excludes 0. Examples only: the seeds held fixed, "
-                 "test examples resampled (BCa), which leaves seed noise out. Every pair: differences.csv.")
+                 "test examples resampled (BCa for accuracy), which leaves seed noise out. Every pair: differences.csv.")
     return "\n".join(lines) + "\n"
 
 

@@ -109,6 +109,9 @@ def test_metrics_that_do_not_decompose_resample_seeds_too():
     ex = intervals.two_stage(a, b, labels, "macro_f1", resamples=300, seed=0, resample_seeds=False)
     assert two["low"] < two["estimate"] < two["high"]
     assert two["high"] - two["low"] > 1.3 * (ex["high"] - ex["low"])
+    same = intervals.examples_only(a, b, labels, "macro_f1", resamples=300, seed=0)
+    assert (same["difference"], same["low"], same["high"]) == (ex["estimate"], ex["low"], ex["high"])
+    assert intervals.examples_only(a, b, labels, "accuracy") == intervals.paired_bootstrap(a, b, labels, "accuracy")
     # a regression metric: each draw recomputes the correlation (a loop, so few draws here)
     y = rng.normal(size=150)
     good = [y + rng.normal(scale=s, size=150) for s in (0.3, 1.5)]
