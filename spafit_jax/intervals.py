@@ -25,6 +25,7 @@ import numpy as np
 from spafit_jax.errors import SpafitError
 
 RESAMPLES, CONFIDENCE = 2000, 0.95
+CONFUSION = ("f1", "macro_f1", "matthews_correlation")  # bootstrapped through confusion counts (vectorised)
 
 
 class IntervalError(SpafitError):
@@ -46,10 +47,18 @@ def per_example(metric: str) -> Callable | None:
 
 
 def metric_fn(metric: str) -> Callable:
-    """fn(logits or predictions, labels) -> the metric, from metrics' tables."""
+    """fn(logits or predictions, labels) -> the metric, as metrics' tables compute it (classification metrics from the
+    confusion counts, `confusion_metric`, which gives scikit-learn's value without its per-call cost)."""
     from spafit_jax import metrics
 
     table = {**metrics.CLASSIFICATION, **metrics.REGRESSION}
+    if metric in ("accuracy", *CONFUSION):
+        def from_confusion(x, labels):
+            pred, labels = predictions(x).astype(int), np.asarray(labels).astype(int)
+            classes = max(int(max(pred.max(initial=0), labels.max(initial=0))) + 1, 2)
+            conf = np.bincount(labels * classes + pred, minlength=classes * classes).reshape(classes, classes)
+            return float(confusion_metric(metric, conf))
+        return from_confusion
     if metric == "combined":  # stsb: (pearson + spearmanr) / 2, as compute_metrics gives it
         return lambda x, labels: float(np.mean([table[m](predictions(x), labels) for m in ("pearson", "spearmanr")]))
     if metric not in table:
@@ -89,10 +98,12 @@ def paired_bootstrap(a: Sequence[np.ndarray], b: Sequence[np.ndarray], labels: n
 
 
 def _weights(rng: np.random.Generator, resamples: int, n: int, resample: bool) -> np.ndarray:
-    """[resamples, n] multinomial counts / n (each row a resample's weights), or uniform rows when not resampling."""
+    """[resamples, n]: how often each of n items is drawn in a resample of n with replacement, / n (each row a
+    resample's weights; multinomial counts, by one bincount), or uniform rows when not resampling."""
     if not resample:
         return np.full((resamples, n), 1.0 / n)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples) / n
+    drawn = rng.integers(0, n, (resamples, n)) + n * np.arange(resamples)[:, None]
+    return np.bincount(drawn.ravel(), minlength=resamples * n).reshape(resamples, n) / n
 
 
 def two_stage_draws(a: np.ndarray, b: np.ndarray | None = None, *, resamples: int = RESAMPLES, seed: int = 0,
@@ -137,9 +148,6 @@ def confusion_metric(metric: str, conf: np.ndarray) -> np.ndarray:
     raise IntervalError(f"metric {metric!r} is not computed from a confusion matrix here")
 
 
-CONFUSION = ("f1", "macro_f1", "matthews_correlation")  # bootstrapped through confusion counts (vectorised)
-
-
 def _confusion_draws(a: Sequence[np.ndarray], b: Sequence[np.ndarray] | None, labels: np.ndarray, metric: str, *,
                      resamples: int, seed: int, resample_seeds: bool) -> np.ndarray:
     """The draws of `two_stage_draws` for a classification metric that does not decompose: each seed's confusion
@@ -148,15 +156,18 @@ def _confusion_draws(a: Sequence[np.ndarray], b: Sequence[np.ndarray] | None, la
     rng = np.random.default_rng(seed)
     wa = _weights(rng, resamples, len(a), resample_seeds)
     wb = None if b is None else _weights(rng, resamples, len(b), resample_seeds)
-    counts = rng.multinomial(len(labels), np.full(len(labels), 1.0 / len(labels)), size=resamples).astype(np.float64)
-    classes = int(max(labels.max(), *(p.max() for p in [*a, *(b or [])]))) + 1
+    counts = _weights(rng, resamples, len(labels), True) * len(labels)
+    classes = max(int(max(labels.max(), *(p.max() for p in [*a, *(b or [])]))) + 1, 2)
 
-    def scores(preds):  # [resamples, seeds]
+    def scores(preds):  # [resamples, seeds]: each seed's metric from its confusion counts on each draw
         out = []
         for p in preds:
-            pairs = np.zeros((len(labels), classes * classes))
-            pairs[np.arange(len(labels)), labels.astype(int) * classes + p.astype(int)] = 1.0
-            out.append(confusion_metric(metric, (counts @ pairs).reshape(resamples, classes, classes)))
+            pair = labels.astype(int) * classes + p.astype(int)  # each example's (label, prediction) cell
+            order = np.argsort(pair, kind="stable")
+            cells, starts = np.unique(pair[order], return_index=True)
+            conf = np.zeros((resamples, classes * classes))
+            conf[:, cells] = np.add.reduceat(counts[:, order], starts, axis=1)
+            out.append(confusion_metric(metric, conf.reshape(resamples, classes, classes)))
         return np.stack(out, axis=1)
 
     draws = np.einsum("bs,bs->b", wa, scores(a))

@@ -151,3 +151,6 @@ def test_confusion_metrics_match_scikit_learn_on_resamples(metric):
         np.add.at(conf, (labels, pred), counts)
         expected = metrics.CLASSIFICATION[metric](pred[idx], labels[idx])
         assert intervals.confusion_metric(metric, conf) == pytest.approx(expected, abs=1e-12)
+        assert intervals.metric_fn(metric)(pred[idx], labels[idx]) == pytest.approx(expected, abs=1e-12)
+    zeros = np.zeros(5, dtype=int)  # one class only: F1 of class 1 and MCC are 0, as scikit-learn gives them
+    assert intervals.metric_fn(metric)(zeros, zeros) == pytest.approx(metrics.CLASSIFICATION[metric](zeros, zeros))
