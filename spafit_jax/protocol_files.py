@@ -80,6 +80,9 @@ def check_index(index: Any, path: Path) -> dict:
             _need(isinstance(e["point"], dict) and isinstance(e["label"], str), "point")
         for key, c in index["choices"].items():
             _need("/" in key and isinstance(c, dict) and isinstance(c["metric"], str), "metric")
+            _need(isinstance(c.get("chosen"), (dict, type(None))) and isinstance(c.get("ties", []), list)
+                  and isinstance(c.get("failed", []), list), "chosen, ties, failed")
+            _need(c.get("dev") is None or isinstance(c["dev"], (int, float)), "dev")
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"{path}: {fix} (bad or missing field {e})") from None
     return index
@@ -123,11 +126,15 @@ def check_out(out: Path, names: Sequence[str], flag: str) -> None:
     if not out.exists():
         return
     ours = _ours(out)
-    for name in [*names, MARKER]:
+    for name in names:
         path = out / name
-        if name == MARKER or not (path.exists() or path.is_symlink()):
+        if not (path.exists() or path.is_symlink()):
             continue
-        if path.is_symlink() or not path.is_file() or ours.get(name) != sha256(path):
+        try:
+            same = not path.is_symlink() and path.is_file() and ours.get(name) == sha256(path)
+        except OSError as e:
+            raise ProtocolError(f"{flag} {out}: {name} cannot be read ({e.strerror or e}); name another folder") from None
+        if not same:
             raise ProtocolError(f"{flag} {out} already holds {name}, which protocol did not write there (or which "
                                 "changed since); move it aside or name another folder")
 

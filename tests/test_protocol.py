@@ -163,6 +163,10 @@ def _damage(exp: Path, case: str) -> None:
         (exp / "selection.json").write_text((exp / "selection.json").read_text()[:200])
     elif case == "selection not an index":
         (exp / "selection.json").write_text(json.dumps({"seeds": [{"task": "t"}], "choices": {}}))
+    elif case == "a choice that is not one":
+        index = json.loads((exp / "selection.json").read_text())
+        index["choices"]["bbc_news/beta"]["chosen"] = "lr=0.01"
+        (exp / "selection.json").write_text(json.dumps(index))
     elif case == "test.json truncated":
         (seed1 / "test.json").write_text('{"metrics": {"accur')
     elif case == "results.json truncated":
@@ -189,6 +193,7 @@ def _damage(exp: Path, case: str) -> None:
 @pytest.mark.parametrize("case, message", [
     ("selection truncated", "selection.json is not valid JSON"),
     ("selection not an index", "not a selection.json written by the experiment"),
+    ("a choice that is not one", "bad or missing field chosen"),
     ("test.json truncated", "test.json is not valid JSON"),
     ("results.json truncated", "results.json is not valid JSON"),
     ("search results truncated", "results.json is not valid JSON"),
