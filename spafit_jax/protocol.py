@@ -1,161 +1,188 @@
-"""`python -m spafit_jax.protocol EXP [--out DIR]`: the report of an experiment run with a `select:` section.
+"""`python -m spafit_jax.protocol EXP [--out DIR] [--publish DIR]`: the report of an experiment run with a `select:`
+section; `python -m spafit_jax.protocol --from-published DIR`: the same tables recomputed from published evidence.
 
-Reads EXP/selection.json (written by `selection`): per task and method the chosen value and its dev
-score, and each seed's test scores (test.json) and test predictions (test_predictions.npz). Writes
-to DIR (default EXP/report): table.md and protocol.csv (chosen value, dev score, test mean ± sample
-std over seeds, the difference to the task's best method with its 95 % paired-bootstrap interval,
-trainable parameters), the dev curves (dev score vs the searched value, per method) and the search
-cells' training losses as PNG and SVG.
+Reads EXP/selection.json (written by `selection`): per task and method the chosen value and its dev score, and
+each seed's test scores (test.json) and test predictions (test_predictions.npz). Writes to DIR (default
+EXP/report): table.md, protocol.csv and differences.csv, the dev curves (dev score vs the searched value, per
+method) and the search cells' training losses as PNG and SVG. `--publish DIR` writes the same plus the evidence
+(`evidence.py`: every scored cell's predictions, every cell's results.json and config.yaml, the counts).
 
-The interval: the test examples are resampled with replacement (the same draw for both methods: the
-comparison is paired); on each draw the statistic is the method's score minus the best method's, each
-averaged over its seeds (the seeds' predictions of one example stay together). scipy.stats.bootstrap
-(BCa) gives the interval from 2,000 draws; a difference is marked significant (*) when its interval
-excludes 0. The best method is the one with the highest test mean: the marks say which methods are
+The intervals (`intervals.py`): each method's test score and its difference to the task's best method with a
+95 % two-stage bootstrap interval, seeds resampled per method and test examples resampled (one draw shared by
+both methods: paired), 2,000 draws, percentile; a difference is marked significant (*) only when that interval
+excludes 0. The examples-only interval (seeds held fixed; BCa for accuracy) is the second column: it leaves
+out how much the trained models vary between seeds. differences.csv holds every pair of methods of a task,
+both intervals. The best method is the one with the highest test mean: the marks say which methods are
 distinguishable from it, not a ranking of the others.
+
+Every file read is checked: a damaged or missing one (selection.json, test.json, results.json, predictions
+that do not fit their labels or their test.json) is one `error:` line and exit status 2, and nothing is written;
+the output folder may hold only files that protocol wrote there itself (`.spafit-protocol.json` lists them).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
+import io
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from spafit_jax import metricslog, rundir
+from spafit_jax import intervals, rundir
 from spafit_jax.errors import SpafitError
+from spafit_jax.intervals import RESAMPLES, examples_only, paired_bootstrap  # noqa: F401 (protocol.paired_bootstrap)
+from spafit_jax.protocol_files import (ProtocolError, check_index, check_labels, check_score, read_json,
+                                      write_outputs)
 
-RESAMPLES, CONFIDENCE = 2000, 0.95
-
-
-class ProtocolError(SpafitError):
-    """Nothing to report: no selection.json, or no seed scored on test yet."""
-
-
-def _per_example(metric: str) -> Callable | None:
-    """A per-example score whose mean is `metric` (None when the metric does not decompose, e.g. F1)."""
-    if metric == "accuracy":
-        return lambda logits, labels: (logits.argmax(-1) == labels).astype(np.float64)
-    return None
-
-
-def _metric_fn(metric: str) -> Callable:
-    from spafit_jax import metrics
-
-    table = {**metrics.CLASSIFICATION, **metrics.REGRESSION}
-    if metric not in table:
-        raise ProtocolError(f"metric {metric!r} has no bootstrap here; use one of {', '.join(sorted(table))}")
-    return lambda logits, labels: table[metric](logits.argmax(-1) if logits.ndim == 2 and logits.shape[1] > 1
-                                                else logits.reshape(-1), labels)
-
-
-def paired_bootstrap(a: Sequence[np.ndarray], b: Sequence[np.ndarray], labels: np.ndarray, metric: str, *,
-                     resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> dict:
-    """The difference mean_seeds metric(a) - mean_seeds metric(b) on the test examples, and its paired-bootstrap
-    interval over examples: `a`, `b` are each method's per-seed logits [N, C] (or scores [N]) on the same
-    examples, `labels` [N]. Returns {difference, low, high, significant}."""
-    from scipy import stats
-
-    labels = np.asarray(labels)
-    per_example = _per_example(metric)
-    if per_example is not None:  # the difference of means is the mean of per-example differences
-        d = np.mean([per_example(x, labels) for x in a], axis=0) - np.mean([per_example(x, labels) for x in b], axis=0)
-        data, statistic, vectorized = (d,), lambda x, axis=-1: np.mean(x, axis=axis), True
-        point = float(d.mean())
-    else:
-        fn = _metric_fn(metric)
-
-        def statistic(idx):
-            idx = idx.astype(int)
-            return (np.mean([fn(x[idx], labels[idx]) for x in a]) - np.mean([fn(x[idx], labels[idx]) for x in b]))
-
-        data, vectorized = (np.arange(len(labels)),), False
-        point = float(statistic(data[0]))
-    if np.ptp(data[0]) == 0 and per_example is not None:  # every resample gives the same difference
-        return {"difference": point, "low": point, "high": point, "significant": point != 0}
-    res = stats.bootstrap(data, statistic, vectorized=vectorized, n_resamples=resamples, confidence_level=confidence,
-                          method="BCa", random_state=np.random.default_rng(seed))
-    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return {"difference": point, "low": low, "high": high, "significant": not (low <= 0 <= high)}
+TABLES = ("table.md", "protocol.csv", "differences.csv")
+PICTURES = ("dev_curves.png", "dev_curves.svg", "train_loss.png", "train_loss.svg")
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading the experiment
 
 
-def _read_seed(exp: Path, entry: dict) -> dict | None:
+def _predictions(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions [N], labels [N]) from a seed's test_predictions.npz, checked."""
+    path = folder / "test_predictions.npz"
+    if not path.is_file():
+        raise ProtocolError(f"{path} is missing but test.json says the seed was scored; delete {folder / 'test.json'} "
+                            "and rerun the experiment to score it again")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            logits, labels = f["logits"], f["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ProtocolError(f"{path} is not readable predictions ({type(e).__name__}: {' '.join(str(e).split())[:80]}); delete it and "
+                            f"{folder / 'test.json'} and rerun the experiment to score the seed again") from None
+    if logits.ndim not in (1, 2) or labels.ndim != 1 or len(logits) != len(labels):
+        raise ProtocolError(f"{path}: logits {logits.shape} do not fit labels {labels.shape}; delete it and "
+                            f"{folder / 'test.json'} and rerun the experiment to score the seed again")
+    return intervals.predictions(logits), labels
+
+
+def _read_seed(exp: Path, entry: dict, metric: str) -> dict | None:
     folder = exp / entry["folder"]
-    if not (folder / "test.json").is_file() or not (folder / rundir.RESULTS).is_file():
+    if not (folder / "test.json").is_file():
         return None
-    test = json.loads((folder / "test.json").read_text())
-    results = json.loads((folder / rundir.RESULTS).read_text())
-    with np.load(folder / "test_predictions.npz") as f:
-        logits, labels = f["logits"], f["labels"]
-    return {**entry, "test": test["metrics"], "dev": results["eval"], "logits": logits, "labels": labels,
+    fix = "rerun the experiment to score the seed again"
+    test = read_json(folder / "test.json", f"delete it and {fix}")
+    results = read_json(folder / rundir.RESULTS, "the run is damaged: delete its folder and rerun the experiment")
+    if not isinstance(test.get("metrics"), dict) or not isinstance(results.get("eval"), dict):
+        raise ProtocolError(f"{folder}: test.json or results.json lacks its metrics; delete test.json and {fix}")
+    pred, labels = _predictions(folder)
+    if "examples" in test and test["examples"] != len(labels):
+        raise ProtocolError(f"{folder}: test_predictions.npz holds {len(labels)} examples, test.json says "
+                            f"{test['examples']}; delete both and {fix}")
+    check_score(test["metrics"], pred, labels, metric, f"{folder}: test.json's", "test_predictions.npz",
+                f"delete both and {fix}")
+    return {**entry, "test": test["metrics"], "dev": results["eval"], "pred": pred, "labels": labels,
             "params": results.get("trainable_params"), "train_seconds": results.get("train_seconds")}
+
+
+def _choice(index: dict, task: str, method: str, path: Path) -> dict:
+    choice = index["choices"].get(f"{task}/{method}")
+    if choice is None:
+        raise ProtocolError(f"{path}: seeds of {task}/{method} but no choice for it; rerun the experiment")
+    return choice
 
 
 def collect(exp: str | Path) -> dict:
     """{"index": selection.json, "runs": {(task, method): [seed records]}}; seeds not scored on test yet are left out."""
     exp = Path(exp)
     path = exp / "selection.json"
+    if not exp.is_dir():
+        raise ProtocolError(f"{exp} is not a folder; name the experiment's --workdir")
     if not path.is_file():
         raise ProtocolError(f"{path} not found; run the experiment (python -m spafit_jax.experiment with a select: "
                             "section) first")
-    index = json.loads(path.read_text())
+    index = check_index(read_json(path, "rerun the experiment to write it again"), path)
     runs: dict[tuple[str, str], list] = {}
     for entry in index["seeds"]:
-        record = _read_seed(exp, entry)
+        metric = _choice(index, entry["task"], entry["method"], path)["metric"]
+        record = _read_seed(exp, entry, metric)
         if record is not None:
             runs.setdefault((entry["task"], entry["method"]), []).append(record)
     if not runs:
         raise ProtocolError(f"no seed of {exp} has been scored on test yet; let the experiment run on")
+    check_labels(runs)
     return {"index": index, "runs": runs}
 
 
-def _value(point: dict) -> str:
+# ----------------------------------------------------------------------------------------------
+# The tables
+
+
+def _value(point: dict | None) -> str:
+    if point is None:
+        return "–"
     return ", ".join(f"{k.rsplit('.', 1)[-1]}={v:g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
                      for k, v in point.items())
 
 
+def _task_scores(runs: dict, task: str, metric: str) -> tuple[dict, dict, np.ndarray]:
+    """({method: [per-seed predictions]}, {method: [per-seed test score]}, labels) of one task."""
+    preds = {m: [r["pred"] for r in seeds] for (t, m), seeds in runs.items() if t == task}
+    labels = next(seeds for (t, _), seeds in runs.items() if t == task)[0]["labels"]
+    fn = intervals.metric_fn(metric)
+    return preds, {m: [fn(p, labels) for p in ps] for m, ps in preds.items()}, labels
+
+
+def _metric_of(index: dict, task: str) -> str:
+    return next(c["metric"] for k, c in index["choices"].items() if k.split("/", 1)[0] == task)
+
+
 def rows(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
-    """One row per task and method: choice, dev score, test mean/std over seeds, difference to the best with its CI."""
+    """One row per task and method: choice, dev score, test mean/std over seeds with its two-stage interval, the
+    difference to the best with its two-stage interval (low, high, significant) and its examples-only one."""
     index, runs = data["index"], data["runs"]
     out = []
     for task in dict.fromkeys(t for t, _ in runs):
-        choices = {m.split("/", 1)[1]: c for m, c in index["choices"].items() if m.split("/", 1)[0] == task}
-        metric = next(iter(choices.values()))["metric"]
-        methods = [m for (t, m) in runs if t == task]
-        means = {m: statistics.fmean(r["test"][metric] for r in runs[(task, m)]) for m in methods}
-        best = max(methods, key=lambda m: means[m])
-        labels = runs[(task, best)][0]["labels"]
-        for m in methods:
-            seeds, choice = runs[(task, m)], choices[m]
-            values = [r["test"][metric] for r in seeds]
-            ci = None if m == best else paired_bootstrap([r["logits"] for r in seeds],
-                                                         [r["logits"] for r in runs[(task, best)]], labels, metric,
-                                                         resamples=resamples)
-            out.append({"task": task, "method": m, "metric": metric, "chosen": _value(choice["chosen"]),
-                        "dev": choice["dev"], "ties": ", ".join(choice["ties"]),
-                        "failed_search": len(choice["failed"]), "seeds": len(values), "test_mean": means[m],
-                        "test_std": statistics.stdev(values) if len(values) > 1 else None,
-                        "best": m == best, "diff": None if ci is None else ci["difference"],
-                        "low": None if ci is None else ci["low"], "high": None if ci is None else ci["high"],
-                        "significant": None if ci is None else ci["significant"],
+        metric = _metric_of(index, task)
+        preds, scores, labels = _task_scores(runs, task, metric)
+        means = {m: statistics.fmean(v) for m, v in scores.items()}
+        best = max(means, key=lambda m: means[m])
+        for m in preds:
+            seeds, choice = runs[(task, m)], index["choices"][f"{task}/{m}"]
+            score = intervals.two_stage(preds[m], None, labels, metric, resamples=resamples)
+            hier = None if m == best else intervals.two_stage(preds[m], preds[best], labels, metric, resamples=resamples)
+            ex = None if m == best else examples_only(preds[m], preds[best], labels, metric, resamples=resamples)
+            out.append({"task": task, "method": m, "metric": metric, "chosen": _value(choice.get("chosen")),
+                        "dev": choice.get("dev"), "ties": ", ".join(choice.get("ties") or []),
+                        "failed_search": len(choice.get("failed") or []), "seeds": len(seeds), "test_mean": means[m],
+                        "test_std": statistics.stdev(scores[m]) if len(seeds) > 1 else None,
+                        "test_low": score["low"], "test_high": score["high"],
+                        "best": m == best, "diff": None if hier is None else hier["estimate"],
+                        "low": None if hier is None else hier["low"], "high": None if hier is None else hier["high"],
+                        "significant": None if hier is None else hier["significant"],
+                        "examples_low": None if ex is None else ex["low"],
+                        "examples_high": None if ex is None else ex["high"],
                         "params": seeds[0]["params"],
                         "train_seconds": statistics.fmean(r["train_seconds"] or 0.0 for r in seeds)})
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing
+def differences(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
+    """Every pair of methods of a task (a before b in the order of the table): a - b with both intervals."""
+    out = []
+    for task in dict.fromkeys(t for t, _ in data["runs"]):
+        metric = _metric_of(data["index"], task)
+        preds, scores, labels = _task_scores(data["runs"], task, metric)
+        order = sorted(preds, key=lambda m: -statistics.fmean(scores[m]))
+        for i, a in enumerate(order):
+            for b in order[i + 1:]:
+                hier = intervals.two_stage(preds[a], preds[b], labels, metric, resamples=resamples)
+                ex = examples_only(preds[a], preds[b], labels, metric, resamples=resamples)
+                out.append({"task": task, "a": a, "b": b, "metric": metric, "diff": hier["estimate"],
+                            "low": hier["low"], "high": hier["high"], "significant": hier["significant"],
+                            "examples_low": ex["low"], "examples_high": ex["high"],
+                            "examples_significant": ex["significant"]})
+    return out
 
 
 def _x100(v: float | None, sign: bool = False) -> str:
@@ -166,129 +193,128 @@ def _params(n: int | None) -> str:
     return "?" if n is None else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
+def _ci(low: float | None, high: float | None, sign: bool = True) -> str:
+    return f"[{_x100(low, sign)}, {_x100(high, sign)}]"
+
+
 def table_markdown(table: Sequence[dict]) -> str:
-    """table.md: one section per task; the best test mean in bold, * where the interval excludes 0."""
+    """table.md: one section per task; the best test mean in bold, * where the seeds-and-examples interval excludes 0."""
     lines = []
     for task in dict.fromkeys(r["task"] for r in table):
         mine = sorted((r for r in table if r["task"] == task), key=lambda r: -r["test_mean"])
         metric = mine[0]["metric"]
         lines += [f"### {task} ({metric} x100)", "",
-                  "| Method | Trainable | Chosen | Dev | Test mean ± std (seeds) | Δ to best [95% CI] | |",
-                  "|---|---:|---|---:|---:|---:|---|"]
+                  "| Method | Trainable | Chosen | Dev | Test mean ± std (seeds) [95% CI] | Δ to best [95% CI] | | "
+                  "Δ [95% CI, examples only] |",
+                  "|---|---:|---|---:|---:|---:|---|---:|"]
         for r in mine:
             std = "" if r["test_std"] is None else f" ± {_x100(r['test_std'])}"
             test = f"{_x100(r['test_mean'])}{std} ({r['seeds']})"
-            diff = "best" if r["best"] else f"{_x100(r['diff'], True)} [{_x100(r['low'], True)}, {_x100(r['high'], True)}]"
-            lines.append(f"| {r['method']} | {_params(r['params'])} | {r['chosen']} | {_x100(r['dev'])} | "
-                         f"{'**' + test + '**' if r['best'] else test} | {diff} | {'*' if r['significant'] else ''} |")
+            test = f"{'**' + test + '**' if r['best'] else test} {_ci(r['test_low'], r['test_high'], False)}"
+            diff = "best" if r["best"] else f"{_x100(r['diff'], True)} {_ci(r['low'], r['high'])}"
+            ex = "" if r["best"] else _ci(r["examples_low"], r["examples_high"])
+            lines.append(f"| {r['method']} | {_params(r['params'])} | {r['chosen']} | {_x100(r['dev'])} | {test} | "
+                         f"{diff} | {'*' if r['significant'] else ''} | {ex} |")
         notes = [f"{r['method']}: dev tie among {r['ties']}" for r in mine if r["ties"]]
         notes += [f"{r['method']}: {r['failed_search']} search cell(s) failed" for r in mine if r["failed_search"]]
+        notes += [f"{r['method']}: one seed, so its intervals cannot show seed noise" for r in mine if r["seeds"] < 2]
         lines += ["", *(f"- {n}" for n in notes), ""] if notes else [""]
     lines.append("Chosen: the searched value with the best dev score (a dev split carved from the training data); "
-                 "Test: the untouched test split, mean ± sample std over seeds; Δ: the method's test score minus the "
-                 "best method's, averaged over seeds, with a 95% paired-bootstrap interval over test examples "
-                 f"({RESAMPLES} resamples, BCa); * the interval excludes 0.")
+                 "Test: the untouched test split, mean ± sample std over seeds, with a 95% interval; Δ: the method's "
+                 "test score minus the best method's, averaged over seeds. Intervals: two-stage bootstrap, seeds "
+                 "resampled per method, then test examples (paired between methods), "
+                 f"{RESAMPLES} draws, percentile; * that interval excludes 0. Examples only: the seeds held fixed, "
+                 "test examples resampled (BCa for accuracy), which leaves seed noise out. Every pair: differences.csv.")
     return "\n".join(lines) + "\n"
 
 
-def write_csv(table: Sequence[dict], path: Path) -> None:
-    """protocol.csv: the rows of `rows`."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+def csv_text(table: Sequence[dict]) -> str:
+    """The rows of `rows` or `differences` as CSV text (protocol.csv, differences.csv)."""
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(table[0]) if table else ["task"])
+    writer.writeheader()
+    writer.writerows(table)
+    return buf.getvalue()
 
 
-def _dev_points(exp: Path, index: dict) -> dict:
-    """{task: {method: [(value, dev score)]}} of the finished search cells, by the first searched key."""
-    out: dict = {}
-    for e in index["search"]:
-        folder = exp / e["folder"]
-        if not (folder / rundir.RESULTS).is_file():
-            continue
-        res = json.loads((folder / rundir.RESULTS).read_text())
-        value = next(iter(e["point"].values()))
-        score = res["eval"][res["best"]["metric"]]
-        if isinstance(value, (int, float)) and math.isfinite(score):
-            out.setdefault(e["task"], {}).setdefault(e["method"], []).append((value, score, res["best"]["metric"]))
-    return out
+def tables(data: dict, *, resamples: int = RESAMPLES) -> dict[str, str]:
+    """{file name: text} of table.md, protocol.csv and differences.csv."""
+    table = rows(data, resamples=resamples)
+    return {"table.md": table_markdown(table), "protocol.csv": csv_text(table),
+            "differences.csv": csv_text(differences(data, resamples=resamples))}
 
 
-def plot_dev_curves(exp: Path, index: dict, out: Path) -> list[str]:
-    """dev_curves.png/svg: dev score vs the searched value (log x) per method, one panel per task; chosen values ringed."""
-    from spafit_jax.pictures import MARKERS, figure, save
-
-    points = _dev_points(exp, index)
-    if not points:
-        return []
-    key = next(iter(index["search"][0]["point"]))
-    fig, axes = figure(len(points), f"Dev score vs {key} (chosen value ringed)")
-    for ax, (task, methods) in zip(axes, points.items()):
-        for i, (m, pts) in enumerate(methods.items()):
-            pts = sorted(pts)
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}",
-                    label=m)
-            chosen = index["choices"].get(f"{task}/{m}")
-            if chosen and chosen["chosen"] is not None:
-                ax.plot([next(iter(chosen["chosen"].values()))], [100 * chosen["dev"]], "o", ms=12, mfc="none",
-                        color=f"C{i % 10}")
-        ax.set(xscale="log", xlabel=key, ylabel=f"dev {pts[0][2]} x100", title=task)
-        ax.legend(fontsize=7)
-    return save(fig, out, "dev_curves")
+# ----------------------------------------------------------------------------------------------
+# Writing and the command
 
 
-def _losses(folder: Path) -> dict[int, float]:
-    path = folder / rundir.METRICS
-    if not path.is_file():
-        return {}
-    return {r["step"]: r["loss"] for _, r in metricslog.read_metrics(path) if r.get("kind", "train") == "train" and "loss" in r}
+def write_report(exp: str | Path, out: str | Path | None = None, *, resamples: int = RESAMPLES,
+                 publish: bool = False) -> dict[str, Path]:
+    """Writes table.md, protocol.csv, differences.csv, dev_curves.png/svg and train_loss.png/svg to `out` (default
+    EXP/report), plus the evidence when `publish`; returns {name: path}. Nothing is written when anything fails."""
+    from spafit_jax import evidence
+    from spafit_jax.protocol_plots import plot_dev_curves, plot_train_loss
 
-
-def plot_train_loss(exp: Path, index: dict, out: Path) -> list[str]:
-    """train_loss.png/svg: training loss vs step of every searched value per method (the chosen one solid), one
-    panel per task and method: whether the budget let each method converge at its chosen value."""
-    from spafit_jax.pictures import figure, save
-
-    panels: dict = {}
-    for e in index["search"]:
-        losses = _losses(exp / e["folder"])
-        if losses:
-            panels.setdefault((e["task"], e["method"]), []).append((e, losses))
-    if not panels:
-        return []
-    fig, axes = figure(len(panels), "Training loss (chosen value solid)", width=3.4, height=2.6)
-    for ax, ((task, method), runs) in zip(axes, panels.items()):
-        chosen = (index["choices"].get(f"{task}/{method}") or {}).get("label")
-        for i, (e, losses) in enumerate(runs):
-            steps = sorted(losses)
-            ax.plot(steps, [losses[k] for k in steps], color=f"C{i % 10}", ls="-" if e["label"] == chosen else ":",
-                    label=_value(e["point"]))
-        ax.set(title=f"{task} / {method}", xlabel="step", ylabel="training loss")
-        ax.legend(fontsize=6)
-    return save(fig, out, "train_loss")
-
-
-def write_report(exp: str | Path, out: str | Path | None = None, *, resamples: int = RESAMPLES) -> dict[str, Path]:
-    """Writes table.md, protocol.csv, dev_curves.png/svg and train_loss.png/svg to `out` (default EXP/report); returns {name: path}."""
     exp = Path(exp)
     data = collect(exp)
     out = Path(out) if out is not None else exp / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    table = rows(data, resamples=resamples)
-    (out / "table.md").write_text(table_markdown(table), encoding="utf-8")
-    write_csv(table, out / "protocol.csv")
-    pictures = plot_dev_curves(exp, data["index"], out) + plot_train_loss(exp, data["index"], out)
-    return {name: out / name for name in ["table.md", "protocol.csv", *pictures]}
+    texts = tables(data, resamples=resamples)
+    extra = evidence.build(exp, data) if publish else {}
+
+    def pictures(folder: Path) -> list[str]:
+        return plot_dev_curves(exp, data["index"], folder) + plot_train_loss(exp, data["index"], folder)
+
+    names = [*TABLES, *PICTURES, *extra]
+    written = write_outputs(out, {**texts, **extra}, pictures, names, flag="--publish" if publish else "--out")
+    return {name: out / name for name in written}
+
+
+def recompute(published: str | Path, out: str | Path | None = None, *, resamples: int = RESAMPLES) -> list[str]:
+    """Recomputes table.md, protocol.csv and differences.csv from a published folder's evidence. With `out`, writes
+    them there and returns []; else compares them with the published ones and returns the names that differ."""
+    from spafit_jax import evidence
+
+    published = Path(published)
+    texts = tables(evidence.read(published), resamples=resamples)
+    if out is not None:
+        write_outputs(Path(out), texts, None, list(TABLES), flag="--out")
+        return []
+    differ = []
+    for name, text in texts.items():
+        path = published / name
+        if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
+            differ.append(name)
+    return differ
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; bad input is one line on stderr and exit status 2."""
+    """Command-line entry point; bad input is one line on stderr and exit status 2; a published table that its
+    evidence does not reproduce exits 1."""
     p = argparse.ArgumentParser(prog="python -m spafit_jax.protocol", description=__doc__.split("\n\n")[0])
-    p.add_argument("exp", metavar="EXP", help="the experiment folder (--workdir of an experiment with select:)")
-    p.add_argument("--out", metavar="DIR", help="where to write (default EXP/report)")
+    p.add_argument("exp", metavar="EXP", nargs="?", help="the experiment folder (--workdir of an experiment with select:)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR", help="where to write (default EXP/report, or with --from-published: "
+                                                  "write the recomputed tables there instead of comparing)")
+    where.add_argument("--publish", metavar="DIR", help="write the report and the evidence (predictions, each cell's "
+                                                      "results and config, counts) for docs/results/<name>")
+    p.add_argument("--from-published", metavar="DIR", help="recompute the tables from DIR's evidence and compare "
+                                                           "them with DIR's (exit 1 if any differs)")
     args = p.parse_args(argv)
+    if (args.exp is None) == (args.from_published is None):
+        p.error("name an experiment folder EXP, or --from-published DIR (not both)")
+    if args.from_published and args.publish:
+        p.error("--publish reads an experiment folder, not --from-published")
     try:
-        files = write_report(args.exp, args.out)
+        if args.from_published:
+            differ = recompute(args.from_published, args.out)
+            if differ:
+                print(f"error: {', '.join(differ)} of {args.from_published} differ from what its evidence gives; "
+                      "republish it with --publish", file=sys.stderr)
+                return 1
+            print(f"recomputed from {args.from_published}/evidence: " +
+                  (f"written to {args.out}" if args.out else f"{', '.join(TABLES)} identical"))
+            return 0
+        files = write_report(args.exp, args.publish or args.out, publish=bool(args.publish))
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
