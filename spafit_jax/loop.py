@@ -40,17 +40,17 @@ class Length:
 
 class Batches:
     """This process's train batches of each epoch, in the run's one training order (`batching.train_batches`,
-    or with data.packing `packing.train_batches` of `rows` rows a step); with a frozen-stratum cache
+    or with data.packing `packing.train_batches` in the run's `packing.Layout`); with a frozen-stratum cache
     (`frozen.Cache`) each batch also carries its rows' hidden states."""
 
-    def __init__(self, cfg: Config, train: data.Encoded, buckets, cache=None, rows: int | None = None):
-        self.cfg, self.train, self.buckets, self.cache, self.rows = cfg, train, buckets, cache, rows
+    def __init__(self, cfg: Config, train: data.Encoded, buckets, cache=None, layout: packing.Layout | None = None):
+        self.cfg, self.train, self.buckets, self.cache, self.layout = cfg, train, buckets, cache, layout
 
     def epoch(self, epoch: int, start: int) -> Iterator[dict[str, np.ndarray]]:
         """The batches of `epoch` from its batch `start` on."""
         t, where = self.cfg.train, dict(process_index=jax.process_index(), process_count=jax.process_count())
-        if self.rows is not None:
-            batches = packing.train_batches(self.train, t.batch_size, self.rows, max_segments=self.cfg.data.max_segments,
+        if self.layout is not None:
+            batches = packing.train_batches(self.train, self.layout, max_segments=self.cfg.data.max_segments,
                                             seed=t.seed, epoch=epoch, start=start, with_rows=self.cache is not None,
                                             **where)
         else:

@@ -9,13 +9,14 @@ The packing itself is a pure function of a length array (`first_fit`), so `aot` 
 estimate an epoch from lengths alone. Train rows are packed per epoch from the seeded permutation of
 `batching` (deterministic in (seed, epoch), the same on every host; each process takes its own rows of
 each step, as `batching.train_batches` does); evaluation and `predict` pack the examples sorted by
-decreasing length (first-fit decreasing, the best fill). A step is a fixed number of rows R
-(`rows_per_step`), chosen once from epoch 0 so that an epoch keeps the unpacked number of steps
-(N // train.batch_size): train.batch_size stays the number of examples per step, on average.
+decreasing length (first-fit decreasing, the best fill). A step is a fixed number of rows R, chosen once
+from epoch 0 (`layout`) so that a step holds train.batch_size examples on average: learning rates and
+schedules carry over.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -106,29 +107,40 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
 
-def rows_per_step(lengths, batch_size: int, *, max_length: int, max_segments: int, seed: int,
-                  multiple: int = 1) -> int:
-    """R, the rows of every train step: epoch 0's first-fit rows over the unpacked steps per epoch
-    (N // batch_size), rounded up to `multiple` (devices x grad_accum). One train shape for the whole run:
-    every epoch is packed into steps x R rows (`train_slots`)."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The packed train steps of a run: `rows` per step (one shape) and `steps` per epoch."""
+
+    rows: int
+    steps: int
+
+
+def layout(lengths, batch_size: int, *, max_length: int, max_segments: int, seed: int, multiple: int = 1) -> Layout:
+    """The run's packed steps, from epoch 0's first-fit packing (its M rows): R = the rows that hold
+    `batch_size` examples on average, rounded to `multiple` (devices x grad_accum), and ceil(M / R) steps an
+    epoch, so that an epoch wastes less than one step of empty rows and a step holds about `batch_size`
+    examples (learning rates and schedules carry over). Every epoch is packed into steps x R rows."""
     n = len(lengths)
     if batch_size <= 0 or n // batch_size == 0:
         raise DataError(f"the train split has {n} examples, fewer than one batch of {batch_size}; lower "
                         "train.batch_size")
     rows = first_fit(lengths, max_length, max_segments, order=epoch_permutation(n, seed=seed, epoch=0)).shape[0]
-    return _round_up(-(-rows // (n // batch_size)), int(multiple))
+    per = max(1, round(rows * batch_size / n))
+    per = max(int(multiple), round(per / multiple) * int(multiple))
+    return Layout(per, -(-rows // per))
 
 
-def train_slots(lengths, batch_size: int, rows: int, *, max_length: int, max_segments: int, seed: int,
-                epoch: int) -> np.ndarray:
+def train_slots(lengths, layout: Layout, *, max_length: int, max_segments: int, seed: int, epoch: int
+                ) -> np.ndarray:
     """The global packing of one epoch: example indices int64 [steps, rows, max_segments] (EMPTY = none).
 
     The epoch's seeded permutation is packed first-fit into at most steps x rows rows (an example that
-    fits in none waits for a later epoch; with `rows_per_step`'s R that is rare), rows beyond the packing
-    are empty. The rows are shuffled with the same generator and dealt to the steps in turn, so that the
-    steps' real rows differ by at most one (empty rows come last in a step). Deterministic in (seed, epoch).
+    fits in none waits for a later epoch: rare, since `layout` sizes the epoch by epoch 0's packing) and
+    rows beyond the packing are empty. The rows are shuffled with the same generator and dealt to the steps
+    in turn, so that the steps' real rows differ by at most one (empty rows come last in a step).
+    Deterministic in (seed, epoch).
     """
-    steps = len(lengths) // batch_size
+    steps, rows = layout.steps, layout.rows
     rng = np.random.default_rng([int(seed), int(epoch)])
     perm = rng.permutation(len(lengths))
     slots = first_fit(lengths, max_length, max_segments, order=perm, max_rows=steps * rows)
@@ -186,24 +198,20 @@ def _local(rows: int, process_index: int, process_count: int) -> int:
     return rows // process_count
 
 
-def train_batches(enc: Encoded, batch_size: int, rows: int, *, max_segments: int, seed: int, epoch: int,
-                  start: int = 0, process_index: int = 0, process_count: int = 1, with_rows: bool = False
+def train_batches(enc: Encoded, layout: Layout, *, max_segments: int, seed: int, epoch: int, start: int = 0,
+                  process_index: int = 0, process_count: int = 1, with_rows: bool = False
                   ) -> Iterator[dict[str, np.ndarray]] | Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """This process's rows of each packed train step of one epoch (`train_slots`), from step `start` on.
 
     Process p gets rows [p*R/P, (p+1)*R/P) of every step. With `with_rows` each item is (the slots
     [R/P, K] of its rows, batch), for the frozen-stratum cache (`frozen.Cache.attach`)."""
-    local = _local(rows, process_index, process_count)
-    steps = len(enc) // batch_size if batch_size > 0 else 0
-    if steps == 0:
-        raise DataError(f"the train split has {len(enc)} examples, fewer than one batch of {batch_size}; lower "
-                        "train.batch_size")
+    local = _local(layout.rows, process_index, process_count)
     if int(seed) < 0 or int(epoch) < 0:
         raise DataError(f"seed {seed} and epoch {epoch} must be >= 0")
-    if not 0 <= start <= steps:
-        raise DataError(f"start {start} is outside the epoch's {steps} batches")
-    slots = train_slots(enc.lengths, batch_size, rows, max_length=enc.max_length, max_segments=max_segments,
-                        seed=seed, epoch=epoch)
+    if not 0 <= start <= layout.steps:
+        raise DataError(f"start {start} is outside the epoch's {layout.steps} batches")
+    slots = train_slots(enc.lengths, layout, max_length=enc.max_length, max_segments=max_segments, seed=seed,
+                        epoch=epoch)
     lo, pad, filler = process_index * local, pad_id(enc), int(packed_examples(slots)[0])
 
     def batches():
@@ -265,13 +273,13 @@ def check_model(model, what: str) -> None:
                           "set data.packing=false", "packing")
 
 
-def describe(enc: Encoded, rows: int, max_segments: int, *, batch_size: int, seed: int) -> dict:
-    """What results.json says of a packed run: K, rows per step, and epoch 0's segments per row and
-    real-token fraction (as the steps see them: rows x max_length tokens)."""
-    slots = train_slots(enc.lengths, batch_size, rows, max_length=enc.max_length, max_segments=max_segments,
-                        seed=seed, epoch=0)
+def describe(enc: Encoded, layout: Layout, max_segments: int, *, seed: int) -> dict:
+    """What results.json says of a packed run: K, rows per step, steps per epoch, and epoch 0's segments per
+    row, real-token fraction (as the steps see them: rows x max_length tokens) and examples per step."""
+    slots = train_slots(enc.lengths, layout, max_length=enc.max_length, max_segments=max_segments, seed=seed,
+                        epoch=0)
     flat = slots.reshape(-1, slots.shape[-1])
-    return {"max_segments": int(max_segments), "rows_per_step": int(rows),
+    return {"max_segments": int(max_segments), "rows_per_step": layout.rows, "steps_per_epoch": layout.steps,
             "segments_per_row": round(float((flat != EMPTY).sum()) / len(flat), 4),
             "real_token_fraction": round(real_token_fraction(enc.lengths, flat, enc.max_length), 4),
-            "examples_per_step": round(float((flat != EMPTY).sum()) / slots.shape[0], 2)}
+            "examples_per_step": round(float((flat != EMPTY).sum()) / layout.steps, 2)}

@@ -81,7 +81,8 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
     run = loading.load_for_training(cfg)
     plan, spec = run.plan, run.task.spec
     per_epoch = batching.steps_per_epoch(run.task.train, t.batch_size)  # a batch larger than the data: refused
-    rows = _packed_rows(cfg, run) if cfg.data.packing else None  # a family that cannot pack: refused
+    packed = _packed_layout(cfg, run) if cfg.data.packing else None  # a family that cannot pack: refused
+    per_epoch = per_epoch if packed is None else packed.steps
     length = Length(per_epoch, min(math.ceil(t.epochs * per_epoch), t.max_steps or math.inf))
     rundir.prepare(workdir, lead=lead)  # only once the model, the plan and the data are good
 
@@ -112,11 +113,11 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
     evaluator = Evaluator(driver, cfg, run.task, buckets, best_metric)
     try:
         state, done = loop.run(driver.put_state(state), driver.put_frozen(frozen_half),
-                               Batches(cfg, run.task.train, buckets, cache, rows), evaluator, resume, stop_after)
+                               Batches(cfg, run.task.train, buckets, cache, packed), evaluator, resume, stop_after)
     finally:
         if lead:
             rundir.discard_overwritten(workdir)
-    results = _results(cfg, run, loop, evaluator, (driver, buckets, cache, rows)) if done else None
+    results = _results(cfg, run, loop, evaluator, (driver, buckets, cache, packed)) if done else None
     if results is not None and lead:
         path = results.write(workdir)
         print(_summary(run, results, cfg))
@@ -126,7 +127,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
 
 def _results(cfg: Config, run: loading.ModelAndTask, loop: Loop, evaluator: Evaluator, how) -> Results:
     """The typed results.json record of a finished run."""
-    driver, buckets, cache, rows = how
+    driver, buckets, cache, packed = how
     best, d = evaluator.best, cfg.data
     return Results(
         task=run.task.spec.name, model=str(cfg.model.name), **run.plan.describe(),
@@ -137,17 +138,17 @@ def _results(cfg: Config, run: loading.ModelAndTask, loop: Loop, evaluator: Eval
         compiled_shapes=len(loop.meter.shapes), buckets=list(buckets), bad_steps=loop.bad_steps,
         devices=jax.device_count(), processes=jax.process_count(), parallel=driver.mode,
         frozen_cache=None if cache is None else {"n1": cache.n1, "bytes": cache.nbytes, "seconds": cache.seconds},
-        packing=None if rows is None else packing.describe(run.task.train, rows, d.max_segments,
-                                                           batch_size=cfg.train.batch_size, seed=cfg.train.seed),
+        packing=None if packed is None else packing.describe(run.task.train, packed, d.max_segments,
+                                                             seed=cfg.train.seed),
     )
 
 
-def _packed_rows(cfg: Config, run: loading.ModelAndTask) -> int:
-    """Rows per packed train step (`packing.rows_per_step`: about train.batch_size examples, a multiple of the
-    devices x train.grad_accum); a one-line ConfigError when the model family cannot pack."""
+def _packed_layout(cfg: Config, run: loading.ModelAndTask) -> packing.Layout:
+    """The packed steps (`packing.layout`: rows of about train.batch_size examples, a multiple of the devices x
+    train.grad_accum, and steps per epoch); a one-line ConfigError when the model family cannot pack."""
     packing.check_model(run.model, f"model.name={cfg.model.name} ({type(run.model).__name__})")
     t = cfg.train
-    return packing.rows_per_step(run.task.train.lengths, t.batch_size, max_length=run.task.train.max_length,
+    return packing.layout(run.task.train.lengths, t.batch_size, max_length=run.task.train.max_length,
                                  max_segments=cfg.data.max_segments, seed=t.seed,
                                  multiple=jax.device_count() * t.grad_accum)
 

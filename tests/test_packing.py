@@ -145,50 +145,64 @@ def test_assemble_lays_out_segments_starts_types_labels_and_weights():
     assert packing.assemble(reg, np.array([[0, 1]]))["labels"].dtype == np.float32
 
 
+def test_layout_holds_batch_size_examples_a_step_and_wastes_under_a_step():
+    lengths = lengths_of(3200, seed=6, hi=40)
+    for batch_size, multiple in ((32, 1), (32, 8), (7, 2), (3200, 1)):
+        lay = packing.layout(lengths, batch_size, max_length=T, max_segments=K, seed=0, multiple=multiple)
+        rows = len(packing.first_fit(lengths, T, K, order=packing.epoch_permutation(3200, seed=0, epoch=0)))
+        assert lay.rows % multiple == 0 and lay.steps == -(-rows // lay.rows)
+        assert lay.steps * lay.rows - rows < lay.rows  # empty rows: less than one step's
+        if multiple == 1:  # R rows hold batch_size examples on average, to within half a row
+            assert abs(lay.rows * 3200 / rows - batch_size) <= 0.5 * 3200 / rows + 1e-9
+    with pytest.raises(DataError, match="fewer than one batch"):
+        packing.layout(lengths, 3201, max_length=T, max_segments=K, seed=0)
+
+
 def test_train_slots_are_seeded_per_epoch_and_hold_every_example_in_fixed_steps():
     lengths = lengths_of(600)
-    rows = packing.rows_per_step(lengths, 32, max_length=T, max_segments=K, seed=3, multiple=4)
-    assert rows % 4 == 0
-    steps_ = 600 // 32
-    a = packing.train_slots(lengths, 32, rows, max_length=T, max_segments=K, seed=3, epoch=0)
-    assert a.shape == (steps_, rows, K)
+    lay = packing.layout(lengths, 32, max_length=T, max_segments=K, seed=3, multiple=4)
+    a = packing.train_slots(lengths, lay, max_length=T, max_segments=K, seed=3, epoch=0)
+    assert a.shape == (lay.steps, lay.rows, K) and lay.rows % 4 == 0
     check_packing(a.reshape(-1, K)[(a.reshape(-1, K) >= 0).any(1)], lengths, T, K)  # epoch 0: all fit
-    np.testing.assert_array_equal(a, packing.train_slots(lengths, 32, rows, max_length=T, max_segments=K, seed=3,
+    np.testing.assert_array_equal(a, packing.train_slots(lengths, lay, max_length=T, max_segments=K, seed=3,
                                                          epoch=0))
-    b = packing.train_slots(lengths, 32, rows, max_length=T, max_segments=K, seed=3, epoch=1)
-    c = packing.train_slots(lengths, 32, rows, max_length=T, max_segments=K, seed=4, epoch=0)
+    b = packing.train_slots(lengths, lay, max_length=T, max_segments=K, seed=3, epoch=1)
+    c = packing.train_slots(lengths, lay, max_length=T, max_segments=K, seed=4, epoch=0)
     assert not np.array_equal(a, b) and not np.array_equal(a, c)
     for s in (a, b, c):
         real_rows = (s >= 0).any(2).sum(1)
         assert real_rows.max() - real_rows.min() <= 1  # steps balanced
         assert len(np.unique(packing.packed_examples(s))) >= 0.98 * 600
-    per_step = (a >= 0).sum((1, 2))
-    assert abs(per_step.mean() - 600 / steps_) < 1e-9  # about train.batch_size examples a step
+    described = packing.describe(encoded(lengths), lay, K, seed=3)
+    assert described["rows_per_step"] == lay.rows and described["steps_per_epoch"] == lay.steps
+    assert described["examples_per_step"] == pytest.approx(600 / lay.steps, abs=0.01)
+    assert described["real_token_fraction"] == pytest.approx(lengths.sum() / (a.shape[0] * a.shape[1] * T), abs=1e-4)
 
 
 def test_train_batches_resume_and_processes_partition_the_global_rows():
     enc = encoded(lengths_of(400), seed=2)
-    rows = packing.rows_per_step(enc.lengths, 16, max_length=T, max_segments=K, seed=0, multiple=4)
-    whole = list(packing.train_batches(enc, 16, rows, max_segments=K, seed=0, epoch=2, with_rows=True))
-    assert len(whole) == 400 // 16
-    slots = packing.train_slots(enc.lengths, 16, rows, max_length=T, max_segments=K, seed=0, epoch=2)
+    lay = packing.layout(enc.lengths, 16, max_length=T, max_segments=K, seed=0, multiple=4)
+    whole = list(packing.train_batches(enc, lay, max_segments=K, seed=0, epoch=2, with_rows=True))
+    assert len(whole) == lay.steps
+    slots = packing.train_slots(enc.lengths, lay, max_length=T, max_segments=K, seed=0, epoch=2)
     for (mine, batch), step in zip(whole, slots):
         np.testing.assert_array_equal(mine, step)
-        assert batch["input_ids"].shape == (rows, T)
-    resumed = list(packing.train_batches(enc, 16, rows, max_segments=K, seed=0, epoch=2, start=7))
+        assert batch["input_ids"].shape == (lay.rows, T)
+    resumed = list(packing.train_batches(enc, lay, max_segments=K, seed=0, epoch=2, start=7))
     assert len(resumed) == len(whole) - 7
     for x, (_, y) in zip(resumed, whole[7:]):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
-    parts = [list(packing.train_batches(enc, 16, rows, max_segments=K, seed=0, epoch=2, process_index=p,
+    parts = [list(packing.train_batches(enc, lay, max_segments=K, seed=0, epoch=2, process_index=p,
                                         process_count=2)) for p in range(2)]
     for (_, full), p0, p1 in zip(whole, *parts):
         for key in full:
             np.testing.assert_array_equal(np.concatenate([p0[key], p1[key]]), full[key])
     with pytest.raises(DataError, match="outside"):
-        packing.train_batches(enc, 16, rows, max_segments=K, seed=0, epoch=0, start=10 ** 6)
+        packing.train_batches(enc, lay, max_segments=K, seed=0, epoch=0, start=10 ** 6)
     with pytest.raises(DataError, match="process count"):
-        packing.train_batches(enc, 16, 3, max_segments=K, seed=0, epoch=0, process_index=0, process_count=2)
+        packing.train_batches(enc, packing.Layout(3, 5), max_segments=K, seed=0, epoch=0, process_index=0,
+                              process_count=2)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -230,16 +244,16 @@ def test_loop_batches_are_packings_and_the_cache_fills_each_segment():
     enc = encoded(lengths_of(60, seed=4, hi=30), seed=4)
     cfg = load_config(overrides=["train.batch_size=8", "train.seed=3", "data.max_length=64", "data.packing=true",
                                  f"data.max_segments={K}"])
-    rows = packing.rows_per_step(enc.lengths, 8, max_length=T, max_segments=K, seed=3)
-    want = list(packing.train_batches(enc, 8, rows, max_segments=K, seed=3, epoch=1, start=2, with_rows=True))
-    got = list(loop.Batches(cfg, enc, None, rows=rows).epoch(1, 2))
-    assert len(got) == len(want) == 60 // 8 - 2
+    lay = packing.layout(enc.lengths, 8, max_length=T, max_segments=K, seed=3)
+    want = list(packing.train_batches(enc, lay, max_segments=K, seed=3, epoch=1, start=2, with_rows=True))
+    got = list(loop.Batches(cfg, enc, None, layout=lay).epoch(1, 2))
+    assert len(got) == len(want) == lay.steps - 2
     for a, (_, b) in zip(got, want):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     offsets = np.concatenate([[0], np.cumsum(enc.lengths.astype(np.int64))])
     flat = np.repeat(np.arange(len(enc), dtype=np.float32), enc.lengths)[:, None] + 1
     cache = frozen.Cache(1, flat, offsets, apply_fn=None)
-    for a, (slots, b) in zip(loop.Batches(cfg, enc, None, cache, rows).epoch(1, 2), want):
+    for a, (slots, b) in zip(loop.Batches(cfg, enc, None, cache, lay).epoch(1, 2), want):
         assert set(a) == set(b) | {"hidden"}
         seg = b["attention_mask"]
         example = np.take_along_axis(slots, np.maximum(seg - 1, 0), axis=1) + 1  # the example of each token, + 1
@@ -247,7 +261,7 @@ def test_loop_batches_are_packings_and_the_cache_fills_each_segment():
     meter = loop.Meter()
     meter.batch(got[0], got[0]["input_ids"].shape)
     real = int(enc.lengths[packing.packed_examples(want[0][0])].sum())
-    assert meter.tokens["run"] == [real, rows * T]
+    assert meter.tokens["run"] == [real, lay.rows * T]
 
 
 class PackedToy:
