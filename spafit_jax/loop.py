@@ -152,8 +152,8 @@ class Evaluator:
         train.eval_batch_size examples a batch; otherwise `batching.eval_batches`)."""
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         if self.cfg.data.packing:
-            slots, rows = packing.eval_rows(enc, self.cfg.train.eval_batch_size, max_segments=self.cfg.data.max_segments,
-                                            multiple=jax.device_count())
+            slots, rows = packing.eval_rows(enc, self.cfg.train.eval_batch_size,
+                                            max_segments=self.cfg.data.max_segments, multiple=jax.device_count())
             return (batch for _, batch in packing.eval_batches(enc, slots, rows, **where))
         return batching.eval_batches(enc, self.batch_size(), buckets=self.buckets,
                                      group_by_length=self.cfg.data.group_by_length, **where)

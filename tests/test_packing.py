@@ -301,8 +301,8 @@ def test_packed_step_equals_the_unpacked_step_of_the_same_examples(regression, g
     logits = steps.eval_step(params, frozen_half, packed, apply_fn=model.apply)
     assert logits.shape == (len(slots), K, params["w"].shape[1])
     per_example = packing.unpack(np.asarray(logits), slots, 12)
-    np.testing.assert_allclose(per_example, np.asarray(steps.eval_step(params, frozen_half, plain, apply_fn=model.apply)),
-                               rtol=1e-6)
+    unpacked = np.asarray(steps.eval_step(params, frozen_half, plain, apply_fn=model.apply))
+    np.testing.assert_allclose(per_example, unpacked, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ end to end, with the model side of packing
