@@ -338,7 +338,7 @@ def test_packed_run_evaluates_and_predicts_each_example_as_unpacked(tmp_path, ti
     r = done.results
     assert r.compiled_shapes == 1 and r.steps == 4
     assert r.packing["max_segments"] == 4 and r.packing["segments_per_row"] > 1.5
-    assert r.padding_efficiency > 0.75 and r.packing["real_token_fraction"] > 0.75
+    assert r.padding_efficiency > 0.6 and r.packing["real_token_fraction"] > 0.6  # unpacked rows of 64: 0.50
     loaded = load_run(tmp_path / "run", "last")
     unpacked_cfg = load_config([], overrides + ["data.packing=false"])
     plain = dataclasses.replace(loaded, config=unpacked_cfg, _logits_fn=None)
