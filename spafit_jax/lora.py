@@ -21,7 +21,7 @@ from flax.traverse_util import flatten_dict
 
 from spafit_jax import families
 from spafit_jax.errors import ConfigError
-from spafit_jax.methods import LORA_TARGETS as TARGETS, LoRAConfig  # noqa: F401 (re-exported)
+from spafit_jax.methods import LORA_TARGETS as TARGETS, LoRAConfig, check_lora_args  # noqa: F401 (re-exported)
 
 # PEFT initialises A with kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 kaiming_uniform_a = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -35,7 +35,8 @@ class LoRA(nn.Module):
     """y = base(x) + scaling * dropout(x) @ A @ B, with the base's parameters at this module's path.
 
     Pass the base unbound (`nn.Dense(features, parent=None)`); its kernel and bias live beside
-    `lora_a` and `lora_b`, so pre-trained weights load into a wrapped model unchanged.
+    `lora_a` and `lora_b`, so pre-trained weights load into a wrapped model unchanged. rank (an int
+    > 0), alpha (> 0), dropout (in [0, 1)) and rslora (a bool) are checked when the module is made.
     """
 
     base: nn.Module
@@ -45,6 +46,10 @@ class LoRA(nn.Module):
     rslora: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        check_lora_args(self.rank, self.alpha, self.dropout, self.rslora)  # here, not deep in jax at init
+        super().__post_init__()
 
     def setup(self):
         base, kind = self.base, type(self.base).__name__

@@ -1,0 +1,159 @@
+"""The library as a Flax user from another project calls it, with the inputs they get wrong.
+
+Each bad input is refused by us in one line that names the argument and a valid example (a
+`MaskingError` or `ConfigError`, both `ValueError`s), never a traceback from `re`, jax or MLIR and
+never a plan that quietly trains something else.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spafit_jax import lora, masking, tree_paths
+from spafit_jax.errors import ConfigError, MaskingError, SpafitError
+
+H, L = 8, 4
+
+
+def _one(err, fn, match):
+    with pytest.raises(err, match=match) as e:
+        fn()
+    assert isinstance(e.value, SpafitError) and isinstance(e.value, ValueError) and "\n" not in str(e.value)
+    return str(e.value)
+
+
+def _init(module, x=None):
+    return module.init(jax.random.key(0), jnp.ones((2, 4)) if x is None else x)
+
+
+def _unrolled(n=3, bias=True, norm=False, lora_leaves=False):
+    def layer():
+        d = {"dense": {"kernel": np.zeros((H, H), np.float32)}}
+        if bias:
+            d["dense"]["bias"] = np.zeros(H, np.float32)
+        if norm:
+            d["norm"] = {"scale": np.ones(H, np.float32)}
+        if lora_leaves:
+            d["dense"] |= {"lora_a": np.zeros((H, 2), np.float32), "lora_b": np.zeros((2, H), np.float32)}
+        return d
+    return {"layers": {str(i): layer() for i in range(n)}, "head": {"kernel": np.zeros((H, 2), np.float32)}}
+
+
+# ----------------------------------------------------------------------------- errors
+def test_our_input_errors_are_value_errors():
+    assert issubclass(MaskingError, ValueError) and issubclass(MaskingError, SpafitError)
+    assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, SpafitError)
+    with pytest.raises(ValueError):
+        masking.method_labels(_unrolled(), "adapter")
+
+
+# ----------------------------------------------------------------------------- the LoRA module
+@pytest.mark.parametrize("rank", [0, -1, -2, 2.5, True, "4", None])
+def test_lora_rank_is_refused_at_construction(rank):
+    msg = _one(ConfigError, lambda: lora.LoRA(nn.Dense(3, parent=None), rank=rank, alpha=4.0), r"LoRA rank must be")
+    assert repr(rank) in msg and "rank=8" in msg
+
+
+@pytest.mark.parametrize("alpha", [0, -1.0, float("nan"), float("inf"), "16", None, True])
+def test_lora_alpha_is_refused_at_construction(alpha):
+    _one(ConfigError, lambda: lora.LoRA(nn.Dense(3, parent=None), rank=2, alpha=alpha), r"LoRA alpha must be .*alpha=16")
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5, float("nan"), "0.1", True])
+def test_lora_dropout_and_rslora_are_refused_at_construction(dropout):
+    _one(ConfigError, lambda: lora.LoRA(nn.Dense(3, parent=None), rank=2, alpha=2.0, dropout=dropout), r"LoRA dropout must be")
+    _one(ConfigError, lambda: lora.LoRA(nn.Dense(3, parent=None), rank=2, alpha=2.0, rslora="yes"), r"LoRA rslora must be True or False")
+
+
+def test_lora_accepts_numpy_numbers_and_refuses_inside_a_model():
+    out = _init(lora.LoRA(nn.Dense(3, parent=None), rank=np.int64(2), alpha=np.float32(4.0), dropout=0.1))
+    assert out["params"]["lora_a"].shape == (4, 2) and float(out["lora"]["scaling"]) == 2.0
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return lora.LoRA(nn.Dense(3, parent=None), rank=0, alpha=4.0, name="q")(x)
+
+    _one(ConfigError, lambda: _init(Model()), r"LoRA rank must be an integer > 0, got 0")
+
+
+@pytest.mark.parametrize("base", [None, nn.Dense, "dense"])
+def test_lora_base_that_is_not_a_module(base):
+    _one(ConfigError, lambda: _init(lora.LoRA(base, rank=2, alpha=2.0)), r"LoRA wraps nn.Dense or nn.DenseGeneral")
+
+
+# ----------------------------------------------------------------------------- patterns
+@pytest.mark.parametrize("pattern,match", [
+    (r"enc_\d+", r"layer_pattern='enc_\\\\d\+' has no capture group"),
+    (r"enc_(\d+", r"layer_pattern='enc_\(\\\\d\+' is not a valid regex"),
+    (3, r"layer_pattern=3 is not a regex string"),
+    (r"(enc)_\d+", r"group 1 of layer_pattern='\(enc\)_\\\\d\+' matched 'enc' in 'enc_0/dense/bias'")])
+def test_layer_pattern_mistakes(pattern, match):
+    tree = {"enc_0": {"dense": {"bias": np.zeros(3)}}, "enc_1": {"dense": {"bias": np.zeros(3)}},
+            "classifier": {"bias": np.zeros(2)}}
+    for fn in (lambda: masking.num_layers(tree, layer_pattern=pattern),
+               lambda: masking.spafit_labels(tree, 0, 2, layer_pattern=pattern),
+               lambda: masking.method_labels(tree, "bitfit", layer_pattern=pattern)):
+        msg = _one(MaskingError, fn, match)
+        assert r"layer_pattern=r'enc_(\d+)/'" in msg
+    _one(MaskingError, lambda: masking.layer_index("enc_0/x", pattern), match.split(" in ")[0])
+    assert masking.num_layers(tree, layer_pattern=r"enc_(\d+)") == 2
+
+
+@pytest.mark.parametrize("pattern,match", [("(cls", r"head_pattern='\(cls' is not a valid regex"),
+                                           (3, r"head_pattern=3 is not a regex string")])
+@pytest.mark.parametrize("method", ["spafit", "bitfit", "head_only", "full"])
+def test_head_pattern_mistakes(pattern, match, method):
+    msg = _one(MaskingError, lambda: masking.method_labels(_unrolled(), method, n1=1, n2=3, head_pattern=pattern), match)
+    assert "head_pattern='out_proj'" in msg
+
+
+# ----------------------------------------------------------------------------- stacked layers
+def _stacked(axis, lora_leaves=False):
+    """One Dense(H) + a norm scale per layer, L layers stacked on `axis`; no leaf tells H from L."""
+    leaves = {"dense": {"kernel": np.zeros((L, H, H)), "bias": np.zeros((L, H))}, "norm": {"scale": np.ones((L, H))}}
+    if lora_leaves:
+        leaves["dense"] |= {"lora_a": np.zeros((L, H, 2)), "lora_b": np.zeros((L, 2, H))}
+    leaves = jax.tree.map(lambda x: np.moveaxis(x, 0, axis), leaves)
+    return {"layers": leaves, "head": {"kernel": np.zeros((H, 2)), "bias": np.zeros(2)}}
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_ambiguous_stacking_is_refused_naming_stacked(axis):
+    params = _stacked(axis)
+    for fn in (lambda: masking.num_layers(params), lambda: masking.spafit_labels(params, 2, 3),
+               lambda: masking.method_labels(params, "bitfit"), lambda: masking.num_layers(params, stacked="layers/")):
+        msg = _one(MaskingError, fn, r"stacked layers under .* could run along axis 0 \((4|8) layers\) or axis 1 \((4|8) layers\)")
+        assert "stacked=('layers/', 0)" in msg and "stacked=('layers/', 1)" in msg
+    assert masking.num_layers(params, stacked=("layers/", axis)) == L
+    labels = dict(tree_paths.path_leaves(masking.spafit_labels(params, 2, L, stacked=("layers/", axis))))
+    assert repr(labels["layers/dense/bias"]) == f"Rows('bias', 2, {L}, axis={axis})"
+    assert masking.count_params(params, masking.spafit_labels(params, 2, L, stacked=("layers/", axis)))["bias"] == 2 * H
+
+
+def test_unambiguous_stacking_is_still_detected():
+    assert masking.num_layers(_stacked(0, lora_leaves=True)) == L  # lora_b's axis 1 is the rank: only axis 0 fits
+    params = _stacked(1, lora_leaves=True)
+    msg = _one(MaskingError, lambda: masking.num_layers(params), r"one size along axis 0 .* but saw")
+    assert "axis 1 has one size (4) in every leaf: pass stacked=('layers/', 1)" in msg
+
+
+# ----------------------------------------------------------------------------- bias-free models
+def test_bitfit_and_spafit_agree_on_a_model_without_biases_or_norms():
+    params = _unrolled(bias=False, lora_leaves=True)
+    _one(MaskingError, lambda: masking.method_labels(params, "bitfit"), r"bitfit: no layer has a bias or norm scale to train")
+    _one(MaskingError, lambda: masking.spafit_labels(params, 1, 3), r"stratum 2 \(layers 1\.\.2\) has no bias or norm scale")
+    # with norms, both train the norm scales in place of the missing biases (the documented stand-in)
+    normed = _unrolled(bias=False, norm=True)
+    bitfit = dict(tree_paths.path_leaves(masking.method_labels(normed, "bitfit")))
+    spafit = dict(tree_paths.path_leaves(masking.spafit_labels(normed, 1, 3)))
+    assert bitfit["layers/0/norm/scale"] == "layernorm" and spafit["layers/0/norm/scale"] == "frozen"
+    assert bitfit["layers/2/norm/scale"] == spafit["layers/2/norm/scale"] == "layernorm"
+
+
+def test_lora_on_the_head_only_is_not_lora_on_the_layers():
+    params = _unrolled()
+    params["head"] |= {"lora_a": np.zeros((H, 2)), "lora_b": np.zeros((2, 2))}
+    _one(MaskingError, lambda: masking.method_labels(params, "lora"), r"lora: no layer has lora_a/lora_b leaves")
