@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any, Mapping
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,11 @@ class LoRA(nn.Module):
         b = self.param("lora_b", nn.initializers.zeros, (self.rank, n_out), self.param_dtype)
         scale = self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
         if self.is_initializing():
-            self.variable(COLLECTION, "scaling", lambda: jnp.asarray(scale, jnp.float32))
+            try:
+                self.variable(COLLECTION, "scaling", lambda: jnp.asarray(scale, jnp.float32))
+            except flax.errors.ScopeCollectionNotFound:  # nn.scan / nn.vmap without an axis for our collection
+                raise ConfigError(f"LoRA records its scaling in the {COLLECTION!r} collection, which this transform does "
+                                  f"not carry; give nn.scan / nn.vmap variable_axes={{'params': 0, {COLLECTION!r}: 0}}") from None
         dtype = self.dtype or x.dtype
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic) if self.dropout else h
         update = (h.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype)

@@ -29,7 +29,8 @@ from spafit_jax.errors import MaskingError
 from spafit_jax.methods import (BIAS, FROZEN, HEAD, LAYERNORM, LORA, METHODS, POOLER,  # noqa: F401
                                 TRAINABLE_LABELS, WEIGHT, resolve_strata)
 from spafit_jax.stratified import stratified_optimizer
-from spafit_jax.tree_paths import Rows, Trainable, map_paths, params_of, path_leaves, path_lookup, size_of, unbox
+from spafit_jax.tree_paths import (Rows, Trainable, map_paths, param_leaves, params_of, path_leaves, path_lookup, size_of,
+                                  unbox)
 
 __all__ = [
     "MaskingError", "LAYER_PATTERN", "HEAD_PATTERN", "STACKED_PATTERN", "METHODS", "Rows", "Trainable",
@@ -165,7 +166,7 @@ def _stacked_layout(leaves: list[tuple[str, Any]], rx: re.Pattern, axis: int | N
 
 def _layout(params: Any, layer_pattern: str | None, stacked: Any, required: bool = True) -> _Layout:
     """The layers of `params`: `stacked=` if given, else unrolled indices, else a detected stacked subtree."""
-    leaves = path_leaves(params)
+    leaves = param_leaves(params)
     if layer_pattern is not None:
         _regex("layer_pattern", layer_pattern)
     if stacked is not None:
@@ -199,10 +200,12 @@ def num_layers(params: Any, *, layer_pattern: str | None = None, stacked: str | 
 # ----------------------------------------------------------------------------------- labels
 def label_params(params: Any, rules: Sequence[tuple[str, str]] | Mapping[str, str]) -> Any:
     """Labels each leaf by ordered (regex, label) rules, `re.search` on its path; first match wins."""
+    param_leaves(params)
     rules = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     compiled = []
     for i, rule in enumerate(rules):
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], str)):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], (str, re.Pattern))
+                and isinstance(rule[1], str)):
             raise MaskingError(f"rule {i} is {rule!r}; each rule must be a (regex, label) pair of strings")
         try:
             compiled.append((re.compile(rule[0]), rule[1]))
@@ -275,6 +278,13 @@ def bias_free(params: Any, head_pattern: str = HEAD_PATTERN) -> bool:
                    for p, _ in path_leaves(params_of(params)))
 
 
+def _flags(**flags: Any) -> None:
+    """Refuses a flag that is not True or False (None allowed where it means "the method's default")."""
+    for name, value in flags.items():
+        if not isinstance(value, bool) and not (value is None and name == "train_layernorm"):
+            raise MaskingError(f"{name}={value!r} is not True or False; pass {name}=True or {name}=False")
+
+
 def _strata(n1: Any, n2: Any, L: int) -> None:
     for name, value in (("n1", n1), ("n2", n2)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -301,6 +311,7 @@ def spafit_labels(params: Any, n1: int, n2: int, *, train_layernorm: bool = Fals
     get `Rows` labels. A model with no leaf matching `head_pattern` is an error. A model without
     biases (`bias_free`) trains its norm scales wherever biases would train.
     """
+    _flags(train_layernorm=train_layernorm, train_pooler=train_pooler, stratum3_bias=stratum3_bias)
     layout = _layout(params, layer_pattern, stacked)
     L = layout.num_layers
     _strata(n1, n2, L)
@@ -334,6 +345,7 @@ def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | 
     """
     if method not in METHODS:
         raise MaskingError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
+    _flags(train_layernorm=train_layernorm, train_pooler=train_pooler, stratum3_bias=stratum3_bias)
     ln = (method == "full") if train_layernorm is None else bool(train_layernorm)
     ln = ln or (method == "bitfit" and bias_free(params, head_pattern))  # norm scales stand in for biases
     kw = dict(train_layernorm=ln, train_pooler=train_pooler, head_pattern=head_pattern)
@@ -359,7 +371,7 @@ def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | 
 def trainable(labels: Any) -> Trainable:
     """The filter of the leaves `labels` does not mark frozen: `nnx.Optimizer(..., wrt=trainable(labels))`,
     `nnx.DiffState(0, trainable(labels))`, or `trainable(labels)(path, leaf)` on a linen tree."""
-    return Trainable(frozenset(p for p, label in path_leaves(labels) if label != FROZEN))
+    return Trainable(frozenset(p for p, label in path_lookup(labels).items() if label != FROZEN))
 
 
 def split(params: Any, labels: Any) -> tuple[Any, Any]:
@@ -377,11 +389,13 @@ def split(params: Any, labels: Any) -> tuple[Any, Any]:
 def join(trainable: Any, frozen: Any) -> Any:
     """Inverse of `split`: each leaf from whichever half holds it."""
     try:
-        return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen,
-                            is_leaf=lambda x: x is None)
+        joined = jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None)
     except ValueError:
         raise MaskingError("trainable and frozen trees differ in structure; pass the two halves "
                            "returned by split(params, labels)") from None
+    if any(isinstance(x, str) for x in jax.tree.leaves(joined)):
+        raise MaskingError("join got a tree of labels (strings); pass the two halves returned by split(params, labels)")
+    return joined
 
 
 def count_params(params: Any, labels: Any) -> dict[str, int]:

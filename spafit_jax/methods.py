@@ -180,6 +180,8 @@ def resolve_strata(num_layers: int, n1: int | float | None = None,
                    n2: int | float | None = None) -> tuple[int, int]:
     """(n1, n2) as layer counts: ints pass through, fractions of L are rounded, None is L/3, 2L/3."""
     L = num_layers
+    if isinstance(L, bool) or not isinstance(L, numbers.Integral) or L < 0:
+        raise MaskingError(f"num_layers={L!r} is not a layer count (an int >= 0); pass masking.num_layers(params)")
     n1 = _resolve("n1", n1, 1 / 3, L)
     n2 = _resolve("n2", n2, 2 / 3, L)
     if n1 > n2:

@@ -157,3 +157,100 @@ def test_lora_on_the_head_only_is_not_lora_on_the_layers():
     params = _unrolled()
     params["head"] |= {"lora_a": np.zeros((H, 2)), "lora_b": np.zeros((2, 2))}
     _one(MaskingError, lambda: masking.method_labels(params, "lora"), r"lora: no layer has lora_a/lora_b leaves")
+
+
+# ----------------------------------------------------------------------------- what is not a parameter tree
+@pytest.mark.parametrize("params,match", [
+    ({}, r"params \(dict\) holds no parameters"), (None, r"params \(NoneType\) holds no parameters"),
+    (np.zeros(3), r"params is a single ndarray, not a tree of named parameters"),
+    ("params", r"params is a single str"), (nn.Dense(3), r"params is a single Dense"),
+    ({"layers": {"0": {"bias": "bias"}}, "head": {"bias": np.zeros(2)}}, r"parameter 'layers/0/bias' is a str, not an array")])
+@pytest.mark.parametrize("method", ["full", "head_only", "spafit"])
+def test_what_is_not_a_parameter_tree(params, match, method):
+    msg = _one(MaskingError, lambda: masking.method_labels(params, method, n1=0, n2=0), match)
+    assert "model.init(rng, x)['params']" in msg
+    _one(MaskingError, lambda: masking.label_params(params, [(".*", "frozen")]), match)
+
+
+def test_variables_with_other_collections_are_refused():
+    variables = _init(lora.LoRA(nn.Dense(3, parent=None), rank=2, alpha=2.0))  # {"params", "lora": scalings}
+    for method in ("full", "bitfit"):
+        _one(MaskingError, lambda: masking.method_labels(variables, method), r"variable collections \['lora'\] beside 'params'")
+    assert masking.method_labels({"params": variables["params"]}, "full")["params"]["lora_a"] == "lora"
+
+
+def test_an_nnx_state_with_batch_statistics_is_refused():
+    nnx = pytest.importorskip("flax.nnx")
+    from tests.flax_models import nnx_list_model
+
+    model = nnx_list_model()
+    msg = _one(MaskingError, lambda: masking.method_labels(nnx.state(model), "full"), r"holds \d+ variable\(s\) that are not parameters")
+    assert "BatchStat at 'layers/0/bn/mean'" in msg and "nnx.state(model, nnx.Param)" in msg
+    labels = masking.method_labels(nnx.state(model, nnx.Param), "full")
+    assert not any(p.endswith(("mean", "var")) for p, _ in tree_paths.path_leaves(labels))
+
+
+@pytest.mark.parametrize("flag", ["train_layernorm", "train_pooler", "stratum3_bias"])
+def test_flags_are_booleans(flag):
+    params = _unrolled(lora_leaves=True)
+    _one(MaskingError, lambda: masking.spafit_labels(params, 1, 2, **{flag: "no"}), rf"{flag}='no' is not True or False")
+    _one(MaskingError, lambda: masking.method_labels(params, "bitfit", **{flag: 1}), rf"{flag}=1 is not True or False")
+
+
+def test_labels_and_params_swapped_or_mixed_up():
+    params = _unrolled(lora_leaves=True)
+    labels = masking.spafit_labels(params, 1, 2)
+    for fn in (lambda: masking.split(params, params), lambda: masking.trainable(params),
+               lambda: masking.count_params(params, jax.tree.map(lambda _: 1, params))):
+        _one(MaskingError, fn, r"labels leaf 'head/kernel' is a (ndarray|int), not a label string")
+    trainable, frozen = masking.split(params, labels)
+    _one(MaskingError, lambda: masking.join(trainable, labels), r"join got a tree of labels")
+    _one(MaskingError, lambda: masking.split(params, masking.spafit_labels(_unrolled(4, lora_leaves=True), 1, 2)),
+         r"labels do not have the structure of params")
+    _one(MaskingError, lambda: masking.label_params(params, [(3, "bias")]), r"rule 0 is \(3, 'bias'\)")
+
+
+@pytest.mark.parametrize("settings,match", [
+    ({"bias": {"learning_rate": 1.0}, "head": {"learning_rate": 1.0}, "adapter": {"learning_rate": 1.0}},
+     r"no optimizer settings for label\(s\) 'lora'.*labels present: bias, lora, head"),
+    ({"bias": {"learning_rate": 1.0}, "lora": {"learning_rate": 1.0}, "head": {"learning_rate": 1.0},
+      "adapter": {"lr": 1.0}}, r"settings\['adapter'\] must be a mapping with a learning_rate"),
+    ([("bias", 1.0)], r"settings is a list"),
+    ({k: {"learning_rate": "1e-3"} for k in ("bias", "lora", "head")}, r"settings\['bias'\]\['learning_rate'\]='1e-3' is not"),
+    ({k: {"learning_rate": -1.0} for k in ("bias", "lora", "head")}, r"'learning_rate'\]=-1.0 is not a number >= 0"),
+    ({k: {"learning_rate": 1e-3, "weight_decay": "x"} for k in ("bias", "lora", "head")}, r"'weight_decay'\]='x'"),
+    ({k: {"learning_rate": 1e-3, "b2": 1.0} for k in ("bias", "lora", "head")}, r"'b2'\]=1.0 is not in \[0, 1\)")])
+def test_optimizer_settings_mistakes(settings, match):
+    labels = masking.spafit_labels(_unrolled(lora_leaves=True), 1, 2)
+    _one(MaskingError, lambda: masking.stratified_optimizer(labels, settings), match)
+
+
+def test_optimizer_takes_schedules_numpy_and_jax_scalars_and_labels_it_knows():
+    params = _unrolled(lora_leaves=True)
+    labels = masking.spafit_labels(params, 1, 2)
+    settings = {"bias": {"learning_rate": np.float32(1e-3)}, "lora": {"learning_rate": jnp.asarray(1e-3)},
+                "head": {"learning_rate": lambda step: 1e-3}, "layernorm": {"learning_rate": 1e-3}}  # layernorm: unused
+    trainable, _ = masking.split(params, labels)
+    masking.stratified_optimizer(labels, settings).init(jax.tree.map(jnp.asarray, trainable))
+
+
+@pytest.mark.parametrize("L", ["6", -1, 2.5, True])
+def test_resolve_strata_needs_a_layer_count(L):
+    _one(MaskingError, lambda: masking.resolve_strata(L), r"num_layers=.* is not a layer count")
+
+
+def test_lora_inside_nn_scan_without_an_axis_for_its_collection():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + lora.LoRA(nn.Dense(4, parent=None), rank=2, alpha=4.0, name="mix")(x), None
+
+    def net(axes):
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return nn.scan(Block, variable_axes=axes, split_rngs={"params": True}, length=3)(name="layers")(x, None)[0]
+        return Net()
+
+    _one(ConfigError, lambda: _init(net({"params": 0})), r"variable_axes=\{'params': 0, 'lora': 0\}")
+    assert _init(net({"params": 0, "lora": 0}))["lora"]["layers"]["mix"]["scaling"].shape == (3,)
