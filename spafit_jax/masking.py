@@ -129,11 +129,12 @@ def _stacked_arg(stacked: str | tuple[str, int]) -> tuple[re.Pattern, int | None
 
 
 def _uniform_axes(shapes: list[tuple]) -> dict[int, int]:
-    """{axis: size} of the axes along which every shape has one size (axes every shape has)."""
-    out = {}
-    for k in range(min(len(s) for s in shapes)):
+    """{axis: size} of the axes along which every shape has one size: 0, 1, ... (axes every shape has),
+    then -1 when it is never axis 0 (every shape has two axes or more)."""
+    out, least = {}, min(len(s) for s in shapes)
+    for k in [*range(least), *([-1] if least >= 2 else [])]:
         sizes = {s[k] for s in shapes}
-        if len(sizes) == 1:
+        if len(sizes) == 1 and not (k == -1 and all(len(s) == least for s in shapes) and least - 1 in out):
             out[k] = sizes.pop()
     return out
 
@@ -325,10 +326,11 @@ def spafit_labels(params: Any, n1: int, n2: int, *, train_layernorm: bool = Fals
     labels = _label_tree(params, lambda i: frozenset() if i < n1 else some if i < n2 else full, frozenset(), layout,
                    train_layernorm=train_layernorm, train_pooler=train_pooler, head_pattern=head_pattern,
                    needs_head=True)
-    stratum2 = [l for p, l in path_leaves(labels) if layout.index(p) in range(n1, n2)]
-    if stratum2 and all(l == FROZEN for l in stratum2):
+    trains2 = any(l != FROZEN and (layout.index(p) in range(n1, n2) or isinstance(l, Rows) and l.start < n2)
+                  for p, l in path_leaves(labels))  # stacked: a Rows label starting before n2
+    if n1 < n2 and not trains2:
         raise MaskingError(f"stratum 2 (layers {n1}..{n2 - 1}) has no bias or norm scale to train; set n1 = n2 "
-                           "to drop it, or train_layernorm")
+                           "to drop it, or train_layernorm=True where the layers have norms")
     return labels
 
 

@@ -254,3 +254,37 @@ def test_lora_inside_nn_scan_without_an_axis_for_its_collection():
 
     _one(ConfigError, lambda: _init(net({"params": 0})), r"variable_axes=\{'params': 0, 'lora': 0\}")
     assert _init(net({"params": 0, "lora": 0}))["lora"]["layers"]["mix"]["scaling"].shape == (3,)
+
+
+def test_layers_stacked_on_the_last_axis_are_named_in_the_error_and_train_by_rows():
+    params = _stacked(-1, lora_leaves=True)  # kernel (H, H, L), bias (H, L), lora_b (2, H, L)
+    msg = _one(MaskingError, lambda: masking.num_layers(params), r"one size along axis 0")
+    assert "axis -1 has one size (4) in every leaf: pass stacked=('layers/', -1)" in msg
+    labels = masking.spafit_labels(params, 1, 3, stacked=("layers/", -1))
+    assert masking.count_params(params, labels)["bias"] == 3 * H
+
+
+def test_nnx_vmap_layers_without_lora_name_the_ambiguity():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=L)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return nnx.Linear(H, H, rngs=rngs)
+
+            self.layers, self.head = make(rngs), nnx.Linear(H, 2, rngs=rngs)
+
+    model = Model(nnx.Rngs(0))
+    _one(MaskingError, lambda: masking.method_labels(model, "bitfit"), r"axis 0 \(4 layers\) or axis 1 \(8 layers\)")
+    labels = dict(tree_paths.path_leaves(masking.method_labels(model, "bitfit", stacked=("layers/", 0))))
+    assert repr(labels["layers/bias"]) == "Rows('bias', 0, 4, axis=0)" and labels["layers/kernel"] == "frozen"
+
+
+def test_stacked_layers_without_biases_or_norms_refuse_stratum_2_as_unrolled_ones_do():
+    params = {"layers": {"dense": {"kernel": np.zeros((L, H, H)), "lora_a": np.zeros((L, H, 2)),
+                                   "lora_b": np.zeros((L, 2, H))}}, "head": {"kernel": np.zeros((H, 2))}}
+    _one(MaskingError, lambda: masking.spafit_labels(params, 1, 3), r"stratum 2 \(layers 1\.\.2\) has no bias or norm scale")
+    _one(MaskingError, lambda: masking.method_labels(params, "bitfit"), r"bitfit: no layer has a bias or norm scale")
+    assert masking.spafit_labels(params, 3, 3)["layers"]["dense"]["lora_a"].start == 3
