@@ -193,6 +193,9 @@ def _layout(params: Any, layer_pattern: str | None, stacked: Any, required: bool
 def num_layers(params: Any, *, layer_pattern: str | None = None, stacked: str | tuple[str, int] | None = None) -> int:
     """The number of layers of `params` (unrolled indices, or the rows of stacked layers).
 
+    Stacked layers run along axis 0 unless `stacked=(regex, axis)` says otherwise; when another axis
+    fits every stacked leaf as well, the layout is ambiguous and refused, naming `stacked=`.
+
     Use it to resolve fractions first: `n1, n2 = resolve_strata(num_layers(params), 0.25, 0.5)`.
     """
     return _layout(params, layer_pattern, stacked).num_layers
