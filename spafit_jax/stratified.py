@@ -23,7 +23,7 @@ import optax
 
 from spafit_jax.errors import MaskingError
 from spafit_jax.methods import FROZEN, TRAINABLE_LABELS
-from spafit_jax.tree_paths import Rows, join_path, map_paths, path_lookup
+from spafit_jax.tree_paths import Rows, check_rows, join_path, map_paths, path_lookup
 
 _ADAM_KEYS = ("learning_rate", "weight_decay", "b1", "b2", "eps")
 
@@ -32,6 +32,8 @@ def _slice_rows(tree: Any, rows: Mapping[str, Rows]) -> Any:
     """Each `Rows` leaf cut to its trainable rows; other leaves as they are."""
     def one(path, x):
         r = rows.get(path)
+        if r is not None:
+            check_rows(path, r, x)
         return x if r is None else jax.lax.slice_in_dim(x, r.start, r.stop, axis=r.axis)
     return map_paths(one, tree)
 

@@ -128,10 +128,22 @@ def path_lookup(labels: Any, params: Any = None) -> dict[str, str]:
     if odd is not None:
         raise MaskingError(f"labels leaf {odd[0]!r} is a {type(odd[1]).__name__}, not a label string; pass the labels "
                            "from label_params / spafit_labels / method_labels (params come first)")
-    if params is not None and [p for p, _ in path_leaves(params)] != [p for p, _ in found]:
+    leaves = None if params is None else path_leaves(params)
+    if leaves is not None and [p for p, _ in leaves] != [p for p, _ in found]:
         raise MaskingError("labels do not have the structure of params; build them from this "
                            "very tree with label_params / spafit_labels / method_labels")
+    for (path, label), (_, x) in zip(found, leaves or ()):
+        check_rows(path, label, x)
     return dict(found)
+
+
+def check_rows(path: str, label: Any, x: Any) -> None:
+    """A one-line MaskingError when a `Rows` label names rows that leaf `x` does not have (labels of a deeper model)."""
+    if isinstance(label, Rows):
+        shape = np.shape(x)
+        if not -len(shape) <= label.axis < len(shape) or shape[label.axis] < label.stop:
+            raise MaskingError(f"labels of another model: {path!r} has shape {tuple(shape)} but its label trains rows "
+                               f"{label.start}..{label.stop - 1} along axis {label.axis}; build the labels from this very tree")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -288,3 +288,18 @@ def test_stacked_layers_without_biases_or_norms_refuse_stratum_2_as_unrolled_one
     _one(MaskingError, lambda: masking.spafit_labels(params, 1, 3), r"stratum 2 \(layers 1\.\.2\) has no bias or norm scale")
     _one(MaskingError, lambda: masking.method_labels(params, "bitfit"), r"bitfit: no layer has a bias or norm scale")
     assert masking.spafit_labels(params, 3, 3)["layers"]["dense"]["lora_a"].start == 3
+
+
+def test_stacked_labels_of_a_deeper_model_are_refused_not_miscounted():
+    def tree(n):
+        return {"layers": {"dense": {"kernel": jnp.zeros((n, H, H)), "bias": jnp.zeros((n, H)),
+                                     "lora_a": jnp.zeros((n, H, 2)), "lora_b": jnp.zeros((n, 2, H))}},
+                "head": {"kernel": jnp.zeros((H, 2))}}
+    labels, params = masking.spafit_labels(tree(6), 2, 4), tree(4)
+    match = r"labels of another model: 'layers/dense/bias' has shape \(4, 8\) but its label trains rows 2\.\.5"
+    _one(MaskingError, lambda: masking.count_params(params, labels), match)
+    _one(MaskingError, lambda: masking.split(params, labels), match)
+    trainable = {"layers": {"dense": {k: params["layers"]["dense"][k] for k in ("bias", "lora_a", "lora_b")}},
+                 "head": params["head"]}
+    tx = masking.stratified_optimizer(labels, {k: {"learning_rate": 1.0} for k in ("bias", "lora", "head")})
+    _one(MaskingError, lambda: tx.init(trainable), match)
