@@ -18,7 +18,7 @@ TINY_RUN = {"data.limit_train": 48, "data.limit_eval": 24, "data.max_length": 32
 # bitfit searches two learning rates; lora one rate and two ranks, of which 999 fails at load (hidden size 32).
 SELECT = {"grid": {"train.lr": [1.0e-3, 5.0e-2]},
           "methods": {"lora": {"train.lr": [1.0e-2], "method.lora_rank": [2, 999]}},
-          "dev": {"size": 40, "seed": 3}}
+          "dev": {"size": 40, "seed": 3}, "extend": 0}  # extensions past a grid edge: test_bracketing.py
 
 
 def run_main(*argv) -> tuple[int, str]:
