@@ -163,10 +163,8 @@ def check_metric(search: Search, split_of: dict[str, Split], cells: Sequence[gri
         return
     from spafit_jax import data as data_lib
 
-    for task, split in split_of.items():
-        cell = next(c for c in cells if c.task == task)
-        keys = [*cell.overrides, *split.overrides()]
-        spec = data_lib.task_from_config(config_lib.load_config(cell.paths, keys).data)
+    for task in split_of:
+        spec = data_lib.task_from_config(next(c for c in cells if c.task == task).config().data)
         computed = [m for m in spec.metrics if m != "combined"] + (["combined"] if "combined" in spec.metrics else [])
         if search.metric not in computed:
             raise SelectError(f"select.metric={search.metric!r} is not a metric of task {task}; it computes "
