@@ -63,6 +63,8 @@ def _difference(old: Any, new: Any, where: str = "") -> str | None:
             if key not in new:
                 return f"{name} was taken away"
             if key not in old:
+                if ".config." in f".{name}":  # a config field newer code added: its default computed nothing else
+                    continue
                 return f"{name} was added"
             found = _difference(old[key], new[key], name)
             if found:

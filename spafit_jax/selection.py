@@ -386,7 +386,7 @@ def run(args) -> int:
         seeds = seed_cells(cells, choices, split_of, _all_search(planned))
         if not stopped:
             status.update(run_seeds(_pick(seeds, args), split_of, workdir, args.fail_fast))
-        commits = expstate.check_commits(expstate.finished_folders(workdir), code_version(), True)
+        commits = expstate.check_commits(expstate.finished_folders(workdir), {}, True)
         write_index(workdir, split_of, _all_search(planned), choices, seeds, commits)
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume (finished cells and choices are kept)", file=sys.stderr)
@@ -431,6 +431,8 @@ def _search_then_choose(cells, search: Search, split_of, base, workdir: Path, ar
         if not stopped:
             first = [c for c in _pick(seeds, args) if (c.task, c.base) == group and c.at.startswith(SEARCH)]
             status.update(run_seeds(first, split_of, workdir, args.fail_fast))
+        write_index(workdir, split_of, _all_search(planned), choices, seeds,
+                    expstate.check_commits(expstate.finished_folders(workdir), {}, True))
         if stopped:
             break
     return status, stopped, choices, notes

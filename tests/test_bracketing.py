@@ -8,7 +8,7 @@ import yaml
 
 from spafit_jax import choices, expstate
 from spafit_jax.errors import ConfigError
-from spafit_jax.grid import ExperimentError, load_experiment, parse_grid
+from spafit_jax.grid import ROOT, ExperimentError, load_experiment, parse_grid
 
 
 @pytest.mark.parametrize("declared, current, side, expect", [
@@ -209,3 +209,22 @@ def test_read_json_names_the_file_and_the_fix(tmp_path):
         expstate.read_json(tmp_path / "x.json", "do this")
     assert expstate.version_name({"commit": "c" * 40, "dirty": True}) == "c" * 12 + "+dirty"
     assert expstate.sha("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def test_the_shipped_budget_experiment_searches_spafits_strata_with_the_rate_at_every_budget(tmp_path):
+    from spafit_jax import selection
+    from spafit_jax.devsplit import Split
+
+    cells, search, _ = selection.load(ROOT / "configs/experiments/fair_budgets.yaml")
+    methods = {c.method for c in cells}
+    assert methods == {f"{m}-{b}" for m in ("full", "lora", "spafit", "bitfit", "head_only") for b in ("base", "long")}
+    assert {c.config().train.epochs for c in cells if c.budget == "long"} == {4} and len({c.seed for c in cells}) == 5
+    points = search.points("spafit-long", "spafit")
+    assert len(points) == 12 and {(p["method.n1"], p["method.n2"]) for p in points} == {(1, 3), (1, 4), (2, 3), (2, 4)}
+    assert search.points("full-base", "full")[0] == {"train.lr": 1.0e-4} and search.extend == 2
+    # a strata point that is no valid config (n1 > n2) is dropped with a note, the others kept
+    search = selection.Search({"method.n1": [1, 4], "method.n2": [3]}, {}, search.dev, 0, None)
+    split = Split(tmp_path, (), {})
+    base, notes = selection.search_cells([c for c in cells if c.method == "spafit-base"], search,
+                                         {"bbc_news": split, "tweets": split})
+    assert [c.method for c in base] == ["spafit-base@n1=1,n2=3"] * 2 and len(notes) == 2 and "n1=4" in notes[0]
