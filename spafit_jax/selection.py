@@ -371,7 +371,7 @@ def run(args) -> int:
     if args.only and not search_mine and not seeds_mine and not _pick(list(cells), args):
         raise grid_lib.ExperimentError(f"no cell matches --only {' '.join(args.only)}; cells are named like "
                                        f"{search_all[0].name} and {cells[0].name}")
-    for note in notes + dropped + more + [f"recorded: {c}" for c in changes]:
+    for note in notes + dropped + more + [f"{'to record' if args.dry_run else 'recorded'}: {c}" for c in changes]:
         print(note)
     if args.dry_run:
         return _dry_run(search_mine, planned, choices, seeds_mine, workdir)

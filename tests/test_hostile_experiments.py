@@ -107,7 +107,13 @@ def test_adding_seeds_is_safe_and_recorded(exp, tiny_model_dir, capsys):
     config = experiment_file(exp.parent, tiny_model_dir, seeds=3)
     before = state(exp)
     assert experiment.main(["--config", str(config), "--workdir", str(exp), "--dry-run"]) == 0
-    assert "recorded: seeds added: 2" in capsys.readouterr().out and state(exp) == before
+    assert "to record: seeds added: 2" in capsys.readouterr().out and state(exp) == before
+    kept = state(exp / "search", exp / "runs/bbc_news/bitfit/seed1")
+    assert experiment.main(["--config", str(config), "--workdir", str(exp), "--no-report"]) == 0
+    history = json.loads((exp / "experiment.json").read_text())["history"]
+    assert [h["change"] for h in history] == ["seeds added: 2"] and (exp / "experiment.yaml").read_text() == config.read_text()
+    assert (exp / "runs/bbc_news/bitfit/seed2/test.json").is_file()
+    assert state(exp / "search", exp / "runs/bbc_news/bitfit/seed1") == kept  # nothing trained before is touched
 
 
 def test_an_edited_test_file_is_refused(exp, tiny_model_dir, capsys):
