@@ -2,7 +2,8 @@
 and the cells trained in turn, each in its own run folder.
 
 `load_experiment` reads and checks the file (the format: `python -m spafit_jax.experiment --help`, the
-docstring of `experiment`) and validates every cell's config; `select` picks cells for --only and
+docstring of `experiment`; `budgets:` crosses every method with every budget, and a grid lists each value
+once) and validates every cell's config; `select` picks cells for --only and
 --shard; `run_cells` trains the unfinished ones (`train.train_and_evaluate`), skipping finished cells
 and writing a failing cell's one-line error to `<cell>/error.txt`. `experiment` (the plain grid) and
 `selection` (a `select:` section's dev-split search) both build on these.
