@@ -22,6 +22,7 @@ from spafit_jax import (batching, checkpoint, cli, data, frozen, loading, metric
                         runlock, steps)
 from spafit_jax.config import Config
 from spafit_jax.loop import Batches, Evaluator, Length, Loop, capped
+from spafit_jax import results as results_lib
 from spafit_jax.results import Best, Results
 from spafit_jax.run import save_assets
 
@@ -140,6 +141,7 @@ def _results(cfg: Config, run: loading.ModelAndTask, loop: Loop, evaluator: Eval
         frozen_cache=None if cache is None else {"n1": cache.n1, "bytes": cache.nbytes, "seconds": cache.seconds},
         packing=None if packed is None else packing.describe(run.task.train, packed, d.max_segments,
                                                              seed=cfg.train.seed),
+        code=results_lib.code_version(),
     )
 
 
