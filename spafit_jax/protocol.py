@@ -318,8 +318,8 @@ def table_markdown(table: Sequence[dict], budget_pairs: Sequence[dict] = (), ind
                  f"{RESAMPLES} draws, percentile; * that interval excludes 0. Examples only: the seeds held fixed, "
                  "test examples resampled (BCa for accuracy), which leaves seed noise out. Every pair: differences.csv.")
     if any(r.get("budget") for r in table):
-        lines.append("Budgets (`budgets:`): every method trained at every budget, declared before any test score; "
-                     "methods are compared only at the same budget.")
+        lines.append("Budgets (`budgets:`): every method trained at every budget of the experiment file (a rerun that "
+                     "changes them is refused); methods are compared only at the same budget.")
     if index is not None:
         lines.append(commits_note(index, table))
     return "\n".join(lines) + "\n"
