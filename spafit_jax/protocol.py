@@ -1,10 +1,13 @@
 """`python -m spafit_jax.protocol EXP [--out DIR] [--publish DIR]`: the report of an experiment run with a `select:`
 section; `python -m spafit_jax.protocol --from-published DIR`: the same tables recomputed from published evidence.
 
-Reads EXP/selection.json (written by `selection`): per task and method the chosen value and its dev score, and
-each seed's test scores (test.json) and test predictions (test_predictions.npz). Writes to DIR (default
-EXP/report): table.md, protocol.csv and differences.csv, the dev curves (dev score vs the searched value, per
-method) and the search cells' training losses as PNG and SVG. `--publish DIR` writes the same plus the evidence
+Reads EXP/selection.json (written by `selection`): per task and method the chosen value and its dev score (with
+what the choice rests on, its extensions past a grid edge and whether it is bracketed), each entry's `budget`, the
+commits the cells ran on, and each seed's test scores (test.json) and test predictions (test_predictions.npz).
+Writes to DIR (default EXP/report): table.md, protocol.csv and differences.csv, the dev curves (dev score vs the
+searched value, per method) and the search cells' training losses as PNG and SVG. With `budgets:` (methods
+labelled `<method>-<budget>`) methods are compared only at the same budget, one table per task and budget, and
+each method at a later budget is compared with itself at the first ("does the longer budget help"). `--publish DIR` writes the same plus the evidence
 (`evidence.py`: every scored cell's predictions, every cell's results.json and config.yaml, the counts).
 
 The intervals (`intervals.py`): each method's test score and its difference to the task's best method with a

@@ -165,3 +165,18 @@ def test_a_bad_choice_field_is_one_line(exp, tmp_path):
     index["choices"]["bbc_news/lora-long"]["bracketed"] = "no"
     with pytest.raises(protocol.ProtocolError, match="bracketed, extension_stopped"):
         protocol.check_index(index, tmp_path / "selection.json")
+
+
+def test_dev_curves_have_a_panel_per_budget_and_a_line_per_value_of_the_other_keys(exp, tmp_path):
+    from spafit_jax import protocol_plots
+
+    index = json.loads((exp["work"] / "selection.json").read_text())
+    for i, e in enumerate(index["search"]):  # as if each method searched a second key (SPAFIT's n1) with the rate
+        e["point"]["method.n1"] = i % 2
+    points = protocol_plots._dev_points(exp["work"], index)
+    assert list(points) == ["bbc_news, budget short", "bbc_news, budget long"]
+    lines = points["bbc_news, budget short"]
+    assert {(m, rest) for _, m, rest in lines} == {(m, (("method.n1", k),)) for m in ("bitfit-short", "lora-short")
+                                                   for k in (0, 1)}
+    assert sum(len(v) for panel in points.values() for v in panel.values()) == len(index["search"])
+    assert protocol_plots.plot_dev_curves(exp["work"], index, tmp_path) == ["dev_curves.png", "dev_curves.svg"]
