@@ -7,8 +7,9 @@ commits the cells ran on, and each seed's test scores (test.json) and test predi
 Writes to DIR (default EXP/report): table.md, protocol.csv and differences.csv, the dev curves (dev score vs the
 searched value, per method) and the search cells' training losses as PNG and SVG. With `budgets:` (methods
 labelled `<method>-<budget>`) methods are compared only at the same budget, one table per task and budget, and
-each method at a later budget is compared with itself at the first ("does the longer budget help"). `--publish DIR` writes the same plus the evidence
-(`evidence.py`: every scored cell's predictions, every cell's results.json and config.yaml, the counts).
+each method at a later budget is compared with itself at the first ("does the longer budget help"). `--publish
+DIR` writes the same plus the evidence (`evidence.py`: every scored cell's predictions, every cell's results.json
+and config.yaml, the counts).
 
 The intervals (`intervals.py`): each method's test score and its difference to the task's best method with a
 95 % two-stage bootstrap interval, seeds resampled per method and test examples resampled (one draw shared by
