@@ -180,3 +180,15 @@ def test_dev_curves_have_a_panel_per_budget_and_a_line_per_value_of_the_other_ke
                                                    for k in (0, 1)}
     assert sum(len(v) for panel in points.values() for v in panel.values()) == len(index["search"])
     assert protocol_plots.plot_dev_curves(exp["work"], index, tmp_path) == ["dev_curves.png", "dev_curves.svg"]
+
+
+def test_family_and_the_commit_line_without_selections_record():
+    assert protocol.family("lora-long", "long") == "lora" and protocol.family("spafit-1-3", None) == "spafit-1-3"
+    assert protocol.family("long", "long") == "long"  # a method named like its budget keeps its name
+    rows = [{"commits": "abc1234"}, {"commits": "abc1234, def5678"}, {"commits": ""}]
+    mixed = "Code: MIXED COMMITS: abc1234, def5678; each row's commits are in protocol.csv."
+    assert protocol.commits_note({}, rows) == mixed
+    assert protocol.commits_note({}, rows[:1]) == "Code: commit abc1234."
+    assert protocol.commits_note({}, rows[2:]) == "Code: the cells recorded no commit."
+    assert protocol.commits_note({"commits": {"c" * 12: 4}, "mixed_commits": False}, rows) == (
+        f"Code: every finished cell ran on commit {'c' * 12} (4 cells).")
