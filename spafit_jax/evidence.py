@@ -56,15 +56,28 @@ def scrub(obj, root: Path):
 
 
 def commit_of(*records: dict | None) -> str | None:
-    """The code commit a run recorded (the first of COMMIT_KEYS found in its results.json or test.json), or None."""
+    """The code commit a run recorded (the first of COMMIT_KEYS found in its results.json or test.json), or None;
+    results.json's `code` ({"version", "commit", "dirty"}, `results.code_version`) gives "<commit>+dirty" when its
+    tree differed from the commit."""
     for record in records:
         for key in COMMIT_KEYS:
             value = (record or {}).get(key)
+            dirty = isinstance(value, dict) and value.get("dirty") is True
             if isinstance(value, dict):
                 value = value.get("commit") or value.get("sha")
             if isinstance(value, str) and value:
-                return value
+                return value + ("+dirty" if dirty else "")
     return None
+
+
+def version_of(*records: dict | None) -> str | None:
+    """`commit_of` as the experiment names code versions (`expstate.version_name`: the commit's first 12 digits,
+    '+dirty' for a changed tree), or None when no commit was recorded."""
+    commit = commit_of(*records)
+    if commit is None:
+        return None
+    dirty = commit.endswith("+dirty")
+    return commit.removesuffix("+dirty")[:12] + ("+dirty" if dirty else "")
 
 
 def _config(folder: Path) -> dict | None:
@@ -102,7 +115,8 @@ def _cells(exp: Path, index: dict) -> list[dict]:
 
 def counts(cells: list[dict]) -> dict:
     """The exact counts of the experiment's runs: distinct trainings (finished run folders), search cells, seed
-    runs, seed runs that are their search cell, cells scored on test, cells failed or unfinished, runs per commit."""
+    runs, seed runs that are their search cell, cells scored on test, cells failed or unfinished, runs per commit,
+    and `mixed_commits`: whether the finished runs recorded more than one commit."""
     done = [c for c in cells if c["results"] is not None]
     commits: dict[str, int] = {}
     for c in done:
@@ -111,7 +125,8 @@ def counts(cells: list[dict]) -> dict:
             "seed_runs": sum("seed" in c["roles"] for c in cells),
             "seed_runs_that_are_search_cells": sum(c["roles"] == ["search", "seed"] for c in cells),
             "scored_on_test": sum(c["test"] is not None for c in cells),
-            "failed_or_unfinished": len(cells) - len(done), "commits": commits}
+            "failed_or_unfinished": len(cells) - len(done), "commits": commits,
+            "mixed_commits": len([k for k in commits if k != "not recorded"]) > 1}
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
@@ -186,7 +201,7 @@ def read(published: Path) -> dict:
         runs.setdefault((task, e["method"]), []).append(
             {**e, "test": cell["test"].get("metrics"), "dev": results.get("eval"), "pred": arrays[key],
              "labels": arrays["labels"], "params": results.get("trainable_params"),
-             "train_seconds": results.get("train_seconds")})
+             "train_seconds": results.get("train_seconds"), "version": version_of(results, cell["test"])})
     if not runs:
         raise ProtocolError(f"{root} holds no seed scored on test; {fix}")
     check_labels(runs)

@@ -1,11 +1,15 @@
 """`python -m spafit_jax.protocol EXP [--out DIR] [--publish DIR]`: the report of an experiment run with a `select:`
 section; `python -m spafit_jax.protocol --from-published DIR`: the same tables recomputed from published evidence.
 
-Reads EXP/selection.json (written by `selection`): per task and method the chosen value and its dev score, and
-each seed's test scores (test.json) and test predictions (test_predictions.npz). Writes to DIR (default
-EXP/report): table.md, protocol.csv and differences.csv, the dev curves (dev score vs the searched value, per
-method) and the search cells' training losses as PNG and SVG. `--publish DIR` writes the same plus the evidence
-(`evidence.py`: every scored cell's predictions, every cell's results.json and config.yaml, the counts).
+Reads EXP/selection.json (written by `selection`): per task and method the chosen value and its dev score (with
+what the choice rests on, its extensions past a grid edge and whether it is bracketed), each entry's `budget`, the
+commits the cells ran on, and each seed's test scores (test.json) and test predictions (test_predictions.npz).
+Writes to DIR (default EXP/report): table.md, protocol.csv and differences.csv, the dev curves (dev score vs the
+searched value, per method) and the search cells' training losses as PNG and SVG. With `budgets:` (methods
+labelled `<method>-<budget>`) methods are compared only at the same budget, one table per task and budget, and
+each method at a later budget is compared with itself at the first ("does the longer budget help"). `--publish
+DIR` writes the same plus the evidence (`evidence.py`: every scored cell's predictions, every cell's results.json
+and config.yaml, the counts).
 
 The intervals (`intervals.py`): each method's test score and its difference to the task's best method with a
 95 % two-stage bootstrap interval, seeds resampled per method and test examples resampled (one draw shared by
@@ -34,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from spafit_jax import intervals, rundir
+from spafit_jax import evidence, intervals, rundir
 from spafit_jax.errors import SpafitError
 from spafit_jax.intervals import RESAMPLES, examples_only, paired_bootstrap  # noqa: F401 (protocol.paired_bootstrap)
 from spafit_jax.protocol_files import (ProtocolError, check_index, check_labels, check_score, read_json,
@@ -82,7 +86,8 @@ def _read_seed(exp: Path, entry: dict, metric: str) -> dict | None:
     check_score(test["metrics"], pred, labels, metric, f"{folder}: test.json's", "test_predictions.npz",
                 f"delete both and {fix}")
     return {**entry, "test": test["metrics"], "dev": results["eval"], "pred": pred, "labels": labels,
-            "params": results.get("trainable_params"), "train_seconds": results.get("train_seconds")}
+            "params": results.get("trainable_params"), "train_seconds": results.get("train_seconds"),
+            "version": evidence.version_of(results, test)}
 
 
 def _choice(index: dict, task: str, method: str, path: Path) -> dict:
@@ -125,10 +130,25 @@ def _value(point: dict | None) -> str:
                      for k, v in point.items())
 
 
-def _task_scores(runs: dict, task: str, metric: str) -> tuple[dict, dict, np.ndarray]:
-    """({method: [per-seed predictions]}, {method: [per-seed test score]}, labels) of one task."""
-    preds = {m: [r["pred"] for r in seeds] for (t, m), seeds in runs.items() if t == task}
-    labels = next(seeds for (t, _), seeds in runs.items() if t == task)[0]["labels"]
+def family(method: str, budget: str | None) -> str:
+    """A method's name before its budget: `lora` of `lora-long` at budget `long` (the name itself without a budget)."""
+    return method[:-len(budget) - 1] if budget and method.endswith(f"-{budget}") else method
+
+
+def groups(runs: dict) -> dict[tuple[str, str | None], list[str]]:
+    """{(task, budget): its methods}, tasks and budgets in the order they first appear; budget None when the
+    experiment declares no `budgets:`. Methods are compared only within a group."""
+    out: dict[tuple[str, str | None], list[str]] = {}
+    for (task, method), seeds in runs.items():
+        out.setdefault((task, seeds[0].get("budget") or None), []).append(method)
+    tasks, budgets = list(dict.fromkeys(t for t, _ in out)), list(dict.fromkeys(b for _, b in out))
+    return dict(sorted(out.items(), key=lambda kv: (tasks.index(kv[0][0]), budgets.index(kv[0][1]))))
+
+
+def _scores(runs: dict, task: str, methods: Sequence[str], metric: str) -> tuple[dict, dict, np.ndarray]:
+    """({method: [per-seed predictions]}, {method: [per-seed test score]}, labels) of some methods of one task."""
+    preds = {m: [r["pred"] for r in runs[(task, m)]] for m in methods}
+    labels = runs[(task, methods[0])][0]["labels"]
     fn = intervals.metric_fn(metric)
     return preds, {m: [fn(p, labels) for p in ps] for m, ps in preds.items()}, labels
 
@@ -137,14 +157,26 @@ def _metric_of(index: dict, task: str) -> str:
     return next(c["metric"] for k, c in index["choices"].items() if k.split("/", 1)[0] == task)
 
 
+def _search_notes(choice: dict, seeds: Sequence[dict]) -> dict[str, Any]:
+    """What a row says of its choice's search (`choices`' fields; None where an older choice file lacks them) and of
+    the code its cells ran on (the search cells' `commits` and each seed's results.json `code`)."""
+    rests, made = choice.get("rests_on"), choice.get("extensions") or []
+    commits = {*(choice.get("commits") or []), *(r["version"] for r in seeds if r.get("version"))}
+    return {"rests_on": None if rests is None else len(rests),
+            "extensions": ", ".join(_value({e["key"]: e["value"]}) for e in made),
+            "bracketed": choice.get("bracketed"), "extension_stopped": choice.get("extension_stopped") or "",
+            "commits": ", ".join(sorted(commits))}
+
+
 def rows(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
-    """One row per task and method: choice, dev score, test mean/std over seeds with its two-stage interval, the
-    difference to the best with its two-stage interval (low, high, significant) and its examples-only one."""
+    """One row per task, budget and method: choice, dev score, what the choice rests on and whether its grid
+    brackets it, test mean/std over seeds with its two-stage interval, the difference to the best method of the same
+    task and budget with its two-stage interval (low, high, significant) and its examples-only one, the commits."""
     index, runs = data["index"], data["runs"]
     out = []
-    for task in dict.fromkeys(t for t, _ in runs):
+    for (task, budget), methods in groups(runs).items():
         metric = _metric_of(index, task)
-        preds, scores, labels = _task_scores(runs, task, metric)
+        preds, scores, labels = _scores(runs, task, methods, metric)
         means = {m: statistics.fmean(v) for m, v in scores.items()}
         best = max(means, key=lambda m: means[m])
         for m in preds:
@@ -152,7 +184,8 @@ def rows(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
             score = intervals.two_stage(preds[m], None, labels, metric, resamples=resamples)
             hier = None if m == best else intervals.two_stage(preds[m], preds[best], labels, metric, resamples=resamples)
             ex = None if m == best else examples_only(preds[m], preds[best], labels, metric, resamples=resamples)
-            out.append({"task": task, "method": m, "metric": metric, "chosen": _value(choice.get("chosen")),
+            out.append({"task": task, "method": m, "budget": budget or "", "metric": metric,
+                        "chosen": _value(choice.get("chosen")),
                         "dev": choice.get("dev"), "ties": ", ".join(choice.get("ties") or []),
                         "failed_search": len(choice.get("failed") or []), "seeds": len(seeds), "test_mean": means[m],
                         "test_std": statistics.stdev(scores[m]) if len(seeds) > 1 else None,
@@ -163,25 +196,44 @@ def rows(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
                         "examples_low": None if ex is None else ex["low"],
                         "examples_high": None if ex is None else ex["high"],
                         "params": seeds[0]["params"],
-                        "train_seconds": statistics.fmean(r["train_seconds"] or 0.0 for r in seeds)})
+                        "train_seconds": statistics.fmean(r["train_seconds"] or 0.0 for r in seeds),
+                        **_search_notes(choice, seeds)})
     return out
 
 
+def _pair(task: str, budget: str, a: str, b: str, metric: str, preds: dict, labels: np.ndarray, compared: str,
+          resamples: int) -> dict[str, Any]:
+    hier = intervals.two_stage(preds[a], preds[b], labels, metric, resamples=resamples)
+    ex = examples_only(preds[a], preds[b], labels, metric, resamples=resamples)
+    return {"task": task, "a": a, "b": b, "metric": metric, "diff": hier["estimate"],
+            "low": hier["low"], "high": hier["high"], "significant": hier["significant"],
+            "examples_low": ex["low"], "examples_high": ex["high"],
+            "examples_significant": ex["significant"], "budget": budget, "compared": compared}
+
+
 def differences(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
-    """Every pair of methods of a task (a before b in the order of the table): a - b with both intervals."""
+    """Every pair of methods of a task and budget (a before b in the order of the table; `compared` "methods"): a - b
+    with both intervals; then, with `budgets:`, each method at each later budget minus the same method at the first
+    (`compared` "budgets", `budget` "long - base"): whether the longer budget helps."""
+    index, runs = data["index"], data["runs"]
     out = []
-    for task in dict.fromkeys(t for t, _ in data["runs"]):
-        metric = _metric_of(data["index"], task)
-        preds, scores, labels = _task_scores(data["runs"], task, metric)
+    for (task, budget), methods in groups(runs).items():
+        metric = _metric_of(index, task)
+        preds, scores, labels = _scores(runs, task, methods, metric)
         order = sorted(preds, key=lambda m: -statistics.fmean(scores[m]))
-        for i, a in enumerate(order):
-            for b in order[i + 1:]:
-                hier = intervals.two_stage(preds[a], preds[b], labels, metric, resamples=resamples)
-                ex = examples_only(preds[a], preds[b], labels, metric, resamples=resamples)
-                out.append({"task": task, "a": a, "b": b, "metric": metric, "diff": hier["estimate"],
-                            "low": hier["low"], "high": hier["high"], "significant": hier["significant"],
-                            "examples_low": ex["low"], "examples_high": ex["high"],
-                            "examples_significant": ex["significant"]})
+        out += [_pair(task, budget or "", a, b, metric, preds, labels, "methods", resamples)
+                for i, a in enumerate(order) for b in order[i + 1:]]
+    for task in dict.fromkeys(t for t, _ in groups(runs)):
+        by_family: dict[str, list[tuple[str, str]]] = {}
+        for (t, budget), methods in groups(runs).items():
+            for m in methods if t == task and budget else ():
+                by_family.setdefault(family(m, budget), []).append((budget, m))
+        metric = _metric_of(index, task)
+        for pairs in by_family.values():
+            (first, b), rest = pairs[0], pairs[1:]
+            for later, a in rest:
+                preds, _, labels = _scores(runs, task, [a, b], metric)
+                out.append(_pair(task, f"{later} - {first}", a, b, metric, preds, labels, "budgets", resamples))
     return out
 
 
@@ -197,13 +249,57 @@ def _ci(low: float | None, high: float | None, sign: bool = True) -> str:
     return f"[{_x100(low, sign)}, {_x100(high, sign)}]"
 
 
-def table_markdown(table: Sequence[dict]) -> str:
-    """table.md: one section per task; the best test mean in bold, * where the seeds-and-examples interval excludes 0."""
+def _notes(mine: Sequence[dict]) -> list[str]:
+    """The notes under a task's table: ties, failed cells, extensions, choices left on a grid edge, single seeds."""
+    notes = [f"{r['method']}: dev tie among {r['ties']}" for r in mine if r["ties"]]
+    notes += [f"{r['method']}: {r['failed_search']} search cell(s) failed" for r in mine if r["failed_search"]]
+    notes += [f"{r['method']}: grid extended past its edge ({r['extensions']}); the choice rests on "
+              f"{r['rests_on']} complete search cells" for r in mine if r["extensions"]]
+    notes += [f"{r['method']}: {r['chosen']} (†) sits on the edge of its grid, not bracketed: "
+              f"{r['extension_stopped'] or 'no extension was made'}" for r in mine if r["bracketed"] is False]
+    notes += [f"{r['method']}: one seed, so its intervals cannot show seed noise" for r in mine if r["seeds"] < 2]
+    return notes
+
+
+def _budget_table(pairs: Sequence[dict]) -> list[str]:
+    """The section on whether a longer budget helps: each method at a later budget minus itself at the first."""
+    if not pairs:
+        return []
+    lines = ["### Does the longer budget help? (x100)", "",
+             "| Task | Method | Budgets | Δ [95% CI] | | Δ [95% CI, examples only] |", "|---|---|---|---:|---|---:|"]
+    for d in pairs:
+        lines.append(f"| {d['task']} ({d['metric']}) | {family(d['b'], d['budget'].rsplit(' - ', 1)[-1])} | "
+                     f"{d['a']} − {d['b']} | {_x100(d['diff'], True)} {_ci(d['low'], d['high'])} | "
+                     f"{'*' if d['significant'] else ''} | {_ci(d['examples_low'], d['examples_high'])} |")
+    return [*lines, ""]
+
+
+def commits_note(index: dict, table: Sequence[dict]) -> str:
+    """The line on the code the experiment ran on: selection.json's `commits` (finished cells per commit) and
+    `mixed_commits`, else the commits the table's rows recorded."""
+    counts = index.get("commits")
+    if isinstance(counts, dict) and counts:
+        named = ", ".join(f"{k} ({v} cells)" for k, v in counts.items())
+        if index.get("mixed_commits") or len(counts) > 1:
+            return (f"Code: MIXED COMMITS (the experiment ran with --allow-mixed-commits): {named}; each row's "
+                    "commits are in protocol.csv, each cell's in the evidence's cells.json.")
+        return f"Code: every finished cell ran on commit {named}."
+    seen = sorted({c for r in table for c in r["commits"].split(", ") if c})
+    if len(seen) > 1:
+        return f"Code: MIXED COMMITS: {', '.join(seen)}; each row's commits are in protocol.csv."
+    return f"Code: commit {seen[0]}." if seen else "Code: the cells recorded no commit."
+
+
+def table_markdown(table: Sequence[dict], budget_pairs: Sequence[dict] = (), index: dict | None = None) -> str:
+    """table.md: one section per task (and budget); the best test mean in bold, * where the seeds-and-examples
+    interval excludes 0, † on a choice left on its grid's edge; then whether the longer budget helps
+    (`budget_pairs`, `differences`' "budgets" rows) and, with `index`, the commits the cells ran on."""
     lines = []
-    for task in dict.fromkeys(r["task"] for r in table):
-        mine = sorted((r for r in table if r["task"] == task), key=lambda r: -r["test_mean"])
+    for task, budget in dict.fromkeys((r["task"], r.get("budget", "")) for r in table):
+        mine = sorted((r for r in table if (r["task"], r.get("budget", "")) == (task, budget)),
+                      key=lambda r: -r["test_mean"])
         metric = mine[0]["metric"]
-        lines += [f"### {task} ({metric} x100)", "",
+        lines += [f"### {task}{f', budget {budget}' if budget else ''} ({metric} x100)", "",
                   "| Method | Trainable | Chosen | Dev | Test mean ± std (seeds) [95% CI] | Δ to best [95% CI] | | "
                   "Δ [95% CI, examples only] |",
                   "|---|---:|---|---:|---:|---:|---|---:|"]
@@ -213,18 +309,23 @@ def table_markdown(table: Sequence[dict]) -> str:
             test = f"{'**' + test + '**' if r['best'] else test} {_ci(r['test_low'], r['test_high'], False)}"
             diff = "best" if r["best"] else f"{_x100(r['diff'], True)} {_ci(r['low'], r['high'])}"
             ex = "" if r["best"] else _ci(r["examples_low"], r["examples_high"])
-            lines.append(f"| {r['method']} | {_params(r['params'])} | {r['chosen']} | {_x100(r['dev'])} | {test} | "
+            chosen = f"{r['chosen']} †" if r.get("bracketed") is False else r["chosen"]
+            lines.append(f"| {r['method']} | {_params(r['params'])} | {chosen} | {_x100(r['dev'])} | {test} | "
                          f"{diff} | {'*' if r['significant'] else ''} | {ex} |")
-        notes = [f"{r['method']}: dev tie among {r['ties']}" for r in mine if r["ties"]]
-        notes += [f"{r['method']}: {r['failed_search']} search cell(s) failed" for r in mine if r["failed_search"]]
-        notes += [f"{r['method']}: one seed, so its intervals cannot show seed noise" for r in mine if r["seeds"] < 2]
+        notes = _notes(mine)
         lines += ["", *(f"- {n}" for n in notes), ""] if notes else [""]
+    lines += _budget_table(budget_pairs)
     lines.append("Chosen: the searched value with the best dev score (a dev split carved from the training data); "
                  "Test: the untouched test split, mean ± sample std over seeds, with a 95% interval; Δ: the method's "
                  "test score minus the best method's, averaged over seeds. Intervals: two-stage bootstrap, seeds "
                  "resampled per method, then test examples (paired between methods), "
                  f"{RESAMPLES} draws, percentile; * that interval excludes 0. Examples only: the seeds held fixed, "
                  "test examples resampled (BCa for accuracy), which leaves seed noise out. Every pair: differences.csv.")
+    if any(r.get("budget") for r in table):
+        lines.append("Budgets (`budgets:`): every method trained at every budget of the experiment file (a rerun that "
+                     "changes them is refused); methods are compared only at the same budget.")
+    if index is not None:
+        lines.append(commits_note(index, table))
     return "\n".join(lines) + "\n"
 
 
@@ -239,9 +340,10 @@ def csv_text(table: Sequence[dict]) -> str:
 
 def tables(data: dict, *, resamples: int = RESAMPLES) -> dict[str, str]:
     """{file name: text} of table.md, protocol.csv and differences.csv."""
-    table = rows(data, resamples=resamples)
-    return {"table.md": table_markdown(table), "protocol.csv": csv_text(table),
-            "differences.csv": csv_text(differences(data, resamples=resamples))}
+    table, pairs = rows(data, resamples=resamples), differences(data, resamples=resamples)
+    budget_pairs = [d for d in pairs if d["compared"] == "budgets"]
+    return {"table.md": table_markdown(table, budget_pairs, data["index"]), "protocol.csv": csv_text(table),
+            "differences.csv": csv_text(pairs)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +354,6 @@ def write_report(exp: str | Path, out: str | Path | None = None, *, resamples: i
                  publish: bool = False) -> dict[str, Path]:
     """Writes table.md, protocol.csv, differences.csv, dev_curves.png/svg and train_loss.png/svg to `out` (default
     EXP/report), plus the evidence when `publish`; returns {name: path}. Nothing is written when anything fails."""
-    from spafit_jax import evidence
     from spafit_jax.protocol_plots import plot_dev_curves, plot_train_loss
 
     exp = Path(exp)
@@ -272,8 +373,6 @@ def write_report(exp: str | Path, out: str | Path | None = None, *, resamples: i
 def recompute(published: str | Path, out: str | Path | None = None, *, resamples: int = RESAMPLES) -> list[str]:
     """Recomputes table.md, protocol.csv and differences.csv from a published folder's evidence. With `out`, writes
     them there and returns []; else compares them with the published ones and returns the names that differ."""
-    from spafit_jax import evidence
-
     published = Path(published)
     texts = tables(evidence.read(published), resamples=resamples)
     if out is not None:

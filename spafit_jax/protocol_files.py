@@ -74,6 +74,8 @@ def check_index(index: Any, path: Path) -> dict:
         for e in [*index["seeds"], *index.get("search", [])]:
             _need(isinstance(e["task"], str) and isinstance(e["method"], str) and isinstance(e["folder"], str), "task")
             _need(not Path(e["folder"]).is_absolute() and ".." not in Path(e["folder"]).parts, "folder")
+        for e in [*index["seeds"], *index.get("search", [])]:
+            _need(e.get("budget") is None or isinstance(e["budget"], str) and e["budget"], "budget")
         for e in index["seeds"]:
             _need(isinstance(e["seed"], int), "seed")
         for e in index.get("search", []):
@@ -83,6 +85,15 @@ def check_index(index: Any, path: Path) -> dict:
             _need(isinstance(c.get("chosen"), (dict, type(None))) and isinstance(c.get("ties", []), list)
                   and isinstance(c.get("failed", []), list), "chosen, ties, failed")
             _need(c.get("dev") is None or isinstance(c["dev"], (int, float)), "dev")
+            _need(all(isinstance(c.get(k, []), list) for k in ("rests_on", "extensions", "commits")),
+                  "rests_on, extensions, commits")
+            _need(all(isinstance(x, dict) and isinstance(x.get("key"), str) and "value" in x
+                      for x in c.get("extensions", [])), "extensions")
+            _need(all(isinstance(x, str) for x in c.get("commits", [])), "commits")
+            _need(c.get("bracketed") in (None, True, False) and isinstance(c.get("extension_stopped") or "", str),
+                  "bracketed, extension_stopped")
+        _need(isinstance(index.get("commits", {}), dict) and index.get("mixed_commits") in (None, True, False),
+              "commits, mixed_commits")
     except (KeyError, TypeError) as e:
         raise ProtocolError(f"{path}: {fix} (bad or missing field {e})") from None
     return index

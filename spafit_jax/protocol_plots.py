@@ -15,7 +15,9 @@ def _value(point: dict) -> str:
 
 
 def _dev_points(exp: Path, index: dict) -> dict:
-    """{task: {method: [(value, dev score)]}} of the finished search cells, by the first searched key."""
+    """{panel: {(method, the other searched keys): [(value, dev score, metric)]}} of the finished search cells, by the
+    first searched key; a panel per task (and budget): a line per method and value of its other keys (SPAFIT's
+    strata searched with the rate: one line per (n1, n2))."""
     out: dict = {}
     for e in index["search"]:
         folder = exp / e["folder"]
@@ -29,12 +31,16 @@ def _dev_points(exp: Path, index: dict) -> dict:
                                 "and rerun the experiment")
         score = dev[best["metric"]]  # null where the score was not finite
         if isinstance(value, (int, float)) and isinstance(score, (int, float)) and math.isfinite(score):
-            out.setdefault(e["task"], {}).setdefault(e["method"], []).append((value, score, res["best"]["metric"]))
+            panel = f"{e['task']}, budget {e['budget']}" if e.get("budget") else e["task"]
+            rest = tuple(list(e["point"].items())[1:])
+            out.setdefault(panel, {}).setdefault((e["task"], e["method"], rest), []).append(
+                (value, score, res["best"]["metric"]))
     return out
 
 
 def plot_dev_curves(exp: Path, index: dict, out: Path) -> list[str]:
-    """dev_curves.png/svg: dev score vs the searched value (log x) per method, one panel per task; chosen values ringed."""
+    """dev_curves.png/svg: dev score vs the first searched value (log x), a line per method (and value of its other
+    searched keys), one panel per task (and budget); chosen values ringed."""
     from spafit_jax.pictures import MARKERS, figure, save
 
     points = _dev_points(exp, index)
@@ -42,16 +48,16 @@ def plot_dev_curves(exp: Path, index: dict, out: Path) -> list[str]:
         return []
     key = next(iter(index["search"][0]["point"]))
     fig, axes = figure(len(points), f"Dev score vs {key} (chosen value ringed)")
-    for ax, (task, methods) in zip(axes, points.items()):
-        for i, (m, pts) in enumerate(methods.items()):
+    for ax, (panel, lines) in zip(axes, points.items()):
+        for i, ((task, m, rest), pts) in enumerate(lines.items()):
             pts = sorted(pts)
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}",
-                    label=m)
+                    label=f"{m} {_value(dict(rest))}" if rest else m)
             chosen = index["choices"].get(f"{task}/{m}")
-            if chosen and chosen["chosen"] is not None:
+            if chosen and chosen["chosen"] is not None and tuple(list(chosen["chosen"].items())[1:]) == rest:
                 ax.plot([next(iter(chosen["chosen"].values()))], [100 * chosen["dev"]], "o", ms=12, mfc="none",
                         color=f"C{i % 10}")
-        ax.set(xscale="log", xlabel=key, ylabel=f"dev {pts[0][2]} x100", title=task)
+        ax.set(xscale="log", xlabel=key, ylabel=f"dev {pts[0][2]} x100", title=panel)
         ax.legend(fontsize=7)
     return save(fig, out, "dev_curves")
 
