@@ -33,9 +33,9 @@ __all__ = [
 ]
 
 # The shipped configs: inside the installed package (a wheel maps configs/ to spafit_jax/configs),
-# else the checkout's configs/ folder.
-_PACKAGED = Path(__file__).resolve().parent / "configs"
-CONFIGS_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+# else the checkout's configs/ folder. Found from the package folder, wherever in it this module sits.
+_PACKAGE = next(p for p in Path(__file__).resolve().parents if p.name == "spafit_jax")
+CONFIGS_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
 
 

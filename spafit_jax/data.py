@@ -9,15 +9,17 @@ they share. The trainer calls `load_task_data`, then cuts ``TaskData.train`` / `
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from spafit_jax.config import DataConfig
 from spafit_jax.errors import DataError
 from spafit_jax.sources import Examples, read_task, task_from_config
 from spafit_jax.tasks import TaskSpec
 from spafit_jax.tokens import Encoded, encode
+
+if TYPE_CHECKING:  # the config sits above the data: its schema names the type, never imported at run time
+    from spafit_jax.schema import DataConfig
 
 __all__ = ["TaskData", "load_task_data", "load_task_texts", "task_from_config"]
 

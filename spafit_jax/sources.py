@@ -19,13 +19,12 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 
 from spafit_jax import bbc_news, tweets
-from spafit_jax.schema import DataConfig
 from spafit_jax.errors import DataError
 from spafit_jax.tasks import (
     MAPPED_TASKS,
@@ -35,6 +34,9 @@ from spafit_jax.tasks import (
     normalise_task_name,
 )
 from spafit_jax.tokens import Examples
+
+if TYPE_CHECKING:  # the config sits above the data: its schema names the type, never imported at run time
+    from spafit_jax.schema import DataConfig
 
 #: local file suffix -> (``datasets`` builder, its arguments)
 FILE_BUILDERS = {".csv": ("csv", {"delimiter": ","}), ".tsv": ("csv", {"delimiter": "\t"}),

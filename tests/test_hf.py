@@ -267,7 +267,7 @@ def test_every_adapter_config_peft_writes_passes_the_field_checks(kwargs):
     """The checks of adapter_config.json refuse only what is wrong: PEFT's own configs pass them as written."""
     from peft import LoraConfig
 
-    from spafit_jax.hf import check_peft_config
+    from spafit_jax.peft_io import check_peft_config
 
     kwargs = {"target_modules": ["query"], **kwargs}
     raw = json.loads(json.dumps(LoraConfig(task_type="SEQ_CLS", **kwargs).to_dict(), default=sorted))
