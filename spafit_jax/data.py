@@ -9,17 +9,14 @@ they share. The trainer calls `load_task_data`, then cuts ``TaskData.train`` / `
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from spafit_jax.errors import DataError
-from spafit_jax.sources import Examples, read_task, task_from_config
+from spafit_jax.sources import DataSection, Examples, read_task, task_from_config
 from spafit_jax.tasks import TaskSpec
 from spafit_jax.tokens import Encoded, encode
-
-if TYPE_CHECKING:  # the config sits above the data: its schema names the type, never imported at run time
-    from spafit_jax.schema import DataConfig
 
 __all__ = ["TaskData", "load_task_data", "load_task_texts", "task_from_config"]
 
@@ -45,7 +42,7 @@ def _subset(ex: Examples, limit: int | None, seed: int) -> Examples:
                     ex.labels[keep])
 
 
-def load_task_texts(cfg: DataConfig, *, seed: int
+def load_task_texts(cfg: DataSection, *, seed: int
                     ) -> tuple[TaskSpec, Examples, dict[str, Examples]]:
     """Checked, untokenised ``(spec, train, evals)``.
 
@@ -64,7 +61,7 @@ def load_task_texts(cfg: DataConfig, *, seed: int
     return spec, train, evals
 
 
-def load_task_data(cfg: DataConfig, tokenizer: Any, *, seed: int) -> TaskData:
+def load_task_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> TaskData:
     """Load, check and tokenise a task: ``TaskData(spec, train, evals)``.
 
     ``seed`` only picks the ``data.limit_train`` subset.
