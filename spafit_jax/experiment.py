@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> int:
         if selection.wanted(args.config):
-            return selection.run(args)
+            return selection.search_then_test(args)
         cells, notes = load_experiment(args.config, args.overrides)
         cells = select(cells, args.only, args.shard)
         workdir = Path(args.workdir)

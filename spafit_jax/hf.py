@@ -113,6 +113,20 @@ def family_classes(model_type: str) -> tuple[type, type]:
     return found.Config, found.ForSequenceClassification
 
 
+def build_model(config: BertConfig, lora: LoRAConfig | None = None, *, num_labels: int, dtype: Any = jnp.float32,
+                param_dtype: Any = jnp.float32):
+    """The sequence classifier of `config`'s family (not initialised): the one place a model is built from a config."""
+    return family_classes(config.model_type)[1](config, dtype, param_dtype, lora, num_labels=num_labels)
+
+
+def init_params(model, seed: int = 0, *, shapes_only: bool = False) -> dict:
+    """`model`'s parameters from a dummy batch of token ids; with `shapes_only`, their shapes and dtypes
+    (`jax.eval_shape`, nothing allocated). Eager: a jitted init of the unrolled model would compile the
+    whole graph on every call."""
+    init = lambda: model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]  # noqa: E731
+    return jax.eval_shape(init) if shapes_only else init()
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -143,10 +157,8 @@ def load_pretrained(
         if config.family.logits_kernel in adapted:
             weights = {k: v for k, v in weights.items() if not k.startswith("classifier/")}
         weights.update(adapted)
-    model = family_classes(config.model_type)[1](config, dtype, param_dtype, lora, num_labels=num_labels)
-    dummy = jnp.zeros((1, 8), jnp.int32)
-    # eager: a jitted init of the unrolled model would compile the whole graph on every call
-    fresh = {"/".join(k): v for k, v in flatten_dict(model.init(jax.random.key(seed), dummy)["params"]).items()}
+    model = build_model(config, lora, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype)
+    fresh = {"/".join(k): v for k, v in flatten_dict(init_params(model, seed)).items()}
     if adapter is not None and missing_adapters(fresh, adapted):
         absent = missing_adapters(fresh, adapted)
         raise LoadError(f"{Path(adapter) / PEFT_WEIGHTS} lacks {len(absent)} LoRA tensor(s) that {PEFT_CONFIG} "

@@ -157,9 +157,12 @@ def check_resume_settings(workdir: Path, cfg: Config) -> None:
                           changed[0][0].split(".", 1)[1])
 
 
-def save_config(workdir: Path, cfg: Config) -> Path:
-    """config.yaml, written atomically once the run is accepted (a refused resume keeps the old one)."""
-    path = workdir / CONFIG
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """The resolved config as YAML (every field) at `path`, written atomically (the trainer's
+    `<workdir>/config.yaml` once the run is accepted: a refused resume keeps the old one);
+    `load_config([path]) == cfg`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, config_yaml(cfg, path))
     return path
 

@@ -333,7 +333,7 @@ def _dry_run(search_all, search_mine, choices, seeds_mine, pending, workdir: Pat
     return 0
 
 
-def run(args) -> int:
+def search_then_test(args) -> int:
     """Runs an experiment with a `select:` section (the arguments of `experiment.build_parser`): the search cells,
     the choices, then the seeds at the chosen values with their test scores, then the protocol report.
     0 when every selected cell finished, 1 when some failed or stopped, 2 for bad input."""

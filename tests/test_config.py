@@ -12,7 +12,8 @@ import yaml
 from spafit_jax import config as C
 from spafit_jax import methods, tasks
 from spafit_jax.cli import parse_args
-from spafit_jax.config import Config, load_config, save_config, to_dict
+from spafit_jax.config import Config, load_config, to_dict
+from spafit_jax.rundir import save_config
 from spafit_jax.errors import ConfigError, SpafitError
 
 REPO = Path(__file__).resolve().parent.parent
