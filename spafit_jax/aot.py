@@ -364,9 +364,11 @@ def run(cfg: Config, topology: str, *, shapes: str = "all", steps: str = "both",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `python -m spafit_jax.aot`."""
+    """The argparse parser of `python -m spafit_jax.aot` (`spafit-aot`)."""
+    from spafit_jax import cli
+
     p = argparse.ArgumentParser(
-        prog="python -m spafit_jax.aot",
+        prog=cli.program("aot"),
         description="Compile the trainer's train and eval steps for a TPU topology on this (CPU) machine, from "
                     "shapes only, and report HBM per chip, FLOPs and an estimated step time. Needs libtpu: "
                     + tpu_specs.install_hint() + ". Exit status 2 when a program does not fit.",

@@ -283,7 +283,9 @@ def write_report(exp: str | Path, out: str | Path | None = None, *, resamples: i
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (`cli.run_command`); bad input is one line on stderr and exit status 2."""
-    p = argparse.ArgumentParser(prog="python -m spafit_jax.protocol", description=__doc__.split("\n\n")[0])
+    from spafit_jax import cli
+
+    p = argparse.ArgumentParser(prog=cli.program("protocol"), description=__doc__.split("\n\n")[0])
     p.add_argument("exp", metavar="EXP", help="the experiment folder (--workdir of an experiment with select:)")
     p.add_argument("--out", metavar="DIR", help="where to write (default EXP/report)")
     args = p.parse_args(argv)
@@ -291,8 +293,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     def work() -> None:
         files = write_report(args.exp, args.out)
         print(f"report: {', '.join(str(f) for f in files.values())}")
-
-    from spafit_jax import cli
 
     return cli.run_command(work, compile_cache=False)
 
