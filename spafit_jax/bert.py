@@ -7,6 +7,12 @@ are unrolled and named "0" .. "L-1" (`bert/encoder/layer/7/attention/self/query/
 `dtype` is the compute dtype; parameters stay in `param_dtype`. Optional LoRA adapters (see
 `lora.py`) sit beside the kernels they adapt; LoRA targets keep their abstract names (`query`
 is DistilBERT's `q_lin`).
+
+Packed rows (sequence packing, issue 29): `model.apply(vars, input_ids, attention_mask, token_type_ids,
+deterministic, segment_starts=starts_BxK)` reads `attention_mask` as segment ids (1 .. K, 0 on
+padding), attends only within a segment (`attention_bias`), restarts positions at each segment
+(`segment_positions`; RoBERTa / XLM-R at pad_token_id + 1), pools each segment's first token
+(`first_tokens`) and returns logits [B, K, num_labels]. `segment_starts=None` is the unpacked model.
 """
 
 from __future__ import annotations
@@ -154,8 +160,64 @@ def _sinusoidal_init(key, shape, dtype=jnp.float32):
     return jnp.asarray(np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles)), dtype)
 
 
-def position_ids(input_ids_BxT, config: BertConfig):
-    """0, 1, ... T-1; RoBERTa's: pad_token_id + 1, + 2, ... over real tokens, pad_token_id on padding."""
+def check_packed(segment_starts, input_shape, attention_mask) -> None:
+    """Trace-time checks of a packed call: `segment_starts` an integer [B, K] array (K >= 1) of the
+    inputs' batch size, and `attention_mask` (the segment ids) given. Raises a one-line ConfigError."""
+    shape, dtype = getattr(segment_starts, "shape", None), getattr(segment_starts, "dtype", None)
+    if shape is None or len(shape) != 2 or shape[1] < 1 or not jnp.issubdtype(dtype, jnp.integer):
+        raise ConfigError(f"segment_starts must be an integer array [rows, K] with K >= 1, got shape {shape} dtype "
+                          f"{dtype}; pass the packed batch's segment_starts (or None for unpacked rows)")
+    if shape[0] != input_shape[0]:
+        raise ConfigError(f"segment_starts has {shape[0]} rows but the inputs have {input_shape[0]}; pass the "
+                          "segment_starts of the same packed batch")
+    if attention_mask is None:
+        raise ConfigError("segment_starts needs attention_mask holding the segment ids (1 .. K, 0 on padding); "
+                          "pass the packed batch's attention_mask")
+
+
+def segment_mask(segment_ids_BxT):
+    """bool [B, 1, T, T]: query q may attend key t iff both carry the same non-zero segment id."""
+    ids = segment_ids_BxT
+    return (ids[:, None, :, None] == ids[:, None, None, :]) & (ids[:, None, None, :] > 0)
+
+
+def attention_bias(attention_mask_BxT, packed: bool = False):
+    """The additive float32 attention bias, built once per forward: unpacked [B, 1, 1, T] (0 on real
+    keys, the float32 minimum on padding); packed [B, 1, T, T] from the segment ids (`segment_mask`).
+    A padding query of a packed row sees no key and attends uniformly: its output is never read."""
+    low = jnp.finfo(jnp.float32).min
+    if not packed:
+        return jnp.where(attention_mask_BxT[:, None, None, :] > 0, 0.0, low)
+    return jnp.where(segment_mask(attention_mask_BxT), 0.0, low)
+
+
+def segment_positions(segment_ids_BxT):
+    """int32 [B, T]: each token's position within its segment (0 at its first token, where the segment
+    id changes), 0 on padding (segment id 0). Segments are contiguous runs of one id."""
+    ids = segment_ids_BxT
+    t_T = jnp.arange(ids.shape[-1], dtype=jnp.int32)
+    change_BxT = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+    start_BxT = jax.lax.cummax(jnp.where(change_BxT, t_T[None], 0), axis=1)
+    return jnp.where(ids > 0, t_T[None] - start_BxT, 0)
+
+
+def first_tokens(x_BxTxD, segment_starts_BxK=None):
+    """The first token of each row [B, D]; packed, of each segment [B, K, D] (a start outside the row is
+    clipped into it, so an absent segment's slot holds a real, finite token)."""
+    if segment_starts_BxK is None:
+        return x_BxTxD[:, 0]
+    return jnp.take_along_axis(x_BxTxD, segment_starts_BxK[..., None].astype(jnp.int32), axis=1, mode="clip")
+
+
+def position_ids(input_ids_BxT, config: BertConfig, segment_ids_BxT=None):
+    """0, 1, ... T-1; RoBERTa's: pad_token_id + 1, + 2, ... over real tokens, pad_token_id on padding.
+    Packed (`segment_ids_BxT` given): restarting at each segment (`segment_positions`), RoBERTa's
+    again from pad_token_id + 1, with padding (segment id 0) at pad_token_id."""
+    if segment_ids_BxT is not None:
+        within_BxT = segment_positions(segment_ids_BxT)
+        if not config.family.position_offset:
+            return within_BxT
+        return jnp.where(segment_ids_BxT > 0, within_BxT + config.pad_token_id + 1, config.pad_token_id)
     if not config.family.position_offset:
         return jnp.arange(input_ids_BxT.shape[-1])[None]
     real_BxT = (input_ids_BxT != config.pad_token_id).astype(jnp.int32)
@@ -166,14 +228,15 @@ class BertEmbeddings(EncoderModule):
     """Word + position (+ token type) embeddings of size `embedding_size or hidden_size`, LayerNorm, dropout."""
 
     @nn.compact
-    def __call__(self, input_ids_BxT, token_type_ids_BxT, deterministic: bool):
+    def __call__(self, input_ids_BxT, token_type_ids_BxT, deterministic: bool, segment_ids_BxT=None):
         c = self.config
         embed = lambda n, name, init=nn.initializers.normal(c.initializer_range): nn.Embed(  # noqa: E731
             n, c.embedding_size or c.hidden_size, embedding_init=init,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         )
         positions = embed(c.max_position_embeddings, "position_embeddings",
-                          *([_sinusoidal_init] if c.sinusoidal_pos_embds else []))(position_ids(input_ids_BxT, c))
+                          *([_sinusoidal_init] if c.sinusoidal_pos_embds else []))(
+            position_ids(input_ids_BxT, c, segment_ids_BxT))
         if c.sinusoidal_pos_embds:  # fixed, as in transformers
             positions = jax.lax.stop_gradient(positions)
         x = embed(c.vocab_size, "word_embeddings")(input_ids_BxT) + positions
@@ -192,7 +255,7 @@ class _SelfAttention(EncoderModule):
     out: str | None = None
 
     @nn.compact
-    def __call__(self, x_BxTxD, mask_bias_Bx1x1xT, deterministic: bool):
+    def __call__(self, x_BxTxD, mask_bias_Bx1xQxT, deterministic: bool):
         c = self.config
         H = c.num_attention_heads
         B, T, D = x_BxTxD.shape
@@ -202,7 +265,7 @@ class _SelfAttention(EncoderModule):
         )
         q_BxTxHxK = q_BxTxHxK / jnp.sqrt(D // H).astype(q_BxTxHxK.dtype)
         scores_BxHxTxT = jnp.einsum("bqhk,bthk->bhqt", q_BxTxHxK, k_BxTxHxK)
-        scores_BxHxTxT = scores_BxHxTxT.astype(jnp.float32) + mask_bias_Bx1x1xT
+        scores_BxHxTxT = scores_BxHxTxT.astype(jnp.float32) + mask_bias_Bx1xQxT
         probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(self.dtype)
         probs_BxHxTxT = Dropout(c.attention_probs_dropout_prob)(probs_BxHxTxT, deterministic=deterministic)
         ctx_BxTxD = jnp.einsum("bhqt,bthk->bqhk", probs_BxHxTxT, v_BxTxHxK).reshape(B, T, D)
@@ -227,8 +290,8 @@ class _Attention(EncoderModule):
     """`attention/self/...` and `attention/output/...`."""
 
     @nn.compact
-    def __call__(self, x_BxTxD, mask_bias_Bx1x1xT, deterministic: bool):
-        ctx_BxTxD = self.child(_SelfAttention, "self")(x_BxTxD, mask_bias_Bx1x1xT, deterministic)
+    def __call__(self, x_BxTxD, mask_bias_Bx1xQxT, deterministic: bool):
+        ctx_BxTxD = self.child(_SelfAttention, "self")(x_BxTxD, mask_bias_Bx1xQxT, deterministic)
         return self.child(BertOutput, "output", target="attention_output")(ctx_BxTxD, x_BxTxD, deterministic)
 
 
@@ -243,8 +306,8 @@ class BertLayer(EncoderModule):
     """One encoder layer: self-attention block, then the feed-forward block."""
 
     @nn.compact
-    def __call__(self, x_BxTxD, mask_bias_Bx1x1xT, deterministic: bool):
-        h_BxTxD = self.child(_Attention, "attention")(x_BxTxD, mask_bias_Bx1x1xT, deterministic)
+    def __call__(self, x_BxTxD, mask_bias_Bx1xQxT, deterministic: bool):
+        h_BxTxD = self.child(_Attention, "attention")(x_BxTxD, mask_bias_Bx1xQxT, deterministic)
         inter_BxTxF = self.child(BertIntermediate, "intermediate")(h_BxTxD, deterministic)
         return self.child(BertOutput, "output", target="output")(inter_BxTxF, h_BxTxD, deterministic)
 
@@ -264,9 +327,9 @@ class DistilBertLayer(EncoderModule):
     """DistilBERT's TransformerBlock: the same computation as `BertLayer` under its own names."""
 
     @nn.compact
-    def __call__(self, x_BxTxD, mask_bias_Bx1x1xT, deterministic: bool):
+    def __call__(self, x_BxTxD, mask_bias_Bx1xQxT, deterministic: bool):
         attention = self.child(_SelfAttention, "attention", names=("q_lin", "k_lin", "v_lin"), out="out_lin")
-        h_BxTxD = self.layer_norm("sa_layer_norm")(attention(x_BxTxD, mask_bias_Bx1x1xT, deterministic) + x_BxTxD)
+        h_BxTxD = self.layer_norm("sa_layer_norm")(attention(x_BxTxD, mask_bias_Bx1xQxT, deterministic) + x_BxTxD)
         return self.layer_norm("output_layer_norm")(self.child(_FFN, "ffn")(h_BxTxD, deterministic) + h_BxTxD)
 
 
@@ -299,36 +362,41 @@ class BertModel(EncoderModule):
     ELECTRA projects embeddings of `embedding_size` to the hidden size (`embeddings_project`).
     A part of the model runs alone (the frozen-stratum cache, `frozen.py`): `stop=n` returns
     (hidden states after layer n-1, None); `hidden_BxTxD` given with `start=n` replaces the
-    embeddings and layers 0 .. n-1 by those hidden states.
+    embeddings and layers 0 .. n-1 by those hidden states. `segment_starts` [B, K] given: packed
+    rows (the module docstring); pooled is then [B, K, D].
     """
 
     add_pooling_layer: bool = True
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
-                 hidden_BxTxD=None, start: int = 0, stop: int | None = None):
+                 hidden_BxTxD=None, start: int = 0, stop: int | None = None, segment_starts=None):
         c = self.config
+        packed = segment_starts is not None
+        if packed:
+            check_packed(segment_starts, (input_ids if hidden_BxTxD is None else hidden_BxTxD).shape, attention_mask)
         if hidden_BxTxD is None:
             if attention_mask is None:
                 attention_mask = jnp.ones_like(input_ids)
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(input_ids)
-            x = self.child(BertEmbeddings, "embeddings")(input_ids, token_type_ids, deterministic)
+            x = self.child(BertEmbeddings, "embeddings")(input_ids, token_type_ids, deterministic,
+                                                         attention_mask if packed else None)
             if c.embedding_size not in (None, c.hidden_size):
                 x = self.dense(c.hidden_size, "embeddings_project", x, deterministic)
         else:
             x = hidden_BxTxD.astype(self.dtype)
             if attention_mask is None:
                 attention_mask = jnp.ones(x.shape[:2], jnp.int32)
-        mask_bias_Bx1x1xT = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        mask_bias_Bx1xQxT = attention_bias(attention_mask, packed)
         if self.lora is not None:
             self.lora.validate(c.num_hidden_layers)
-        x = self.child(_Encoder, c.family.encoder)(x, mask_bias_Bx1x1xT, deterministic, start, stop)
+        x = self.child(_Encoder, c.family.encoder)(x, mask_bias_Bx1xQxT, deterministic, start, stop)
         if stop is not None:
             return x, None
         pooled = None
         if self.add_pooling_layer and c.family.head == "pooler":
-            pooled = jnp.tanh(self.child(_Pooler, "pooler")(x[:, 0], deterministic))
+            pooled = jnp.tanh(self.child(_Pooler, "pooler")(first_tokens(x, segment_starts), deterministic))
         return x, pooled
 
 
@@ -356,7 +424,8 @@ class _ClassificationHead(EncoderModule):
 
 class BertForSequenceClassification(EncoderModule):
     """An encoder of `config.model_type` under its prefix (`bert`, `roberta`, ...) and the family's
-    head; logits [B, num_labels] (num_labels == 1: a regressor).
+    head; logits [B, num_labels] (num_labels == 1: a regressor); packed (`segment_starts` [B, K]
+    given), logits [B, K, num_labels] of each segment's first token.
 
     Heads: BERT pooler -> dropout -> `classifier`; RoBERTa / ELECTRA `classifier/dense` -> tanh /
     gelu -> `classifier/out_proj` on the first token; DistilBERT `pre_classifier` -> ReLU ->
@@ -367,32 +436,35 @@ class BertForSequenceClassification(EncoderModule):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
-                 hidden_BxTxD=None, start: int = 0, stop: int | None = None):
+                 hidden_BxTxD=None, start: int = 0, stop: int | None = None, segment_starts=None):
         c, head = self.config, self.config.family.head
         x, pooled = self.child(BertModel, c.family.prefix)(input_ids, attention_mask, token_type_ids, deterministic,
-                                                           hidden_BxTxD, start, stop)
+                                                           hidden_BxTxD, start, stop, segment_starts)
         if stop is not None:
             return x
         rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
+        first = first_tokens(x, segment_starts)
         if head in ("tanh", "gelu"):
             logits = self.child(_ClassificationHead, "classifier", num_labels=self.num_labels, rate=rate)(
-                x[:, 0], deterministic)
+                first, deterministic)
             return logits.astype(jnp.float32)
         if head == "pre_classifier":
-            pooled = jax.nn.relu(self.dense(c.hidden_size, "pre_classifier", x[:, 0], deterministic))
+            pooled = jax.nn.relu(self.dense(c.hidden_size, "pre_classifier", first, deterministic))
         pooled = Dropout(rate)(pooled, deterministic=deterministic)
         logits = self.dense(self.num_labels, "classifier", pooled, deterministic)
         return logits.astype(jnp.float32)
 
-    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int):
-        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout."""
-        return self(input_ids, attention_mask, token_type_ids, True, stop=n1)
+    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int, segment_starts=None):
+        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout
+        (packed rows when `segment_starts` is given)."""
+        return self(input_ids, attention_mask, token_type_ids, True, stop=n1, segment_starts=segment_starts)
 
     def upper(self, hidden_BxTxD, attention_mask=None, token_type_ids=None, deterministic: bool = True, *,
-              n1: int, **unused):
-        """Logits [B, num_labels] from the hidden states that enter layer n1 (`lower`'s output):
-        layers n1 .. L-1, the pooler and the head; `token_type_ids` are not needed past the embeddings."""
-        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1)
+              n1: int, segment_starts=None, **unused):
+        """Logits [B, num_labels] (packed: [B, K, num_labels]) from the hidden states that enter layer n1
+        (`lower`'s output): layers n1 .. L-1, the pooler and the head; `token_type_ids` are not needed
+        past the embeddings."""
+        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1, segment_starts=segment_starts)
 
 
 #: the same class serves every family; this name reads better outside BERT.

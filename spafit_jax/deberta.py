@@ -16,6 +16,11 @@ query -> attention/self/query_proj, key -> key_proj, value -> value_proj, attent
 attention/output/dense, intermediate -> intermediate/dense, output -> output/dense. With
 `share_att_key` the adapted query/key projections also project the relative embeddings, as PEFT's
 wrapped modules do. The model has `BertForSequenceClassification`'s interface (`lower`, `upper`).
+
+Packed rows (`segment_starts` [B, K] given; see `bert`): attention within segments (`bert.segment_mask`),
+absolute positions restarting per segment (`bert.segment_positions`), the convolution reading only its
+own segment's tokens, the pooler on each segment's first token: logits [B, K, num_labels]. Relative
+positions need nothing: a query and a key of one segment are as far apart as in the unpacked example.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax.bert import ACTIVATIONS, BertConfig, BertIntermediate, BertOutput, Dropout, EncoderModule
+from spafit_jax.bert import (ACTIVATIONS, BertConfig, BertIntermediate, BertOutput, Dropout, EncoderModule,
+                              check_packed, first_tokens, segment_mask, segment_positions)
 from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRA
 
@@ -139,22 +145,23 @@ class _Deberta(EncoderModule):
 
 class DebertaEmbeddings(_Deberta):
     """Word (+ absolute position) (+ token type) embeddings, `embed_proj` when embedding_size differs,
-    LayerNorm, zeroed at padding, dropout."""
+    LayerNorm, zeroed at padding, dropout; packed, positions restart per segment."""
 
     @nn.compact
-    def __call__(self, input_ids_BxT, token_type_ids_BxT, mask_BxT, deterministic: bool):
+    def __call__(self, input_ids_BxT, token_type_ids_BxT, mask_BxT, deterministic: bool, packed: bool = False):
         c = self.config
         size = c.embedding_size or c.hidden_size
         embed = lambda n, name: nn.Embed(n, size, embedding_init=nn.initializers.normal(c.initializer_range),  # noqa: E731
                                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         x = embed(c.vocab_size, "word_embeddings")(input_ids_BxT)
         if c.position_biased_input:
-            x = x + embed(c.max_position_embeddings, "position_embeddings")(jnp.arange(input_ids_BxT.shape[-1])[None])
+            pos = segment_positions(mask_BxT) if packed else jnp.arange(input_ids_BxT.shape[-1])[None]
+            x = x + embed(c.max_position_embeddings, "position_embeddings")(pos)
         if c.type_vocab_size > 0:
             x = x + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids_BxT)
         if size != c.hidden_size:
             x = self.linear(c.hidden_size, "embed_proj", use_bias=False)(x, deterministic)
-        x = self.layer_norm("LayerNorm")(x) * mask_BxT[..., None].astype(x.dtype)
+        x = self.layer_norm("LayerNorm")(x) * (mask_BxT > 0)[..., None].astype(x.dtype)
         return Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
@@ -231,17 +238,34 @@ class _Layers(_Deberta):
 
 class _Conv(_Deberta):
     """DeBERTa-v2's ConvLayer `encoder/conv/{conv,LayerNorm}`: a 1-d convolution of the embeddings (zero at
-    padding), dropout, conv_act, added to layer 0's output, LayerNorm, zero at padding."""
+    padding), dropout, conv_act, added to layer 0's output, LayerNorm, zero at padding. Packed, each
+    token's window reads zeros outside its segment, as the unpacked example's reads its padding."""
 
     @nn.compact
-    def __call__(self, embedded_BxTxD, x_BxTxD, mask_BxT, deterministic: bool):
+    def __call__(self, embedded_BxTxD, x_BxTxD, mask_BxT, deterministic: bool, packed: bool = False):
         c, k = self.config, self.config.conv_kernel_size
-        conv = nn.Conv(c.hidden_size, (k,), padding=[((k - 1) // 2, (k - 1) // 2)], feature_group_count=c.conv_groups,
+        pad = [((k - 1) // 2, (k - 1) // 2)]
+        conv = nn.Conv(c.hidden_size, (k,), padding="VALID" if packed else pad, feature_group_count=c.conv_groups,
                        dtype=self.dtype, param_dtype=self.param_dtype, name="conv")
         keep_BxTx1 = (mask_BxT > 0)[..., None]
-        out = jnp.where(keep_BxTx1, conv(embedded_BxTxD), 0)
+        if packed:
+            out = conv(_segment_windows(embedded_BxTxD, mask_BxT, k)).reshape(x_BxTxD.shape)
+        else:
+            out = conv(embedded_BxTxD)
+        out = jnp.where(keep_BxTx1, out, 0)
         out = CONV_ACTIVATIONS[c.conv_act](Dropout(c.hidden_dropout_prob)(out, deterministic=deterministic))
         return self.layer_norm("LayerNorm")(x_BxTxD + out) * keep_BxTx1.astype(x_BxTxD.dtype)
+
+
+def _segment_windows(x_BxTxD, segment_ids_BxT, k: int):
+    """[B*T, k, D]: each token's convolution window (offsets -(k-1)//2 ..), zero outside its segment and the row."""
+    B, T, D = x_BxTxD.shape
+    lo = (k - 1) // 2
+    x_pad = jnp.pad(x_BxTxD, ((0, 0), (lo, k - 1 - lo), (0, 0)))
+    ids_pad = jnp.pad(segment_ids_BxT, ((0, 0), (lo, k - 1 - lo)))
+    idx_TxK = np.arange(T)[:, None] + np.arange(k)[None]
+    same_BxTxK = ids_pad[:, idx_TxK] == segment_ids_BxT[..., None]
+    return jnp.where(same_BxTxK[..., None], x_pad[:, idx_TxK], 0).reshape(B * T, k, D)
 
 
 class DebertaEncoder(_Deberta):
@@ -249,9 +273,13 @@ class DebertaEncoder(_Deberta):
     and (conv_kernel_size > 0) `encoder/conv` after layer 0."""
 
     @nn.compact
-    def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, start: int = 0, stop: int | None = None):
+    def __call__(self, x_BxTxD, mask_BxT, deterministic: bool, start: int = 0, stop: int | None = None,
+                 packed: bool = False):
         c = self.config
-        mask_Bx1xTxT = (mask_BxT[:, None, None, :] > 0) & (mask_BxT[:, None, :, None] > 0)
+        if packed:
+            mask_Bx1xTxT = segment_mask(mask_BxT)
+        else:
+            mask_Bx1xTxT = (mask_BxT[:, None, None, :] > 0) & (mask_BxT[:, None, :, None] > 0)
         rel_TxT, rel_emb = relative_positions(x_BxTxD.shape[1], c), None
         if c.relative_attention:
             table = nn.Embed(2 * c.att_span, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range),
@@ -263,7 +291,7 @@ class DebertaEncoder(_Deberta):
         if not c.conv_kernel_size or start > 0 or stop == 0:
             return layers(x_BxTxD, mask_Bx1xTxT, rel_TxT, rel_emb, deterministic, start, stop)
         x = layers(x_BxTxD, mask_Bx1xTxT, rel_TxT, rel_emb, deterministic, 0, 1)
-        x = self.child(_Conv, "conv")(x_BxTxD, x, mask_BxT, deterministic)
+        x = self.child(_Conv, "conv")(x_BxTxD, x, mask_BxT, deterministic, packed)
         return layers(x, mask_Bx1xTxT, rel_TxT, rel_emb, deterministic, 1, stop)
 
 
@@ -272,53 +300,59 @@ class DebertaModel(_Deberta):
 
     `stop=n` returns the hidden states after layer n-1; `hidden_BxTxD` given with `start=n` replaces
     the embeddings and layers 0 .. n-1 by those hidden states (the frozen-stratum cache, `frozen.py`).
+    `segment_starts` [B, K] given: packed rows (the module docstring).
     """
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
-                 hidden_BxTxD=None, start: int = 0, stop: int | None = None):
+                 hidden_BxTxD=None, start: int = 0, stop: int | None = None, segment_starts=None):
         c = self.config
+        packed = segment_starts is not None
+        if packed:
+            check_packed(segment_starts, (input_ids if hidden_BxTxD is None else hidden_BxTxD).shape, attention_mask)
         if hidden_BxTxD is None:
             attention_mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
             token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-            x = self.child(DebertaEmbeddings, "embeddings")(input_ids, token_type_ids, attention_mask, deterministic)
+            x = self.child(DebertaEmbeddings, "embeddings")(input_ids, token_type_ids, attention_mask, deterministic,
+                                                            packed)
         else:
             x = hidden_BxTxD.astype(self.dtype)
             attention_mask = jnp.ones(x.shape[:2], jnp.int32) if attention_mask is None else attention_mask
         if self.lora is not None:
             self.lora.validate(c.num_hidden_layers)
-        return self.child(DebertaEncoder, "encoder")(x, attention_mask, deterministic, start, stop)
+        return self.child(DebertaEncoder, "encoder")(x, attention_mask, deterministic, start, stop, packed)
 
 
 class DebertaForSequenceClassification(_Deberta):
     """`deberta` and DebertaV2ForSequenceClassification's head: dropout (pooler_dropout) -> `pooler/dense`
     -> pooler_hidden_act on the first token, dropout (cls_dropout, else hidden_dropout_prob) ->
-    `classifier`; logits [B, num_labels] (num_labels == 1: a regressor)."""
+    `classifier`; logits [B, num_labels] (num_labels == 1: a regressor); packed, [B, K, num_labels]."""
 
     num_labels: int = 2
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
-                 hidden_BxTxD=None, start: int = 0, stop: int | None = None):
+                 hidden_BxTxD=None, start: int = 0, stop: int | None = None, segment_starts=None):
         c = self.config
         x = self.child(DebertaModel, c.family.prefix)(input_ids, attention_mask, token_type_ids, deterministic,
-                                                      hidden_BxTxD, start, stop)
+                                                      hidden_BxTxD, start, stop, segment_starts)
         if stop is not None:
             return x
-        first_BxD = Dropout(c.pooler_dropout)(x[:, 0], deterministic=deterministic)
+        first_BxD = Dropout(c.pooler_dropout)(first_tokens(x, segment_starts), deterministic=deterministic)
         pooled = ACTIVATIONS[c.pooler_hidden_act](self.child(_Pooler, "pooler")(first_BxD, deterministic))
         rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
         pooled = Dropout(rate)(pooled, deterministic=deterministic)
         return self.linear(self.num_labels, "classifier")(pooled, deterministic).astype(jnp.float32)
 
-    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int):
-        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout."""
-        return self(input_ids, attention_mask, token_type_ids, True, stop=n1)
+    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int, segment_starts=None):
+        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout (packed rows
+        when `segment_starts` is given)."""
+        return self(input_ids, attention_mask, token_type_ids, True, stop=n1, segment_starts=segment_starts)
 
     def upper(self, hidden_BxTxD, attention_mask=None, token_type_ids=None, deterministic: bool = True, *,
-              n1: int, **unused):
-        """Logits [B, num_labels] from the hidden states that enter layer n1 (`lower`'s output)."""
-        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1)
+              n1: int, segment_starts=None, **unused):
+        """Logits [B, num_labels] (packed: [B, K, num_labels]) from the hidden states that enter layer n1."""
+        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1, segment_starts=segment_starts)
 
 
 class _Pooler(_Deberta):

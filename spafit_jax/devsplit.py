@@ -183,6 +183,20 @@ def _source(cell: grid.Cell) -> tuple:
             d.label_column, d.num_labels, d.is_regression, d.limit_eval, d.eval_splits)
 
 
+def _check_files(folder: Path, files: dict[str, str], info: dict, write: bool) -> None:
+    """Refuses a split file edited since it was carved (its checksum differs from split.json); writes a missing one
+    again (when `write`: it is carved the same)."""
+    for name, text in files.items():
+        path = folder / f"{name}.jsonl"
+        if not path.exists():
+            if write:
+                rundir.write_atomic(path, text, per_process=True)
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != info["sha256"][name]:
+            raise SelectError(f"{path} differs from the split carved into split.json (checksums differ: edited "
+                              f"since?); restore it (delete it: the next run writes it again), or use a new --workdir")
+
+
 def splits(cells: Sequence[grid.Cell], dev: dict[str, Dev], workdir: Path, *, write: bool) -> dict[str, Split]:
     """Each task's Split under `workdir/data/<task>`: carved and written (`write`), or checked against what is there.
 
@@ -197,11 +211,14 @@ def splits(cells: Sequence[grid.Cell], dev: dict[str, Dev], workdir: Path, *, wr
         folder = (workdir / DATA / task).resolve()
         files, info = carve(mine[0].config().data, dev.get(task, dev[""]))
         saved = folder / "split.json"
-        if saved.is_file():
-            old = json.loads(saved.read_text())
+        if saved.exists():
+            from spafit_jax.expstate import read_json
+
+            old = read_json(saved, f"delete {folder}: the next run carves the splits again (they are seeded)")
             if old.get("sha256") != info["sha256"]:
                 raise SelectError(f"{folder} holds splits carved otherwise (other data or select.dev); use a new "
                                   "--workdir, or delete that folder, the search, choices and runs to start over")
+            _check_files(folder, files, info, write)
         elif write:
             folder.mkdir(parents=True, exist_ok=True)
             for name, text in files.items():

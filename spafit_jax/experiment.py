@@ -10,6 +10,7 @@ An experiment file (YAML) names what every cell shares and what varies:
       bitfit: {config: configs/methods/bitfit.yaml}
       spafit: {method.name: spafit, grid: {method.n1: [1, 2], method.n2: [3, 4]}}
     grid: {}                                   # key -> values, for every method
+    budgets: {short: {train.epochs: 2}, long: {train.epochs: 4}}   # optional: every method at every budget
     seeds: [0, 1, 2]                           # or a count: 3
 
 Each cell is an ordinary run folder `EXP/runs/<task>/<method>/seed<k>` trained in this process
@@ -18,10 +19,14 @@ by `train.train_and_evaluate`, so resume, checkpoints and logs hold per cell. A 
 line overrides)`. A bare name (`tasks: [bbc_news]`, `methods: [bitfit]`) sets data.task or
 method.name; a file name (`tasks: [configs/glue/rte.yaml]`) is a config file. A grid point's
 values become part of its method name (`spafit@n1=1,n2=3`); grid points that are not valid
-configs (n1 > n2) are dropped with a note. Re-running skips finished cells (results.json; a
+configs (n1 > n2) are dropped with a note. With `budgets:` every method trains at every budget, named
+`<method>-<budget>` (`full-long`); a task or method may not set a key the budgets declare. Re-running skips finished cells (results.json; a
 note names the keys in which their config.yaml differs from the cell's config now), resumes
 unfinished ones and retries failed ones; a failing cell writes its one-line error to
-`<cell>/error.txt` and the grid goes on (`--fail-fast` stops).
+`<cell>/error.txt` and the grid goes on (`--fail-fast` stops). The folder records the experiment
+(`experiment.yaml`, `experiment.json`): a changed experiment file on the same folder is refused (a new
+--workdir), a folder holding a user's own experiment.yaml is left alone, and cells that ran on another
+git commit are refused unless --allow-mixed-commits (then recorded).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from spafit_jax import rundir, selection
+from spafit_jax import expstate, rundir, selection
 from spafit_jax.errors import ConfigError, SpafitError
 from spafit_jax.grid import experiment_file, load_experiment, run_cells, select, tally
 
@@ -50,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, train nothing")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing cell")
     p.add_argument("--no-report", action="store_true", help="do not write EXP/report at the end")
+    p.add_argument("--allow-mixed-commits", action="store_true",
+                   help="train here although cells of the experiment ran on another git commit (recorded)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every cell")
     return p
 
@@ -67,8 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if selection.wanted(args.config):
             return selection.search_then_test(args)
         cells, notes = load_experiment(args.config, args.overrides)
+        seeds = list(dict.fromkeys(c.seed for c in cells))
         cells = select(cells, args.only, args.shard)
         workdir = Path(args.workdir)
+        text = experiment_file(args.config).read_text(encoding="utf-8")
+        manifest = expstate.check_folder(workdir, text)
+        changes = expstate.check_definition(manifest, {"experiment_file_sha256": expstate.sha(text)}, seeds, workdir)
+        from spafit_jax.results import code_version
+
+        allow = bool(args.allow_mixed_commits or (manifest or {}).get("allow_mixed_commits"))
+        commits = expstate.check_commits(expstate.finished_folders(workdir) if workdir.is_dir() else [],
+                                         code_version(), allow)
         for note in notes:
             print(note)
         if args.dry_run:
@@ -79,12 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"[{i}/{len(cells)}] {cell.name}: {state} -> {folder}")
             return 0
         try:  # a copy of the experiment file; shards sharing EXP write it at once (they all hold the same text)
-            workdir.mkdir(parents=True, exist_ok=True)
-            rundir.write_atomic(workdir / "experiment.yaml", experiment_file(args.config).read_text(encoding="utf-8"),
-                                per_process=True)
+            expstate.write(workdir, text, manifest, {"experiment_file_sha256": expstate.sha(text)}, seeds, changes,
+                           args.allow_mixed_commits)
         except OSError as e:
             raise ConfigError(f"cannot write {workdir / 'experiment.yaml'} ({e.strerror or e}); choose a writable "
                               "--workdir") from None
+        if len(commits) > 1:
+            print(f"mixed commits (--allow-mixed-commits): {', '.join(commits)}")
         from spafit_jax.compiling import use_compile_cache
 
         use_compile_cache(workdir / "jax_cache")  # the seeds of a method compile once

@@ -2,7 +2,8 @@
 and the cells trained in turn, each in its own run folder.
 
 `load_experiment` reads and checks the file (the format: `python -m spafit_jax.experiment --help`, the
-docstring of `experiment`) and validates every cell's config; `select` picks cells for --only and
+docstring of `experiment`; `budgets:` crosses every method with every budget, and a grid lists each value
+once) and validates every cell's config; `select` picks cells for --only and
 --shard; `run_cells` trains the unfinished ones (`train.train_and_evaluate`), skipping finished cells
 and writing a failing cell's one-line error to `<cell>/error.txt`. `experiment` (the plain grid) and
 `selection` (a `select:` section's dev-split search) both build on these.
@@ -26,7 +27,7 @@ import yaml
 from spafit_jax import config as config_lib
 from spafit_jax.errors import ConfigError, SpafitError
 
-FILE_KEYS = ("configs", "overrides", "tasks", "methods", "grid", "seeds", "description",
+FILE_KEYS = ("configs", "overrides", "tasks", "methods", "grid", "seeds", "budgets", "description",
              "select")  # select: read by spafit_jax.selection (issue 25)
 ROOT = config_lib.CONFIGS_DIR.parent
 
@@ -44,6 +45,8 @@ class Cell:
     seed: int
     paths: tuple[str, ...]
     overrides: tuple[str, ...]
+    family: str = ""  # the experiment's method name (before any budget or grid label); "" means `method`
+    budget: str = ""  # the budget's name (`budgets:`), "" when the experiment declares none
 
     @property
     def name(self) -> str:
@@ -102,7 +105,40 @@ def parse_grid(raw: Any, where: str) -> dict[str, list]:
         values = _as_list(values)
         if not values:
             raise ExperimentError(f"{where}: {key} has no values; give a non-empty list or drop the key")
+        twice = next((v for i, v in enumerate(values) if any(_same(v, w) for w in values[:i])), None)
+        if twice is not None:
+            raise ExperimentError(f"{where}: {key} lists the value {twice!r} twice (two cells would train the same "
+                                  "run); list each value once")
         out[key] = values
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two grid values give the same config (1 and 1.0 do; True and 1 do not)."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
+def parse_budgets(raw: Any, where: str) -> dict[str, dict[str, Any]]:
+    """{budget name: {config key: value}} of a `budgets:` mapping, e.g. {short: {train.epochs: 2}, long:
+    {train.epochs: 4}}: every method trains at every budget; every budget sets the same keys."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not raw:
+        raise ExperimentError(f"{where}: must map budget names to config keys, e.g. {{short: {{train.epochs: 2}}, "
+                              "long: {train.epochs: 4}}")
+    out = {}
+    for name, keys in raw.items():
+        if not isinstance(name, str) or not name or any(c in name for c in "/@,=") or name.startswith("."):
+            raise ExperimentError(f"{where}: budget names must be non-empty strings without '/', '@', ',' or '=', "
+                                  f"got {name!r}")
+        if not isinstance(keys, dict) or not keys:
+            raise ExperimentError(f"{where}.{name}: must map config keys to values, e.g. {{train.epochs: 2}}")
+        out[name] = {_check_key(k, f"{where}.{name}"): v for k, v in keys.items()}
+    first = next(iter(out.values()))
+    odd = next((n for n, keys in out.items() if set(keys) != set(first)), None)
+    if odd is not None:
+        raise ExperimentError(f"{where}: budget {odd} sets {', '.join(sorted(out[odd]))} but {next(iter(out))} sets "
+                              f"{', '.join(sorted(first))}; every budget sets the same keys")
     return out
 
 
@@ -210,17 +246,21 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> t
     tasks = _entries(data.get("tasks"), "data.task", base, path, "task")
     methods = _entries(data.get("methods"), "method.name", base, path, "method")
     top_grid, seeds = parse_grid(data.get("grid"), f"{path}: grid"), _seeds(data.get("seeds", [0]), f"{path}: seeds")
+    budgets = parse_budgets(data.get("budgets"), f"{path}: budgets")
+    _check_budget_keys(budgets, tasks, methods, top_grid, path)
     cells, notes = [], []
     for seed, (task, (t_paths, t_keys, _)) in itertools.product(seeds, tasks.items()):
-        for method, (m_paths, m_keys, m_grid) in methods.items():
+        for (method, (m_paths, m_keys, m_grid)), budget in itertools.product(methods.items(), budgets or [""]):
             grid = {**top_grid, **m_grid}
             varying = [k for k, v in grid.items() if len(v) > 1]
+            b_keys = [override(k, v) for k, v in budgets.get(budget, {}).items()]
             kept = 0
             for values in itertools.product(*grid.values()):
                 point = dict(zip(grid, values))
-                cell = Cell(task, _label(method, point, varying), seed, tuple(paths + t_paths + m_paths),
-                            tuple(common + t_keys + m_keys + [override(k, v) for k, v in point.items()]
-                                  + [f"train.seed={seed}", *overrides]))
+                cell = Cell(task, _label(f"{method}-{budget}" if budget else method, point, varying), seed,
+                            tuple(paths + t_paths + m_paths),
+                            tuple(common + t_keys + m_keys + b_keys + [override(k, v) for k, v in point.items()]
+                                  + [f"train.seed={seed}", *overrides]), family=method, budget=budget)
                 try:
                     cell.config()
                 except ConfigError as e:
@@ -235,6 +275,22 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] = ()) -> t
                 raise ExperimentError(f"{path}: every grid point of method {method} is invalid ({notes[-1]})")
     _check_folders(cells, path)
     return cells, notes
+
+
+def _check_budget_keys(budgets: dict, tasks: dict, methods: dict, top_grid: dict, path: Any) -> None:
+    """Refuses a task, method or grid that sets a key the budgets declare (the budget would silently replace it)."""
+    if not budgets:
+        return
+    keys = set(next(iter(budgets.values())))
+    for kind, entries in (("task", tasks), ("method", methods)):
+        for name, (_, entry_keys, entry_grid) in entries.items():
+            clash = sorted(keys & ({k.split("=", 1)[0] for k in entry_keys} | set(entry_grid)))
+            if clash:
+                raise ExperimentError(f"{path}: {kind} {name} sets {clash[0]}, which budgets: declares for every "
+                                      f"method; drop it from the {kind} (each method trains at each budget)")
+    clash = sorted(keys & set(top_grid))
+    if clash:
+        raise ExperimentError(f"{path}: grid varies {clash[0]}, which budgets: declares; drop it from the grid")
 
 
 def select(cells: Sequence[Cell], only: Sequence[str] = (), shard: str | None = None) -> list[Cell]:

@@ -14,13 +14,14 @@ import math
 import re
 from typing import Any, Mapping
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
 from spafit_jax.errors import ConfigError
-from spafit_jax.methods import LORA_TARGETS as TARGETS, LoRAConfig  # noqa: F401 (re-exported)
+from spafit_jax.methods import LORA_TARGETS as TARGETS, LoRAConfig, check_lora_args  # noqa: F401 (re-exported)
 
 # PEFT initialises A with kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 kaiming_uniform_a = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -34,7 +35,8 @@ class LoRA(nn.Module):
     """y = base(x) + scaling * dropout(x) @ A @ B, with the base's parameters at this module's path.
 
     Pass the base unbound (`nn.Dense(features, parent=None)`); its kernel and bias live beside
-    `lora_a` and `lora_b`, so pre-trained weights load into a wrapped model unchanged.
+    `lora_a` and `lora_b`, so pre-trained weights load into a wrapped model unchanged. rank (an int
+    > 0), alpha (> 0), dropout (in [0, 1)) and rslora (a bool) are checked when the module is made.
     """
 
     base: nn.Module
@@ -44,6 +46,10 @@ class LoRA(nn.Module):
     rslora: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        check_lora_args(self.rank, self.alpha, self.dropout, self.rslora)  # here, not deep in jax at init
+        super().__post_init__()
 
     def setup(self):
         base, kind = self.base, type(self.base).__name__
@@ -77,7 +83,11 @@ class LoRA(nn.Module):
         b = self.param("lora_b", nn.initializers.zeros, (self.rank, n_out), self.param_dtype)
         scale = self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
         if self.is_initializing():
-            self.variable(COLLECTION, "scaling", lambda: jnp.asarray(scale, jnp.float32))
+            try:
+                self.variable(COLLECTION, "scaling", lambda: jnp.asarray(scale, jnp.float32))
+            except flax.errors.ScopeCollectionNotFound:  # nn.scan / nn.vmap without an axis for our collection
+                raise ConfigError(f"LoRA records its scaling in the {COLLECTION!r} collection, which this transform does "
+                                  f"not carry; give nn.scan / nn.vmap variable_axes={{'params': 0, {COLLECTION!r}: 0}}") from None
         dtype = self.dtype or x.dtype
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic) if self.dropout else h
         update = (h.astype(dtype) @ a.astype(dtype)) @ b.astype(dtype)

@@ -29,7 +29,8 @@ from spafit_jax.errors import MaskingError
 from spafit_jax.methods import (BIAS, FROZEN, HEAD, LAYER_LABELS, LAYERNORM, LORA, METHODS, POOLER,  # noqa: F401
                                 TRAINABLE_LABELS, WEIGHT, resolve_strata)
 from spafit_jax.stratified import stratified_optimizer
-from spafit_jax.tree_paths import Rows, Trainable, map_paths, params_of, path_leaves, path_lookup, size_of, unbox
+from spafit_jax.tree_paths import (Rows, Trainable, map_paths, param_leaves, params_of, path_leaves, path_lookup, size_of,
+                                  unbox)
 
 __all__ = [
     "MaskingError", "LAYER_PATTERN", "HEAD_PATTERN", "STACKED_PATTERN", "METHODS", "Rows", "Trainable",
@@ -54,10 +55,36 @@ _LORA_RE = re.compile(r"(?i)lora_[ab]")
 _ORDER = TRAINABLE_LABELS
 
 
+_EXAMPLES = {"layer_pattern": r"r'enc_(\d+)/'", "head_pattern": "'out_proj'"}
+
+
+def _regex(name: str, value: Any) -> re.Pattern:
+    """`value` compiled, or a one-line MaskingError naming argument `name` and a valid example."""
+    fix = f"pass e.g. {name}={_EXAMPLES[name]}"
+    if isinstance(value, re.Pattern):
+        rx = value
+    elif not isinstance(value, str):
+        raise MaskingError(f"{name}={value!r} is not a regex string; {fix}")
+    else:
+        try:
+            rx = re.compile(value)
+        except re.error as e:
+            raise MaskingError(f"{name}={value!r} is not a valid regex ({e}); {fix}") from None
+    if name == "layer_pattern" and rx.groups < 1:
+        raise MaskingError(f"layer_pattern={value!r} has no capture group for the layer index; pass a regex "
+                           f"whose group 1 is the index, e.g. {name}={_EXAMPLES[name]}")
+    return rx
+
+
 def layer_index(path: str, pattern: str | re.Pattern | None = None) -> int | None:
     """The layer number in a '/'-joined parameter path (first match of `pattern`'s group 1), or None."""
-    m = re.search(pattern or LAYER_PATTERN, path)
-    return int(m.group(1)) if m else None
+    m = _regex("layer_pattern", pattern).search(path) if pattern else re.search(LAYER_PATTERN, path)
+    if m is None:
+        return None
+    if m.group(1) is None or not m.group(1).isdigit():
+        raise MaskingError(f"group 1 of layer_pattern={pattern!r} matched {m.group(1)!r} in {path!r}, not a layer "
+                           f"number; pass a regex whose group 1 is the index, e.g. layer_pattern={_EXAMPLES['layer_pattern']}")
+    return int(m.group(1))
 
 
 def _kind(path: str) -> str:
@@ -87,37 +114,62 @@ class _Layout:
         return self.stacked is not None and self.stacked.search(path) is not None
 
 
-def _stacked_arg(stacked: str | tuple[str, int]) -> tuple[re.Pattern, int]:
-    regex, axis = (stacked, 0) if isinstance(stacked, str) else tuple(stacked) if \
+def _stacked_arg(stacked: str | tuple[str, int]) -> tuple[re.Pattern, int | None]:
+    """(regex, axis) of a `stacked=` argument; axis None when only the regex was given."""
+    regex, axis = (stacked, None) if isinstance(stacked, str) else tuple(stacked) if \
         isinstance(stacked, (tuple, list)) and len(stacked) == 2 else (None, None)
-    if not isinstance(regex, str) or isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+    if not isinstance(regex, str) or (not isinstance(stacked, str) and (
+            isinstance(axis, bool) or not isinstance(axis, numbers.Integral))):
         raise MaskingError(f"stacked={stacked!r} is not a regex or a (regex, axis) pair; pass e.g. "
                            "stacked='layers' or stacked=('decoder/layers', 1)")
     try:
-        return re.compile(regex), int(axis)
+        return re.compile(regex), None if axis is None else int(axis)
     except re.error as e:
         raise MaskingError(f"stacked regex {regex!r} is invalid ({e}); fix the pattern") from None
 
 
-def _stacked_layout(leaves: list[tuple[str, Any]], rx: re.Pattern, axis: int, named: bool) -> _Layout | None:
+def _uniform_axes(shapes: list[tuple]) -> dict[int, int]:
+    """{axis: size} of the axes along which every shape has one size: 0, 1, ... (axes every shape has),
+    then -1 when it is never axis 0 (every shape has two axes or more)."""
+    out, least = {}, min(len(s) for s in shapes)
+    for k in [*range(least), *([-1] if least >= 2 else [])]:
+        sizes = {s[k] for s in shapes}
+        if len(sizes) == 1 and not (k == -1 and all(len(s) == least for s in shapes) and least - 1 in out):
+            out[k] = sizes.pop()
+    return out
+
+
+def _stacked_layout(leaves: list[tuple[str, Any]], rx: re.Pattern, axis: int | None, named: bool) -> _Layout | None:
+    """The stacked layers under `rx`, along `axis` (None: axis 0, refused when another axis fits as well)."""
     hits = [(p, np.shape(x)) for p, x in leaves if rx.search(p)]
     if not hits:
         return None
+    where = rx.pattern if named else hits[0][0][:rx.search(hits[0][0]).end()]  # e.g. "layers/"
+    fits = _uniform_axes([s for _, s in hits])
+    if axis is None and 0 in fits and len(fits) > 1:
+        other = next(k for k in fits if k)
+        raise MaskingError(f"stacked layers under {where!r} could run along axis 0 ({fits[0]} layers) or axis "
+                           f"{other} ({fits[other]} layers): every leaf has one size along both; name the layer axis, "
+                           f"stacked=({where!r}, 0) or stacked=({where!r}, {other})")
+    axis = 0 if axis is None else axis
     sizes: dict[Any, tuple[str, tuple]] = {}
     for p, s in hits:
         sizes.setdefault(s[axis] if -len(s) <= axis < len(s) else None, (p, s))
     if len(sizes) != 1 or None in sizes:
         seen = ", ".join(f"{p} {s}" for p, s in sizes.values())
-        where = rx.pattern if named else "layers/blocks/h/Scan..."
         how = "" if named else "pass stacked=(regex, axis) naming the stacked subtree and its layer axis, or "
+        hint = "".join(f"; axis {k} has one size ({n}) in every leaf: pass stacked=({where!r}, {k})"
+                       for k, n in [kv for kv in fits.items() if kv[0] != axis][:1])
         raise MaskingError(f"stacked layers need one size along axis {axis} in every leaf under {where!r}, "
-                           f"but saw {seen}; {how}unroll the layers as layers/0, layers/1 ...")
+                           f"but saw {seen}{hint}; or {how}unroll the layers as layers/0, layers/1 ...")
     return _Layout(next(iter(sizes)), stacked=rx, axis=axis)
 
 
 def _layout(params: Any, layer_pattern: str | None, stacked: Any, required: bool = True) -> _Layout:
     """The layers of `params`: `stacked=` if given, else unrolled indices, else a detected stacked subtree."""
-    leaves = path_leaves(params)
+    leaves = param_leaves(params)
+    if layer_pattern is not None:
+        _regex("layer_pattern", layer_pattern)
     if stacked is not None:
         rx, axis = _stacked_arg(stacked)
         found = _stacked_layout(leaves, rx, axis, named=True)
@@ -128,7 +180,7 @@ def _layout(params: Any, layer_pattern: str | None, stacked: Any, required: bool
     indices = [i for p, _ in leaves if (i := layer_index(p, layer_pattern)) is not None]
     if indices:
         return _Layout(max(indices) + 1, pattern=layer_pattern)
-    found = None if layer_pattern else _stacked_layout(leaves, re.compile(STACKED_PATTERN), 0, named=False)
+    found = None if layer_pattern else _stacked_layout(leaves, re.compile(STACKED_PATTERN), None, named=False)
     if found is not None or not required:
         return found or _Layout(0, pattern=layer_pattern)
     example = max((p for p, _ in leaves), key=lambda p: p.count("/"), default="<empty>")
@@ -141,6 +193,9 @@ def _layout(params: Any, layer_pattern: str | None, stacked: Any, required: bool
 def num_layers(params: Any, *, layer_pattern: str | None = None, stacked: str | tuple[str, int] | None = None) -> int:
     """The number of layers of `params` (unrolled indices, or the rows of stacked layers).
 
+    Stacked layers run along axis 0 unless `stacked=(regex, axis)` says otherwise; when another axis
+    fits every stacked leaf as well, the layout is ambiguous and refused, naming `stacked=`.
+
     Use it to resolve fractions first: `n1, n2 = resolve_strata(num_layers(params), 0.25, 0.5)`.
     """
     return _layout(params, layer_pattern, stacked).num_layers
@@ -149,10 +204,12 @@ def num_layers(params: Any, *, layer_pattern: str | None = None, stacked: str | 
 # ----------------------------------------------------------------------------------- labels
 def label_params(params: Any, rules: Sequence[tuple[str, str]] | Mapping[str, str]) -> Any:
     """Labels each leaf by ordered (regex, label) rules, `re.search` on its path; first match wins."""
+    param_leaves(params)
     rules = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     compiled = []
     for i, rule in enumerate(rules):
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], str)):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], (str, re.Pattern))
+                and isinstance(rule[1], str)):
             raise MaskingError(f"rule {i} is {rule!r}; each rule must be a (regex, label) pair of strings")
         try:
             compiled.append((re.compile(rule[0]), rule[1]))
@@ -179,10 +236,7 @@ def label_params(params: Any, rules: Sequence[tuple[str, str]] | Mapping[str, st
 def _label_tree(params: Any, in_layer: Callable[[int], frozenset], outside: frozenset, layout: _Layout, *,
           train_layernorm: bool, train_pooler: bool, head_pattern: str, needs_head: bool) -> Any:
     """Labels leaves from the kinds allowed to train in layer i (`in_layer`) and outside layers."""
-    try:
-        head_re = re.compile(head_pattern)
-    except re.error as e:
-        raise MaskingError(f"head_pattern {head_pattern!r} is invalid ({e}); fix the regex") from None
+    head_re = _regex("head_pattern", head_pattern)
     state = params_of(params)
 
     def one(path: str, _: Any) -> str:
@@ -223,9 +277,16 @@ def bias_free(params: Any, head_pattern: str = HEAD_PATTERN) -> bool:
     """Whether the model has no bias outside its head and pooler (ModernBERT's default). Then the
     methods that train biases (spafit's strata 2 and 3, bitfit) train the layers' norm scales instead,
     labelled "layernorm": the per-feature parameters such a model has (`spafit_labels`)."""
-    head = re.compile(head_pattern)
+    head = _regex("head_pattern", head_pattern)
     return not any(_kind(p) == BIAS and not head.search(p) and "pooler" not in p.lower()
                    for p, _ in path_leaves(params_of(params)))
+
+
+def _flags(**flags: Any) -> None:
+    """Refuses a flag that is not True or False (None allowed where it means "the method's default")."""
+    for name, value in flags.items():
+        if not isinstance(value, bool) and not (value is None and name == "train_layernorm"):
+            raise MaskingError(f"{name}={value!r} is not True or False; pass {name}=True or {name}=False")
 
 
 def _strata(n1: Any, n2: Any, L: int) -> None:
@@ -254,6 +315,7 @@ def spafit_labels(params: Any, n1: int, n2: int, *, train_layernorm: bool = Fals
     get `Rows` labels. A model with no leaf matching `head_pattern` is an error. A model without
     biases (`bias_free`) trains its norm scales wherever biases would train.
     """
+    _flags(train_layernorm=train_layernorm, train_pooler=train_pooler, stratum3_bias=stratum3_bias)
     layout = _layout(params, layer_pattern, stacked)
     L = layout.num_layers
     _strata(n1, n2, L)
@@ -267,10 +329,11 @@ def spafit_labels(params: Any, n1: int, n2: int, *, train_layernorm: bool = Fals
     labels = _label_tree(params, lambda i: frozenset() if i < n1 else some if i < n2 else full, frozenset(), layout,
                    train_layernorm=train_layernorm, train_pooler=train_pooler, head_pattern=head_pattern,
                    needs_head=True)
-    stratum2 = [l for p, l in path_leaves(labels) if layout.index(p) in range(n1, n2)]
-    if stratum2 and all(l == FROZEN for l in stratum2):
+    trains2 = any(l != FROZEN and (layout.index(p) in range(n1, n2) or isinstance(l, Rows) and l.start < n2)
+                  for p, l in path_leaves(labels))  # stacked: a Rows label starting before n2
+    if n1 < n2 and not trains2:
         raise MaskingError(f"stratum 2 (layers {n1}..{n2 - 1}) has no bias or norm scale to train; set n1 = n2 "
-                           "to drop it, or train_layernorm")
+                           "to drop it, or train_layernorm=True where the layers have norms")
     return labels
 
 
@@ -287,6 +350,7 @@ def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | 
     """
     if method not in METHODS:
         raise MaskingError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
+    _flags(train_layernorm=train_layernorm, train_pooler=train_pooler, stratum3_bias=stratum3_bias)
     ln = (method == "full") if train_layernorm is None else bool(train_layernorm)
     ln = ln or (method == "bitfit" and bias_free(params, head_pattern))  # norm scales stand in for biases
     kw = dict(train_layernorm=ln, train_pooler=train_pooler, head_pattern=head_pattern)
@@ -297,15 +361,21 @@ def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | 
     if method == "lora" and not any(_kind(p) == LORA for p, _ in path_leaves(params)):
         raise _no_lora("params")
     allowed = LAYER_LABELS[method]
-    return _label_tree(params, lambda i: allowed, allowed if method == "full" else frozenset(), layout,
-                 needs_head=method != "full", **kw)
+    labels = _label_tree(params, lambda i: allowed, allowed if method == "full" else frozenset(), layout,
+                         needs_head=method != "full", **kw)
+    in_layers = [l for p, l in path_leaves(labels) if layout.index(p) is not None or layout.is_stacked(p)]
+    if method in ("bitfit", "lora") and all(l == FROZEN for l in in_layers):  # not quietly head-only
+        what = "a bias or norm scale" if method == "bitfit" else "lora_a/lora_b leaves"
+        raise MaskingError(f"{method}: no layer has {what} to train, so only the head would; pick another method "
+                           "(full, or lora with adapters), or name what trains with label_params")
+    return labels
 
 
 # ----------------------------------------------------------------------------------- use
 def trainable(labels: Any) -> Trainable:
     """The filter of the leaves `labels` does not mark frozen: `nnx.Optimizer(..., wrt=trainable(labels))`,
     `nnx.DiffState(0, trainable(labels))`, or `trainable(labels)(path, leaf)` on a linen tree."""
-    return Trainable(frozenset(p for p, label in path_leaves(labels) if label != FROZEN))
+    return Trainable(frozenset(p for p, label in path_lookup(labels).items() if label != FROZEN))
 
 
 def split(params: Any, labels: Any) -> tuple[Any, Any]:
@@ -323,11 +393,13 @@ def split(params: Any, labels: Any) -> tuple[Any, Any]:
 def join(trainable: Any, frozen: Any) -> Any:
     """Inverse of `split`: each leaf from whichever half holds it."""
     try:
-        return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen,
-                            is_leaf=lambda x: x is None)
+        joined = jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None)
     except ValueError:
         raise MaskingError("trainable and frozen trees differ in structure; pass the two halves "
                            "returned by split(params, labels)") from None
+    if any(isinstance(x, str) for x in jax.tree.leaves(joined)):
+        raise MaskingError("join got a tree of labels (strings); pass the two halves returned by split(params, labels)")
+    return joined
 
 
 def count_params(params: Any, labels: Any) -> dict[str, int]:

@@ -34,6 +34,22 @@ LAYER_LABELS = {"full": frozenset({WEIGHT, BIAS, LAYERNORM, LORA}), "bitfit": fr
 LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 
 
+def check_lora_args(rank: Any, alpha: Any, dropout: Any, rslora: Any = False) -> None:
+    """Raises a one-line ConfigError unless rank is a whole number > 0, alpha a finite number > 0,
+    dropout a number in [0, 1) and rslora a bool (the settings of `LoRAConfig` and `lora.LoRA`)."""
+    def real(x):
+        return not isinstance(x, bool) and isinstance(x, numbers.Real)
+
+    if not (real(rank) and isinstance(rank, numbers.Integral) and rank > 0):
+        raise ConfigError(f"LoRA rank must be an integer > 0, got {rank!r}; set e.g. rank=8")
+    if not (real(alpha) and math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"LoRA alpha must be a finite number > 0, got {alpha!r}; set e.g. alpha=16")
+    if not (real(dropout) and 0.0 <= dropout < 1.0):
+        raise ConfigError(f"LoRA dropout must be a number in [0, 1), got {dropout!r}; set e.g. dropout=0.1")
+    if not isinstance(rslora, bool):
+        raise ConfigError(f"LoRA rslora must be True or False, got {rslora!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
     """Which modules of which layers get adapters, and how large.
@@ -68,8 +84,8 @@ class LoRAConfig:
             set_("rank_pattern", tuple(self.rank_pattern.items()))
         else:
             set_("rank_pattern", tuple(tuple(p) for p in self.rank_pattern))
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"LoRA rank must be an integer > 0, got {self.rank!r}; set e.g. rank=8")
+        check_lora_args(self.rank, self.alpha, self.dropout, self.rslora)
+        set_("rank", int(self.rank))
         for pattern, rank in self.rank_pattern:
             try:
                 re.compile(pattern)
@@ -77,10 +93,6 @@ class LoRAConfig:
                 raise ConfigError(f"LoRA rank_pattern {pattern!r} is not a regular expression ({e})") from None
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"LoRA rank_pattern {pattern!r} gives rank {rank!r}; ranks must be positive integers")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not self.alpha > 0:
-            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha!r}; set e.g. alpha=16")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.modules is not None:
             set_("modules", tuple(self.modules))
         names = ", ".join(self.modules or ("the names of your modules",))
@@ -172,6 +184,8 @@ def resolve_strata(num_layers: int, n1: int | float | None = None,
                    n2: int | float | None = None) -> tuple[int, int]:
     """(n1, n2) as layer counts: ints pass through, fractions of L are rounded, None is L/3, 2L/3."""
     L = num_layers
+    if isinstance(L, bool) or not isinstance(L, numbers.Integral) or L < 0:
+        raise MaskingError(f"num_layers={L!r} is not a layer count (an int >= 0); pass masking.num_layers(params)")
     n1 = _resolve("n1", n1, 1 / 3, L)
     n2 = _resolve("n2", n2, 2 / 3, L)
     if n1 > n2:

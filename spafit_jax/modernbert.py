@@ -35,6 +35,10 @@ slices, so that our LoRA targets keep their meaning:
 PEFT adapts whole modules, so a PEFT adapter carries attention_output / intermediate / output
 exactly (attn.Wo, mlp.Wi, mlp.Wo); adapters on slices of Wqkv are refused by the PEFT export with
 one line (export them merged with --format hf).
+
+Packed rows (`segment_starts` [B, K] given; see `bert`): attention within segments (`bert.segment_mask`; the
+local window inside them), rotary positions restarting per segment (`bert.segment_positions`), each
+segment's first token or mean through the head: logits [B, K, num_labels].
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax.bert import ACTIVATIONS, BertConfig, Dropout, EncoderModule
+from spafit_jax.bert import (ACTIVATIONS, BertConfig, Dropout, EncoderModule, check_packed, first_tokens,
+                              segment_mask, segment_positions)
 from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRA
 
@@ -154,11 +159,12 @@ class _MB(EncoderModule):
 
 
 def _rotate(x_BxTxHxK, cos_TxK, sin_TxK):
-    """Rotary positions in float32 (transformers' apply_rotary_pos_emb), cast back to the input dtype."""
+    """Rotary positions in float32 (transformers' apply_rotary_pos_emb), cast back to the input dtype;
+    the tables are [T, K] (unpacked) or [B, T, K] (packed)."""
     x = x_BxTxHxK.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos_TxK[:, None] + rotated * sin_TxK[:, None]).astype(x_BxTxHxK.dtype)
+    return (x * cos_TxK[..., None, :] + rotated * sin_TxK[..., None, :]).astype(x_BxTxHxK.dtype)
 
 
 class _Attention(_MB):
@@ -211,16 +217,18 @@ class ModernBertLayer(_MB):
         return x_BxTxD + self.child(_MLP, "mlp")(self.norm_layer("mlp_norm")(x_BxTxD), deterministic)
 
 
-def attention_biases(attention_mask_BxT, config: ModernBertConfig) -> dict[str, jax.Array]:
+def attention_biases(attention_mask_BxT, config: ModernBertConfig, packed: bool = False) -> dict[str, jax.Array]:
     """Additive attention masks: GLOBAL [B,1,1,T] over the real keys; LOCAL [B,1,T,T] also keeping
-    only keys at most `local_attention // 2` positions from the query (transformers' sliding window)."""
-    real_BxT = attention_mask_BxT > 0
-    T = real_BxT.shape[-1]
+    only keys at most `local_attention // 2` positions from the query (transformers' sliding window).
+    Packed: both [B,1,T,T] over the keys of the query's segment (`bert.segment_mask`); within a
+    segment the distance of two tokens is their distance in the unpacked example."""
+    keep_Bx1xQxT = segment_mask(attention_mask_BxT) if packed else (attention_mask_BxT > 0)[:, None, None, :]
+    T = attention_mask_BxT.shape[-1]
     low = jnp.finfo(jnp.float32).min
     pos = jnp.arange(T)
     band_TxT = jnp.abs(pos[:, None] - pos[None, :]) <= config.local_attention // 2
-    return {GLOBAL: jnp.where(real_BxT[:, None, None, :], 0.0, low),
-            LOCAL: jnp.where(real_BxT[:, None, None, :] & band_TxT[None, None], 0.0, low)}
+    return {GLOBAL: jnp.where(keep_Bx1xQxT, 0.0, low),
+            LOCAL: jnp.where(keep_Bx1xQxT & band_TxT[None, None], 0.0, low)}
 
 
 class _Embeddings(_MB):
@@ -254,11 +262,14 @@ class _Encoder(_MB):
         return layers(x, biases, rope, deterministic, start, stop)
 
 
-def rotary_tables(config: ModernBertConfig, T: int, dtype) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{layer type: (cos, sin) [T, K]} of positions 0 .. T-1, computed in float32 and cast to `dtype`."""
+def rotary_tables(config: ModernBertConfig, T: int, dtype,
+                  positions_BxT=None) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{layer type: (cos, sin) [T, K]} of positions 0 .. T-1, computed in float32 and cast to `dtype`;
+    [B, T, K] of `positions_BxT` when given (packed rows: `bert.segment_positions`)."""
     out = {}
+    pos = jnp.arange(T, dtype=jnp.float32) if positions_BxT is None else positions_BxT.astype(jnp.float32)
     for kind in set(config.layer_types):
-        freqs_TxK = jnp.tile(jnp.arange(T, dtype=jnp.float32)[:, None] * config.inv_freq(kind)[None], (1, 2))
+        freqs_TxK = jnp.tile(pos[..., None] * config.inv_freq(kind), (1,) * pos.ndim + (2,))
         out[kind] = (jnp.cos(freqs_TxK).astype(dtype), jnp.sin(freqs_TxK).astype(dtype))
     return out
 
@@ -267,13 +278,17 @@ class ModernBertModel(_MB):
     """`embeddings`, `encoder/layer/<i>`, `final_norm`: hidden states [B, T, D].
 
     As `bert.BertModel`: `stop=n` returns the hidden states after layer n-1 (no final norm);
-    `hidden_BxTxD` given with `start=n` replaces the embeddings and layers 0 .. n-1.
+    `hidden_BxTxD` given with `start=n` replaces the embeddings and layers 0 .. n-1;
+    `segment_starts` [B, K] given: packed rows (the module docstring).
     """
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, deterministic: bool = True, hidden_BxTxD=None,
-                 start: int = 0, stop: int | None = None):
+                 start: int = 0, stop: int | None = None, segment_starts=None):
         c = self.config
+        packed = segment_starts is not None
+        if packed:
+            check_packed(segment_starts, (input_ids if hidden_BxTxD is None else hidden_BxTxD).shape, attention_mask)
         if hidden_BxTxD is None:
             x = self.child(_Embeddings, "embeddings")(input_ids, deterministic)
         else:
@@ -282,17 +297,25 @@ class ModernBertModel(_MB):
             attention_mask = jnp.ones(x.shape[:2], jnp.int32)
         if self.lora is not None:
             self.lora.validate(c.num_hidden_layers)
-        rope = rotary_tables(c, x.shape[1], self.dtype)
-        x = self.child(_Encoder, "encoder")(x, attention_biases(attention_mask, c), rope, deterministic, start, stop)
+        rope = rotary_tables(c, x.shape[1], self.dtype, segment_positions(attention_mask) if packed else None)
+        biases = attention_biases(attention_mask, c, packed)
+        x = self.child(_Encoder, "encoder")(x, biases, rope, deterministic, start, stop)
         return x if stop is not None else self.norm_layer("final_norm")(x)
 
 
-def pool(x_BxTxD, attention_mask_BxT, how: str):
-    """The first token (`cls`) or the mean over the real tokens (`mean`) of each row: [B, D]."""
+def pool(x_BxTxD, attention_mask_BxT, how: str, segment_starts_BxK=None):
+    """The first token (`cls`) or the mean over the real tokens (`mean`) of each row: [B, D]; packed
+    (`segment_starts_BxK` given, `attention_mask_BxT` the segment ids), of each segment: [B, K, D]
+    (an absent segment's mean is zeros)."""
     if how == "cls":
-        return x_BxTxD[:, 0]
-    m = attention_mask_BxT.astype(x_BxTxD.dtype)[..., None]
-    return (x_BxTxD * m).sum(axis=1) / m.sum(axis=1)
+        return first_tokens(x_BxTxD, segment_starts_BxK)
+    if segment_starts_BxK is None:
+        m = attention_mask_BxT.astype(x_BxTxD.dtype)[..., None]
+        return (x_BxTxD * m).sum(axis=1) / m.sum(axis=1)
+    K = segment_starts_BxK.shape[1]
+    member_BxKxT = (attention_mask_BxT[:, None, :] == jnp.arange(1, K + 1)[None, :, None]).astype(x_BxTxD.dtype)
+    count_BxKx1 = jnp.maximum(member_BxKxT.sum(axis=-1, keepdims=True), 1)
+    return jnp.einsum("bkt,btd->bkd", member_BxKxT, x_BxTxD) / count_BxKx1
 
 
 class _Head(_MB):
@@ -306,7 +329,8 @@ class _Head(_MB):
 
 
 class ModernBertForSequenceClassification(_MB):
-    """`model` (the encoder), the pooled `head`, dropout and `classifier`: logits [B, num_labels] (1: a regressor).
+    """`model` (the encoder), the pooled `head`, dropout and `classifier`: logits [B, num_labels] (1: a regressor);
+    packed (`segment_starts` [B, K]), [B, K, num_labels].
 
     The call signature is `bert.BertForSequenceClassification`'s (`token_type_ids` is accepted and
     unused: ModernBERT has no token types), with the same `lower` / `upper` split for the
@@ -317,25 +341,27 @@ class ModernBertForSequenceClassification(_MB):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
-                 hidden_BxTxD=None, start: int = 0, stop: int | None = None):
+                 hidden_BxTxD=None, start: int = 0, stop: int | None = None, segment_starts=None):
         c = self.config
-        x = self.child(ModernBertModel, "model")(input_ids, attention_mask, deterministic, hidden_BxTxD, start, stop)
+        x = self.child(ModernBertModel, "model")(input_ids, attention_mask, deterministic, hidden_BxTxD, start, stop,
+                                                 segment_starts)
         if stop is not None:
             return x
         if attention_mask is None:
             attention_mask = jnp.ones(x.shape[:2], jnp.int32)
-        pooled = self.child(_Head, "head")(pool(x, attention_mask, c.classifier_pooling), deterministic)
+        pooled = self.child(_Head, "head")(pool(x, attention_mask, c.classifier_pooling, segment_starts), deterministic)
         pooled = Dropout(c.classifier_dropout or 0.0)(pooled, deterministic=deterministic)
         return self.linear(self.num_labels, "classifier", pooled, deterministic, True).astype(jnp.float32)
 
-    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int):
-        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout."""
-        return self(input_ids, attention_mask, token_type_ids, True, stop=n1)
+    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int, segment_starts=None):
+        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout (packed rows
+        when `segment_starts` is given)."""
+        return self(input_ids, attention_mask, token_type_ids, True, stop=n1, segment_starts=segment_starts)
 
     def upper(self, hidden_BxTxD, attention_mask=None, token_type_ids=None, deterministic: bool = True, *,
-              n1: int, **unused):
-        """Logits [B, num_labels] from the hidden states that enter layer n1 (`lower`'s output)."""
-        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1)
+              n1: int, segment_starts=None, **unused):
+        """Logits [B, num_labels] (packed: [B, K, num_labels]) from the hidden states that enter layer n1."""
+        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1, segment_starts=segment_starts)
 
 
 #: the names `hf.family_classes` looks up in a family's module.

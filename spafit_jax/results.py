@@ -9,8 +9,10 @@ their defaults (None), so older run folders still load.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import numbers
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,7 @@ class Results:
     processes: int | None = None
     parallel: str | None = None
     frozen_cache: dict[str, Any] | None = None  # {"n1", "bytes", "seconds"} when train.cache_frozen was on
+    code: dict[str, Any] | None = None  # the code it ran on: {"version", "commit", "dirty"} (`code_version`)
 
     @property
     def splits(self) -> dict[str, dict[str, float]]:
@@ -78,6 +81,30 @@ class Results:
         path = Path(workdir) / rundir.RESULTS
         rundir.write_atomic(path, json.dumps(rundir.finite_json(self.to_json()), indent=2, allow_nan=False))
         return path
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """The code this process runs: {"version": the package version, "commit": the git commit of the checkout the
+    package is imported from, "dirty": whether its tracked files differ from that commit}; commit and dirty are
+    None where the package is not in a git checkout (an installed wheel) or git is missing."""
+    from spafit_jax import __version__
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top.strip()).resolve() != root:  # the package sits in someone else's repository
+        return {"version": __version__, "commit": None, "dirty": None}
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return {"version": __version__, "commit": commit.strip() if commit else None,
+            "dirty": None if status is None else bool(status.strip())}
 
 
 _REQUIRED = [f.name for f in dataclasses.fields(Results) if f.default is dataclasses.MISSING]

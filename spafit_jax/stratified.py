@@ -14,13 +14,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from spafit_jax.errors import MaskingError
 from spafit_jax.methods import FROZEN, TRAINABLE_LABELS
-from spafit_jax.tree_paths import Rows, join_path, map_paths, path_lookup
+from spafit_jax.tree_paths import Rows, check_rows, join_path, map_paths, path_lookup
 
 _ADAM_KEYS = ("learning_rate", "weight_decay", "b1", "b2", "eps")
 
@@ -29,6 +32,8 @@ def _slice_rows(tree: Any, rows: Mapping[str, Rows]) -> Any:
     """Each `Rows` leaf cut to its trainable rows; other leaves as they are."""
     def one(path, x):
         r = rows.get(path)
+        if r is not None:
+            check_rows(path, r, x)
         return x if r is None else jax.lax.slice_in_dim(x, r.start, r.stop, axis=r.axis)
     return map_paths(one, tree)
 
@@ -54,12 +59,29 @@ def _on_rows(inner: optax.GradientTransformation, rows: Mapping[str, Rows]) -> o
     return optax.GradientTransformation(init, update)
 
 
+def _number(v: Any) -> float | None:
+    """v as a finite float when it is a real number or a 0-d array (not a bool), else None."""
+    if isinstance(v, bool) or not (isinstance(v, numbers.Real) or getattr(v, "shape", None) == ()):
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
 def _adamw(label: str, s: Any, rows: Mapping[str, Rows]) -> optax.GradientTransformation:
     if not isinstance(s, Mapping) or "learning_rate" not in s:
         raise MaskingError(f"settings[{label!r}] must be a mapping with a learning_rate, got {s!r}")
     unknown = sorted(set(s) - set(_ADAM_KEYS))
     if unknown:
         raise MaskingError(f"settings[{label!r}] has unknown key(s) {unknown}; use {list(_ADAM_KEYS)}")
+    for key, ok, want in (("learning_rate", lambda v: v >= 0, "a number >= 0 or an optax schedule"),
+                          ("weight_decay", lambda v: v >= 0, "a number >= 0"), ("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+                          ("b2", lambda v: 0 <= v < 1, "in [0, 1)"), ("eps", lambda v: v > 0, "a number > 0")):
+        v = s.get(key, 0.5)
+        if not (key == "learning_rate" and callable(v)) and not ((x := _number(v)) is not None and ok(x)):
+            raise MaskingError(f"settings[{label!r}][{key!r}]={v!r} is not {want}; e.g. {{'learning_rate': 1e-3}}")
     parts = [optax.scale_by_adam(b1=s.get("b1", 0.9), b2=s.get("b2", 0.999), eps=s.get("eps", 1e-8))]
     if s.get("weight_decay", 0.0):  # matrices only; a stacked leaf's layer axis does not count
         decay = lambda tree: map_paths(lambda p, x: x.ndim - (p in rows) >= 2, tree)  # noqa: E731
@@ -78,16 +100,22 @@ def stratified_optimizer(labels: Any, settings: Mapping[str, Mapping[str, Any]])
     settings[label] holds learning_rate (float or optax schedule) and optionally weight_decay
     (default 0; applied to matrices only), b1, b2, eps. Frozen leaves carry no optimizer state:
     they are None in `masking.split(params, labels)[0]` and left out by `wrt=masking.trainable(labels)`
-    in NNX. Pass params to `update` when using weight decay.
+    in NNX. Pass params to `update` when using weight decay. Settings for a label no parameter carries
+    are allowed (one dict for several methods) but checked like the others.
     """
     lookup = path_lookup(labels)
     present = sorted({str(label) for label in lookup.values() if label != FROZEN}, key=_order)
     if not present:
         raise MaskingError("labels mark every parameter frozen; nothing to optimize")
+    if not isinstance(settings, Mapping):
+        raise MaskingError(f"settings is a {type(settings).__name__}; pass a dict {{label: {{'learning_rate': ...}}}} "
+                           f"for the labels present: {', '.join(present)}")
     missing = [label for label in present if label not in settings]
     if missing:
         raise MaskingError(f"no optimizer settings for label(s) {', '.join(map(repr, missing))}; "
                            f"add them to settings (labels present: {', '.join(present)})")
+    for label in set(settings) - set(present):  # settings for labels this model lacks: checked, not used
+        _adamw(str(label), settings[label], {})
     rows = {p: label for p, label in lookup.items() if isinstance(label, Rows)}
     transforms = {label: _adamw(label, settings[label], {p: r for p, r in rows.items() if r == label})
                   for label in present}

@@ -22,6 +22,7 @@ from spafit_jax import (batching, checkpoint, cli, data, frozen, loading, metric
                         steps)
 from spafit_jax.config import Config
 from spafit_jax.loop import Batches, Evaluator, Length, Loop, capped
+from spafit_jax import results as results_lib
 from spafit_jax.results import Best, Results
 
 log = logging.getLogger("spafit_jax")
@@ -135,6 +136,7 @@ def _results(cfg: Config, run: loading.ModelAndTask, loop: Loop, evaluator: Eval
         compiled_shapes=len(loop.meter.shapes), buckets=list(buckets), bad_steps=loop.bad_steps,
         devices=jax.device_count(), processes=jax.process_count(), parallel=driver.mode,
         frozen_cache=None if cache is None else {"n1": cache.n1, "bytes": cache.nbytes, "seconds": cache.seconds},
+        code=results_lib.code_version(),
     )
 
 

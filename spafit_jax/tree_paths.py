@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -81,6 +82,35 @@ def path_leaves(tree: Any) -> list[tuple[str, Any]]:
     return [(join_path(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(params_of(tree))[0]]
 
 
+_PASS = "pass the parameters: model.init(rng, x)['params'], an nnx.Module or nnx.state(model, nnx.Param)"
+
+
+def param_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """`path_leaves` of a parameter tree; a one-line MaskingError for what is not one (nothing in it, a
+    bare object, a leaf that is no array, other variable collections, an nnx.State with non-Param variables)."""
+    nnx, state = _nnx(), params_of(tree)
+    if nnx is not None and isinstance(state, nnx.State):
+        box = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+        odd = [(join_path(k), type(v).__name__) for k, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=box)[0]
+               if box(v) and not isinstance(v, nnx.Param)]
+        if odd:
+            raise MaskingError(f"the nnx.State holds {len(odd)} variable(s) that are not parameters ({odd[0][1]} at "
+                               f"{odd[0][0]!r}), which must not train; pass the module or nnx.state(model, nnx.Param)")
+    if isinstance(state, Mapping) and "params" in state and len(state) > 1:
+        others = sorted(str(k) for k in state if k != "params")
+        raise MaskingError(f"params holds the variable collections {others} beside 'params', which must not train; "
+                           "pass variables['params'] (split/join and labels cover the parameters only)")
+    leaves = path_leaves(state)
+    if not leaves:
+        raise MaskingError(f"params ({type(tree).__name__}) holds no parameters; {_PASS}")
+    for path, x in leaves:
+        if not path:
+            raise MaskingError(f"params is a single {type(x).__name__}, not a tree of named parameters; {_PASS}")
+        if isinstance(x, (str, bytes)) or not (hasattr(x, "shape") or isinstance(x, numbers.Number)):
+            raise MaskingError(f"parameter {path!r} is a {type(x).__name__}, not an array; {_PASS} (labels come second)")
+    return leaves
+
+
 def map_paths(fn: Callable[[str, Any], Any], tree: Any) -> Any:
     """The tree of `fn(path, leaf)` over `tree`'s leaves."""
     return jax.tree_util.tree_map_with_path(lambda kp, x: fn(join_path(kp), x), tree)
@@ -94,10 +124,26 @@ def size_of(x: Any) -> int:
 def path_lookup(labels: Any, params: Any = None) -> dict[str, str]:
     """{path: label} of a labels tree; with `params`, checks that both have the same paths."""
     found = path_leaves(labels)
-    if params is not None and [p for p, _ in path_leaves(params)] != [p for p, _ in found]:
+    odd = next(((p, x) for p, x in found if not isinstance(x, str)), None)
+    if odd is not None:
+        raise MaskingError(f"labels leaf {odd[0]!r} is a {type(odd[1]).__name__}, not a label string; pass the labels "
+                           "from label_params / spafit_labels / method_labels (params come first)")
+    leaves = None if params is None else path_leaves(params)
+    if leaves is not None and [p for p, _ in leaves] != [p for p, _ in found]:
         raise MaskingError("labels do not have the structure of params; build them from this "
                            "very tree with label_params / spafit_labels / method_labels")
+    for (path, label), (_, x) in zip(found, leaves or ()):
+        check_rows(path, label, x)
     return dict(found)
+
+
+def check_rows(path: str, label: Any, x: Any) -> None:
+    """A one-line MaskingError when a `Rows` label names rows that leaf `x` does not have (labels of a deeper model)."""
+    if isinstance(label, Rows):
+        shape = np.shape(x)
+        if not -len(shape) <= label.axis < len(shape) or shape[label.axis] < label.stop:
+            raise MaskingError(f"labels of another model: {path!r} has shape {tuple(shape)} but its label trains rows "
+                               f"{label.start}..{label.stop - 1} along axis {label.axis}; build the labels from this very tree")
 
 
 @dataclasses.dataclass(frozen=True)

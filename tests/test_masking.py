@@ -503,7 +503,7 @@ def test_import_is_light():
 
 
 DOCS = ROOT / "docs" / "masking.md"
-EXAMPLES = ("masking", "nnx", "scan", "lora")
+EXAMPLES = ("masking", "nnx", "scan", "nnx-scan", "lora")
 
 
 def docs_example(name, path=DOCS):

@@ -47,3 +47,27 @@ def test_a_damaged_file_is_one_line_naming_it(tmp_path, text, words):
     with pytest.raises(results.ResultsError, match=words) as e:
         results.read(tmp_path)
     assert str(tmp_path / "results.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_code_version_is_the_checkouts_commit_and_old_files_without_it_still_load(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    import spafit_jax
+
+    root = Path(results.__file__).resolve().parent.parent
+    code = results.code_version()
+    assert code["version"] == spafit_jax.__version__
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if git.returncode == 0:
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True).stdout
+        assert code["commit"] == git.stdout.strip() and code["dirty"] == bool(status.strip())
+    else:
+        assert code["commit"] is None and code["dirty"] is None
+    record(code=code).write(tmp_path)
+    assert results.read(tmp_path).code == code
+    raw = json.loads((tmp_path / "results.json").read_text())
+    del raw["code"]
+    (tmp_path / "results.json").write_text(json.dumps(raw))
+    assert results.read(tmp_path).code is None

@@ -18,7 +18,7 @@ TINY_RUN = {"data.limit_train": 48, "data.limit_eval": 24, "data.max_length": 32
 # bitfit searches two learning rates; lora one rate and two ranks, of which 999 fails at load (hidden size 32).
 SELECT = {"grid": {"train.lr": [1.0e-3, 5.0e-2]},
           "methods": {"lora": {"train.lr": [1.0e-2], "method.lora_rank": [2, 999]}},
-          "dev": {"size": 40, "seed": 3}}
+          "dev": {"size": 40, "seed": 3}, "extend": 0}  # extensions past a grid edge: test_bracketing.py
 
 
 def run_main(*argv) -> tuple[int, str]:
@@ -188,3 +188,75 @@ def test_a_named_dev_split_must_be_neither_the_train_nor_the_test_split():
     for name, what in (("train", "train"), ("validation", "test")):
         with pytest.raises(selection.SelectError, match=f"is the {what} split of task bbc_news"):
             carve(data, selection.Dev(split=name))
+
+
+def retry_experiment(root: Path, tiny_model_dir, seeds, extend) -> Path:
+    path = root / "retry.yaml"
+    path.write_text(yaml.safe_dump({"overrides": {"model.name": str(tiny_model_dir), **TINY_RUN}, "tasks": ["bbc_news"],
+                                    "methods": {"bitfit": {"method.name": "bitfit"}}, "seeds": seeds,
+                                    "select": {"grid": {"train.lr": [1.0e-3, 1.0e-2]}, "dev": {"size": 40, "seed": 3},
+                                               "extend": extend}}, sort_keys=False))
+    return path
+
+
+def failing(monkeypatch, folders: str):
+    """train_and_evaluate fails (a DataError, as a broken disk or file would) for run folders containing `folders`."""
+    from spafit_jax import train
+    from spafit_jax.errors import DataError
+
+    real = train.train_and_evaluate
+
+    def fake(cfg, workdir=None, **kw):
+        if folders in str(workdir):
+            raise DataError("the data disk is gone; mount it again")
+        return real(cfg, workdir, **kw)
+    monkeypatch.setattr(train, "train_and_evaluate", fake)
+
+
+def test_a_search_whose_every_cell_failed_is_retried_once_the_cause_is_fixed(tiny_model_dir, tmp_path, monkeypatch):
+    path, work = retry_experiment(tmp_path, tiny_model_dir, 2, 1), tmp_path / "EXP"
+    with monkeypatch.context() as m:
+        failing(m, "search")
+        rc, out = run_main("--config", path, "--workdir", work, "--no-report")
+    assert rc == 1 and "no choice for bbc_news/bitfit: every search cell failed" in out
+    assert not (work / "choices").exists() and not (work / "runs").exists()  # no `chosen: null` that sticks
+    rc, out = run_main("--config", path, "--workdir", work, "--no-report")
+    assert rc == 0, out
+    choice = json.loads((work / "choices/bbc_news/bitfit.json").read_text())
+    assert choice["rests_on"][:2] == ["bitfit@lr=0.001", "bitfit@lr=0.01"] and choice["failed"] == []
+    # two values: the choice sits on an edge, so one extension (select.extend=1) was trained and recorded
+    (ext,) = choice["extensions"]
+    assert ext["label"] in choice["rests_on"] and ext["value"] in (1.0e-4, 0.1)
+    assert (work / "search/runs/bbc_news" / ext["label"] / "seed0/results.json").is_file()
+    assert choice["bracketed"] == (choice["extension_stopped"] is None)
+    assert choice["bracketed"] or "select.extend=1" in choice["extension_stopped"]
+    index = json.loads((work / "selection.json").read_text())
+    assert ext["label"] in [s["label"] for s in index["search"]] and not index["mixed_commits"]
+    seed1 = work / "runs/bbc_news/bitfit/seed1"
+    assert json.loads((seed1 / "test.json").read_text())["examples"] == 24
+    assert yaml.safe_load((seed1 / "config.yaml").read_text())["train"]["lr"] == choice["chosen"]["train.lr"]
+    assert (work / "search/runs/bbc_news" / choice["label"] / "seed0/test.json").is_file()
+    code = json.loads((seed1 / "results.json").read_text())["code"]
+    assert choice["commits"] == ([code["commit"][:12] + ("+dirty" if code["dirty"] else "")] if code["commit"] else [])
+
+
+def test_a_failed_cell_that_succeeds_later_remakes_the_choice_from_complete_cells(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    path, work = retry_experiment(tmp_path, tiny_model_dir, [0], 0), tmp_path / "EXP"
+    with monkeypatch.context() as m:
+        failing(m, "lr=0.01")
+        rc, out = run_main("--config", path, "--workdir", work, "--no-report")
+    assert rc == 1
+    first = json.loads((work / "choices/bbc_news/bitfit.json").read_text())
+    assert first["label"] == "bitfit@lr=0.001" and first["rests_on"] == ["bitfit@lr=0.001"]
+    assert [f["label"] for f in first["failed"]] == ["bitfit@lr=0.01"] and "disk is gone" in first["failed"][0]["error"]
+    assert first["extension_stopped"] and "select.extend=0" in first["extension_stopped"]
+    rc, out = run_main("--config", path, "--workdir", work, "--no-report")
+    assert rc == 0, out
+    choice = json.loads((work / "choices/bbc_news/bitfit.json").read_text())
+    assert choice["rests_on"] == ["bitfit@lr=0.001", "bitfit@lr=0.01"] and choice["failed"] == []
+    assert choice["remade"] == {"previous": "bitfit@lr=0.001", "previous_rests_on": ["bitfit@lr=0.001"]}
+    assert "choice remade from 2 complete cells" in out
+    assert not (work / "search/runs/bbc_news/bitfit@lr=0.01/seed0/error.txt").exists()
+    seed0 = json.loads((work / "selection.json").read_text())["seeds"][0]["folder"]
+    assert seed0 == f"search/runs/bbc_news/{choice['label']}/seed0" and (work / seed0 / "test.json").is_file()
