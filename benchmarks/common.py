@@ -258,7 +258,7 @@ def random_params(model, config: BertConfig, seed: int = 0) -> dict:
     Kernels and embeddings N(0, initializer_range), biases 0, LayerNorm scales 1, LoRA A
     U(+-1/sqrt(fan_in)) and B 0, as the Flax initialisers would give (timing does not depend on them).
     """
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    shapes = hf.init_params(model, shapes_only=True)
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):

@@ -28,7 +28,6 @@ from typing import Any
 # The trainer's names this module builds on, imported here once.
 from spafit_jax import parallel, tpu_specs
 from spafit_jax.config import Config, load_config
-from spafit_jax.errors import ConfigError, SpafitError
 from spafit_jax.frozen import DTYPES as CACHE_DTYPES, cache_depth, upper_model
 from spafit_jax.optimizer import make_optimizer
 from spafit_jax.steps import init_state
@@ -71,17 +70,16 @@ def setup(cfg: Config, topo: tpu_specs.Topology) -> Setup:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from spafit_jax.hf import family_classes
+    from spafit_jax.hf import build_model, init_params
+    from spafit_jax.loading import check_max_length
 
     model_cfg = tpu_specs.model_config(cfg.model.name)
-    if cfg.data.max_length > model_cfg.max_tokens:
-        raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {model_cfg.max_tokens} positions of "
-                          f"{cfg.model.name}; use data.max_length={model_cfg.max_tokens} or less", "data.max_length")
+    check_max_length(cfg, model_cfg)
     num_labels = tpu_specs.num_labels(cfg.data)
     plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
-    model = family_classes(model_cfg.model_type)[1](model_cfg, jnp.dtype(cfg.model.dtype),
-                                                    jnp.dtype(cfg.model.param_dtype), plan.lora, num_labels=num_labels)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    model = build_model(model_cfg, plan.lora, num_labels=num_labels, dtype=jnp.dtype(cfg.model.dtype),
+                        param_dtype=jnp.dtype(cfg.model.param_dtype))
+    params = init_params(model, shapes_only=True)
     plan = plan.label(params)
     trainable, frozen = plan.split(params)
     t = cfg.train
@@ -366,9 +364,11 @@ def run(cfg: Config, topology: str, *, shapes: str = "all", steps: str = "both",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `python -m spafit_jax.aot`."""
+    """The argparse parser of `python -m spafit_jax.aot` (`spafit-aot`)."""
+    from spafit_jax import cli
+
     p = argparse.ArgumentParser(
-        prog="python -m spafit_jax.aot",
+        prog=cli.program("aot"),
         description="Compile the trainer's train and eval steps for a TPU topology on this (CPU) machine, from "
                     "shapes only, and report HBM per chip, FLOPs and an estimated step time. Needs libtpu: "
                     + tpu_specs.install_hint() + ". Exit status 2 when a program does not fit.",
@@ -390,39 +390,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: 0 when every program fits, 2 when one does not or the input is bad."""
+    """Command-line entry point (`cli.run_command`): 0 when every program fits, 2 when one does not or the
+    input is bad (one line on stderr)."""
+    from spafit_jax import cli
+
     args = build_parser().parse_intermixed_args(argv)
-    try:
+
+    def work() -> int:
         cfg = load_config(args.config, args.overrides)
         tpu_specs.prepare(compile_cache=False)
         report = lambda r: print(f"--max-batch: {r['program']} needs {r['hbm_per_chip_bytes'] / GIB:.2f} GiB per chip: "  # noqa: E731
                                  f"{'fits' if r['fits'] else 'does not fit'}", file=sys.stderr, flush=True)
         rows, s, extra = run(cfg, args.topology, shapes=args.shapes, steps=args.steps, find_max=args.max_batch,
                              progress=report)
-    except SpafitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        for r in rows:
-            print(json.dumps(r))
-        if "max_batch" in extra:
-            print(json.dumps({"max_batch": extra["max_batch"], "seq_len": extra["max_batch_seq_len"],
-                              "topology": s.topo.name, "probes": extra["max_batch_probes"],
-                              "bounded": extra["max_batch_bounded"]}))
-    else:
-        print(format_table(rows, s.topo))
-        for note in extra["notes"]:
-            print(f"note: {note}")
-        if "max_batch" in extra:
-            bound = (f" or more (the search's bound: {MAX_ROWS_PER_CHIP} examples per chip)"
-                     if extra["max_batch_bounded"] else "")
-            print(f"largest train batch that fits at T={extra['max_batch_seq_len']}: {extra['max_batch']}{bound} "
-                  f"after {extra['max_batch_probes']} more compiles")
-    bad = [r for r in rows if not r["fits"]]
-    if bad:
-        print(f"error: {advice(bad[0], s)}", file=sys.stderr)
-        return 2
-    return 0
+        if args.json:
+            for r in rows:
+                print(json.dumps(r))
+            if "max_batch" in extra:
+                print(json.dumps({"max_batch": extra["max_batch"], "seq_len": extra["max_batch_seq_len"],
+                                  "topology": s.topo.name, "probes": extra["max_batch_probes"],
+                                  "bounded": extra["max_batch_bounded"]}))
+        else:
+            print(format_table(rows, s.topo))
+            for note in extra["notes"]:
+                print(f"note: {note}")
+            if "max_batch" in extra:
+                bound = (f" or more (the search's bound: {MAX_ROWS_PER_CHIP} examples per chip)"
+                         if extra["max_batch_bounded"] else "")
+                print(f"largest train batch that fits at T={extra['max_batch_seq_len']}: {extra['max_batch']}{bound} "
+                      f"after {extra['max_batch_probes']} more compiles")
+        bad = [r for r in rows if not r["fits"]]
+        if bad:
+            print(f"error: {advice(bad[0], s)}", file=sys.stderr)
+            return 2
+        return 0
+
+    return cli.run_command(work, compile_cache=False)
 
 
 if __name__ == "__main__":

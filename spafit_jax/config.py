@@ -29,13 +29,13 @@ from spafit_jax.schema import (DTYPES, PARALLEL_MODES, CheckpointConfig, Config,
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "MethodConfig", "TrainConfig", "CheckpointConfig",
     "ParallelConfig", "DistributedConfig", "SECTIONS", "load_config", "config_from_dict", "to_dict",
-    "save_config", "config_yaml", "default", "format_value",
+    "config_yaml", "default", "format_value", "parse_yaml",
 ]
 
 # The shipped configs: inside the installed package (a wheel maps configs/ to spafit_jax/configs),
-# else the checkout's configs/ folder.
-_PACKAGED = Path(__file__).resolve().parent / "configs"
-CONFIGS_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+# else the checkout's configs/ folder. Found from the package folder, wherever in it this module sits.
+_PACKAGE = next(p for p in Path(__file__).resolve().parents if p.name == "spafit_jax")
+CONFIGS_DIR = _PACKAGE / "configs" if (_PACKAGE / "configs").is_dir() else _PACKAGE.parent / "configs"
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
@@ -52,23 +52,33 @@ def _types(section: str) -> dict[str, Any]:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one); raises `self.error`."""
+
+    error: type[ConfigError] = ConfigError
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise self.error(f"{self.name}:{key_node.start_mark.line + 1}: duplicate key '{key}': the key '{key}' "
+                                 f"appears twice in one mapping (first on line {seen[key] + 1}) and the second would "
+                                 "silently replace the first; keep only one of them")
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
-def _construct_mapping(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if isinstance(key, typing.Hashable) and key in seen:
-            line = key_node.start_mark.line + 1
-            raise ConfigError(
-                f"{node.start_mark.name}:{line}: duplicate key '{key}'; keep only one of them"
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+def parse_yaml(text: str, name: str, error: type[ConfigError] = ConfigError) -> Any:
+    """`text` read by YAML's safe loader, a key given twice in one mapping refused (one line naming `name`
+    and the line, as `error`); other YAML errors pass through as `yaml.YAMLError`. Every YAML file the
+    commands read (configs, experiment files) goes through it."""
+    loader = _UniqueKeyLoader(text)
+    loader.name, loader.error = name, error
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _missing_file_message(path: str) -> str:
@@ -114,9 +124,7 @@ def _read_yaml(path: str) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file '{path}': {e}; check the file and its permissions") from e
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (SafeLoader subclass)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("<unicode string>", str(path))) from None
+        data = parse_yaml(text, str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -413,15 +421,6 @@ def config_yaml(config: Config, path: str | os.PathLike) -> str:
         f"# Load it with: python -m spafit_jax.train --config {path}\n"
     )
     return header + yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
-
-
-def save_config(config: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (every field); `load_config([path]) == config`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config_yaml(config, path), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def format_value(value: Any) -> str:

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from spafit_jax.config import DataConfig
 from spafit_jax.errors import DataError
-from spafit_jax.sources import Examples, read_task, task_from_config
+from spafit_jax.sources import DataSection, Examples, read_task, task_from_config
 from spafit_jax.tasks import TaskSpec
 from spafit_jax.tokens import Encoded, encode
 
@@ -43,7 +42,7 @@ def _subset(ex: Examples, limit: int | None, seed: int) -> Examples:
                     ex.labels[keep])
 
 
-def load_task_texts(cfg: DataConfig, *, seed: int
+def load_task_texts(cfg: DataSection, *, seed: int
                     ) -> tuple[TaskSpec, Examples, dict[str, Examples]]:
     """Checked, untokenised ``(spec, train, evals)``.
 
@@ -62,7 +61,7 @@ def load_task_texts(cfg: DataConfig, *, seed: int
     return spec, train, evals
 
 
-def load_task_data(cfg: DataConfig, tokenizer: Any, *, seed: int) -> TaskData:
+def load_task_data(cfg: DataSection, tokenizer: Any, *, seed: int) -> TaskData:
     """Load, check and tokenise a task: ``TaskData(spec, train, evals)``.
 
     ``seed`` only picks the ``data.limit_train`` subset.

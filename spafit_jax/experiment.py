@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def work() -> int:
         if selection.wanted(args.config):
-            return selection.run(args)
+            return selection.search_then_test(args)
         cells, notes = load_experiment(args.config, args.overrides)
         seeds = list(dict.fromkeys(c.seed for c in cells))
         cells = select(cells, args.only, args.shard)

@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from spafit_jax import families, hf, outputs, weights
-from spafit_jax import lora as lora_lib
 from spafit_jax.errors import ConfigError
-from spafit_jax.methods import BIAS, HEAD, LAYERNORM, LORA, POOLER, WEIGHT
+from spafit_jax.methods import BIAS, HEAD, POOLER
+from spafit_jax.peft_io import PEFT_CONFIG, PEFT_WEIGHTS, peft_norms, peft_parts, peft_state, to_peft_config
 
 FORMATS = ("hf", "peft", "flax")
 
@@ -76,35 +74,6 @@ def export_flax(run, out: Path) -> Path:
     return out
 
 
-def peft_norms(plan, model_type: str = "bert") -> dict[str, str]:
-    """The norm modules whose scales (or biases) `plan` trains, outside the task heads: {our '/'-joined
-    module path: its PyTorch module name from the model's root}, the `modules_to_save` PEFT copies whole
-    (its matching is by suffix, so a name from the root matches that one module only)."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    heads = families.get(model_type).heads
-    leaves = {k[:-1]: k for k, label in flatten_dict(plan.labels).items() if label == LAYERNORM and k[0] not in heads}
-    return {"/".join(m): next(iter(weights.to_torch_names(unflatten_dict({k: np.zeros(1)})))).rsplit(".", 1)[0]
-            for m, k in leaves.items()}
-
-
-def peft_parts(plan, model_type: str = "bert") -> tuple[str, list[str]]:
-    """PEFT's `bias` and `modules_to_save` for a plan on a `model_type` model: the task heads, the
-    pooler and the trained norm modules (`peft_norms`) as whole copies; a plan PEFT cannot express
-    (no LoRA, whole weight matrices, ModernBERT's Wqkv slices) is a ConfigError."""
-    counts = plan.counts
-    fix = "export with --format hf (a merged model) instead"
-    if plan.lora is None or LORA not in counts:
-        raise ConfigError(f"method {plan.method.name} trains no LoRA adapters, which a PEFT LoRA adapter needs; {fix}")
-    if WEIGHT in counts:
-        raise ConfigError(f"method {plan.method.name} trains whole weight matrices, which a PEFT LoRA adapter cannot "
-                          f"carry; {fix}")
-    families.check_peft_targets(model_type, plan.lora.matched())
-    heads = families.get(model_type).heads
-    modules = (list(heads) if HEAD in counts else []) + (["pooler"] if POOLER in counts else [])
-    return ("all" if BIAS in counts else "none"), modules + sorted(peft_norms(plan, model_type).values())
-
-
 def export_peft(run, out: Path) -> Path:
     """Writes adapter_config.json + adapter_model.safetensors (see the module docstring) into `out` as it is;
     `export` checks and prepares `out`."""
@@ -117,12 +86,11 @@ def export_peft(run, out: Path) -> Path:
     labels = {"/".join(k): v for k, v in flatten_dict(run.plan.labels).items()}
     # a trained norm module whole: its untrained leaves (a frozen bias) as the base has them, which is exact
     keep = {p for p, label in labels.items() if label in (BIAS, HEAD, POOLER) or p.rsplit("/", 1)[0] in norms}
-    config = lora_lib.to_peft_config(run.plan.lora, run.plan.num_layers, bias=bias, modules_to_save=modules,
-                                     base_model=base_model_name(run.config.model.name),
-                                     model_type=model_config.model_type)
+    config = to_peft_config(run.plan.lora, run.plan.num_layers, bias=bias, modules_to_save=modules,
+                            base_model=base_model_name(run.config.model.name), model_type=model_config.model_type)
     out.mkdir(parents=True, exist_ok=True)
-    (out / hf.PEFT_CONFIG).write_text(json.dumps(config, indent=2))
-    save_file(hf.peft_state(run.params, keep.__contains__), str(out / hf.PEFT_WEIGHTS), metadata={"format": "pt"})
+    (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+    save_file(peft_state(run.params, keep.__contains__), str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
     run.tokenizer.save_pretrained(str(out))
     return out
 

@@ -276,15 +276,3 @@ def torch_module_name(name: str) -> str:
 def flax_module_path(name: str) -> str:
     """Inverse of `torch_module_name`, '.'-joined: `model.layers.<i>.` as `model.encoder.layer.<i>.`."""
     return _MB_LAYER.sub(lambda m: f"{m.group(1)}model.encoder.layer.{m.group(2)}.", name)
-
-
-def check_peft_targets(model_type: str, targets) -> None:
-    """Refuses (one line) LoRA targets a PEFT adapter cannot carry on `model_type`: ModernBERT's
-    query / key / value adapt slices of the fused attn.Wqkv, and PEFT adapts whole modules."""
-    sliced = [t for t in targets if model_type == "modernbert" and t in MODERNBERT_SLICES]
-    if sliced:
-        from spafit_jax.errors import ConfigError
-
-        raise ConfigError(f"LoRA targets {sliced} adapt slices of ModernBERT's fused attn.Wqkv, which a PEFT adapter "
-                          "(whole modules) cannot carry; export with --format hf (merged), or train with "
-                          "method.lora_targets among attention_output, intermediate, output")

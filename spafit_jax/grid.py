@@ -181,25 +181,6 @@ def _label(method: str, point: dict[str, Any], varying: list[str]) -> str:
     return method + "@" + ",".join(f"{n}={point[k]}" for n, k in zip(names, varying))
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                hash(key)
-            except TypeError:
-                continue  # the base loader reports unhashable keys itself
-            if key in seen:
-                raise ExperimentError(f"{self.name}: line {key_node.start_mark.line + 1}: key {key!r} appears twice in "
-                                      f"one mapping (first on line {seen[key] + 1}); the second would silently replace "
-                                      "the first: rename or remove one")
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
 def experiment_file(path: str | os.PathLike) -> Path:
     """The experiment file `path` names: as given, else the shipped one (`experiments/smoke.yaml` or
     `configs/experiments/smoke.yaml`), as `train --config glue/mrpc.yaml` resolves."""
@@ -211,12 +192,7 @@ def _read(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ExperimentError(f"experiment file '{path}' not found; the shipped ones are in {ROOT / 'configs' / 'experiments'}")
     try:
-        loader = _UniqueKeyLoader(p.read_text(encoding="utf-8"))
-        loader.name = str(path)
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
+        data = config_lib.parse_yaml(p.read_text(encoding="utf-8"), str(path), ExperimentError)
     except UnicodeDecodeError as e:
         raise ExperimentError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:

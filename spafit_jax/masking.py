@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from spafit_jax.errors import MaskingError
-from spafit_jax.methods import (BIAS, FROZEN, HEAD, LAYERNORM, LORA, METHODS, POOLER,  # noqa: F401
+from spafit_jax.methods import (BIAS, FROZEN, HEAD, LAYER_LABELS, LAYERNORM, LORA, METHODS, POOLER,  # noqa: F401
                                 TRAINABLE_LABELS, WEIGHT, resolve_strata)
 from spafit_jax.stratified import stratified_optimizer
 from spafit_jax.tree_paths import (Rows, Trainable, map_paths, param_leaves, params_of, path_leaves, path_lookup, size_of,
@@ -360,8 +360,7 @@ def method_labels(params: Any, method: str, *, n1: int | None = None, n2: int | 
     layout = _layout(params, layer_pattern, stacked, required=method in ("bitfit", "lora"))
     if method == "lora" and not any(_kind(p) == LORA for p, _ in path_leaves(params)):
         raise _no_lora("params")
-    allowed = {"full": frozenset({WEIGHT, BIAS, LAYERNORM, LORA}), "bitfit": frozenset({BIAS, LAYERNORM}),
-               "lora": frozenset({LORA, LAYERNORM}), "head_only": frozenset()}[method]
+    allowed = LAYER_LABELS[method]
     labels = _label_tree(params, lambda i: allowed, allowed if method == "full" else frozenset(), layout,
                          needs_head=method != "full", **kw)
     in_layers = [l for p, l in path_leaves(labels) if layout.index(p) is not None or layout.is_stacked(p)]

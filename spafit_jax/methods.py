@@ -25,6 +25,10 @@ TRAINABLE_LABELS = (WEIGHT, BIAS, LAYERNORM, LORA, HEAD, POOLER)
 METHODS = ("full", "bitfit", "lora", "spafit", "head_only")
 #: methods whose model carries LoRA adapters.
 LORA_METHODS = ("lora", "spafit")
+#: the labels each method but spafit may give a layer's leaves (LAYERNORM only when norms train; spafit: per
+#: stratum, `masking.spafit_labels`); the head and pooler are labelled apart.
+LAYER_LABELS = {"full": frozenset({WEIGHT, BIAS, LAYERNORM, LORA}), "bitfit": frozenset({BIAS, LAYERNORM}),
+                "lora": frozenset({LORA, LAYERNORM}), "head_only": frozenset()}
 
 # Module names our BERT exposes to LoRA, in the order they appear in a layer.
 LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")

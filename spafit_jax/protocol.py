@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 
 from spafit_jax import evidence, intervals, rundir
-from spafit_jax.errors import SpafitError
 from spafit_jax.intervals import RESAMPLES, examples_only, paired_bootstrap  # noqa: F401 (protocol.paired_bootstrap)
 from spafit_jax.protocol_files import (ProtocolError, check_index, check_labels, check_score, read_json,
                                       write_outputs)
@@ -387,9 +386,11 @@ def recompute(published: str | Path, out: str | Path | None = None, *, resamples
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; bad input is one line on stderr and exit status 2; a published table that its
-    evidence does not reproduce exits 1."""
-    p = argparse.ArgumentParser(prog="python -m spafit_jax.protocol", description=__doc__.split("\n\n")[0])
+    """Command-line entry point (`cli.run_command`); bad input is one line on stderr and exit status 2; a
+    published table that its evidence does not reproduce exits 1."""
+    from spafit_jax import cli
+
+    p = argparse.ArgumentParser(prog=cli.program("protocol"), description=__doc__.split("\n\n")[0])
     p.add_argument("exp", metavar="EXP", nargs="?", help="the experiment folder (--workdir of an experiment with select:)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", metavar="DIR", help="where to write (default EXP/report, or with --from-published: "
@@ -403,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("name an experiment folder EXP, or --from-published DIR (not both)")
     if args.from_published and args.publish:
         p.error("--publish reads an experiment folder, not --from-published")
-    try:
+
+    def work() -> int:
         if args.from_published:
             differ = recompute(args.from_published, args.out)
             if differ:
@@ -414,11 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   (f"written to {args.out}" if args.out else f"{', '.join(TABLES)} identical"))
             return 0
         files = write_report(args.exp, args.publish or args.out, publish=bool(args.publish))
-    except SpafitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"report: {', '.join(str(f) for f in files.values())}")
-    return 0
+        print(f"report: {', '.join(str(f) for f in files.values())}")
+        return 0
+
+    return cli.run_command(work, compile_cache=False)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Reload a finished (or stopped) run from its folder: `load_run(workdir)` -> a `LoadedRun` that predicts.
 
-A run folder holds config.yaml, checkpoints/ and, written when the run starts (`save_assets`),
+A run folder holds config.yaml, checkpoints/ and, written when the run starts (`rundir.save_assets`),
 tokenizer/ (the tokenizer files) and task.json (the task spec: label names, regression or not,
 text columns). A folder without those assets still loads: the tokenizer then comes from the base
 model named in config.yaml and the spec from the task registry / data config. The frozen base
@@ -34,15 +34,6 @@ from spafit_jax.tokens import Examples, check_texts, encode
 log = logging.getLogger("spafit_jax")
 
 TOKENIZER, TASK = rundir.TOKENIZER, rundir.TASK  # the run folder names them
-
-
-def save_assets(workdir: str | os.PathLike, tokenizer: Any, spec: TaskSpec) -> None:
-    """Writes the tokenizer files (`<workdir>/tokenizer/`) and the task spec (`<workdir>/task.json`),
-    so that the run folder alone says how to read text and name labels. Call on process 0."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(workdir / TOKENIZER))
-    rundir.write_atomic(workdir / TASK, json.dumps(dataclasses.asdict(spec), indent=2))
 
 
 def load_spec(workdir: Path, cfg: Config) -> TaskSpec:

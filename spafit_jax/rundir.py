@@ -10,7 +10,9 @@ is in it. A folder with `results.json` holds a finished run; `--overwrite` moves
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import json
 import logging
 import math
 import os
@@ -29,7 +31,7 @@ log = logging.getLogger("spafit_jax")
 
 CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS, LOCK = (
     "config.yaml", "metrics.jsonl", "results.json", "tensorboard", "checkpoints", ".lock")
-TOKENIZER, TASK = "tokenizer", "task.json"  # what `run.save_assets` writes: the folder alone reloads the run
+TOKENIZER, TASK = "tokenizer", "task.json"  # what `save_assets` writes: the folder alone reloads the run
 ERROR = "error.txt"  # the one-line error of an experiment cell that failed
 OVERWRITTEN = ".overwritten-"  # + time: a finished run replaced by --overwrite, until the new one has a checkpoint
 
@@ -155,9 +157,12 @@ def check_resume_settings(workdir: Path, cfg: Config) -> None:
                           changed[0][0].split(".", 1)[1])
 
 
-def save_config(workdir: Path, cfg: Config) -> Path:
-    """config.yaml, written atomically once the run is accepted (a refused resume keeps the old one)."""
-    path = workdir / CONFIG
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """The resolved config as YAML (every field) at `path`, written atomically (the trainer's
+    `<workdir>/config.yaml` once the run is accepted: a refused resume keeps the old one);
+    `load_config([path]) == cfg`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, config_yaml(cfg, path))
     return path
 
@@ -195,3 +200,12 @@ def write_atomic(path: Path, text: str | Callable[[IO[str]], None], *, per_proce
         with contextlib.suppress(OSError):  # e.g. the folder is gone: report the first error
             tmp.unlink(missing_ok=True)
         raise
+
+
+def save_assets(workdir: str | os.PathLike, tokenizer, spec) -> None:
+    """Writes the tokenizer files (`<workdir>/tokenizer/`) and the task spec (`<workdir>/task.json`),
+    so that the run folder alone says how to read text and name labels. Call on process 0."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(workdir / TOKENIZER))
+    write_atomic(workdir / TASK, json.dumps(dataclasses.asdict(spec), indent=2))

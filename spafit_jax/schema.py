@@ -92,7 +92,8 @@ class DataConfig:
     is_regression: bool = _field(False, "local/hf task: float labels, one output, MSE loss")
     max_length: int = _field(128, "maximum tokens per example (longer ones are truncated)")
     padding: str = _field("bucket", "bucket (pad to the smallest bucket that fits) | max_length")
-    buckets: tuple[int, ...] | None = _field(None, "bucket lengths ending at max_length (null = max_length/4, /2, /1)")
+    buckets: tuple[int, ...] | None = _field(None, "bucket lengths ending at max_length (null = fitted by data.max_shapes; "
+                                                      "with that null too, max_length/4, /2, /1)")
     bucket_multiple: int | None = _field(None, "buckets every N tokens up to max_length, e.g. 16 (instead of data.buckets)")
     max_shapes: int | None = _field(8, "fit at most N bucket lengths to the train batches, the least padding "
                                        "(data.buckets or data.bucket_multiple, when set, win; null = max_length/4, /2, /1)")

@@ -342,7 +342,7 @@ def _all_search(planned: dict) -> list[Placed]:
     return [c for cells, *_ in planned.values() for c in cells]
 
 
-def run(args) -> int:
+def search_then_test(args) -> int:
     """Runs an experiment with a `select:` section (the arguments of `experiment.build_parser`): the search cells,
     the choices, then the seeds at the chosen values with their test scores, then the protocol report.
     0 when every selected cell finished, 1 when some failed or stopped or a method could not be chosen, 2 for bad

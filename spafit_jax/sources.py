@@ -25,7 +25,6 @@ import datasets
 import numpy as np
 
 from spafit_jax import bbc_news, tweets
-from spafit_jax.schema import DataConfig
 from spafit_jax.errors import DataError
 from spafit_jax.tasks import (
     MAPPED_TASKS,
@@ -36,13 +35,16 @@ from spafit_jax.tasks import (
 )
 from spafit_jax.tokens import Examples
 
+#: the config's `data:` section (`schema.DataConfig`); the config sits above the data, so the data never imports it
+DataSection = Any
+
 #: local file suffix -> (``datasets`` builder, its arguments)
 FILE_BUILDERS = {".csv": ("csv", {"delimiter": ","}), ".tsv": ("csv", {"delimiter": "\t"}),
                  ".json": ("json", {}), ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
 _SPLIT_HINTS = {"local": "data.train_file / data.eval_file", "hf": "data.train_split"}
 
 
-def task_from_config(cfg: DataConfig) -> TaskSpec:
+def task_from_config(cfg: DataSection) -> TaskSpec:
     """The spec of ``cfg.task`` with ``data.eval_splits`` applied, without checking any rows.
 
     ``local`` and ``hf`` specs come from the column settings and the train split, which is read
@@ -54,7 +56,7 @@ def task_from_config(cfg: DataConfig) -> TaskSpec:
     return _mapped_spec(cfg, _mapped_tables(cfg))
 
 
-def read_task(cfg: DataConfig) -> tuple[TaskSpec, dict[str, Examples]]:
+def read_task(cfg: DataSection) -> tuple[TaskSpec, dict[str, Examples]]:
     """The task's spec and the checked examples of its train split and each eval split."""
     task = normalise_task_name(cfg.task)
     if task == "bbc_news":
@@ -99,7 +101,7 @@ def _tweets_splits(spec: TaskSpec) -> dict[str, Examples]:
 # Specs
 
 
-def _registered(cfg: DataConfig) -> TaskSpec:
+def _registered(cfg: DataSection) -> TaskSpec:
     spec = get_task(cfg.task)
     if cfg.num_labels is not None and cfg.num_labels != spec.num_labels:
         raise DataError(f"task {spec.name} has {spec.num_labels} label(s) but data.num_labels="
@@ -107,13 +109,13 @@ def _registered(cfg: DataConfig) -> TaskSpec:
     return _with_eval_splits(spec, cfg)
 
 
-def _with_eval_splits(spec: TaskSpec, cfg: DataConfig) -> TaskSpec:
+def _with_eval_splits(spec: TaskSpec, cfg: DataSection) -> TaskSpec:
     if cfg.eval_splits is None:
         return spec
     return dataclasses.replace(spec, eval_splits=tuple(cfg.eval_splits))
 
 
-def _mapped_spec(cfg: DataConfig, tables: Mapping[str, datasets.Dataset]) -> TaskSpec:
+def _mapped_spec(cfg: DataSection, tables: Mapping[str, datasets.Dataset]) -> TaskSpec:
     """A ``local`` / ``hf`` spec; classes from a ClassLabel feature, else from the train labels
     (integer ids -> max + 1, strings -> sorted names)."""
     task = normalise_task_name(cfg.task)
@@ -258,14 +260,14 @@ def check_rows(table: datasets.Dataset, spec: TaskSpec, source: str) -> Examples
 # Local files and hub datasets
 
 
-def _mapped_tables(cfg: DataConfig) -> Mapping[str, datasets.Dataset]:
+def _mapped_tables(cfg: DataSection) -> Mapping[str, datasets.Dataset]:
     """The splits of a ``local`` task (its two files) or an ``hf`` task (the whole dataset)."""
     if normalise_task_name(cfg.task) == "local":
         return {"train": read_file(cfg.train_file, cfg.encoding), "validation": read_file(cfg.eval_file, cfg.encoding)}
     return load_hub(cfg.hf_path, cfg.hf_name, "dataset", "; or fix data.hf_path / data.hf_name")
 
 
-def _source(spec: TaskSpec, cfg: DataConfig, split: str) -> str:
+def _source(spec: TaskSpec, cfg: DataSection, split: str) -> str:
     """How an error names a split: the local file, or ``path/name split S``."""
     if spec.name == "local":
         return str(cfg.train_file if split == "train" else cfg.eval_file)

@@ -24,7 +24,6 @@ from spafit_jax.config import Config
 from spafit_jax.loop import Batches, Evaluator, Length, Loop, capped
 from spafit_jax import results as results_lib
 from spafit_jax.results import Best, Results
-from spafit_jax.run import save_assets
 
 log = logging.getLogger("spafit_jax")
 CACHE_HINT_BELOW = 0.85  # a run whose steps spend less than this share of their layers training hears of the cache
@@ -108,8 +107,8 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
     driver = parallel.make_driver(cfg.parallel, run.model.apply, tx, is_regression=spec.is_regression,
                                   grad_accum=t.grad_accum, train_model=None if cache is None else cache.train_model)
     if lead:  # the run is accepted (the checkpoints fit it): its config replaces the old one
-        rundir.save_config(workdir, cfg)
-        save_assets(workdir, run.tokenizer, spec)  # the folder alone reloads the run (load_run)
+        rundir.save_config(cfg, workdir / rundir.CONFIG)
+        rundir.save_assets(workdir, run.tokenizer, spec)  # the folder alone reloads the run (load_run)
     loop = Loop(cfg, driver, ckpt, plan, length, workdir)
     evaluator = Evaluator(driver, cfg, run.task, buckets, best_metric)
     try:

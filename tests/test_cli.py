@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from spafit_jax import cli, experiment, export, predict, report, train
+from spafit_jax import aot, cli, experiment, export, predict, protocol, report, train
 from spafit_jax.errors import ConfigError
 
 
@@ -17,7 +17,8 @@ def test_program_name_follows_the_console_script(monkeypatch, argv0, want):
     assert cli.program("train") == want
 
 
-@pytest.mark.parametrize("main", [train.main, predict.main, export.main, experiment.main, report.main])
+@pytest.mark.parametrize("main", [train.main, predict.main, export.main, experiment.main, report.main, protocol.main,
+                                  aot.main])
 def test_every_command_shows_its_console_script_name(main, monkeypatch, capsys):
     name = main.__module__.rsplit(".", 1)[1]
     monkeypatch.setattr(sys, "argv", [f"/venv/bin/spafit-{name}"])
@@ -52,3 +53,13 @@ def test_run_command_turns_errors_into_one_line_and_a_status(work, status, line,
 def test_a_bug_is_not_hidden():
     with pytest.raises(ZeroDivisionError):
         cli.run_command(lambda: 1 / 0, compile_cache=False)
+
+
+@pytest.mark.parametrize("main,args", [(protocol.main, ["{tmp}/no-experiment"]),
+                                       (aot.main, ["--topology", "v9z:1x1"])])
+def test_protocol_and_aot_say_bad_input_in_one_line_through_run_command(main, args, tmp_path, capsys):
+    """Like every command: one `error:` line naming the problem and its fix, exit status 2, nothing written."""
+    status = main([a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert not list(tmp_path.iterdir())

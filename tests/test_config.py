@@ -12,7 +12,8 @@ import yaml
 from spafit_jax import config as C
 from spafit_jax import methods, tasks
 from spafit_jax.cli import parse_args
-from spafit_jax.config import Config, load_config, save_config, to_dict
+from spafit_jax.config import Config, load_config, to_dict
+from spafit_jax.rundir import save_config
 from spafit_jax.errors import ConfigError, SpafitError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -393,3 +394,37 @@ def test_import_is_light():
             "heavy = [m for m in ('jax', 'flax', 'transformers', 'torch', 'datasets', 'numpy') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_check_max_length_refuses_more_tokens_than_the_model_has_positions():
+    """The one max_length check (the trainer's loading and aot's setup call it): one line naming the fix."""
+    import types
+
+    from spafit_jax.errors import ConfigError
+    from spafit_jax.loading import check_max_length
+
+    model = types.SimpleNamespace(max_tokens=512)
+    cfg = load_config([], ["data.max_length=512", "model.name=bert-x"])
+    check_max_length(cfg, model)  # exactly the positions: fine
+    cfg = load_config([], ["data.max_length=513", "model.name=bert-x"])
+    with pytest.raises(ConfigError, match=r"data.max_length=513 is above the 512 positions of bert-x; "
+                                          r"use data.max_length=512 or less") as e:
+        check_max_length(cfg, model)
+    assert e.value.field == "data.max_length" and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"\(from max_position_embeddings in m/config.json\)"):
+        check_max_length(cfg, model, "m/config.json")
+
+
+def test_parse_yaml_refuses_a_key_given_twice_as_the_caller_asks():
+    """Every YAML file the commands read goes through config.parse_yaml: a duplicate key is one line, as `error`."""
+    from spafit_jax.config import parse_yaml
+    from spafit_jax.errors import ConfigError
+
+    assert parse_yaml("a: 1\nb: {c: 2}\n", "x.yaml") == {"a": 1, "b": {"c": 2}}
+
+    class Mine(ConfigError):
+        pass
+
+    with pytest.raises(Mine, match=r"^x.yaml:3: duplicate key 'a': the key 'a' appears twice in one mapping "
+                                   r"\(first on line 1\)"):
+        parse_yaml("a: 1\nb: 2\na: 3\n", "x.yaml", Mine)

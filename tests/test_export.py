@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from spafit_jax import hf
+from spafit_jax import hf, peft_io
 from spafit_jax.errors import ConfigError, LoadError
 from spafit_jax.export import export, main
 from spafit_jax.run import load_run
@@ -94,7 +94,7 @@ def test_peft_trained_adapter_imports_with_peft_logits_and_round_trips(torch_bas
     from safetensors.numpy import load_file
     from transformers import AutoModelForSequenceClassification
 
-    from spafit_jax.lora import to_peft_config
+    from spafit_jax.peft_io import to_peft_config
     from tests.test_hf import inputs, torch_run
 
     torch.manual_seed(1)
@@ -120,7 +120,7 @@ def test_peft_trained_adapter_imports_with_peft_logits_and_round_trips(torch_bas
     cfg = to_peft_config(lora, 3, base_model="b", modules_to_save=["classifier"], bias="all")
     assert cfg["layers_to_transform"] == [1, 2] and cfg["use_rslora"]
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    ours_state = hf.peft_state(params, lambda p: False)
+    ours_state = peft_io.peft_state(params, lambda p: False)
     lora_keys = {k for k in saved if ".lora_" in k}
     assert set(ours_state) == lora_keys
     for k in lora_keys:
@@ -133,7 +133,7 @@ def test_peft_trained_adapter_imports_with_peft_logits_and_round_trips(torch_bas
     ({"target_modules": ["query", "word_embeddings"]}, r"target_modules \['word_embeddings'\]"),
 ])
 def test_unsupported_peft_features_are_one_line(change, match):
-    from spafit_jax.lora import from_peft_config
+    from spafit_jax.peft_io import from_peft_config
 
     raw = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query"], **change}
     with pytest.raises(ConfigError, match=match):

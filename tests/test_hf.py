@@ -267,8 +267,27 @@ def test_every_adapter_config_peft_writes_passes_the_field_checks(kwargs):
     """The checks of adapter_config.json refuse only what is wrong: PEFT's own configs pass them as written."""
     from peft import LoraConfig
 
-    from spafit_jax.hf import check_peft_config
+    from spafit_jax.peft_io import check_peft_config
 
     kwargs = {"target_modules": ["query"], **kwargs}
     raw = json.loads(json.dumps(LoraConfig(task_type="SEQ_CLS", **kwargs).to_dict(), default=sorted))
     assert check_peft_config(raw, "adapter_config.json") is raw
+
+
+def test_build_model_and_init_params_give_the_shapes_eagerly_and_abstractly():
+    """The one place a model is built from a config and initialised on a dummy batch (hf, loading, aot use it)."""
+    import jax
+
+    from spafit_jax.bert import BertConfig
+    from spafit_jax.hf import build_model, init_params
+    from spafit_jax.lora import LoRAConfig
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=32)
+    model = build_model(config, LoRAConfig(rank=2, targets=("query",)), num_labels=3)
+    params = init_params(model, seed=1)
+    shapes = init_params(model, shapes_only=True)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(lambda x: (x.shape, x.dtype), shapes)
+    assert params["classifier"]["kernel"].shape == (16, 3)
+    assert params["bert"]["encoder"]["layer"]["1"]["attention"]["self"]["query"]["lora_a"].shape == (16, 2)
+    assert not isinstance(shapes["classifier"]["kernel"], jax.Array)  # nothing allocated

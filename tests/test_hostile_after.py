@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spafit_jax import experiment, export, hf, outputs, predict, weights
+from spafit_jax import experiment, export, hf, outputs, peft_io, predict, weights
 from spafit_jax.errors import SpafitError
 from spafit_jax.train import main as train_main
 from tests.test_faults import small
@@ -331,7 +331,7 @@ def test_export_refuses_a_checkpoint_that_is_no_step_number(run, user, capsys, c
 
 def _config(change):
     def damage(folder):
-        path = folder / hf.PEFT_CONFIG
+        path = folder / peft_io.PEFT_CONFIG
         path.write_text(json.dumps(change(json.loads(path.read_text()))))
     return damage
 
@@ -340,15 +340,15 @@ def _drop(which):
     def damage(folder):
         from safetensors.numpy import load_file, save_file
 
-        path = folder / hf.PEFT_WEIGHTS
+        path = folder / peft_io.PEFT_WEIGHTS
         state = load_file(str(path))
         save_file({k: v for k, v in state.items() if not which(k)}, str(path), metadata={"format": "pt"})
     return damage
 
 
 ADAPTERS = [
-    ("config a list", lambda f: (f / hf.PEFT_CONFIG).write_text("[1]"), "holds a JSON list"),
-    ("config truncated", lambda f: (f / hf.PEFT_CONFIG).write_text('{"r": 4'), "not readable JSON"),
+    ("config a list", lambda f: (f / peft_io.PEFT_CONFIG).write_text("[1]"), "holds a JSON list"),
+    ("config truncated", lambda f: (f / peft_io.PEFT_CONFIG).write_text('{"r": 4'), "not readable JSON"),
     ("target_modules a bad regex", _config(lambda c: {**c, "target_modules": "query("}), "target_modules"),
     ("target_modules a number", _config(lambda c: {**c, "target_modules": 5}), "target_modules"),
     ("rank_pattern a bad regex", _config(lambda c: {**c, "rank_pattern": {"la[yer": 2}}), "rank_pattern"),
@@ -366,7 +366,7 @@ ADAPTERS = [
     ("a lora_A missing", _drop(lambda k: "query.lora_A" in k), "lacks 1 LoRA tensor"),
     ("a lora_B missing", _drop(lambda k: "value.lora_B" in k), "lacks 1 LoRA tensor"),
     ("every adapter missing", _drop(lambda k: ".lora_" in k), "lacks 4 LoRA tensor"),
-    ("weights truncated", lambda f: (f / hf.PEFT_WEIGHTS).write_bytes(b"\x10\x00" * 8), "truncated or corrupt"),
+    ("weights truncated", lambda f: (f / peft_io.PEFT_WEIGHTS).write_bytes(b"\x10\x00" * 8), "truncated or corrupt"),
 ]
 
 
@@ -457,7 +457,7 @@ def test_a_failed_write_leaves_the_old_output_and_no_temporary_file(user, monkey
 def test_export_overwrite_replaces_the_folder_whole_and_keeps_it_when_the_new_export_fails(run, earlier, user,
                                                                                           capsys, monkeypatch):
     shutil.copytree(earlier, user / "exp")
-    assert (user / "exp" / hf.PEFT_CONFIG).is_file()
+    assert (user / "exp" / peft_io.PEFT_CONFIG).is_file()
     old = state(user / "exp")
 
     def broken(run, folder):
@@ -471,7 +471,7 @@ def test_export_overwrite_replaces_the_folder_whole_and_keeps_it_when_the_new_ex
     monkeypatch.undo()
     assert export.main(["--workdir", str(run), "--out", str(user / "exp"), "--format", "hf", "--overwrite"]) == 0
     names = {p.name for p in (user / "exp").iterdir()}
-    assert hf.PEFT_CONFIG not in names and hf.PEFT_WEIGHTS not in names  # no stale adapter beside merged weights
+    assert peft_io.PEFT_CONFIG not in names and peft_io.PEFT_WEIGHTS not in names  # no stale adapter beside merged weights
     assert {"config.json", weights.SAFETENSORS, outputs.MARKER} <= names
     marker = json.loads((user / "exp" / outputs.MARKER).read_text())
     assert marker["format"] == "hf" and weights.SAFETENSORS in marker["files"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from spafit_jax import families, hf, masking, weights
+from spafit_jax import families, hf, masking, peft_io, weights
 from spafit_jax import lora as lora_lib
 from spafit_jax.errors import ConfigError, MaskingError
 from spafit_jax.lora import LoRAConfig
@@ -198,7 +198,7 @@ def test_lora_gradients_match_peft_on_whole_modules_and_on_wqkv_slices(torch_mb,
 
     # PEFT export: the whole-module adapters load in PEFT with our logits; the Wqkv slices are refused in one line
     with pytest.raises(ConfigError, match="slices of ModernBERT's fused attn.Wqkv"):
-        lora_lib.to_peft_config(lora, 4, base_model=str(st), modules_to_save=["head", "classifier"], bias="none",
+        peft_io.to_peft_config(lora, 4, base_model=str(st), modules_to_save=["head", "classifier"], bias="none",
                                 model_type="modernbert")
 
     only = dataclasses.replace(lora, targets=("attention_output", "intermediate", "output"))
@@ -207,11 +207,11 @@ def test_lora_gradients_match_peft_on_whole_modules_and_on_wqkv_slices(torch_mb,
         for t in ("query", "value"):
             params["model"]["encoder"]["layer"][str(i)]["attn"]["Wqkv"][t] = {
                 "kernel": params["model"]["encoder"]["layer"][str(i)]["attn"]["Wqkv"][t]["kernel"]}
-    config = lora_lib.to_peft_config(only, 4, base_model=str(st), modules_to_save=["head", "classifier"], bias="none",
+    config = peft_io.to_peft_config(only, 4, base_model=str(st), modules_to_save=["head", "classifier"], bias="none",
                                      model_type="modernbert")
-    (tmp_path / hf.PEFT_CONFIG).write_text(json.dumps(config))
+    (tmp_path / peft_io.PEFT_CONFIG).write_text(json.dumps(config))
     head = ("head/", "classifier/")
-    save_file(hf.peft_state(params, lambda p: p.startswith(head)), str(tmp_path / hf.PEFT_WEIGHTS))
+    save_file(peft_io.peft_state(params, lambda p: p.startswith(head)), str(tmp_path / peft_io.PEFT_WEIGHTS))
     loaded = PeftModel.from_pretrained(copy.deepcopy(tmodel), str(tmp_path)).eval()
     with torch.no_grad():
         theirs = loaded(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()

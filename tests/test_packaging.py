@@ -36,7 +36,7 @@ def test_wheel_installed_outside_the_checkout_prints_a_packaged_glue_config(tmp_
 
 
 # ---- the light install and the console scripts ----------------------------------------------------------
-COMMANDS = ("train", "predict", "export", "experiment", "report")
+COMMANDS = ("train", "predict", "export", "experiment", "report", "protocol", "aot")
 
 
 def _pyproject():
@@ -69,7 +69,9 @@ def test_console_scripts_name_every_command():
     assert scripts == {f"spafit-{c}": f"spafit_jax.launch:{c}" for c in COMMANDS}
     for c in COMMANDS:
         tree = ast.parse((ROOT / "spafit_jax" / f"{c}.py").read_text())
-        assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), c
+        main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
+        assert main is not None, c
+        assert "cli.run_command(" in ast.unparse(main), f"{c}.main does not go through cli.run_command"
 
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):

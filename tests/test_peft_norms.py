@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from spafit_jax import hf
+from spafit_jax import hf, peft_io
 from spafit_jax.errors import ConfigError
 from tests.test_modernbert import ATOL, batch, torch_mb  # noqa: F401 (module fixture: a tiny random ModernBERT)
 from tests.test_predict import data_dir, torch_base_dir  # noqa: F401 (session fixtures: csv files, a tiny BERT)
@@ -45,9 +45,9 @@ def test_peft_export_of_norm_scales_loads_in_peft_with_our_logits(torch_mb, data
     capsys.readouterr()
     assert export_lib.main(["--workdir", str(work), "--out", str(out), "--format", "peft"]) == 0
 
-    cfg = json.loads((out / hf.PEFT_CONFIG).read_text())
+    cfg = json.loads((out / peft_io.PEFT_CONFIG).read_text())
     assert cfg["bias"] == "none" and sorted(cfg["modules_to_save"]) == sorted(["head", "classifier", *TRAINED])
-    state = load_file(str(out / hf.PEFT_WEIGHTS))
+    state = load_file(str(out / peft_io.PEFT_WEIGHTS))
     base = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
     for module in TRAINED:  # as PEFT saves a modules_to_save copy: the module's own names, no adapter token
         trained = state[f"base_model.model.{module}.weight"]
@@ -92,7 +92,7 @@ def test_peft_export_of_norm_scales_loads_in_peft_with_our_logits(torch_mb, data
 def test_plans_peft_cannot_carry_are_refused_in_one_line(torch_mb, data_dir, extra, match):  # noqa: F811
     from spafit_jax import config as config_lib
     from spafit_jax import loading
-    from spafit_jax.export import peft_parts
+    from spafit_jax.peft_io import peft_parts
 
     plan = loading.plan_of_shapes(config_lib.load_config([], argv(torch_mb[0], data_dir, *extra)))
     with pytest.raises(ConfigError, match=match) as e:
@@ -108,7 +108,7 @@ def test_peft_norms_name_each_trained_norm_module_from_the_root():
 
     from spafit_jax import masking
     from spafit_jax.bert import BertConfig, BertForSequenceClassification
-    from spafit_jax.export import peft_norms
+    from spafit_jax.peft_io import peft_norms
     from spafit_jax.lora import LoRAConfig
 
     cfg = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=3, num_attention_heads=2, intermediate_size=8,
@@ -135,7 +135,7 @@ def test_bert_with_trained_layernorms_exports_to_peft_with_our_outputs(torch_bas
 
     run = load_run(train(torch_base_dir, data_dir, tmp_path / "run", "spafit", True, False, "method.train_layernorm=true"))
     export(run, tmp_path / "peft", "peft")
-    cfg = json.loads((tmp_path / "peft" / hf.PEFT_CONFIG).read_text())
+    cfg = json.loads((tmp_path / "peft" / peft_io.PEFT_CONFIG).read_text())
     norms = [f"bert.encoder.layer.{i}.{m}LayerNorm" for i in range(1, TINY["num_hidden_layers"])
              for m in ("attention.output.", "output.")]
     assert cfg["bias"] == "all" and sorted(cfg["modules_to_save"]) == sorted(["classifier", "pooler", *norms])

@@ -16,7 +16,8 @@ import pytest
 from spafit_jax import config as config_lib
 from spafit_jax.errors import CheckpointError, LoadError
 from spafit_jax.predict import main
-from spafit_jax.run import TASK, TOKENIZER, load_run, save_assets
+from spafit_jax.rundir import save_assets
+from spafit_jax.run import TASK, TOKENIZER, load_run
 from spafit_jax.train import train_and_evaluate
 from tests.conftest import TINY
 

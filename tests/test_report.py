@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from spafit_jax import config as config_lib
-from spafit_jax import pictures, report, tables
+from spafit_jax import pictures, report, rundir, tables
 
 # method label -> (config overrides, trainable params, accuracy of seed 0 on task "a"); "b" scores 0.1 less.
 METHODS = {
@@ -34,7 +34,7 @@ def make_run(folder: Path, model_dir, task: str, method: str, seed: int, evals=(
     overrides, trainable, _ = METHODS[method]
     cfg = config_lib.load_config([], [f"model.name={model_dir}", f"train.seed={seed}", *overrides])
     folder.mkdir(parents=True)
-    config_lib.save_config(cfg, folder / "config.yaml")
+    rundir.save_config(cfg, folder / "config.yaml")
     value = score(task, method, seed)
     n1, n2 = (cfg.method.n1, cfg.method.n2) if cfg.method.name == "spafit" else (None, None)
     res = {"task": "bbc_news", "method": cfg.method.name, "model": str(model_dir), "n1": n1, "n2": n2,
@@ -158,7 +158,7 @@ def test_group3_variants_get_their_own_heatmap_panels_and_csv_column(tiny_model_
             folder = root / "runs" / "a" / f"{method}-{variant}" / "seed0"
             make_run(folder, tiny_model_dir, "a", method, 0)
             cfg = config_lib.load_config([folder / "config.yaml"], [f"method.stratum3_bias={flag}"])
-            config_lib.save_config(cfg, folder / "config.yaml")  # results.json without the field: config.yaml says
+            rundir.save_config(cfg, folder / "config.yaml")  # results.json without the field: config.yaml says
     runs, _ = tables.collect(root)
     assert sorted(r.stratum3 for r in runs) == ["LoRA + bias"] * 2 + ["LoRA only"] * 2
     rows = tables.summary_rows(runs)
