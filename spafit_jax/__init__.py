@@ -1,6 +1,11 @@
 """SPAFIT (Stratified Progressive Adaptation Fine-tuning) for BERT-family encoders in JAX/Flax."""
 
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
+
+try:  # one owner of the version: pyproject.toml, as installed
+    __version__ = _metadata.version("spafit-jax")
+except _metadata.PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
 __all__ = ["load_run"]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import numbers
 import subprocess
@@ -89,8 +90,10 @@ def code_version() -> dict[str, Any]:
     """The code this process runs: {"version": the package version, "commit": the git commit of the checkout the
     package is imported from, "dirty": whether its tracked files differ from that commit}; commit and dirty are
     None where the package is not in a git checkout (an installed wheel) or git is missing."""
-    from spafit_jax import __version__
-
+    try:
+        __version__ = importlib.metadata.version("spafit-jax")  # what spafit_jax.__version__ reads
+    except importlib.metadata.PackageNotFoundError:
+        __version__ = "0+unknown"
     root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str | None:
