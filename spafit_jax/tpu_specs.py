@@ -189,7 +189,7 @@ ARCHITECTURES = {
 
 def model_config(name: str):
     """The BertConfig of a named architecture, else of the config.json of a local folder / alias / cached hub id."""
-    from spafit_jax import families, hf
+    from spafit_jax import hf
     from spafit_jax.bert import BertConfig
 
     if name in ARCHITECTURES:
@@ -205,7 +205,10 @@ def model_config(name: str):
         raise ConfigError(f"model.name={name!r}: no config.json here or in the Hugging Face cache; name an architecture "
                           f"({', '.join(ARCHITECTURES)}), a folder with config.json, or fetch it with `hf download "
                           f"{name} config.json`", "name") from None
-    return BertConfig.from_dict(families.config_fields(raw, name))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model.name={name!r}: its config.json holds a JSON {type(raw).__name__}, not an object of "
+                          f"model settings; fetch it again with `hf download {name} config.json`", "name")
+    return hf.config_from_raw(raw, f"{name} config.json")
 
 
 def num_labels(data_cfg) -> int:

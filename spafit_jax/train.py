@@ -115,6 +115,11 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
     finally:
         if lead:
             rundir.discard_overwritten(workdir)
+    if done and loop.step and loop.bad_steps >= loop.step:  # nothing was learnt: no score as if it were fine
+        raise steps.DivergedError(
+            f"every one of the {loop.step} steps had a non-finite loss or gradient and was skipped, so the model is "
+            f"the untrained one; no {rundir.RESULTS} was written: lower train.lr, set train.max_grad_norm or check the "
+            f"data and the model, then train in a new --workdir")
     results = _results(cfg, run, loop, evaluator, (driver, buckets, cache)) if done else None
     if results is not None and lead:
         path = results.write(workdir)
