@@ -32,6 +32,11 @@ CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS, LOCK = (
 TOKENIZER, TASK = "tokenizer", "task.json"  # what `run.save_assets` writes: the folder alone reloads the run
 ERROR = "error.txt"  # the one-line error of an experiment cell that failed
 OVERWRITTEN = ".overwritten-"  # + time: a finished run replaced by --overwrite, until the new one has a checkpoint
+CHANGES = "changes.jsonl"  # append-only: each setting a resume changed, with the step it took effect
+#: what the trainer writes in a run folder: its own files (whether or not they exist yet) and its own folders
+#: (with `OVERWRITTEN` ones); no other command writes there (`outputs.run_places`)
+OWN_FILES = (CONFIG, METRICS, RESULTS, TASK, ERROR, LOCK, CHANGES)
+OWN_FOLDERS = (CHECKPOINTS, TOKENIZER, TENSORBOARD)
 
 
 class WorkdirError(SpafitError):
