@@ -105,7 +105,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
     driver = parallel.make_driver(cfg.parallel, run.model.apply, tx, is_regression=spec.is_regression,
                                   grad_accum=t.grad_accum, train_model=None if cache is None else cache.train_model)
     if lead:  # the run is accepted (the checkpoints fit it): its config replaces the old one
-        rundir.save_config(workdir, cfg)
+        rundir.save_config(workdir, cfg, resume.get("step"))  # a resume's changes: changes.jsonl
         save_assets(workdir, run.tokenizer, spec)  # the folder alone reloads the run (load_run)
     loop = Loop(cfg, driver, ckpt, plan, length, workdir)
     evaluator = Evaluator(driver, cfg, run.task, buckets, best_metric)
