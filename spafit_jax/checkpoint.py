@@ -91,6 +91,25 @@ def _broken_step(directory: str) -> int | None:
     return None
 
 
+def quiet_closed_loops() -> None:
+    """Drops, from now on, the "Event loop is closed" RuntimeErrors that TensorStore's reads still in flight
+    report (as unraisable exceptions, one per array) after Orbax's restore of a damaged checkpoint has failed
+    and closed its event loop; any other unraisable exception reaches the previous hook. Idempotent."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_spafit_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._spafit_quiet = True
+    sys.unraisablehook = hook
+
+
 def _describe(x: Any) -> str:
     return f"{np.dtype(x.dtype)}{list(x.shape)}"
 
@@ -241,6 +260,7 @@ class Checkpointer:
         self._check_fits(step, ocp.tree.to_flat_dict(saved, sep="/"), ocp.tree.to_flat_dict(template, sep="/"))
         # Read what is on disk as host numpy arrays (whatever its sharding was), then place it by path.
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+        quiet_closed_loops()  # a damaged array fails the restore while the reads of the others still finish
         args = ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=as_numpy))
         try:
             flat = ocp.tree.to_flat_dict(self._mngr.restore(step, args=args)["state"], sep="/")
