@@ -91,6 +91,42 @@ def _broken_step(directory: str) -> int | None:
     return None
 
 
+class _Unretrieved(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" records of reads from `directory` (see `quiet_closed_loops`)."""
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self.directory = directory
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        e = record.exc_info[1] if record.exc_info else None
+        return not (str(record.msg).endswith("exception was never retrieved") and self.directory in str(e))
+
+
+def quiet_closed_loops(directory: str | None = None) -> None:
+    """Drops, from now on, what TensorStore's reads still in flight report after Orbax's restore of a damaged
+    checkpoint has failed: the "Event loop is closed" RuntimeErrors (unraisable, one per array) and, for reads
+    from `directory`, asyncio's "exception was never retrieved" records. Any other unraisable exception or
+    record is kept. Idempotent."""
+    import sys
+
+    if directory is not None:
+        logger = logging.getLogger("asyncio")
+        if not any(isinstance(f, _Unretrieved) and f.directory == directory for f in logger.filters):
+            logger.addFilter(_Unretrieved(directory))
+    previous = sys.unraisablehook
+    if getattr(previous, "_spafit_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._spafit_quiet = True
+    sys.unraisablehook = hook
+
+
 def _describe(x: Any) -> str:
     return f"{np.dtype(x.dtype)}{list(x.shape)}"
 
@@ -241,6 +277,7 @@ class Checkpointer:
         self._check_fits(step, ocp.tree.to_flat_dict(saved, sep="/"), ocp.tree.to_flat_dict(template, sep="/"))
         # Read what is on disk as host numpy arrays (whatever its sharding was), then place it by path.
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+        quiet_closed_loops(self.directory)  # a damaged array fails the restore while the reads of the others still finish
         args = ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=as_numpy))
         try:
             flat = ocp.tree.to_flat_dict(self._mngr.restore(step, args=args)["state"], sep="/")

@@ -95,29 +95,10 @@ def export_peft(run, out: Path) -> Path:
     return out
 
 
-def protected(workdir: str | os.PathLike, model_name: str) -> dict[str, dict[Path, str]]:
+def protected(workdir: str | os.PathLike, model_name: str | None = None) -> dict[str, dict[Path, str]]:
     """`outputs.check_folder`'s `protected` and `sealed` folders of the run in `workdir` trained on
-    `model_name`: the run folder and its base model, and (nor inside them) the run's checkpoints, tokenizer
-    and TensorBoard folders."""
-    from spafit_jax import rundir
-
-    work = Path(workdir)
-    return {"protected": {work: "the run folder", hf.resolve(model_name): "the run's base model (model.name)"},
-            "sealed": {work / name: f"the run's {name}" for name in (rundir.CHECKPOINTS, rundir.TOKENIZER,
-                                                                     rundir.TENSORBOARD)}}
-
-
-def _protected_early(workdir: str) -> dict[str, dict[Path, str]]:
-    """`protected` from the run folder's config.yaml alone (before the run is loaded); {} where it cannot be
-    read, which `load_run` then reports."""
-    from spafit_jax import rundir
-    from spafit_jax.config import load_config
-    from spafit_jax.errors import SpafitError
-
-    try:
-        return protected(workdir, load_config([str(Path(workdir) / rundir.CONFIG)]).model.name)
-    except (SpafitError, OSError):
-        return {}
+    `model_name` (None: the one its config.yaml names, where readable): `outputs.run_places`."""
+    return outputs.run_places(workdir, model_name).export_kwargs()
 
 
 def export(run, out: str | os.PathLike, fmt: str, *, overwrite: bool = False) -> Path:
@@ -151,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def work():
-        outputs.check_folder(args.out, overwrite=args.overwrite, **_protected_early(args.workdir))  # before loading
+        outputs.check_folder(args.out, overwrite=args.overwrite, **protected(args.workdir))  # before loading
         out = export(load_run(args.workdir, args.checkpoint), args.out, args.format, overwrite=args.overwrite)
         print(f"wrote {args.format} export to {out}")
 

@@ -98,8 +98,59 @@ def read_config(folder: Path) -> BertConfig:
     if not isinstance(raw, dict):
         raise LoadError(f"{path} holds a JSON {type(raw).__name__}, not an object of model settings; re-download the "
                         "model")
-    fields = families.config_fields(raw, str(path))  # model_type -> the family's names
-    return family_classes(fields["model_type"])[0].from_dict(fields)
+    return config_from_raw(raw, str(path))
+
+
+def config_from_raw(raw: Mapping[str, Any], source: str):
+    """The family config of a parsed config.json (`source` names it in errors): the family's names
+    translated (`families.config_fields`), every field the config class reads checked by `check_fields`."""
+    fields = families.config_fields(raw, source)  # model_type -> the family's names
+    cls = family_classes(fields["model_type"])[0]
+    check_fields(cls, fields, source)
+    return cls.from_dict(fields)
+
+
+#: config fields that are sizes: a whole number >= 1 (a model of none of them cannot exist)
+SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+         "max_position_embeddings")
+
+
+def _field_error(source: str, key: str, value: Any, what: str) -> LoadError:
+    return LoadError(f"{source}: {key}={json.dumps(value)[:60]} must be {what}; fix config.json or re-download the "
+                     "model")
+
+
+def check_fields(cls: type, fields: Mapping[str, Any], source: str) -> None:
+    """Refuses (one LoadError naming `source` and the field) a config.json value of the wrong kind for
+    the dataclass `cls`: sizes (`SIZES`) whole numbers >= 1, other whole numbers whole, rates and
+    epsilons finite numbers (dropouts in [0, 1), epsilons > 0), flags JSON booleans, names strings;
+    a hidden_size that num_attention_heads does not divide."""
+    import dataclasses
+
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))  # noqa: E731
+    for f in dataclasses.fields(cls):
+        if f.name not in fields or fields[f.name] is None:
+            continue
+        value, kind = fields[f.name], f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if f.name in SIZES and not (whole(value) and value >= 1):
+            raise _field_error(source, f.name, value, "a whole number >= 1")
+        if kind.startswith("int") and not whole(value):
+            raise _field_error(source, f.name, value, "a whole number")
+        if kind.startswith("float") and not number(value):
+            raise _field_error(source, f.name, value, "a finite number")
+        if kind.startswith("float") and "dropout" in f.name and not 0 <= value < 1:
+            raise _field_error(source, f.name, value, "a dropout rate in [0, 1)")
+        if kind.startswith("float") and f.name.endswith("_eps") and value <= 0:
+            raise _field_error(source, f.name, value, "a number > 0")
+        if kind == "bool" and not isinstance(value, bool):
+            raise _field_error(source, f.name, value, "true or false (a JSON boolean)")
+        if kind == "str" and not isinstance(value, str):
+            raise _field_error(source, f.name, value, "a string")
+    hidden, heads = fields.get("hidden_size", 1), fields.get("num_attention_heads", 1)
+    if whole(hidden) and whole(heads) and hidden % heads:
+        raise LoadError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; fix "
+                        "config.json or re-download the model")
 
 
 def family_classes(model_type: str) -> tuple[type, type]:
@@ -208,10 +259,23 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
     except Exception as e:  # noqa: BLE001
         raise LoadError(f"{folder} has no usable tokenizer ({type(e).__name__}: {e}); add vocab.txt / tokenizer.json") from None
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # e.g. tokenizer_config.json without its vocabulary
+    words = set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids)
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)) or not words:  # tokenizer_config.json without its vocabulary
         raise LoadError(f"{folder} has a tokenizer without a vocabulary ({len(tokenizer)} special tokens only: every "
-                        "word would be unknown); add vocab.txt / tokenizer.json")
+                        f"word would be unknown); add vocab.txt / tokenizer.json (DeBERTa: {SPM} or tokenizer.json)")
+    if (folder / "config.json").is_file():
+        check_vocabulary(tokenizer, read_config(folder), folder)
     return tokenizer
+
+
+def check_vocabulary(tokenizer, config, folder: Path) -> None:
+    """Refuses (one LoadError) a tokenizer whose ids reach beyond the model's embedding table (config
+    vocab_size): those tokens would index no row (NaN embeddings, every step skipped)."""
+    largest = max([*tokenizer.get_vocab().values(), len(tokenizer) - 1])
+    if largest >= config.vocab_size:
+        raise LoadError(f"{folder}: the tokenizer's ids reach {largest}, but config.json's vocab_size is "
+                        f"{config.vocab_size}, so the embedding table has no row for ids {config.vocab_size}..{largest}; "
+                        "use the tokenizer the model was trained with, or a model whose vocab_size covers it")
 
 
 def _check_spm(folder: Path) -> None:

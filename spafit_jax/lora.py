@@ -11,7 +11,6 @@ returns each adapter's scaling in the "lora" collection, so `merge` can read it 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping
 
 import flax.errors

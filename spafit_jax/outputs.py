@@ -4,7 +4,11 @@ work, written atomically, and never over what we did not write.
 `check_file` / `write_file` serve a single output file (a temporary file beside it, then a rename);
 `check_folder` / `replace_folder` serve an export folder, which is written whole into a temporary
 folder and swapped in, the old one (an export of ours, `MARKER`) deleted only once the new one is
-complete. Every refusal is an `OutputError`: one line naming the path, the option and the fix.
+complete. `run_places` names what a run folder's trainer owns (its files and folders, its base model),
+which `check_file` and `check_folder` never let another command write; `check_files_ours` /
+`write_files` serve a command that writes named files into a folder the user may share (report's --out):
+never over a file that command did not write there (its marker, `.spafit-<command>.json`, lists them).
+Every refusal is an `OutputError`: one line naming the path, the option and the fix.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import IO, Callable, Mapping
+from typing import IO, Callable, Mapping, Sequence
 
 from spafit_jax.errors import SpafitError
+from spafit_jax import rundir
 from spafit_jax.rundir import write_atomic
 
 MARKER = ".spafit-export.json"  # written into every export folder: the folder is ours to replace
@@ -82,13 +87,69 @@ def _place(path: str | os.PathLike, flag: str, what: str) -> Path:
     return full
 
 
+class RunPlaces:
+    """What the trainer owns of a run folder (`run_places`): its own files (`rundir.OWN_FILES`, whether or
+    not they exist yet), its own folders (`rundir.OWN_FOLDERS`, the moved-aside `.overwritten-*` runs) and
+    its base model folder; no other command writes over or into them."""
+
+    def __init__(self, workdir: str | os.PathLike, model_folder: Path | None = None):
+        self.folder = Path(os.path.realpath(Path(workdir).expanduser()))
+        self.files = {self.folder / name: f"the run's {name}" for name in rundir.OWN_FILES}
+        self.sealed = {self.folder / name: f"the run's {name}/" for name in rundir.OWN_FOLDERS}
+        self.sealed.update({p: "an earlier run moved aside by --overwrite" for p in self.folder.glob(
+            rundir.OVERWRITTEN + "*")})
+        if model_folder is not None:
+            self.sealed[Path(os.path.realpath(model_folder))] = "the run's base model (model.name)"
+
+    def check_file(self, path: Path, flag: str) -> None:
+        """Refuses (OutputError) a file `path` that is one of the run's files or inside one of its folders."""
+        real = Path(os.path.realpath(path))
+        if real in self.files:
+            raise OutputError(f"{flag} {path} is {self.files[real]} ({self.folder}); writing there would break the "
+                              f"run: choose a file outside the run's own files, e.g. {self.folder / 'predictions.jsonl'}")
+        for folder, what in self.sealed.items():
+            if folder == real or folder in real.parents:
+                raise OutputError(f"{flag} {path} is inside {what} ({folder}); writing there would change what the "
+                                  "run saved: choose a file outside it")
+
+    def export_kwargs(self) -> dict[str, dict[Path, str]]:
+        """`check_folder`'s `protected` (the run folder, the base model: never it nor a folder holding it) and
+        `sealed` (its own folders: nor inside them) for this run."""
+        model = {p: w for p, w in self.sealed.items() if "base model" in w}
+        return {"protected": {self.folder: "the run folder", **model},
+                "sealed": {p: w for p, w in self.sealed.items() if p not in model}}
+
+
+def run_places(workdir: str | os.PathLike, model_name: str | None = None) -> RunPlaces:
+    """The `RunPlaces` of the run folder `workdir` (its base model from `model_name`, else from its
+    config.yaml where readable): what `check_file(runs=...)` and `check_folder` keep other commands out of."""
+    from spafit_jax import hf
+
+    if model_name is None:
+        import yaml
+
+        try:
+            raw = yaml.safe_load((Path(workdir) / rundir.CONFIG).read_text(encoding="utf-8"))
+            model_name = raw["model"]["name"]
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
+            model_name = None
+    try:
+        local = model_name and (model_name in hf.ALIASES or Path(model_name).expanduser().exists())
+        model = hf.resolve(model_name) if local else None  # a hub id is never downloaded here
+    except Exception:  # noqa: BLE001 (a model that is gone, or a hub id offline: nothing there to protect)
+        model = None
+    return RunPlaces(workdir, model)
+
+
 def check_file(output: str | os.PathLike, *, flag: str = "--output", inputs: Mapping[str, str] = {},
-               overwrite: bool = False, suffixes: Mapping[str, str] = {}) -> Path:
+               overwrite: bool = False, suffixes: Mapping[str, str] = {}, runs: Sequence[RunPlaces] = ()) -> Path:
     """The absolute path of an output file that may be written: none of `inputs` ({flag: path} the command
-    reads), not a folder, not a pseudo-file, ending in one of `suffixes` ({suffix: what}; any when empty),
-    and not an existing file unless `overwrite`."""
+    reads), none of the files or folders of `runs` (`run_places`), not a folder, not a pseudo-file, ending in
+    one of `suffixes` ({suffix: what}; any when empty), and not an existing file unless `overwrite`."""
     check_not_input(output, inputs, flag)
     path = _place(output, flag, "file")
+    for places in runs:
+        places.check_file(path, flag)
     if path.is_dir():
         raise OutputError(f"{flag} {path} is a folder; name a file in it (e.g. {path / 'predictions.jsonl'})")
     if path.exists() and not path.is_file():
@@ -182,10 +243,10 @@ def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
 
-def _written(folder: Path) -> list[str]:
-    """The files the marker of an export folder says the export wrote ([] for a damaged marker)."""
+def _written(folder: Path, marker: str = MARKER) -> list[str]:
+    """The files `marker` (an export folder's by default) says were written there ([] for a damaged marker)."""
     try:
-        files = json.loads((folder / MARKER).read_text()).get("files")
+        files = json.loads((folder / marker).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         return []
     return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
@@ -218,3 +279,61 @@ def replace_folder(path: Path, build: Callable[[Path], None], marker: Mapping, *
         raise OutputError(describe(e, flag)) from None
     shutil.rmtree(aside, ignore_errors=True)
     return path
+
+
+def marker_of(command: str) -> str:
+    """The marker file of `command` in a folder it writes named files into (`write_files`)."""
+    return f".spafit-{command}.json"
+
+
+def ours(folder: Path, command: str) -> set[str]:
+    """The files the marker of `command` in `folder` says it wrote there (none for a missing or damaged marker)."""
+    return set(_written(folder, marker_of(command)))
+
+
+def check_files_ours(folder: str | os.PathLike, names: Sequence[str], command: str, *, flag: str = "--out") -> Path:
+    """The absolute path of `folder`, refused (OutputError) where `command` may not write `names` into it:
+    a file, a pseudo-filesystem, or a folder that holds one of `names` which `command` did not write there
+    (its marker lists what it wrote). A new folder, or one of other files only, is fine."""
+    path = _place(folder, flag, "folder")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file; name a folder (it is created if missing)")
+    mine = ours(path, command) if path.is_dir() else set()
+    theirs = sorted(n for n in names if (path / n).exists() and n not in mine)
+    if theirs:
+        raise OutputError(f"{flag} {path} holds {', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}, which "
+                          f"{command} did not write (not in {marker_of(command)}); it never replaces them: move them "
+                          f"out or choose another {flag}")
+    return path
+
+
+def write_files(folder: str | os.PathLike, build: Callable[[Path], None], command: str, *,
+                flag: str = "--out") -> dict[str, Path]:
+    """Writes the files `build(tmp)` makes (in a temporary folder beside `folder`) into `folder`, each by
+    rename, and lists them in `command`'s marker; files of an earlier write of `command` that this one
+    does not make are deleted. Refused first (`check_files_ours`, nothing written) where one would replace
+    a file `command` did not write. Returns {file name: path}."""
+    path = check_files_ours(folder, (), command, flag=flag)
+    stamp = f"{os.getpid()}-{time.time_ns()}"
+    tmp = path.with_name(f".{path.name}.new-{stamp}")
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        try:
+            build(tmp)
+            names = _files(tmp)
+            check_files_ours(path, names, command, flag=flag)
+            path.mkdir(exist_ok=True)
+            old = ours(path, command)
+            write_atomic(path / marker_of(command), json.dumps({"files": sorted(old | set(names))}, indent=2))
+            for name in names:
+                (path / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / name, path / name)
+            for name in sorted(old - set(names)):  # pictures an earlier report drew and this one does not
+                (path / name).unlink(missing_ok=True)
+            write_atomic(path / marker_of(command), json.dumps({"files": names}, indent=2))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise OutputError(describe(e, flag)) from None
+    return {name: path / name for name in names}

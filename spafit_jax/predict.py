@@ -4,7 +4,9 @@ Input: csv / tsv / json / jsonl / parquet with the run's text column(s) (no labe
 a .txt file with one text per line, or `-` for lines on stdin. Output: one JSON line per input
 row, in input order (csv / tsv when --output ends in .csv / .tsv): `label` (the class name where
 known, else the id), `label_id` and `probabilities`, or `score` for a regression task. --output is
-written atomically and never replaces the --input file, nor an existing file without --overwrite.
+written atomically and never replaces the --input file, a file of the run (config.yaml, results.json,
+metrics.jsonl, task.json, ...), anything in its checkpoints/ or its base model, nor an existing file
+without --overwrite.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ __import__("spafit_jax.launch").launch.require_extra(__name__)  # the [train] ex
 import argparse
 import csv
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -92,7 +95,12 @@ def read_texts(path: str, text_column: str, pair_column: str | None,
         from spafit_jax.sources import read_file
 
         datasets.disable_progress_bars()
-        table = read_file(path, encoding, option="--encoding", names="--input")
+        quiet = logging.getLogger("datasets")  # its loaders log the error we report in one line
+        level, quiet.level = quiet.level, logging.CRITICAL
+        try:
+            table = read_file(path, encoding, option="--encoding", names="--input")
+        finally:
+            quiet.setLevel(level)
         where = path
         for col, flag in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
             if col is not None and col not in table.column_names:
@@ -124,13 +132,17 @@ def rows(run, predictions) -> list[dict]:
     return out
 
 
-def check_output(output: str | None, input_path: str, overwrite: bool) -> Path | None:
-    """The --output path, refused (one line) before any work: an unknown suffix, the --input file, a folder,
-    a pseudo-file, or an existing file without --overwrite. None (no --output, or -): stdout."""
+def check_output(output: str | None, input_path: str, overwrite: bool,
+                 workdir: str | os.PathLike | None = None) -> Path | None:
+    """The --output path, refused (one line) before any work: an unknown suffix, the --input file, a file or
+    folder of the run in `workdir` or of its base model (`outputs.run_places`), a folder, a pseudo-file, or an
+    existing file without --overwrite. None (no --output, or -): stdout."""
     if output is None or output == "-":
         return None
     suffixes = {**{s: "a table" for s in TABLES}, **{s: "JSON lines" for s in JSON_LINES}}
-    return outputs.check_file(output, inputs={"--input": input_path}, overwrite=overwrite, suffixes=suffixes)
+    runs = [] if workdir is None else [outputs.run_places(workdir)]
+    return outputs.check_file(output, inputs={"--input": input_path}, overwrite=overwrite, suffixes=suffixes,
+                              runs=runs)
 
 
 def write(records: list[dict], output: str | os.PathLike | None) -> None:
@@ -194,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch_size is not None and args.batch_size < 1:
             raise DataError(f"--batch-size {args.batch_size} must be >= 1; leave it out for train.eval_batch_size")
         check_input(args.input, args.encoding)
-        output = check_output(args.output, args.input, args.overwrite)  # before any work
+        output = check_output(args.output, args.input, args.overwrite, args.workdir)  # before any work
         spec = run_spec(args.workdir) or load_run(args.workdir, args.checkpoint).spec  # the latter raises
         if args.text_pair_column and spec.text_b is None:
             raise DataError(f"--text-pair-column {args.text_pair_column}: the task of {args.workdir} "

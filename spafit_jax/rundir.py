@@ -34,6 +34,11 @@ CONFIG, METRICS, RESULTS, TENSORBOARD, CHECKPOINTS, LOCK = (
 TOKENIZER, TASK = "tokenizer", "task.json"  # what `save_assets` writes: the folder alone reloads the run
 ERROR = "error.txt"  # the one-line error of an experiment cell that failed
 OVERWRITTEN = ".overwritten-"  # + time: a finished run replaced by --overwrite, until the new one has a checkpoint
+CHANGES = "changes.jsonl"  # append-only: each setting a resume changed, with the step it took effect
+#: what the trainer writes in a run folder: its own files (whether or not they exist yet) and its own folders
+#: (with `OVERWRITTEN` ones); no other command writes there (`outputs.run_places`)
+OWN_FILES = (CONFIG, METRICS, RESULTS, TASK, ERROR, LOCK, CHANGES)
+OWN_FOLDERS = (CHECKPOINTS, TOKENIZER, TENSORBOARD)
 
 
 class WorkdirError(SpafitError):
@@ -129,40 +134,117 @@ def check_resume_step(step: int, total_steps: int, train_cfg, checkpoints: Path)
                       "--workdir", "max_steps")
 
 
-#: the fields that decide how batches are formed, with their value in a config.yaml written before the field
-#: existed or before its default changed (group_by_length and max_shapes became defaults in one change).
-BATCH_FIELDS = {"padding": "bucket", "buckets": None, "bucket_multiple": None, "max_shapes": None,
-                "group_by_length": False, "packing": False, "max_segments": 16}
+DEFAULT = object()  # in BATCH_FIELDS: a config.yaml without the field held the schema's default
+#: the settings that decide which examples form which batch, in which order and shape ({dotted name: its value
+#: in a config.yaml written before the field existed or its default changed; DEFAULT: the schema's default}).
+#: A resume that changes one is refused (`check_resume_settings`). Add a field here when it decides batches.
+BATCH_FIELDS = {
+    "data.task": DEFAULT, "data.train_file": DEFAULT, "data.hf_path": DEFAULT, "data.hf_name": DEFAULT,
+    "data.train_split": DEFAULT, "data.text_column": DEFAULT, "data.text_pair_column": DEFAULT,
+    "data.label_column": DEFAULT, "data.num_labels": DEFAULT, "data.is_regression": DEFAULT, "data.encoding": DEFAULT,
+    "data.limit_train": DEFAULT, "data.max_length": DEFAULT,
+    "data.padding": "bucket", "data.buckets": None, "data.bucket_multiple": None, "data.max_shapes": None,
+    "data.group_by_length": False, "data.packing": False, "data.max_segments": 16,
+    "train.seed": DEFAULT, "train.batch_size": DEFAULT, "train.grad_accum": DEFAULT,
+}
+#: the settings that decide what the evaluations already logged (and the best checkpoint) mean: a resume that
+#: changes one would rank checkpoints scored on other data or by another metric; refused the same way.
+SCORE_FIELDS = {"data.eval_file": DEFAULT, "data.eval_splits": DEFAULT, "data.limit_eval": DEFAULT,
+                "train.best_metric": DEFAULT}
 
 
-def check_resume_settings(workdir: Path, cfg: Config) -> None:
-    """Refuses (writing nothing) a resume whose config forms batches otherwise than the run's config.yaml:
-    the batch order and shapes must stay those of the steps already taken."""
+def _saved(workdir: Path) -> dict | None:
+    """The run's config.yaml as a mapping; None where it is missing or unreadable (nothing to hold a resume to)."""
     import yaml
 
     try:
-        saved = yaml.safe_load((workdir / CONFIG).read_text(encoding="utf-8")) or {}
+        saved = yaml.safe_load((workdir / CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return  # no readable config.yaml: nothing recorded to hold the resume to
-    data = saved.get("data") if isinstance(saved, dict) else None
-    data = data if isinstance(data, dict) else {}
-    fmt = lambda v: format_value(list(v) if isinstance(v, tuple) else v)  # noqa: E731
-    changed = [(f"data.{key}", fmt(data.get(key, before)), fmt(getattr(cfg.data, key)))
-               for key, before in BATCH_FIELDS.items() if fmt(data.get(key, before)) != fmt(getattr(cfg.data, key))]
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{dotted name: value} of a config mapping (sections one level deep)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not prefix:
+            out.update(_flat(value, f"{key}."))
+        else:
+            out[prefix + str(key)] = value
+    return out
+
+
+def _fmt(value) -> str:
+    return format_value(list(value) if isinstance(value, tuple) else value)
+
+
+def _now(cfg: Config) -> dict:
+    """{dotted name: value} of `cfg` as its config.yaml would hold it."""
+    import yaml
+
+    return _flat(yaml.safe_load(config_yaml(cfg, CONFIG)))
+
+
+def _default(cfg: Config, name: str):
+    import dataclasses
+
+    section, key = name.split(".", 1)
+    field = {f.name: f for f in dataclasses.fields(getattr(cfg, section))}[key]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def check_resume_settings(workdir: Path, cfg: Config) -> None:
+    """Refuses (writing nothing) a resume whose config changes a setting of `BATCH_FIELDS` or `SCORE_FIELDS`
+    from the run's config.yaml: the batches, their order and shapes, and what earlier evaluations scored
+    must stay those of the steps already taken. One line names each field, its old and new value and the fix."""
+    saved = _saved(workdir)
+    if saved is None:
+        return
+    old, now = _flat(saved), _now(cfg)
+    changed = []
+    for name, before in {**BATCH_FIELDS, **SCORE_FIELDS}.items():
+        if name not in now:
+            continue
+        was = old.get(name, _default(cfg, name) if before is DEFAULT else before)
+        if _fmt(was) != _fmt(now[name]):
+            changed.append((name, _fmt(was), _fmt(now[name])))
     if changed:
-        was, now = (", ".join(f"{c[0]}={c[i]}" for c in changed) for i in (1, 2))
+        was, new = (", ".join(f"{c[0]}={c[i]}" for c in changed) for i in (1, 2))
         fix = " ".join(f"{c[0]}={c[1].replace(' ', '')}" for c in changed)
-        raise ConfigError(f"{workdir} was trained with {was} ({workdir / CONFIG}), but this resume sets {now}, which "
-                          f"forms other batches; resume with {fix}, or train in a new --workdir",
+        what = "forms other batches" if any(c[0] in BATCH_FIELDS for c in changed) else "scores otherwise"
+        raise ConfigError(f"{workdir} was trained with {was} ({workdir / CONFIG}), but this resume sets {new}, which "
+                          f"{what} than the steps already taken; resume with {fix}, or train in a new --workdir",
                           changed[0][0].split(".", 1)[1])
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+def resume_changes(workdir: Path, cfg: Config) -> list[tuple[str, object, object]]:
+    """(dotted name, old value, new value) of each setting `cfg` changes from the run's config.yaml (the safe
+    ones, once `check_resume_settings` has passed: e.g. train.max_steps, train.eval_every)."""
+    saved = _saved(workdir)
+    if saved is None:
+        return []
+    old, now = _flat(saved), _now(cfg)
+    return [(k, old.get(k), v) for k, v in now.items() if _fmt(old.get(k)) != _fmt(v) and k in old]
+
+
+def save_config(cfg: Config, path: str | os.PathLike, step: int | None = None) -> Path:
     """The resolved config as YAML (every field) at `path`, written atomically (the trainer's
-    `<workdir>/config.yaml` once the run is accepted: a refused resume keeps the old one);
-    `load_config([path]) == cfg`."""
+    `<workdir>/config.yaml` once the run is accepted: a refused resume keeps the old one); `load_config([path]) == cfg`.
+    On a resume from `step`, each setting it changes is first appended to the run folder's `CHANGES` with that step
+    (JSON lines: step, field, old, new), so the folder says which value held for which steps."""
+    import json
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    workdir = path.parent
+    workdir.mkdir(parents=True, exist_ok=True)
+    changes = resume_changes(workdir, cfg) if step is not None else []
+    if changes:
+        with naming(workdir / CHANGES), open(workdir / CHANGES, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"step": step, "field": k, "old": a, "new": b}, default=str) + "\n"
+                            for k, a, b in changes))
+        log.warning("resume from step %d changes %s (recorded in %s)", step,
+                    ", ".join(f"{k} {_fmt(a)} -> {_fmt(b)}" for k, a, b in changes), workdir / CHANGES)
     write_atomic(path, config_yaml(cfg, path))
     return path
 

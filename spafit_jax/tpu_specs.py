@@ -69,6 +69,7 @@ _FAMILY = {"v4": "v4", "v5e": "v5e", "v5litepod": "v5e", "v5lite": "v5e", "v5p":
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
               512: "8x8x8"}
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+MAX_CHIPS = {"v4": 4096, "v5e": 256, "v5p": 8960, "v6e": 256}  # the largest slice of each (Cloud TPU docs)
 TOPOLOGY_HELP = ("a topology CHIP:SHAPE (v4:2x2x1, v5e:2x4, v5p:2x2x1, v6e:2x4; v4:4x4x4 is 64 chips on 16 hosts) or "
                  "an accelerator type (v4-8 and v5p-8: 8 TensorCores = 4 chips; v5litepod-8 and v6e-8: 8 chips). "
                  "v5e/v6e slices of up to 8 chips are one host; larger slices have 4 chips per host")
@@ -91,10 +92,14 @@ def parse_topology(text: str) -> tuple[Chip, str]:
     bad = f"--topology {text!r} is not a TPU topology; use {TOPOLOGY_HELP}"
     if m:
         chip = CHIPS.get(_FAMILY.get(m.group(1), ""))
-        dims = m.group(2).split("x")
+        dims = [int(d) for d in m.group(2).split("x")]
         if chip is None or len(dims) != (2 if chip.twod else 3):
             raise ConfigError(bad)
-        return chip, f"{chip.name}:{m.group(2)}"
+        if min(dims) < 1 or math.prod(dims) > MAX_CHIPS[chip.name]:
+            raise ConfigError(f"--topology {text!r}: {'x'.join(map(str, dims))} is {math.prod(dims)} chips, but a "
+                              f"{chip.name} slice has 1 to {MAX_CHIPS[chip.name]} chips, at least 1 along each side; "
+                              f"give a real slice, e.g. {chip.name}:{(_SHAPES_2D if chip.twod else _SHAPES_3D)[8]}")
+        return chip, f"{chip.name}:{'x'.join(map(str, dims))}"
     m = re.fullmatch(r"([a-z0-9]+)-(\d+)", t)
     chip = CHIPS.get(_FAMILY.get(m.group(1), "")) if m else None
     if chip is None:
@@ -189,7 +194,7 @@ ARCHITECTURES = {
 
 def model_config(name: str):
     """The BertConfig of a named architecture, else of the config.json of a local folder / alias / cached hub id."""
-    from spafit_jax import families, hf
+    from spafit_jax import hf
     from spafit_jax.bert import BertConfig
 
     if name in ARCHITECTURES:
@@ -205,7 +210,10 @@ def model_config(name: str):
         raise ConfigError(f"model.name={name!r}: no config.json here or in the Hugging Face cache; name an architecture "
                           f"({', '.join(ARCHITECTURES)}), a folder with config.json, or fetch it with `hf download "
                           f"{name} config.json`", "name") from None
-    return BertConfig.from_dict(families.config_fields(raw, name))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model.name={name!r}: its config.json holds a JSON {type(raw).__name__}, not an object of "
+                          f"model settings; fetch it again with `hf download {name} config.json`", "name")
+    return hf.config_from_raw(raw, f"{name} config.json")
 
 
 def num_labels(data_cfg) -> int:

@@ -107,7 +107,7 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
     driver = parallel.make_driver(cfg.parallel, run.model.apply, tx, is_regression=spec.is_regression,
                                   grad_accum=t.grad_accum, train_model=None if cache is None else cache.train_model)
     if lead:  # the run is accepted (the checkpoints fit it): its config replaces the old one
-        rundir.save_config(cfg, workdir / rundir.CONFIG)
+        rundir.save_config(cfg, workdir / rundir.CONFIG, resume.get("step"))  # a resume's changes: changes.jsonl
         rundir.save_assets(workdir, run.tokenizer, spec)  # the folder alone reloads the run (load_run)
     loop = Loop(cfg, driver, ckpt, plan, length, workdir)
     evaluator = Evaluator(driver, cfg, run.task, buckets, best_metric)
@@ -117,6 +117,11 @@ def _train(cfg: Config, workdir: Path, stop_after: int | None) -> TrainedRun:
     finally:
         if lead:
             rundir.discard_overwritten(workdir)
+    if done and loop.step and loop.bad_steps >= loop.step:  # nothing was learnt: no score as if it were fine
+        raise steps.DivergedError(
+            f"every one of the {loop.step} steps had a non-finite loss or gradient and was skipped, so the model is "
+            f"the untrained one; no {rundir.RESULTS} was written: lower train.lr, set train.max_grad_norm or check the "
+            f"data and the model, then train in a new --workdir")
     results = _results(cfg, run, loop, evaluator, (driver, buckets, cache, packed)) if done else None
     if results is not None and lead:
         path = results.write(workdir)
