@@ -78,7 +78,7 @@ def check_folder(workdir: Path, text: str) -> dict | None:
     experiment files this runner did not write (a user's own folder, or an edited copy). Writes nothing."""
     manifest_path, copy = workdir / MANIFEST, workdir / COPY
     if manifest_path.exists():
-        manifest = read_json(manifest_path, f"it is the experiment's record: restore it, or use a new --workdir")
+        manifest = read_json(manifest_path, "it is the experiment's record: restore it, or use a new --workdir")
         on_disk = copy.read_text(encoding="utf-8") if copy.is_file() else None
         if on_disk is not None and sha(on_disk) != manifest.get("experiment_yaml_sha256"):
             raise ExperimentError(f"{copy} is not the copy this experiment wrote (edited since?); it is left as it is: "
