@@ -116,8 +116,8 @@ def task_overrides(args, data_dir: Path | None) -> list[str]:
 
 
 def variant_overrides(variant: str, max_shapes: int = 8) -> list[str]:
-    grouped = ["data.group_by_length=true", f"data.max_shapes={max_shapes}"]
-    plain = ["data.group_by_length=false", "data.max_shapes=null"]  # the defaults before grouping became one
+    grouped = ["data.packing=false", "data.group_by_length=true", f"data.max_shapes={max_shapes}"]
+    plain = ["data.packing=false", "data.group_by_length=false", "data.max_shapes=null"]  # before grouping
     return {"plain": plain, "grouped": grouped, "cached": grouped + ["train.cache_frozen=true"]}[variant]
 
 

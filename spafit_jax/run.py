@@ -24,7 +24,7 @@ import numpy as np
 from spafit_jax import batching, compiling, hf, lora, masking, optimizer, packing, results, rundir, steps
 from spafit_jax.checkpoint import Checkpointer, fingerprint
 from spafit_jax.config import Config, load_config
-from spafit_jax.errors import CheckpointError, DataError, LoadError
+from spafit_jax.errors import CheckpointError, ConfigError, DataError, LoadError
 from spafit_jax.loading import load_model
 from spafit_jax.metrics import main_metric
 from spafit_jax.plan import Plan
@@ -72,15 +72,24 @@ class LoadedRun:
     def label_names(self) -> list[str] | None:
         return list(self.spec.label_names) if self.spec.label_names else None
 
+    def packs(self) -> bool:
+        """Whether `logits` packs by default: the run's model takes packed rows (`segment_starts=`)."""
+        try:
+            packing.check_model(self.model, "")
+        except ConfigError:
+            return False
+        return True
+
     def merged_params(self) -> Any:
         """The parameters with every LoRA adapter folded into its kernel (a plain BERT tree)."""
         return lora.merge(self.params, self.plan.lora) if self.plan.lora else self.params
 
     def logits(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, batch_size: int = 32,
-               progress: bool = False) -> np.ndarray:
-        """Logits [N, num_labels] in input order; batches padded to the training buckets, or packed rows when the
-        run was trained with data.packing (`_packed_logits`). `texts` (and
-        `text_pairs`) are lists of strings, or one string as one text; `batch_size` an integer >= 1."""
+               progress: bool = False, packed: bool | None = None) -> np.ndarray:
+        """Logits [N, num_labels] in input order. The texts are packed into rows of data.max_length
+        (`_packed_logits`, exact per text) whatever batching the run was trained with, when its model takes
+        packed rows and `packed` is None or True; `packed=False` pads batches to the training buckets instead.
+        `texts` (and `text_pairs`) are lists of strings, or one string as one text; `batch_size` an integer >= 1."""
         texts = check_texts(texts, "texts")
         text_pairs = None if text_pairs is None else check_texts(text_pairs, "text_pairs")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -100,7 +109,11 @@ class LoadedRun:
             apply = self.model.apply
             self._logits_fn = compiling.jit(lambda p, b: apply({"params": p}, b["input_ids"], b["attention_mask"],
                                                          b["token_type_ids"], **steps.packed_kwargs(b)))
-        if d.packing:
+        if packed is None:
+            packed = self.packs()
+        elif packed:
+            packing.check_model(self.model, f"model.name={self.config.model.name} ({type(self.model).__name__})")
+        if packed:
             return self._packed_logits(enc, batch_size, progress)
         batch_size = max(1, min(int(batch_size), n))
         buckets = d.bucket_lengths([enc.lengths[i:i + batch_size].max() for i in range(0, n, batch_size)])
@@ -115,7 +128,7 @@ class LoadedRun:
         return np.concatenate(out).astype(np.float32)
 
     def _packed_logits(self, enc, batch_size: int, progress: bool) -> np.ndarray:
-        """`logits` of a run trained with data.packing: the texts packed first-fit decreasing (the best fill) into
+        """`logits` in packed rows: the texts packed first-fit decreasing (the best fill) into
         rows of data.max_length, about `batch_size` texts a batch, the logits returned in input order."""
         from tqdm.auto import tqdm
 
@@ -128,9 +141,10 @@ class LoadedRun:
         return packing.unpack(np.concatenate(out), np.concatenate(held), len(enc)).astype(np.float32)
 
     def predict(self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, batch_size: int = 32,
-                progress: bool = False) -> np.ndarray:
-        """Class probabilities [N, num_labels] (softmax), or scores [N] for a regression task."""
-        logits = self.logits(texts, text_pairs, batch_size=batch_size, progress=progress)
+                progress: bool = False, packed: bool | None = None) -> np.ndarray:
+        """Class probabilities [N, num_labels] (softmax), or scores [N] for a regression task; `packed` as in
+        `logits`."""
+        logits = self.logits(texts, text_pairs, batch_size=batch_size, progress=progress, packed=packed)
         if self.spec.is_regression:
             return logits[:, 0]
         return np.asarray(jax.nn.softmax(logits, axis=-1))

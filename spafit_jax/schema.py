@@ -99,8 +99,9 @@ class DataConfig:
                                        "(data.buckets or data.bucket_multiple, when set, win; null = max_length/4, /2, /1)")
     group_by_length: bool = _field(True, "batch examples of similar length together (less padding, same maths; the "
                                          "order stays seeded and resumable; false = a plain shuffle)")
-    packing: bool = _field(False, "pack several examples into each row of max_length tokens (one train shape, no "
-                                  "padding; exact per example; padding/buckets/group_by_length then do not apply)")
+    packing: bool = _field(True, "pack several examples into each row of max_length tokens (one train shape, no "
+                                 "padding; exact per example; padding/buckets/group_by_length then do not apply; "
+                                 "false = the bucketed batching)")
     max_segments: int = _field(16, "data.packing: at most this many examples per packed row")
     limit_train: int | None = _field(None, "use at most this many training examples")
     limit_eval: int | None = _field(None, "use at most this many examples per evaluation split")

@@ -24,7 +24,7 @@ HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 REQUIRE = os.environ.get("SPAFIT_REQUIRE_REFERENCE") == "1"
 TINY = dict(model_type="bert", vocab_size=1024, hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
             intermediate_size=256, max_position_embeddings=128, type_vocab_size=2, hidden_act="gelu")
-ARGS = ["data.max_length=64", "data.buckets=[32,64]", "train.batch_size=16", "train.eval_batch_size=16"]
+ARGS = ["data.packing=false", "data.max_length=64", "data.buckets=[32,64]", "train.batch_size=16", "train.eval_batch_size=16"]
 
 
 @pytest.fixture

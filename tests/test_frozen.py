@@ -41,7 +41,8 @@ def test_lower_then_upper_is_the_whole_model_whatever_the_padding_holds(model_ty
 
 
 def run_cfg(model_dir, *extra):
-    return config_lib.load_config([], [*tiny_run(model_dir), *extra])
+    """Bucketed batching (data.packing=false): the cache on packed rows is tests/test_packing.py's."""
+    return config_lib.load_config([], [*tiny_run(model_dir), "data.packing=false", *extra])
 
 
 @pytest.fixture(scope="module")

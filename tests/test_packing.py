@@ -328,8 +328,6 @@ PACKED_RUN = ["data.task=tweets", "data.limit_train=64", "data.limit_eval=40", "
 @pytest.mark.slow
 @needs_model
 def test_packed_run_evaluates_and_predicts_each_example_as_unpacked(tmp_path, tiny_model_dir):
-    import dataclasses
-
     from spafit_jax import data, metrics, rundir, train
     from spafit_jax.run import load_run
 
@@ -341,10 +339,10 @@ def test_packed_run_evaluates_and_predicts_each_example_as_unpacked(tmp_path, ti
     assert r.padding_efficiency > 0.6 and r.packing["real_token_fraction"] > 0.6  # unpacked rows of 64: 0.50
     loaded = load_run(tmp_path / "run", "last")
     unpacked_cfg = load_config([], overrides + ["data.packing=false"])
-    plain = dataclasses.replace(loaded, config=unpacked_cfg, _logits_fn=None)
     spec, _, evals = data.load_task_texts(unpacked_cfg.data, seed=unpacked_cfg.train.seed)
     split, ex = next(iter(evals.items()))
-    packed_logits, plain_logits = loaded.logits(ex.texts_a), plain.logits(ex.texts_a, batch_size=7)
+    assert loaded.packs()
+    packed_logits, plain_logits = loaded.logits(ex.texts_a), loaded.logits(ex.texts_a, batch_size=7, packed=False)
     assert packed_logits.shape == (len(ex), spec.num_labels)
     np.testing.assert_allclose(packed_logits, plain_logits, rtol=0, atol=1e-5)
     assert np.abs(plain_logits - plain_logits.mean(0)).max() > 1e-4  # the examples' logits differ: not vacuous

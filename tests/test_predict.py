@@ -83,7 +83,8 @@ RUNS = {  # name: (method, pairs, regression, base: the tiny torch BERT or the r
     "bitfit_pairs": ("bitfit", True, False, "tiny"), "full_single": ("full", False, False, "tiny"),
     "spafit_regression": ("spafit", False, True, "tiny"), "minilm_spafit_pairs": ("spafit", True, False, "minilm"),
 }
-EXTRA = {"minilm_spafit_pairs": ("train.lr=0.002",)}  # real weights: a gentler step keeps the outputs unsaturated
+EXTRA = {"minilm_spafit_pairs": ("train.lr=0.002",),  # real weights: a gentler step keeps the outputs unsaturated
+         "lora_single": ("data.packing=false",)}  # trained with the bucketed batching: predict still packs
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +138,23 @@ def test_a_run_without_assets_falls_back_to_the_base_tokenizer_and_the_data_conf
     run = load_run(workdir)
     assert run.spec.label_names == CLASSES
     np.testing.assert_allclose(run.predict(["a market"], ["fell"]), old.predict(["a market"], ["fell"]), atol=1e-6)
+
+
+def test_predict_packs_a_run_trained_unpacked_exactly_per_text(trained, data_dir):
+    """Predict packs by default for every run whose model takes packed rows, also one trained with
+    data.packing=false; the packed logits are the bucketed ones (`packed=False`) per text."""
+    run = load_run(trained("lora_single"))
+    assert run.config.data.packing is False and run.packs()
+    texts = [r["premise"] for r in csv.DictReader(open(data_dir / "eval.csv"))] + ["a", "b c"]
+    packed, plain = run.logits(texts, batch_size=5), run.logits(texts, batch_size=5, packed=False)
+    np.testing.assert_allclose(packed, plain, rtol=0, atol=1e-5)
+    assert np.abs(plain - plain.mean(0)).max() > 1e-4  # the texts' logits differ: the check is not vacuous
+    calls = []
+    run._packed_logits = lambda *a: calls.append(a) or plain  # which path `predict` takes by default
+    run.predict(texts)
+    assert len(calls) == 1
+    run.predict(texts, packed=False)
+    assert len(calls) == 1
 
 
 def test_save_assets_writes_tokenizer_and_spec(trained, tmp_path):

@@ -139,8 +139,8 @@ def test_resume_with_another_base_model_is_refused(tiny_model_dir, tmp_path, cap
 
 def test_resume_that_forms_other_batches_is_refused(tiny_model_dir, tmp_path, capsys):
     """A resume keeps the run's batching: other settings are one line naming the field; a config.yaml written
-    before grouping and fitted shapes became the defaults holds the run to the older ones."""
-    old = ["train.max_steps=8", "data.group_by_length=false", "data.max_shapes=null"]
+    before grouping and fitted shapes (or packing) became the defaults holds the run to the older ones."""
+    old = ["train.max_steps=8", "data.packing=false", "data.group_by_length=false", "data.max_shapes=null"]
     train_and_evaluate(cfg(tiny_model_dir, *old), tmp_path, stop_after=1)
     capsys.readouterr()
     config_yaml = (tmp_path / "config.yaml").read_text()
@@ -151,10 +151,13 @@ def test_resume_that_forms_other_batches_is_refused(tiny_model_dir, tmp_path, ca
         assert err.startswith(f"error: {tmp_path} was trained with {field}=") and err.count("\n") == 1, err
     assert (tmp_path / "config.yaml").read_text() == config_yaml
     # A config.yaml from before the fields' defaults changed: absent fields mean the older defaults.
+    assert "  packing: false\n" in config_yaml
     (tmp_path / "config.yaml").write_text(config_yaml.replace("  max_shapes: null\n", "").replace(
-        "  group_by_length: false\n", ""))
+        "  group_by_length: false\n", "").replace("  packing: false\n", ""))
     assert main(["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=8")]) == 2
-    assert "with data.max_shapes=null, data.group_by_length=false (" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "with data.max_shapes=null, data.group_by_length=false, data.packing=false (" in err
+    assert "resume with data.max_shapes=null data.group_by_length=false data.packing=false," in err
     assert train_and_evaluate(cfg(tiny_model_dir, *old), tmp_path, stop_after=1).step == 2
 
 
