@@ -189,9 +189,10 @@ def main(argv=None) -> int:
     env = common.environment(with_torch=args.torch or args.pipeline)
     with tempfile.TemporaryDirectory(prefix="spafit-packing-") as tmp:
         root = Path(tmp)
-        packed = {t: run_task(args, t, root, env) for t in args.tasks}
-        if args.predict_texts and "tweets" in packed:
-            run_predict(args, packed["tweets"]["workdir"], root, env)
+        for t in args.tasks:
+            packed = run_task(args, t, root, env)
+            if t == "tweets" and args.predict_texts:  # right after: its packed run predicts
+                run_predict(args, packed["workdir"], root, env)
     return 0
 
 
