@@ -170,7 +170,8 @@ def compile_program(s: Setup, kind: str, batch: int, length: int) -> dict:
     except Exception as e:  # noqa: BLE001 (XLA raises its own runtime errors)
         needs = tpu_specs.out_of_memory(str(e))
         if needs is None:
-            raise tpu_specs.AotError(f"XLA could not compile {_program(s, kind, batch, length)['program']} for {s.topo.name}: "
+            name = _program(s, kind, batch, length)["program"]
+            raise tpu_specs.AotError(f"XLA could not compile {name} for {s.topo.name}: "
                                      f"{str(e).splitlines()[0][:300]}") from None
         parts = dict(zip(ARGUMENTS, argument_bytes(args, [None] * 4)))
         return refused(s, kind, batch, length, parts, needs, time.perf_counter() - t0)

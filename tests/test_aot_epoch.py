@@ -77,7 +77,8 @@ def test_read_lengths_clips_and_names_a_bad_line(tmp_path):
         aot_epoch.read_lengths(str(tmp_path / "absent.txt"), 128)
 
 
-def test_estimate_compiles_the_packed_programs_and_adds_up_the_epoch(libtpu, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_estimate_compiles_the_packed_programs_and_adds_up_the_epoch(libtpu, tmp_path, capsys,  # noqa: F811
+                                                                      monkeypatch):
     """`aot` compiles the packed train and eval steps (segment_starts in the batch, one label per segment);
     `aot_epoch` multiplies each shape's step by its batches; its command line prints JSON."""
     from spafit_jax import aot
