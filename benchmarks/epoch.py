@@ -8,7 +8,8 @@ against PyTorch + PEFT with dynamic padding and length grouping, in one process.
 Ours runs `spafit_jax.train.train_and_evaluate` (one epoch, then evaluation, in a temporary run
 folder) per variant: `plain` (the older defaults: a plain shuffle, buckets max_length/4, /2, /1),
 `grouped` (`data.group_by_length=true data.max_shapes=8`, the defaults now: bucket lengths fitted to
-the batches) and `cached` (grouped + `train.cache_frozen=true`). The peer is `transformers` + `peft` with the same model, weights and plan
+the batches), `cached` (grouped + `train.cache_frozen=true`) and `packed` (`data.packing=true`: several
+examples per row of max_length, one train shape; `benchmarks/packing.py` runs it on three tasks). The peer is `transformers` + `peft` with the same model, weights and plan
 (`step.torch_model`), the same examples and batch size, AdamW with the same warmup/decay schedule,
 one epoch in a plain torch loop: batches drawn as the Hugging Face Trainer draws them with
 `group_by_length` (`get_length_grouped_indices`), each padded to its longest example (dynamic
@@ -39,7 +40,7 @@ import numpy as np  # noqa: E402
 from spafit_jax import batching, bbc_news, config as config_lib, hf  # noqa: E402
 from spafit_jax.config import TrainConfig  # noqa: E402
 
-OURS_VARIANTS = ("plain", "grouped", "cached")
+OURS_VARIANTS = ("plain", "grouped", "cached", "packed")
 TORCH_VARIANTS = ("grouped", "plain")
 PAIR_COLUMNS = ("sentence1", "sentence2", "label")
 
@@ -118,7 +119,8 @@ def task_overrides(args, data_dir: Path | None) -> list[str]:
 def variant_overrides(variant: str, max_shapes: int = 8) -> list[str]:
     grouped = ["data.packing=false", "data.group_by_length=true", f"data.max_shapes={max_shapes}"]
     plain = ["data.packing=false", "data.group_by_length=false", "data.max_shapes=null"]  # before grouping
-    return {"plain": plain, "grouped": grouped, "cached": grouped + ["train.cache_frozen=true"]}[variant]
+    return {"plain": plain, "grouped": grouped, "cached": grouped + ["train.cache_frozen=true"],
+            "packed": ["data.packing=true"]}[variant]
 
 
 def run_order(lengths: np.ndarray, args, group_by_length: bool) -> np.ndarray:
@@ -161,6 +163,7 @@ def run_ours(args, base: list[str], variant: str, root: Path) -> dict:
         "examples_per_s": r["examples_per_second"], "padding_efficiency": r["padding_efficiency"],
         "compiled_shapes": r["compiled_shapes"], "buckets": buckets, "steps": r["steps"],
         "eval": r["eval"], "trainable_params": r.get("trainable_params"), "loadavg_1m_start": load0, "loadavg_1m_end": common.load_average(),
+        "packing": r.get("packing"), "workdir": str(workdir),
     }
     return rec
 
@@ -335,8 +338,9 @@ def _main(args, env: dict, root: Path) -> int:
                 rec = run_ours(args, base, variant, root)
                 ours_buckets = rec["buckets"]
                 order = run_order(tr.lengths, args, group_by_length=variant != "plain")
-                rec["padding_efficiency_computed"] = np.divide(*epoch_tokens(
-                    tr.lengths, order, lambda m: batching.pick_bucket(m, ours_buckets)))
+                if variant != "packed":  # packed rows: results.json's own figure (`packing.describe`)
+                    rec["padding_efficiency_computed"] = np.divide(*epoch_tokens(
+                        tr.lengths, order, lambda m: batching.pick_bucket(m, ours_buckets)))
                 real = real_tokens
             else:
                 rec = run_torch(args, task, built, variant)

@@ -79,6 +79,10 @@ def setup(cfg: Config, topo: tpu_specs.Topology) -> Setup:
     plan = make_plan(cfg.method, model_cfg.num_hidden_layers)
     model = build_model(model_cfg, plan.lora, num_labels=num_labels, dtype=jnp.dtype(cfg.model.dtype),
                         param_dtype=jnp.dtype(cfg.model.param_dtype))
+    if cfg.data.packing:  # a family that cannot take packed rows: one line, before anything compiles
+        from spafit_jax import packing
+
+        packing.check_model(model, f"model.name={cfg.model.name} ({type(model).__name__})")
     params = init_params(model, shapes_only=True)
     plan = plan.label(params)
     trainable, frozen = plan.split(params)
@@ -98,15 +102,19 @@ def setup(cfg: Config, topo: tpu_specs.Topology) -> Setup:
 
 
 def batch_shapes(s: Setup, batch: int, length: int, train: bool) -> dict:
-    """The abstract global batch of the step, its rows sharded as `Driver.put_batch` shards them."""
+    """The abstract global batch of the step, its rows sharded as `Driver.put_batch` shards them (with
+    data.packing: `batch` packed rows of K = data.max_segments segments, as `packing.assemble` builds them)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     rows = NamedSharding(s.driver.mesh, P((parallel.AXIS, parallel.FSDP)))
     spec = {k: ((batch, length), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
-    spec["labels"] = ((batch,), jnp.float32 if s.num_labels == 1 else jnp.int32)
-    spec["weights"] = ((batch,), jnp.float32)
+    per_row = (batch, s.cfg.data.max_segments) if s.cfg.data.packing else (batch,)  # packed: one label per segment
+    spec["labels"] = (per_row, jnp.float32 if s.num_labels == 1 else jnp.int32)
+    spec["weights"] = (per_row, jnp.float32)
+    if s.cfg.data.packing:  # the model's packed mode (`steps.packed_kwargs`); attention_mask holds segment ids
+        spec["segment_starts"] = (per_row, jnp.int32)
     if train and s.cache_n1:
         spec["hidden"] = ((batch, length, s.model.config.hidden_size), CACHE_DTYPES[s.cfg.train.cache_dtype])
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in spec.items()}
@@ -160,7 +168,8 @@ def compile_program(s: Setup, kind: str, batch: int, length: int) -> dict:
     except Exception as e:  # noqa: BLE001 (XLA raises its own runtime errors)
         needs = tpu_specs.out_of_memory(str(e))
         if needs is None:
-            raise tpu_specs.AotError(f"XLA could not compile {kind}[B={batch},T={length}] for {s.topo.name}: "
+            name = _program(s, kind, batch, length)["program"]
+            raise tpu_specs.AotError(f"XLA could not compile {name} for {s.topo.name}: "
                                      f"{str(e).splitlines()[0][:300]}") from None
         parts = dict(zip(ARGUMENTS, argument_bytes(args, [None] * 4)))
         return refused(s, kind, batch, length, parts, needs, time.perf_counter() - t0)
@@ -181,7 +190,10 @@ def _program(s: Setup, kind: str, batch: int, length: int) -> dict:
     chips = len(s.topo.devices)
     flops = tpu_specs.model_flops(s.params, s.plan, s.model.config, batch, length, train=kind == "train",
                                   start_layer=s.cache_n1 if kind == "train" else 0)
-    return {"program": f"{kind}[B={batch},T={length}]", "kind": kind, "model": s.cfg.model.name,
+    d = s.cfg.data
+    name = f"{kind}[R={batch},T={length},K={d.max_segments}]" if d.packing else f"{kind}[B={batch},T={length}]"
+    return {"program": name, "kind": kind, "packed_segments": d.max_segments if d.packing else None,
+            "model": s.cfg.model.name,
             "method": s.cfg.method.name, "topology": s.topo.name, "chip": s.topo.chip.name,
             "chips": chips, "hosts": s.topo.hosts, "global_batch": batch, "rows_per_host": batch // s.topo.hosts,
             "seq_len": length, "hbm_capacity_bytes": s.topo.chip.hbm_bytes, "model_flops_per_chip": flops / chips}
@@ -229,7 +241,8 @@ def programs(s: Setup, shapes: str = "all", steps: str = "both") -> list[tuple[s
     """(kind, global batch, length) of every program the run compiles: train and eval steps (`steps`:
     both, train or eval) at every bucket length (`shapes="largest"`: only the longest, the most memory)."""
     cfg = s.cfg
-    buckets = cfg.data.bucket_lengths()  # data.max_shapes fits buckets to the data: then max_length alone
+    # data.max_shapes fits buckets to the data: then max_length alone; data.packing: one shape, max_length
+    buckets = [cfg.data.max_length] if cfg.data.packing else cfg.data.bucket_lengths()
     if shapes == "largest":
         buckets = buckets[-1:]
     t = cfg.train
@@ -351,7 +364,11 @@ def run(cfg: Config, topology: str, *, shapes: str = "all", steps: str = "both",
         notes.append(f"train.grad_accum={cfg.train.grad_accum} makes the train step a loop over micro-batches, whose "
                      "body XLA's cost analysis counts once: its FLOPs and bytes are low by up to that factor (the "
                      "estimate takes the larger of XLA's FLOPs and the model FLOPs)")
-    if cfg.data.max_shapes is not None:
+    if cfg.data.packing:
+        notes.append("data.packing: R = train.batch_size packed rows of data.max_length (the most a step can need, "
+                     "when every example fills a row; with shorter examples the trainer's R is smaller: "
+                     "`python -m spafit_jax.aot_epoch` derives it from a length distribution)")
+    elif cfg.data.max_shapes is not None:
         notes.append("data.max_shapes fits the bucket lengths to the data: compiled at data.max_length only")
     rows = [compile_program(s, kind, b, n) for kind, b, n in programs(s, shapes, steps)]
     extra = {"notes": notes}

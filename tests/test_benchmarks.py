@@ -180,3 +180,27 @@ def test_step_times_spafit_with_the_frozen_stratum_cache():
     for b in ("full", "spafit"):
         (ratio,) = by(records, benchmark="step_ratio", a="spafit_cached/jax", b=f"{b}/jax")
         assert ratio["median_ratio"] > 0
+
+
+def test_packing_runs_packed_grouped_and_torch_and_predicts_against_the_pipeline():
+    records = run("packing.py", "--tasks", "tweets", "--model", "minilm", "--limit-train", "32", "--limit-eval", "16",
+                  "--max-length", "32", "--batch", "8", "--eval-batch", "16", "--predict-texts", "40",
+                  "--predict-batch", "16", timeout=900)
+    (data,) = by(records, benchmark="packing_data")
+    assert (data["train_examples"], data["eval_examples"]) == (32, 16) and not data["pair"]
+    grouped, packed = (by(records, benchmark="packing_epoch", impl="spafit_jax", variant=v)[0]
+                       for v in ("grouped", "packed"))
+    (theirs,) = by(records, benchmark="packing_epoch", impl="torch+peft")
+    for r in (grouped, packed, theirs):
+        assert 0 < r["real_token_fraction_train"] <= 1 and 0 < r["real_token_fraction_eval"] <= 1, r["variant"]
+        assert r["train_s"] > 0 and r["eval_s"] > 0 and r["cpu"] and r["cores"] >= 1
+    assert packed["train_shapes"] == packed["eval_shapes"] == 1 and packed["packing"]["max_segments"] >= 1
+    assert grouped["train_shapes"] >= 1 and packed["real_token_fraction_eval"] > grouped["real_token_fraction_eval"]
+    assert {r["a"] for r in by(records, benchmark="packing_ratio")} == {"ours/grouped", "ours/packed"}
+    predicted = {r["variant"]: r for r in by(records, benchmark="predict")}
+    assert set(predicted) == {"unpacked", "packed", "dynamic padding"}
+    assert all(r["texts"] == 40 and r["warm_s"] > 0 for r in predicted.values())
+    ratios = by(records, benchmark="predict_ratio")
+    assert {r["a"] for r in ratios} == {"ours/unpacked", "ours/packed"}
+    # the exported run predicts the same classes through transformers (float32 on both sides)
+    assert all(r["same_class_fraction"] >= 0.95 for r in ratios)
