@@ -168,7 +168,7 @@ def compile_program(s: Setup, kind: str, batch: int, length: int) -> dict:
     except Exception as e:  # noqa: BLE001 (XLA raises its own runtime errors)
         needs = tpu_specs.out_of_memory(str(e))
         if needs is None:
-            name = _program(s, kind, batch, length)["program"]
+            name = program_row(s, kind, batch, length)["program"]
             raise tpu_specs.AotError(f"XLA could not compile {name} for {s.topo.name}: "
                                      f"{str(e).splitlines()[0][:300]}") from None
         parts = dict(zip(ARGUMENTS, argument_bytes(args, [None] * 4)))
@@ -184,7 +184,7 @@ def compile_program(s: Setup, kind: str, batch: int, length: int) -> dict:
     return figures(s, kind, batch, length, compiled, parts, seconds)
 
 
-def _program(s: Setup, kind: str, batch: int, length: int) -> dict:
+def program_row(s: Setup, kind: str, batch: int, length: int) -> dict:
     """The fields every program's row starts with: its names and sizes, the model and method, the chip, our model
     FLOPs per chip."""
     chips = len(s.topo.devices)
@@ -204,7 +204,7 @@ def refused(s: Setup, kind: str, batch: int, length: int, parts: dict, temp: int
     temporaries XLA said it needs; no cost analysis."""
     args = sum(parts.values())
     return {
-        **_program(s, kind, batch, length), "fits": False, "hbm_per_chip_bytes": args + temp,
+        **program_row(s, kind, batch, length), "fits": False, "hbm_per_chip_bytes": args + temp,
         **parts, "temp_bytes": temp, "argument_bytes": args, "flops_per_chip": None,
         "est_step_seconds": None, "est_mfu": None, "compile_seconds": seconds,
         "xla": "RESOURCE_EXHAUSTED: XLA refused the program for want of HBM",
@@ -224,7 +224,7 @@ def figures(s: Setup, kind: str, batch: int, length: int, compiled, parts: dict,
     hbm = max(peak, args + out - alias + temp) + code
     flops = float(cost.get("flops", 0.0))
     accessed = float(cost.get("bytes accessed", 0.0))
-    row = _program(s, kind, batch, length)
+    row = program_row(s, kind, batch, length)
     model_flops = row["model_flops_per_chip"]
     # XLA counts a loop's body once (train.grad_accum > 1 scans the micro-batches): our count is the floor
     step = max(max(flops, model_flops) / chip.peak_flops, accessed / chip.hbm_bandwidth)

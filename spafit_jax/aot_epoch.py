@@ -129,7 +129,7 @@ def _costed(s: aot.Setup, kind: str, rows: int, length: int, compile_: bool) -> 
     """One program's figures: compiled (`aot.compile_program`), or our FLOPs at the chip's peak only."""
     if compile_:
         return aot.compile_program(s, kind, rows, length)
-    row = aot._program(s, kind, rows, length)
+    row = aot.program_row(s, kind, rows, length)
     return {**row, "fits": None, "est_step_seconds": row["model_flops_per_chip"] / s.topo.chip.peak_flops,
             "compile_seconds": 0.0}
 
