@@ -2,7 +2,7 @@
 
 Every script prints one JSON object per measurement (`emit`). Models are `minilm` (the
 pre-trained all-MiniLM-L6-v2), random `tiny` / `bert-base` / `bert-large` configs, or a folder
-that `spafit_jax.hf.load_pretrained` reads.
+that `spafit_jax.models.hf.load_pretrained` reads.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax import hf, methods, tpu_specs
-from spafit_jax.bert import BertConfig, BertForSequenceClassification
-from spafit_jax.config import DTYPES, MethodConfig
-from spafit_jax.plan import Plan, make_plan
+from spafit_jax.models import hf
+from spafit_jax import methods
+from spafit_jax.tpu import specs as tpu_specs
+from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
+from spafit_jax.config.schema import DTYPES, MethodConfig
+from spafit_jax.training.plan import Plan, make_plan
 
 # Random configs (weights drawn from the BERT initialiser; timing does not depend on them).
 RANDOM_MODELS: dict[str, dict[str, Any]] = {

@@ -5,7 +5,7 @@ against PyTorch + PEFT with dynamic padding and length grouping, in one process.
     python benchmarks/epoch.py --task bbc_news --limit-train 800          # long articles, all at max_length
     python benchmarks/epoch.py --task pairs --variants plain grouped --no-torch
 
-Ours runs `spafit_jax.train.train_and_evaluate` (one epoch, then evaluation, in a temporary run
+Ours runs `spafit_jax.training.trainer.train_and_evaluate` (one epoch, then evaluation, in a temporary run
 folder) per variant: `plain` (the older defaults: a plain shuffle, buckets max_length/4, /2, /1),
 `grouped` (`data.group_by_length=true data.max_shapes=8`, the defaults now: bucket lengths fitted to
 the batches), `cached` (grouped + `train.cache_frozen=true`) and `packed` (`data.packing=true`: several
@@ -37,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spafit_jax import batching, bbc_news, config as config_lib, hf  # noqa: E402
-from spafit_jax.config import TrainConfig  # noqa: E402
+from spafit_jax.data import batching, bbc_news  # noqa: E402
+from spafit_jax.config import files as config_lib
+from spafit_jax.models import hf
+from spafit_jax.config.files import TrainConfig  # noqa: E402
 
 OURS_VARIANTS = ("plain", "grouped", "cached", "packed")
 TORCH_VARIANTS = ("grouped", "plain")
@@ -141,8 +143,8 @@ def epoch_tokens(lengths: np.ndarray, order: np.ndarray, pad_to) -> tuple[int, i
 
 # ------------------------------------------------------------------------------------ ours
 def run_ours(args, base: list[str], variant: str, root: Path) -> dict:
-    """One epoch + evaluation through `train.train_and_evaluate` in a fresh run folder."""
-    from spafit_jax import train
+    """One epoch + evaluation through `trainer.train_and_evaluate` in a fresh run folder."""
+    from spafit_jax.training import trainer
 
     overrides = variant_overrides(variant, args.max_shapes)
     cfg = config_lib.load_config([], base + overrides + ["checkpoint.keep=1"])
@@ -150,7 +152,7 @@ def run_ours(args, base: list[str], variant: str, root: Path) -> dict:
     load0 = common.load_average()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the trainer's summary; stdout carries only JSON
-        run = train.train_and_evaluate(cfg, workdir)
+        run = trainer.train_and_evaluate(cfg, workdir)
     wall = time.perf_counter() - t0
     r = run.results.to_json()
     cache_s = [r["frozen_cache"]["seconds"]] if r.get("frozen_cache") else []  # the cache's build (one forward pass)
@@ -302,7 +304,7 @@ def main(argv=None) -> int:
 
 
 def _main(args, env: dict, root: Path) -> int:
-    from spafit_jax import data
+    from spafit_jax.data import pipeline as data
 
     data_dir, pairs = None, None
     if args.task == "pairs":

@@ -26,8 +26,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
-from spafit_jax import compiling, lora as lora_lib  # noqa: E402
-from spafit_jax import hf  # noqa: E402
+from spafit_jax.training import compiling  # noqa: E402
+from spafit_jax import lora as lora_lib
+from spafit_jax.models import hf  # noqa: E402
 
 
 def trained_adapters(params, seed: int, scale: float = 0.02):

@@ -17,7 +17,7 @@ them apart). `packing_ratio` records: each of ours over torch.
 `predict`: `--predict-texts` tweets (the corpus' texts in order, repeated if it has fewer) through the
 packed run's `run.load_run(...).logits`, unpacked (`data.packing=false`: buckets fitted to the batches)
 and packed (the first call compiles; the second is timed warm), and through
-`transformers.pipeline("text-classification")` on the run exported by `export.export_hf` (same model
+`transformers.pipeline("text-classification")` on the run exported by `exporting.export_hf` (same model
 and weights, torch threads = cores, the same batch size). `predict_ratio`: ours over the pipeline, and
 the share of texts whose predicted class agrees.
 """
@@ -38,7 +38,9 @@ import common  # noqa: E402
 import epoch  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spafit_jax import aot_epoch, config as config_lib, hf  # noqa: E402
+from spafit_jax.tpu import epoch as aot_epoch  # noqa: E402
+from spafit_jax.config import files as config_lib  # noqa: E402
+from spafit_jax.models import hf  # noqa: E402
 
 TASKS = ("tweets", "bbc_news", "pairs")
 
@@ -64,7 +66,7 @@ def eval_shapes(cfg, train: np.ndarray, evl: np.ndarray, packed: bool) -> tuple[
 
 def run_task(args, task_name: str, root: Path, env: dict) -> dict:
     """The three epoch runs of one task; returns the packed run's record (its run folder predicts)."""
-    from spafit_jax import data
+    from spafit_jax.data import pipeline as data
 
     eargs = epoch_args(args, task_name)
     data_dir = None
@@ -107,7 +109,7 @@ def run_task(args, task_name: str, root: Path, env: dict) -> dict:
 
 def predict_texts(n: int) -> list[str]:
     """`n` tweets: the corpus' texts in order, repeated when it has fewer."""
-    from spafit_jax import tweets
+    from spafit_jax.data import tweets
 
     texts = tweets.read_tweets()[0]
     return [texts[i % len(texts)] for i in range(n)]
@@ -115,7 +117,8 @@ def predict_texts(n: int) -> list[str]:
 
 def run_predict(args, workdir: str, root: Path, env: dict) -> None:
     """Ours unpacked and packed (cold, then warm) against the transformers pipeline on `--predict-texts` tweets."""
-    from spafit_jax import export, run as run_lib
+    from spafit_jax.after_training import exporting
+    from spafit_jax.after_training import run as run_lib
 
     texts = predict_texts(args.predict_texts)
     loaded = run_lib.load_run(workdir, checkpoint="last")
@@ -138,7 +141,7 @@ def run_predict(args, workdir: str, root: Path, env: dict) -> None:
         import torch
         from transformers import pipeline
 
-        folder = export.export_hf(loaded, root / "hf-export")
+        folder = exporting.export_hf(loaded, root / "hf-export")
         pipe = pipeline("text-classification", model=str(folder), tokenizer=str(folder), device=-1)
         pipe(texts[:args.predict_batch], batch_size=args.predict_batch)  # warm-up
         load0 = common.load_average()

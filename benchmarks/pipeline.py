@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import step as step_bench  # noqa: E402
 
-from spafit_jax import batching, bbc_news, hf, sources, tasks, tokens  # noqa: E402
+from spafit_jax.data import batching, bbc_news, sources, tasks, tokens  # noqa: E402
+from spafit_jax.models import hf
 
 
 def parse(argv=None):

@@ -29,10 +29,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
-from spafit_jax import compiling, frozen, optimizer, steps  # noqa: E402
-from spafit_jax.config import TrainConfig  # noqa: E402
-from spafit_jax.plan import make_plan  # noqa: E402
-from spafit_jax.schema import MethodConfig  # noqa: E402
+from spafit_jax.training import compiling, frozen, optimizer, steps  # noqa: E402
+from spafit_jax.config.files import TrainConfig  # noqa: E402
+from spafit_jax.training.plan import make_plan  # noqa: E402
+from spafit_jax.config.schema import MethodConfig  # noqa: E402
 
 TOTAL_STEPS = 10_000  # length of the learning-rate schedule (its value does not change the timing)
 CACHED = "spafit_cached"  # spafit's step as the frozen-stratum cache runs it (train.cache_frozen=true)

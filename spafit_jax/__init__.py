@@ -10,7 +10,7 @@ __all__ = ["load_run"]
 
 
 def load_run(workdir, checkpoint="best"):
-    """Reload a run folder (see `spafit_jax.run.load_run`); imported lazily so `import spafit_jax` stays light."""
-    from spafit_jax.run import load_run as _load_run
+    """Reload a run folder (see `spafit_jax.after_training.run.load_run`); imported lazily so `import spafit_jax` stays light."""
+    from spafit_jax.after_training.run import load_run as _load_run
 
     return _load_run(workdir, checkpoint)

@@ -10,8 +10,8 @@ from typing import Callable, Sequence
 
 import yaml
 
-from spafit_jax import rundir
-from spafit_jax.config import CONFIGS_DIR, SECTIONS, Config, default, format_value, load_config, to_dict
+from spafit_jax.training import rundir
+from spafit_jax.config.files import CONFIGS_DIR, SECTIONS, Config, default, format_value, load_config, to_dict
 from spafit_jax.errors import SpafitError
 
 __all__ = ["build_parser", "parse_args", "format_fields", "program", "run_command"]
@@ -44,7 +44,7 @@ def run_command(work: Callable[[], int | None], *, compile_cache: bool = True,
         pass
     try:
         if compile_cache:
-            from spafit_jax.compiling import use_compile_cache
+            from spafit_jax.training.compiling import use_compile_cache
 
             use_compile_cache()  # a rerun or a resume loads the compiled steps
         status = work()

@@ -37,9 +37,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from spafit_jax import expstate, rundir, selection
+from spafit_jax.experiments import expstate, selection
+from spafit_jax.training import rundir
 from spafit_jax.errors import ConfigError, SpafitError
-from spafit_jax.grid import experiment_file, load_experiment, run_cells, select, tally
+from spafit_jax.experiments.grid import experiment_file, load_experiment, run_cells, select, tally
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = experiment_file(args.config).read_text(encoding="utf-8")
         manifest = expstate.check_folder(workdir, text)
         changes = expstate.check_definition(manifest, {"experiment_file_sha256": expstate.sha(text)}, seeds, workdir)
-        from spafit_jax.results import code_version
+        from spafit_jax.training.results import code_version
 
         allow = bool(args.allow_mixed_commits or (manifest or {}).get("allow_mixed_commits"))
         commits = expstate.check_commits(expstate.finished_folders(workdir) if workdir.is_dir() else [],
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "--workdir") from None
         if len(commits) > 1:
             print(f"mixed commits (--allow-mixed-commits): {', '.join(commits)}")
-        from spafit_jax.compiling import use_compile_cache
+        from spafit_jax.training.compiling import use_compile_cache
 
         use_compile_cache(workdir / "jax_cache")  # the seeds of a method compile once
         status = run_cells(cells, workdir, fail_fast=args.fail_fast)
@@ -110,10 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{counts['done']} trained, {counts['skipped']} finished before, {counts['failed']} failed, "
               f"{len(cells) - len(status)} not run" + ("; failures:\n" + "\n".join(failed) if failed else ""))
         if not args.no_report:
-            from spafit_jax import report
+            from spafit_jax.experiments import reporting
 
             try:
-                out = report.write_report(workdir)
+                out = reporting.write_report(workdir)
                 print(f"report: {out['index.html']}")
             except SpafitError as e:
                 print(f"report: {e}", file=sys.stderr)

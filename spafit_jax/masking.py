@@ -26,11 +26,13 @@ import jax
 import numpy as np
 
 from spafit_jax.errors import MaskingError
-from spafit_jax.methods import (BIAS, FROZEN, HEAD, LAYER_LABELS, LAYERNORM, LORA, METHODS, POOLER,  # noqa: F401
-                                TRAINABLE_LABELS, WEIGHT, resolve_strata)
+from spafit_jax.methods import (
+    BIAS, FROZEN, HEAD, LAYER_LABELS, LAYERNORM, LORA, METHODS, POOLER, TRAINABLE_LABELS, WEIGHT, resolve_strata,
+)
 from spafit_jax.stratified import stratified_optimizer
-from spafit_jax.tree_paths import (Rows, Trainable, map_paths, param_leaves, params_of, path_leaves, path_lookup, size_of,
-                                  unbox)
+from spafit_jax.tree_paths import (
+    Rows, Trainable, map_paths, param_leaves, params_of, path_leaves, path_lookup, size_of, unbox,
+)
 
 __all__ = [
     "MaskingError", "LAYER_PATTERN", "HEAD_PATTERN", "STACKED_PATTERN", "METHODS", "Rows", "Trainable",

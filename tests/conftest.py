@@ -35,7 +35,7 @@ def _reference_policy(request):
 
 @pytest.fixture(scope="session")
 def minilm_dir():
-    from spafit_jax.hf import resolve
+    from spafit_jax.models.hf import resolve
 
     return resolve("minilm")
 
@@ -45,8 +45,8 @@ def tiny_model_dir(tmp_path_factory, minilm_dir):
     """A tiny random BERT (3 layers, hidden 32) with MiniLM's tokenizer, saved as flax_model.msgpack."""
     import jax
 
-    from spafit_jax.bert import BertConfig, BertForSequenceClassification
-    from spafit_jax.hf import save_pretrained
+    from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
+    from spafit_jax.models.hf import save_pretrained
 
     folder = tmp_path_factory.mktemp("tiny_bert")
     config = BertConfig(**TINY)

@@ -230,17 +230,20 @@ def _suite(spec_path: str, out_path: str) -> int:
     import jax
     import numpy as np
 
-    from spafit_jax import config as config_lib
-    from spafit_jax import hf, optimizer, parallel, train
-    from spafit_jax.plan import make_plan
-    from spafit_jax.schema import MethodConfig
+    from spafit_jax.config import files as config_lib
+    from spafit_jax.models import hf
+    from spafit_jax.training import optimizer, parallel
+    from spafit_jax import train
+    from spafit_jax.training import trainer
+    from spafit_jax.training.plan import make_plan
+    from spafit_jax.config.schema import MethodConfig
 
     spec = json.loads(Path(spec_path).read_text())
     base, common = Path(spec["base"]), spec["common"]
     out: dict = {"devices": jax.device_count(), "runs": {}, "errors": {}, "fsdp": {}}
     for name, overrides in spec.get("runs", {}).items():
         t0 = time.perf_counter()
-        run = train.train_and_evaluate(config_lib.load_config([], common + overrides), base / name)
+        run = trainer.train_and_evaluate(config_lib.load_config([], common + overrides), base / name)
         out["runs"][name] = {"seconds": time.perf_counter() - t0, "devices": run.results.devices,
                              "parallel": run.results.parallel}
     for name, overrides in spec.get("errors", {}).items():
@@ -278,7 +281,7 @@ def _train(argv: list[str]) -> int:
     import jax
 
     from spafit_jax import cli as cli_lib
-    from spafit_jax import train
+    from spafit_jax.training import trainer
     from spafit_jax.errors import SpafitError
 
     try:
@@ -291,7 +294,7 @@ def _train(argv: list[str]) -> int:
                 process_id=d.process_id, initialization_timeout=d.initialization_timeout,
                 heartbeat_timeout_seconds=args.heartbeat_timeout, shutdown_timeout_seconds=args.heartbeat_timeout,
             )
-        run = train.train_and_evaluate(cfg, cli.workdir, overwrite=cli.overwrite, stop_after=args.stop_after)
+        run = trainer.train_and_evaluate(cfg, cli.workdir, overwrite=cli.overwrite, stop_after=args.stop_after)
     except SpafitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -80,12 +80,13 @@ def exports_match_ours(workdir, base_dir):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from spafit_jax import export, load_run
+    from spafit_jax import load_run
+    from spafit_jax.after_training import exporting
 
     run = load_run(workdir, checkpoint="last")
     texts = ["the markets rallied today", "a film that nobody saw coming", "rain"]
     ours = run.predict(texts)
-    hf_dir, peft_dir = export.export(run, workdir / "hf", "hf"), export.export(run, workdir / "peft", "peft")
+    hf_dir, peft_dir = exporting.export(run, workdir / "hf", "hf"), exporting.export(run, workdir / "peft", "peft")
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     enc = tok(texts, padding=True, return_tensors="pt")
     for model in (AutoModelForSequenceClassification.from_pretrained(str(hf_dir)),

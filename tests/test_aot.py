@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from spafit_jax import tpu_specs
+from spafit_jax.tpu import specs as tpu_specs
 from spafit_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _cfg(tiny_dir, *overrides):
-    from spafit_jax.config import load_config
+    from spafit_jax.config.files import load_config
 
     return load_config([], [f"model.name={tiny_dir}", "data.task=sst2", *ARGS, *overrides])
 
@@ -55,10 +55,10 @@ def spafit_v5e(tiny_dir):
     """SPAFIT's train and eval steps at the longest bucket on v5e:2x2 (4 chips, 1 host)."""
     if not HAVE_LIBTPU:
         return None
-    from spafit_jax import aot
+    from spafit_jax.tpu import ahead
 
     tpu_specs.prepare()
-    return aot.run(_cfg(tiny_dir), "v5e:2x2", shapes="largest")
+    return ahead.run(_cfg(tiny_dir), "v5e:2x2", shapes="largest")
 
 
 def _param_bytes(setup, which):
@@ -85,9 +85,9 @@ def test_model_flops_counts_forward_and_backward(tiny_dir):
     import jax
     import jax.numpy as jnp
 
-    from spafit_jax.bert import BertConfig, BertForSequenceClassification
-    from spafit_jax.plan import make_plan
-    from spafit_jax.schema import MethodConfig
+    from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
+    from spafit_jax.training.plan import make_plan
+    from spafit_jax.config.schema import MethodConfig
 
     config = BertConfig.from_dict(TINY)
     b, t, d, i, c = 4, 16, 128, 256, 2
@@ -172,7 +172,7 @@ def _stand_in(monkeypatch, need, cap, chips=4, grad_accum=2):
     """A setup whose compiler is a stand-in: HBM per chip `need(batch)`, capacity `cap`; and the batches compiled."""
     from types import SimpleNamespace
 
-    from spafit_jax import aot
+    from spafit_jax.tpu import ahead
 
     calls = []
 
@@ -180,7 +180,7 @@ def _stand_in(monkeypatch, need, cap, chips=4, grad_accum=2):
         calls.append(batch)
         return {"global_batch": batch, "hbm_per_chip_bytes": need(batch), "fits": need(batch) <= cap}
 
-    monkeypatch.setattr(aot, "compile_program", fake_compile)
+    monkeypatch.setattr(ahead, "compile_program", fake_compile)
     s = SimpleNamespace(topo=SimpleNamespace(devices=[0] * chips, chip=SimpleNamespace(hbm_bytes=cap)),
                         cfg=SimpleNamespace(train=SimpleNamespace(grad_accum=grad_accum)))
     return s, fake_compile, calls
@@ -190,13 +190,13 @@ def _stand_in(monkeypatch, need, cap, chips=4, grad_accum=2):
 def test_max_batch_finds_the_largest_multiple_that_fits(monkeypatch, fixed, per_row, power):
     """The search on a stand-in compiler whose HBM grows with the batch linearly, faster (power 1.3) or slower
     (0.8, as XLA's TPU compile of the tiny model did: 11.8 GiB at 56,712 rows, 17.1 at 113,396)."""
-    from spafit_jax import aot
+    from spafit_jax.tpu import ahead
 
     cap, unit = 15 * 2**30, 8
     need = lambda b: fixed + per_row * b ** power  # noqa: E731
     s, fake_compile, calls = _stand_in(monkeypatch, need, cap)
-    best, probes, bounded = aot.max_batch(s, 128, known=fake_compile(s, "train", 32, 128), probes=12)
-    expected = max(b for b in range(unit, 4 * aot.MAX_ROWS_PER_CHIP + 1, unit) if need(b) <= cap)
+    best, probes, bounded = ahead.max_batch(s, 128, known=fake_compile(s, "train", 32, 128), probes=12)
+    expected = max(b for b in range(unit, 4 * ahead.MAX_ROWS_PER_CHIP + 1, unit) if need(b) <= cap)
     assert best == expected and not bounded
     assert len(calls) <= 13 and (power != 1.0 or len(calls) <= 5)  # a linear need: the line, then one unit up
     assert [p["global_batch"] for p in probes] == sorted(set(calls))
@@ -204,15 +204,15 @@ def test_max_batch_finds_the_largest_multiple_that_fits(monkeypatch, fixed, per_
 
 def test_max_batch_stops_at_its_bound_and_says_so(monkeypatch):
     """A model so small that every batch fits: the search stops at MAX_ROWS_PER_CHIP per chip, never above."""
-    from spafit_jax import aot
+    from spafit_jax.tpu import ahead
 
     s, fake_compile, calls = _stand_in(monkeypatch, lambda b: 1e6 + 100 * b, 15 * 2**30)
-    best, probes, bounded = aot.max_batch(s, 64, known=fake_compile(s, "train", 16, 64))
-    assert bounded and best == 4 * aot.MAX_ROWS_PER_CHIP and max(calls) == best and len(calls) <= 3
+    best, probes, bounded = ahead.max_batch(s, 64, known=fake_compile(s, "train", 16, 64))
+    assert bounded and best == 4 * ahead.MAX_ROWS_PER_CHIP and max(calls) == best and len(calls) <= 3
 
 
 def test_max_batch_of_a_batch_that_does_not_fit_is_zero(monkeypatch):
-    from spafit_jax import aot
+    from spafit_jax.tpu import ahead
 
     s, fake_compile, calls = _stand_in(monkeypatch, lambda b: 20 * 2**30, 15 * 2**30)
-    assert aot.max_batch(s, 64, known=fake_compile(s, "train", 16, 64))[::2] == (0, False)
+    assert ahead.max_batch(s, 64, known=fake_compile(s, "train", 16, 64))[::2] == (0, False)

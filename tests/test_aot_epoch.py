@@ -7,10 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from spafit_jax import aot_epoch, batching, packing, tpu_specs
-from spafit_jax.config import load_config
+from spafit_jax import aot_epoch
+from spafit_jax.tpu import epoch
+from spafit_jax.data import batching, packing
+from spafit_jax.tpu import specs as tpu_specs
+from spafit_jax.config.files import load_config
 from spafit_jax.errors import DataError
-from spafit_jax.tokens import Encoded
+from spafit_jax.data.tokens import Encoded
 from tests.test_aot import TINY, libtpu  # noqa: F401 (a fixture)
 
 T, K = 64, 4
@@ -46,14 +49,14 @@ def test_epoch_batches_are_the_trainers_batches():
     cfg = _cfg()
     tr, ev = _encoded(train), _encoded(evl)
 
-    b = aot_epoch.bucketed_batches(cfg, train, evl, devices=1)
+    b = epoch.bucketed_batches(cfg, train, evl, devices=1)
     assert len(b["buckets"]) <= 4 and b["buckets"][-1] == T
     shapes, frac = _seen(batching.train_batches(tr, 16, seed=0, epoch=0, buckets=b["buckets"], group_by_length=True))
     assert dict(b["shapes"]["train"]) == shapes and b["real_token_fraction"]["train"] == pytest.approx(frac)
     shapes, frac = _seen(batching.eval_batches(ev, 16, buckets=b["buckets"], group_by_length=True))
     assert dict(b["shapes"]["eval"]) == shapes and b["real_token_fraction"]["eval"] == pytest.approx(frac)
 
-    p = aot_epoch.packed_batches(_cfg("data.packing=true"), train, evl, devices=1)
+    p = epoch.packed_batches(_cfg("data.packing=true"), train, evl, devices=1)
     r = p["rows_per_step"]
     assert r == packing.rows_per_step(train, 16, max_length=T, max_segments=K, seed=0)
     shapes, frac = _seen(packing.train_batches(tr, 16, r, max_segments=K, seed=0, epoch=0))
@@ -69,32 +72,32 @@ def test_epoch_batches_are_the_trainers_batches():
 def test_read_lengths_clips_and_names_a_bad_line(tmp_path):
     f = tmp_path / "lengths.txt"
     f.write_text("# token counts\n12\n\n300  # clipped\n5\n")
-    assert aot_epoch.read_lengths(str(f), 128).tolist() == [12, 128, 5]
+    assert epoch.read_lengths(str(f), 128).tolist() == [12, 128, 5]
     f.write_text("12\nx7\n")
     with pytest.raises(DataError, match=r"lengths.txt:2: 'x7' is not a token count"):
-        aot_epoch.read_lengths(str(f), 128)
+        epoch.read_lengths(str(f), 128)
     with pytest.raises(DataError, match="cannot read lengths file"):
-        aot_epoch.read_lengths(str(tmp_path / "absent.txt"), 128)
+        epoch.read_lengths(str(tmp_path / "absent.txt"), 128)
 
 
 def test_estimate_compiles_the_packed_programs_and_adds_up_the_epoch(libtpu, tmp_path, capsys,  # noqa: F811
                                                                       monkeypatch):
     """`aot` compiles the packed train and eval steps (segment_starts in the batch, one label per segment);
     `aot_epoch` multiplies each shape's step by its batches; its command line prints JSON."""
-    from spafit_jax import aot
+    from spafit_jax.tpu import ahead
 
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     name = f"model.name={tmp_path}"
-    rows, s, extra = aot.run(_cfg(name, "data.packing=true"), "v5e:2x2", shapes="largest")
+    rows, s, extra = ahead.run(_cfg(name, "data.packing=true"), "v5e:2x2", shapes="largest")
     assert [r["program"] for r in rows] == [f"train[R=16,T={T},K={K}]", f"eval[R=16,T={T},K={K}]"]
     assert all(r["fits"] and r["est_step_seconds"] > 0 and r["packed_segments"] == K for r in rows)
     assert any("data.packing" in n for n in extra["notes"])
-    batch = aot.batch_shapes(s, 16, T, train=True)
+    batch = ahead.batch_shapes(s, 16, T, train=True)
     assert batch["segment_starts"].shape == batch["labels"].shape == batch["weights"].shape == (16, K)
 
     rng = np.random.default_rng(5)
     train, evl = rng.integers(3, 30, 200), rng.integers(3, 30, 40)
-    records = aot_epoch.estimate(_cfg(name), "v5e:2x2", train, evl, compile_=False)
+    records = epoch.estimate(_cfg(name), "v5e:2x2", train, evl, compile_=False)
     for strategy in ("bucketed", "packed"):
         progs = [r for r in records if r["record"] == "aot_epoch_program" and r["strategy"] == strategy]
         (summary,) = [r for r in records if r["record"] == "aot_epoch" and r["strategy"] == strategy]

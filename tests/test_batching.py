@@ -1,12 +1,12 @@
-"""Tests of spafit_jax.batching: bucket rules, length-grouped train order, eval order, padding efficiency."""
+"""Tests of spafit_jax.data.batching: bucket rules, length-grouped train order, eval order, padding efficiency."""
 
 import numpy as np
 import pytest
 
-from spafit_jax import batching
-from spafit_jax.config import load_config
+from spafit_jax.data import batching
+from spafit_jax.config.files import load_config
 from spafit_jax.errors import ConfigError
-from spafit_jax.tokens import Encoded
+from spafit_jax.data.tokens import Encoded
 
 
 def encoded(lengths, max_length=64, seed=0):
@@ -129,15 +129,15 @@ def test_fitted_buckets_from_the_config_and_their_refusals():
 
 
 def test_training_with_fitted_buckets_compiles_at_most_max_shapes(tiny_model_dir, tmp_path):
-    from spafit_jax.run import load_run
-    from spafit_jax.train import train_and_evaluate
+    from spafit_jax.after_training.run import load_run
+    from spafit_jax.training.trainer import train_and_evaluate
     from tests.parallel_worker import tiny_run
 
     base = [*tiny_run(tiny_model_dir), "data.task=tweets", "data.max_length=64", "data.group_by_length=true"]
     run = train_and_evaluate(load_config([], [*base, "data.max_shapes=2"]), tmp_path / "fitted")
     fitted = run.results
     assert fitted.compiled_shapes <= 2 and fitted.buckets[-1] == 64 and fitted.steps == 4
-    from spafit_jax import loading
+    from spafit_jax.training import loading
 
     enc = loading.load_for_training(load_config([], base)).task.train  # the same examples, other buckets
     real = padded = 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from spafit_jax.bert import BertConfig, BertForSequenceClassification, BertModel
+from spafit_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from spafit_jax.errors import ConfigError
 
 CFG = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -112,7 +112,7 @@ def test_bad_config_is_a_clear_error():
 
 
 def test_dropout_drops_at_the_rate_and_keeps_the_mean():
-    from spafit_jax.bert import Dropout
+    from spafit_jax.models.bert import Dropout
 
     x = jnp.ones((64, 1001))
     y = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})

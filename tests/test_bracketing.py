@@ -6,9 +6,9 @@ import json
 import pytest
 import yaml
 
-from spafit_jax import choices, expstate
+from spafit_jax.experiments import choices, expstate
 from spafit_jax.errors import ConfigError
-from spafit_jax.grid import ROOT, ExperimentError, load_experiment, parse_grid
+from spafit_jax.experiments.grid import ROOT, ExperimentError, load_experiment, parse_grid
 
 
 @pytest.mark.parametrize("declared, current, side, expect", [
@@ -212,8 +212,8 @@ def test_read_json_names_the_file_and_the_fix(tmp_path):
 
 
 def test_the_shipped_budget_experiment_searches_spafits_strata_with_the_rate_at_every_budget(tmp_path):
-    from spafit_jax import selection
-    from spafit_jax.devsplit import Split
+    from spafit_jax.experiments import selection
+    from spafit_jax.experiments.devsplit import Split
 
     cells, search, _ = selection.load(ROOT / "configs/experiments/fair_budgets.yaml")
     methods = {c.method for c in cells}

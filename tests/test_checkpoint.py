@@ -1,4 +1,4 @@
-"""Tests of spafit_jax.checkpoint (Orbax checkpoints + base/plan fingerprint)."""
+"""Tests of spafit_jax.training.checkpoint (Orbax checkpoints + base/plan fingerprint)."""
 
 import json
 import os
@@ -17,9 +17,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from spafit_jax.checkpoint import FORMAT, Checkpointer, fingerprint
+from spafit_jax.training.checkpoint import FORMAT, Checkpointer, fingerprint
 from spafit_jax.errors import CheckpointError
-from spafit_jax.steps import TrainState
+from spafit_jax.training.steps import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = REPO / "tests" / "fixtures" / "old_checkpoint" / "checkpoints"
@@ -384,7 +384,7 @@ _SHARDED = textwrap.dedent(
     """
     import sys, jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from spafit_jax.checkpoint import Checkpointer
+    from spafit_jax.training.checkpoint import Checkpointer
     assert jax.device_count() == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     host = {"w": np.arange(32.0, dtype=np.float32).reshape(8, 4), "b": np.arange(4, dtype=np.float32),
@@ -422,7 +422,7 @@ _TWO_PROCESSES = textwrap.dedent(
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     pid, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
-    from spafit_jax.checkpoint import Checkpointer
+    from spafit_jax.training.checkpoint import Checkpointer
     from tests.test_checkpoint import _fp, tiny_state
     host = tiny_state(seed=3, updates=2)
     replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P())

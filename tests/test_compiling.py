@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spafit_jax import compiling
-from spafit_jax.bert import BertConfig, BertForSequenceClassification
+from spafit_jax.training import compiling
+from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
 
 
 def test_the_cpu_backend_compiles_at_level_2_unless_xla_flags_name_a_level(monkeypatch):
@@ -24,7 +24,7 @@ def test_the_option_reaches_the_compiler_and_changes_no_numbers(tmp_path):
     # function are two programs, compiling.jit twice is one.
     probe = """
 import pathlib, sys, jax, jax.numpy as jnp
-from spafit_jax import compiling
+from spafit_jax.training import compiling
 f = lambda x: jnp.tanh(x @ x.T).sum()
 x = jnp.ones((64, 64)); jax.block_until_ready(x)  # (its own small program)
 folder = pathlib.Path(sys.argv[1])

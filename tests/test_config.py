@@ -1,4 +1,4 @@
-"""Tests for spafit_jax.config: YAML composition, dotted overrides, validation, round trip, CLI."""
+"""Tests for spafit_jax.config.files: YAML composition, dotted overrides, validation, round trip, CLI."""
 
 import dataclasses
 import json
@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spafit_jax import config as C
-from spafit_jax import methods, tasks
+from spafit_jax.config import files as C
+from spafit_jax import methods
+from spafit_jax.data import tasks
 from spafit_jax.cli import parse_args
-from spafit_jax.config import Config, load_config, to_dict
-from spafit_jax.rundir import save_config
+from spafit_jax.config.files import Config, load_config, to_dict
+from spafit_jax.training.rundir import save_config
 from spafit_jax.errors import ConfigError, SpafitError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -390,7 +391,7 @@ def test_print_config(capsys):
 
 
 def test_import_is_light():
-    code = ("import sys, spafit_jax.config; "
+    code = ("import sys, spafit_jax.config.files; "
             "heavy = [m for m in ('jax', 'flax', 'transformers', 'torch', 'datasets', 'numpy') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -401,7 +402,7 @@ def test_check_max_length_refuses_more_tokens_than_the_model_has_positions():
     import types
 
     from spafit_jax.errors import ConfigError
-    from spafit_jax.loading import check_max_length
+    from spafit_jax.training.loading import check_max_length
 
     model = types.SimpleNamespace(max_tokens=512)
     cfg = load_config([], ["data.max_length=512", "model.name=bert-x"])
@@ -417,7 +418,7 @@ def test_check_max_length_refuses_more_tokens_than_the_model_has_positions():
 
 def test_parse_yaml_refuses_a_key_given_twice_as_the_caller_asks():
     """Every YAML file the commands read goes through config.parse_yaml: a duplicate key is one line, as `error`."""
-    from spafit_jax.config import parse_yaml
+    from spafit_jax.config.files import parse_yaml
     from spafit_jax.errors import ConfigError
 
     assert parse_yaml("a: 1\nb: {c: 2}\n", "x.yaml") == {"a": 1, "b": {"c": 2}}

@@ -12,8 +12,8 @@ import datasets
 import numpy as np
 import pytest
 
-from spafit_jax import batching, bbc_news, data, sources, tasks, tokens
-from spafit_jax.config import DataConfig
+from spafit_jax.data import batching, bbc_news, pipeline as data, sources, tasks, tokens
+from spafit_jax.config.files import DataConfig
 from spafit_jax.errors import ConfigError, DataError
 
 ROWS = [
@@ -370,7 +370,7 @@ def test_hf_parquet_folder_string_labels_and_bad_row(tmp_path):
 
 
 def test_hf_example_config_on_a_local_copy(tmp_path):
-    from spafit_jax.config import load_config
+    from spafit_jax.config.files import load_config
 
     feats = datasets.Features({"text": datasets.Value("string"),
                                "label": datasets.ClassLabel(names=["neg", "pos"])})
@@ -403,8 +403,8 @@ def test_hf_unreachable_says_what_to_download(monkeypatch):
 def test_hub_offline_subprocess(tmp_path):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "hf" / "ds"))
-    code = ("from spafit_jax import data, errors\n"
-            "from spafit_jax.config import DataConfig\n"
+    code = ("from spafit_jax.data import pipeline as data\nfrom spafit_jax import errors\n"
+            "from spafit_jax.config.files import DataConfig\n"
             "for kw in (dict(task='rte'), dict(task='hf', hf_path='someone/reviews')):\n"
             "    try:\n"
             "        data.load_task_texts(DataConfig(**kw), seed=0)\n"

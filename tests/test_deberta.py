@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from spafit_jax import families, hf, masking
-from spafit_jax.deberta import DebertaConfig, DebertaForSequenceClassification, DebertaModel, relative_positions
+from spafit_jax.models import families, hf
+from spafit_jax import masking
+from spafit_jax.models.deberta import DebertaConfig, DebertaForSequenceClassification, DebertaModel, relative_positions
 from spafit_jax.errors import ConfigError, LoadError
-from spafit_jax.hf import load_pretrained, read_config, save_pretrained
+from spafit_jax.models.hf import load_pretrained, read_config, save_pretrained
 from spafit_jax.lora import LoRAConfig, adapters
-from spafit_jax.peft_io import from_peft_config, to_peft_config
+from spafit_jax.models.peft_io import from_peft_config, to_peft_config
 from spafit_jax.methods import LORA_TARGETS
 from tests import peers
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spafit_jax import hf, tables
+from spafit_jax.models import hf
+from spafit_jax.experiments import tables
 from spafit_jax.experiment import main
-from spafit_jax.grid import load_experiment, select
-from spafit_jax.train import train_and_evaluate
+from spafit_jax.experiments.grid import load_experiment, select
+from spafit_jax.training.trainer import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = {"data.limit_train": 64, "data.limit_eval": 24, "data.max_length": 32, "train.batch_size": 8,
@@ -89,7 +90,7 @@ def test_report_at_the_end_holds_the_runs_numbers(grid, tiny_model_dir):
     # the trainable-parameter column is the plan's count of the model's parameters
     cell = next(c for c in load_experiment(grid["path"])[0] if c.name == "bbc_news/spafit/seed0")
     cfg = cell.config()
-    from spafit_jax.plan import make_plan
+    from spafit_jax.training.plan import make_plan
 
     plan = make_plan(cfg.method, 3)
     _, params = hf.load_pretrained(tiny_model_dir, num_labels=5, lora=plan.lora)

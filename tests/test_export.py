@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from spafit_jax import hf, peft_io
+from spafit_jax.models import hf, peft_io
 from spafit_jax.errors import ConfigError, LoadError
-from spafit_jax.export import export, main
-from spafit_jax.run import load_run
+from spafit_jax.after_training.exporting import export
+from spafit_jax.export import main
+from spafit_jax.after_training.run import load_run
 from tests.test_predict import data_dir, torch_base_dir, trained  # noqa: F401 (session fixtures)
 
 ATOL = 1e-5
@@ -94,7 +95,7 @@ def test_peft_trained_adapter_imports_with_peft_logits_and_round_trips(torch_bas
     from safetensors.numpy import load_file
     from transformers import AutoModelForSequenceClassification
 
-    from spafit_jax.peft_io import to_peft_config
+    from spafit_jax.models.peft_io import to_peft_config
     from tests.test_hf import inputs, torch_run
 
     torch.manual_seed(1)
@@ -133,7 +134,7 @@ def test_peft_trained_adapter_imports_with_peft_logits_and_round_trips(torch_bas
     ({"target_modules": ["query", "word_embeddings"]}, r"target_modules \['word_embeddings'\]"),
 ])
 def test_unsupported_peft_features_are_one_line(change, match):
-    from spafit_jax.peft_io import from_peft_config
+    from spafit_jax.models.peft_io import from_peft_config
 
     raw = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query"], **change}
     with pytest.raises(ConfigError, match=match):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spafit_jax import metricslog, rundir, runlock
+from spafit_jax.training import metricslog, rundir, runlock
 from spafit_jax.train import main
 from tests.parallel_worker import signal_after_records
 
@@ -42,8 +42,8 @@ def records(workdir):
 
 def restore_latest(workdir):
     """The TrainState of the newest checkpoint in `workdir`, restored as a resume would."""
-    from spafit_jax import checkpoint, loading, optimizer, steps
-    from spafit_jax import config as config_lib
+    from spafit_jax.training import checkpoint, loading, optimizer, steps
+    from spafit_jax.config import files as config_lib
 
     cfg = config_lib.load_config([str(Path(workdir) / "config.yaml")])
     loaded = loading.load_for_training(cfg)
@@ -124,8 +124,8 @@ def test_metrics_log_damaged_inside_is_one_line_naming_file_and_line(tmp_path, b
 
 def test_resume_over_a_torn_log_finishes_and_the_log_is_valid(tiny_model_dir, tmp_path, capsys):
     args = ["--workdir", str(tmp_path), *small(tiny_model_dir, "train.max_steps=4", "train.epochs=10", "checkpoint.every=2")]
-    from spafit_jax import config as config_lib
-    from spafit_jax.train import train_and_evaluate
+    from spafit_jax.config import files as config_lib
+    from spafit_jax.training.trainer import train_and_evaluate
 
     train_and_evaluate(config_lib.load_config([], args[2:]), tmp_path, stop_after=2)
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -245,8 +245,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130_honestly(tiny_model_dir, tmp_pa
 
 def test_an_unreadable_newest_checkpoint_falls_back_to_the_newest_readable_one(tiny_model_dir, tmp_path, capsys,
                                                                             caplog):
-    from spafit_jax import config as config_lib
-    from spafit_jax.train import train_and_evaluate
+    from spafit_jax.config import files as config_lib
+    from spafit_jax.training.trainer import train_and_evaluate
 
     extra = ("train.max_steps=6", "train.epochs=10", "checkpoint.every=2", "checkpoint.keep=3")
     cfg = config_lib.load_config([], small(tiny_model_dir, *extra))
@@ -286,8 +286,8 @@ def snapshot(workdir):
 
 
 def test_resume_with_max_steps_below_the_checkpoint_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
-    from spafit_jax import config as config_lib
-    from spafit_jax.train import train_and_evaluate
+    from spafit_jax.config import files as config_lib
+    from spafit_jax.training.trainer import train_and_evaluate
 
     extra = ("train.max_steps=6", "train.epochs=10")
     assert train_and_evaluate(config_lib.load_config([], small(tiny_model_dir, *extra)), tmp_path,
@@ -431,8 +431,8 @@ def small_disk(tmp_path):
 
 def test_a_really_full_disk_is_one_line_keeps_the_checkpoint_and_a_rerun_resumes(tiny_model_dir, small_disk,
                                                                                  capsys, caplog):
-    from spafit_jax import config as config_lib
-    from spafit_jax.train import train_and_evaluate
+    from spafit_jax.config import files as config_lib
+    from spafit_jax.training.trainer import train_and_evaluate
 
     work = small_disk / "run"
     extra = ("train.max_steps=6", "train.epochs=10", "checkpoint.every=1")
@@ -460,7 +460,7 @@ def test_a_really_full_disk_is_one_line_keeps_the_checkpoint_and_a_rerun_resumes
 
 def test_overwrite_moves_the_old_run_aside_and_deletes_it_only_after_the_first_new_checkpoint(
         tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from spafit_jax import checkpoint
+    from spafit_jax.training import checkpoint
 
     args = ["--workdir", str(tmp_path), *small(tiny_model_dir)]
     assert main(args) == 0

@@ -13,11 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spafit_jax import config as config_lib
-from spafit_jax import batching, frozen
-from spafit_jax.bert import BertConfig, BertForSequenceClassification
+from spafit_jax.config import files as config_lib
+from spafit_jax.data import batching
+from spafit_jax.training import frozen
+from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
 from spafit_jax.errors import ConfigError
-from spafit_jax.train import main, train_and_evaluate
+from spafit_jax.train import main
+from spafit_jax.training.trainer import train_and_evaluate
 from tests.parallel_worker import (PYTHON, ROOT, Procs, assert_same_run, dropout_free_copy, env, free_ports, tail,
                                    tiny_run)
 
@@ -87,7 +89,7 @@ def test_bfloat16_cache_trains_close_to_float32(nodrop, tmp_path):
 
 
 def test_cache_holds_real_lengths_and_its_batches_the_right_rows(nodrop):
-    from spafit_jax import loading
+    from spafit_jax.training import loading
 
     cfg = run_cfg(nodrop)
     run = loading.load_for_training(cfg)

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spafit_jax.bert import BertModel
+from spafit_jax.models.bert import BertModel
 from spafit_jax.errors import LoadError
-from spafit_jax.hf import load_pretrained, load_tokenizer, resolve
+from spafit_jax.models.hf import load_pretrained, load_tokenizer, resolve
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ATOL = 1e-5
@@ -205,7 +205,7 @@ def test_shapes_disagree_with_config(tmp_path, tiny_model_dir):
 
 
 def test_num_labels_disagrees_with_saved_head(tmp_path, tiny_model_dir):
-    from spafit_jax.hf import save_pretrained
+    from spafit_jax.models.hf import save_pretrained
 
     model, params = load_pretrained(tiny_model_dir, num_labels=3)
     save_pretrained(tmp_path, model.config, params)
@@ -267,7 +267,7 @@ def test_every_adapter_config_peft_writes_passes_the_field_checks(kwargs):
     """The checks of adapter_config.json refuse only what is wrong: PEFT's own configs pass them as written."""
     from peft import LoraConfig
 
-    from spafit_jax.peft_io import check_peft_config
+    from spafit_jax.models.peft_io import check_peft_config
 
     kwargs = {"target_modules": ["query"], **kwargs}
     raw = json.loads(json.dumps(LoraConfig(task_type="SEQ_CLS", **kwargs).to_dict(), default=sorted))
@@ -278,8 +278,8 @@ def test_build_model_and_init_params_give_the_shapes_eagerly_and_abstractly():
     """The one place a model is built from a config and initialised on a dummy batch (hf, loading, aot use it)."""
     import jax
 
-    from spafit_jax.bert import BertConfig
-    from spafit_jax.hf import build_model, init_params
+    from spafit_jax.models.bert import BertConfig
+    from spafit_jax.models.hf import build_model, init_params
     from spafit_jax.lora import LoRAConfig
 
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

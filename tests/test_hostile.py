@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from spafit_jax import rundir
+from spafit_jax.training import rundir
 from spafit_jax.train import main
 from tests.test_faults import small, snapshot
 
@@ -206,8 +206,8 @@ def test_odd_workdirs_are_one_line(tiny_model_dir, tmp_path, capsys, where):
 @pytest.fixture(scope="module")
 def stopped(tiny_model_dir, tmp_path_factory):
     """A run stopped at step 2 of 6 (checkpoint saved), as a preemption leaves it."""
-    from spafit_jax import config as config_lib
-    from spafit_jax.train import train_and_evaluate
+    from spafit_jax.config import files as config_lib
+    from spafit_jax.training.trainer import train_and_evaluate
 
     work = tmp_path_factory.mktemp("stopped")
     cfg = config_lib.load_config([], small(tiny_model_dir, "train.max_steps=6", "train.epochs=10"))

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from spafit_jax import experiment, export, hf, outputs, peft_io, predict, weights
+from spafit_jax import experiment, export, predict
+from spafit_jax.after_training import exporting
+from spafit_jax.models import hf, peft_io, weights
+from spafit_jax.after_training import outputs
 from spafit_jax.errors import SpafitError
 from spafit_jax.train import main as train_main
 from tests.test_faults import small
@@ -64,7 +67,7 @@ def run(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(run):
-    from spafit_jax.run import load_run
+    from spafit_jax.after_training.run import load_run
 
     return load_run(run)
 
@@ -239,7 +242,7 @@ def test_the_run_api_refuses_bad_arguments_in_one_line(loaded, run, name, call, 
 
 @pytest.mark.parametrize("step", [2.7, True, "2.7", -2, None])
 def test_load_run_refuses_a_step_that_is_no_whole_number(run, step):
-    from spafit_jax.run import load_run
+    from spafit_jax.after_training.run import load_run
 
     assert "step number" in raised(lambda: load_run(run, step), run)
 
@@ -301,10 +304,10 @@ EXPORTS = [
 @pytest.fixture(scope="module")
 def earlier(run, tmp_path_factory):
     """An earlier peft export of the run (a template copied into each case's folder)."""
-    from spafit_jax.run import load_run
+    from spafit_jax.after_training.run import load_run
 
     out = tmp_path_factory.mktemp("earlier") / "exp"
-    export.export(load_run(run), out, "peft")
+    exporting.export(load_run(run), out, "peft")
     return out
 
 
@@ -464,7 +467,7 @@ def test_export_overwrite_replaces_the_folder_whole_and_keeps_it_when_the_new_ex
         (folder / "config.json").write_text("{}")
         raise OSError(28, "No space left on device", str(folder / "model.safetensors"))
 
-    monkeypatch.setattr(export, "export_hf", broken)
+    monkeypatch.setattr(exporting, "export_hf", broken)
     line = refused(export.main, ["--workdir", run, "--out", user / "exp", "--format", "hf", "--overwrite"], capsys,
                    user, run)
     assert "No space left on device" in line and state(user / "exp") == old

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from spafit_jax import checkpoint, hf, outputs, predict, report, rundir, tpu_specs
+from spafit_jax.training import checkpoint, rundir
+from spafit_jax.models import hf
+from spafit_jax.after_training import outputs
+from spafit_jax import predict, report
+from spafit_jax.tpu import specs as tpu_specs
 from spafit_jax.errors import ConfigError, LoadError
 from spafit_jax.train import main as train_main
 from tests.test_faults import one_error_line, small, snapshot
@@ -123,7 +127,7 @@ def test_a_resume_that_changes_the_batches_is_refused_naming_the_field(stopped, 
 
 
 def test_every_batch_field_names_a_config_field():
-    from spafit_jax.config import Config
+    from spafit_jax.config.files import Config
 
     cfg = Config()
     for name in {**rundir.BATCH_FIELDS, **rundir.SCORE_FIELDS}:
@@ -148,7 +152,7 @@ def _small_vocab(tiny_model_dir, folder):
     """A model of 1,000 tokens (its own weights) beside MiniLM's tokenizer, whose ids reach 30,521."""
     import jax
 
-    from spafit_jax.bert import BertConfig, BertForSequenceClassification
+    from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
     from tests.conftest import TINY
 
     config = BertConfig(**dict(TINY, vocab_size=1000))
@@ -254,8 +258,8 @@ def test_closed_event_loop_reports_of_a_failed_restore_are_dropped_and_others_ke
 def test_a_truncated_newest_checkpoint_falls_back_with_one_warning(tiny_model_dir, tmp_path, capfd, caplog):
     import gc
 
-    from spafit_jax import config as config_lib
-    from spafit_jax.train import train_and_evaluate
+    from spafit_jax.config import files as config_lib
+    from spafit_jax.training.trainer import train_and_evaluate
 
     extra = ("train.max_steps=4", "train.epochs=10", "checkpoint.every=2", "checkpoint.keep=3")
     assert train_and_evaluate(config_lib.load_config([], small(tiny_model_dir, *extra)), tmp_path,

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from spafit_jax import intervals
+from spafit_jax.experiments import intervals
 
 
 def _logits(labels, right):
@@ -138,7 +138,7 @@ def test_predictions_from_logits_and_scores():
 @pytest.mark.filterwarnings("ignore:A single label")
 @pytest.mark.parametrize("metric", ["accuracy", "f1", "macro_f1", "matthews_correlation"])
 def test_confusion_metrics_match_scikit_learn_on_resamples(metric):
-    from spafit_jax import metrics
+    from spafit_jax.data import metrics
 
     rng = np.random.default_rng(7)
     labels = rng.integers(0, 4 if metric != "f1" else 2, 60)

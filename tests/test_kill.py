@@ -293,7 +293,7 @@ def final_state(workdir: Path) -> dict:
     import numpy as np
     import orbax.checkpoint as ocp
 
-    from spafit_jax import checkpoint
+    from spafit_jax.training import checkpoint
 
     with checkpoint.Checkpointer(workdir / "checkpoints", fingerprint={}, keep=2, keep_best=False,
                                  best_metric=None) as ck:

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from spafit_jax import batching, frozen, loop
-from spafit_jax.config import load_config
-from spafit_jax.steps import DivergedError
+from spafit_jax.data import batching
+from spafit_jax.training import frozen, loop
+from spafit_jax.config.files import load_config
+from spafit_jax.training.steps import DivergedError
 from tests.test_batching import encoded
 
 class Writer:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from spafit_jax.bert import BertConfig, BertForSequenceClassification
+from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
 from spafit_jax.errors import ConfigError
-from spafit_jax.hf import load_pretrained
+from spafit_jax.models.hf import load_pretrained
 from spafit_jax.lora import TARGETS, LoRA, LoRAConfig, adapters, merge, unmerge
 from tests.conftest import TINY
 from tests.test_hf import inputs  # the shared padded, sentence-pair batch
@@ -453,7 +453,7 @@ def torch_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def torch_weights(torch_dir):
     """The torch model's weights mapped to our layout (what `load_pretrained` reads; its `lora=` is tested above)."""
-    from spafit_jax.weights import read_weights
+    from spafit_jax.models.weights import read_weights
 
     if torch_dir is None:
         return None

@@ -495,7 +495,7 @@ def test_optimizer_bad_settings():
 
 # ----------------------------------------------------------------------------- packaging / docs
 def test_import_is_light():
-    heavy = ("transformers", "datasets", "torch", "sklearn", "matplotlib", "spafit_jax.bert", "spafit_jax.hf")
+    heavy = ("transformers", "datasets", "torch", "sklearn", "matplotlib", "spafit_jax.models.bert", "spafit_jax.models.hf")
     code = (f"import sys, spafit_jax.masking; light = 'flax' not in sys.modules; import spafit_jax.lora; "
             f"print(light, ' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

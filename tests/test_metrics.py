@@ -1,4 +1,4 @@
-"""Tests for spafit_jax.metrics against hand-computed values and independent numpy formulas."""
+"""Tests for spafit_jax.data.metrics against hand-computed values and independent numpy formulas."""
 
 import dataclasses
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from spafit_jax import metrics, tasks
+from spafit_jax.data import metrics, tasks
 from spafit_jax.errors import DataError
 
 

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from spafit_jax import families, hf, masking, peft_io, weights
+from spafit_jax.models import families, hf, peft_io, weights
+from spafit_jax import masking
 from spafit_jax import lora as lora_lib
 from spafit_jax.errors import ConfigError, MaskingError
 from spafit_jax.lora import LoRAConfig
 from spafit_jax.methods import LORA_TARGETS
-from spafit_jax.modernbert import ModernBertConfig, ModernBertModel
+from spafit_jax.models.modernbert import ModernBertConfig, ModernBertModel
 from tests import peers
 from tests.test_predict import data_dir  # noqa: F401 (session fixture: small csv files)
 
@@ -241,7 +242,7 @@ def test_config_of_transformers_4_and_bad_settings_are_one_line():
 def test_bias_free_model_trains_norm_scales_in_place_of_biases():
     """ModernBERT has no biases: SPAFIT's stratum 2 trains the norm scales of its layers (stratum 3: LoRA + them),
     bitfit all layer norm scales; a stratum with nothing to train is an error, not a silent no-op."""
-    from spafit_jax.modernbert import ModernBertForSequenceClassification
+    from spafit_jax.models.modernbert import ModernBertForSequenceClassification
 
     cfg = ModernBertConfig(vocab_size=50, **{k: v for k, v in SIZES.items() if k != "num_labels"})
     lora = LoRAConfig(rank=2, targets=("query", "value"), layers=(2, 3))
@@ -287,8 +288,8 @@ def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_expo
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from spafit_jax import export as export_lib
-    from spafit_jax.run import load_run
+    from spafit_jax.after_training import exporting
+    from spafit_jax.after_training.run import load_run
     from spafit_jax.train import main
 
     st = torch_mb[0]
@@ -301,8 +302,8 @@ def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_expo
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "norm scale-only 1..1, LoRA + norm scale 2..3" in out and "no biases" in out
-    from spafit_jax import config as config_lib
-    from spafit_jax import loading
+    from spafit_jax.config import files as config_lib
+    from spafit_jax.training import loading
 
     kinds = ["frozen", "norm scale only", "LoRA + norm scale", "LoRA + norm scale"]  # the strata picture's rows
     assert loading.plan_of_shapes(config_lib.load_config([], argv[:-2])).layer_kinds() == kinds
@@ -315,7 +316,7 @@ def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_expo
     texts = ["the market rose", "a good film won the vote and the bank fell " * 2, "team"]
     pairs = ["new phone", "old game lost", "big small bad"]
     ours = run.logits(texts, pairs, batch_size=2)
-    export_lib.export(run, tmp_path / "hf", "hf")
+    exporting.export(run, tmp_path / "hf", "hf")
     tmodel, info = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf"), output_loading_info=True,
                                                                       attn_implementation="eager")
     assert not any(info.values()), info
@@ -325,20 +326,20 @@ def test_spafit_command_line_run_then_predict_equals_transformers_on_the_hf_expo
     with torch.no_grad():
         theirs = tmodel.eval()(**enc).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=ATOL)
-    export_lib.export(run, tmp_path / "flax", "flax")  # our own format: config.json in ModernBERT's names
+    exporting.export(run, tmp_path / "flax", "flax")  # our own format: config.json in ModernBERT's names
     assert json.loads((tmp_path / "flax" / "config.json").read_text())["norm_eps"] == 1e-5
     model, params = hf.load_pretrained(tmp_path / "flax", num_labels=3)
     ids, mask = batch(model.config.vocab_size, model.config.pad_token_id)
     np.testing.assert_allclose(model.apply({"params": params}, ids, mask),
                                run.model.apply({"params": run.params}, ids, mask), atol=ATOL)
     with pytest.raises(ConfigError, match="slices of ModernBERT's fused attn.Wqkv"):  # query and value
-        export_lib.export(run, tmp_path / "peft", "peft")
+        exporting.export(run, tmp_path / "peft", "peft")
     assert not (tmp_path / "peft").exists()
 
 
 def test_tokenizer_folder_reads_as_modernberts_cls_a_sep_b_sep(tmp_path):
     """ModernBERT's tokenizer is a fast tokenizer.json (no token types): our loader and encoder read it as it is."""
-    from spafit_jax.tokens import Examples, encode
+    from spafit_jax.data.tokens import Examples, encode
 
     made = make_tokenizer(tmp_path)
     tok = hf.load_tokenizer(tmp_path)

@@ -5,7 +5,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from spafit_jax import config as config_lib
+from spafit_jax.config import files as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,10 +7,11 @@ import numpy as np
 import optax
 import pytest
 
-from spafit_jax import batching, frozen, packing, steps
-from spafit_jax.config import load_config
+from spafit_jax.data import batching, packing
+from spafit_jax.training import frozen, steps
+from spafit_jax.config.files import load_config
 from spafit_jax.errors import ConfigError, DataError
-from spafit_jax.tokens import Encoded
+from spafit_jax.data.tokens import Encoded
 
 T, K = 64, 4
 
@@ -239,7 +240,7 @@ def test_frozen_cache_rows_are_the_examples_states_one_after_the_other():
 
 
 def test_loop_batches_are_packings_and_the_cache_fills_each_segment():
-    from spafit_jax import loop
+    from spafit_jax.training import loop
 
     enc = encoded(lengths_of(60, seed=4, hi=30), seed=4)
     cfg = load_config(overrides=["train.batch_size=8", "train.seed=3", "data.max_length=64", "data.packing=true",
@@ -311,7 +312,7 @@ def test_packed_step_equals_the_unpacked_step_of_the_same_examples(regression, g
 def _model_packs() -> bool:
     import inspect
 
-    from spafit_jax.bert import BertForSequenceClassification
+    from spafit_jax.models.bert import BertForSequenceClassification
 
     return "segment_starts" in inspect.signature(BertForSequenceClassification.__call__).parameters
 
@@ -328,11 +329,13 @@ PACKED_RUN = ["data.task=tweets", "data.limit_train=64", "data.limit_eval=40", "
 @pytest.mark.slow
 @needs_model
 def test_packed_run_evaluates_and_predicts_each_example_as_unpacked(tmp_path, tiny_model_dir):
-    from spafit_jax import data, metrics, rundir, train
-    from spafit_jax.run import load_run
+    from spafit_jax.data import pipeline as data, metrics
+    from spafit_jax.training import rundir
+    from spafit_jax.training import trainer
+    from spafit_jax.after_training.run import load_run
 
     overrides = [f"model.name={tiny_model_dir}", *PACKED_RUN]
-    done = train.train_and_evaluate(load_config([], overrides), tmp_path / "run")
+    done = trainer.train_and_evaluate(load_config([], overrides), tmp_path / "run")
     r = done.results
     assert r.compiled_shapes == 1 and r.steps == 4
     assert r.packing["max_segments"] == 4 and r.packing["segments_per_row"] > 1.5

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from spafit_jax.bert import (BertConfig, BertForSequenceClassification, attention_bias, first_tokens, segment_mask,
-                             segment_positions)
-from spafit_jax.deberta import DebertaConfig, DebertaForSequenceClassification
+from spafit_jax.models.bert import (
+    BertConfig, BertForSequenceClassification, attention_bias, first_tokens, segment_mask, segment_positions,
+)
+from spafit_jax.models.deberta import DebertaConfig, DebertaForSequenceClassification
 from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRAConfig
-from spafit_jax.modernbert import ModernBertConfig, ModernBertForSequenceClassification
+from spafit_jax.models.modernbert import ModernBertConfig, ModernBertForSequenceClassification
 
 ATOL = 1e-5
 T, K, C = 16, 3, 3

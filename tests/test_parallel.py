@@ -17,9 +17,9 @@ import time
 import jax
 import pytest
 
-from spafit_jax import parallel
+from spafit_jax.training import parallel
 from spafit_jax.errors import ConfigError
-from spafit_jax.schema import PARALLEL_MODES, ParallelConfig
+from spafit_jax.config.schema import PARALLEL_MODES, ParallelConfig
 from tests.parallel_worker import PYTHON, ROOT, Procs, assert_same_run, dropout_free_copy, env, once, tail, tiny_run
 
 pytestmark = pytest.mark.xdist_group("parallel")  # and `once` shares the runs if xdist splits the module

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from spafit_jax import hf, peft_io
+from spafit_jax.models import hf, peft_io
 from spafit_jax.errors import ConfigError
 from tests.test_modernbert import ATOL, batch, torch_mb  # noqa: F401 (module fixture: a tiny random ModernBERT)
 from tests.test_predict import data_dir, torch_base_dir  # noqa: F401 (session fixtures: csv files, a tiny BERT)
@@ -36,7 +36,8 @@ def test_peft_export_of_norm_scales_loads_in_peft_with_our_logits(torch_mb, data
     from transformers import AutoModelForSequenceClassification
 
     from spafit_jax import export as export_lib
-    from spafit_jax.run import load_run
+    from spafit_jax.after_training import exporting
+    from spafit_jax.after_training.run import load_run
     from spafit_jax.train import main
 
     st, _, tmodel = torch_mb
@@ -73,7 +74,7 @@ def test_peft_export_of_norm_scales_loads_in_peft_with_our_logits(torch_mb, data
         reset = peft(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     assert np.abs(reset - theirs).max() > 1e-3
 
-    export_lib.export(run, tmp_path / "hf", "hf")
+    exporting.export(run, tmp_path / "hf", "hf")
     merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager")
     with torch.no_grad():
         np.testing.assert_allclose(merged.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy(),
@@ -90,9 +91,9 @@ def test_peft_export_of_norm_scales_loads_in_peft_with_our_logits(torch_mb, data
     (["method.lora_targets=[query,value]"], "slices of ModernBERT's fused attn.Wqkv"),
 ])
 def test_plans_peft_cannot_carry_are_refused_in_one_line(torch_mb, data_dir, extra, match):  # noqa: F811
-    from spafit_jax import config as config_lib
-    from spafit_jax import loading
-    from spafit_jax.peft_io import peft_parts
+    from spafit_jax.config import files as config_lib
+    from spafit_jax.training import loading
+    from spafit_jax.models.peft_io import peft_parts
 
     plan = loading.plan_of_shapes(config_lib.load_config([], argv(torch_mb[0], data_dir, *extra)))
     with pytest.raises(ConfigError, match=match) as e:
@@ -107,8 +108,8 @@ def test_peft_norms_name_each_trained_norm_module_from_the_root():
     import jax.numpy as jnp
 
     from spafit_jax import masking
-    from spafit_jax.bert import BertConfig, BertForSequenceClassification
-    from spafit_jax.peft_io import peft_norms
+    from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
+    from spafit_jax.models.peft_io import peft_norms
     from spafit_jax.lora import LoRAConfig
 
     cfg = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=3, num_attention_heads=2, intermediate_size=8,
@@ -127,8 +128,8 @@ def test_peft_norms_name_each_trained_norm_module_from_the_root():
 def test_bert_with_trained_layernorms_exports_to_peft_with_our_outputs(torch_base_dir, data_dir, tmp_path):  # noqa: F811
     """BERT's SPAFIT with train_layernorm: both LayerNorms (scale and bias) of each trained layer go whole into
     modules_to_save beside bias="all"; PeftModel on the base gives our probabilities."""
-    from spafit_jax.export import export
-    from spafit_jax.run import load_run
+    from spafit_jax.after_training.exporting import export
+    from spafit_jax.after_training.run import load_run
     from tests.conftest import TINY
     from tests.test_export import eval_texts, peft_model, torch_outputs
     from tests.test_predict import train

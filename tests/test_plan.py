@@ -1,4 +1,4 @@
-"""Tests of spafit_jax.plan (the trainability plan built once per run) and of the owners of each fact."""
+"""Tests of spafit_jax.training.plan (the trainability plan built once per run) and of the owners of each fact."""
 
 import re
 from pathlib import Path
@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import pytest
 
 from spafit_jax import masking
-from spafit_jax.bert import BertConfig, BertForSequenceClassification
-from spafit_jax.config import MethodConfig
+from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
+from spafit_jax.config.files import MethodConfig
 from spafit_jax.errors import MaskingError
-from spafit_jax.plan import make_plan
+from spafit_jax.training.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=6, num_attention_heads=2, intermediate_size=24,
@@ -126,16 +126,16 @@ FACTS = [
     ("methods", r'"full",\s*"bitfit"', "spafit_jax/methods.py"),
     ("trainable labels", r'"weight",\s*"bias",\s*"layernorm"', "spafit_jax/methods.py"),
     ("LoRA targets", r'"attention_output",\s*"intermediate"', "spafit_jax/methods.py"),
-    ("GLUE tasks", r'"sst2"', "spafit_jax/tasks.py"),
-    ("paddings", r'"bucket",\s*"max_length"', "spafit_jax/batching.py"),
-    ("parallel modes", r'"mesh",\s*"pmap"', "spafit_jax/schema.py"),
-    ("dtypes", r'"float32",\s*"bfloat16"', "spafit_jax/schema.py"),
+    ("GLUE tasks", r'"sst2"', "spafit_jax/data/tasks.py"),
+    ("paddings", r'"bucket",\s*"max_length"', "spafit_jax/data/batching.py"),
+    ("parallel modes", r'"mesh",\s*"pmap"', "spafit_jax/config/schema.py"),
+    ("dtypes", r'"float32",\s*"bfloat16"', "spafit_jax/config/schema.py"),
     ("the frozen label", r'"frozen"', "spafit_jax/methods.py"),
 ]
 
 
 @pytest.mark.parametrize("what,literal,owner", FACTS, ids=[f[0] for f in FACTS])
 def test_each_list_is_written_once(what, literal, owner):
-    sources = sorted((ROOT / "spafit_jax").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
+    sources = sorted((ROOT / "spafit_jax").rglob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
     holders = [p.relative_to(ROOT).as_posix() for p in sources if re.search(literal, p.read_text())]
     assert holders == [owner], f"{what} written in {holders}; only {owner} may list them"

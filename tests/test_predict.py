@@ -13,12 +13,12 @@ import sys
 import numpy as np
 import pytest
 
-from spafit_jax import config as config_lib
+from spafit_jax.config import files as config_lib
 from spafit_jax.errors import CheckpointError, LoadError
 from spafit_jax.predict import main
-from spafit_jax.rundir import save_assets
-from spafit_jax.run import TASK, TOKENIZER, load_run
-from spafit_jax.train import train_and_evaluate
+from spafit_jax.training.rundir import save_assets
+from spafit_jax.after_training.run import TASK, TOKENIZER, load_run
+from spafit_jax.training.trainer import train_and_evaluate
 from tests.conftest import TINY
 
 WORDS = "the a market film vote match phone rose fell won lost new old big small good bad team bank game".split()

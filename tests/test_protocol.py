@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from spafit_jax import protocol
+from spafit_jax.experiments import protocol_report
 
 N = 240
 METHODS = {"alpha": 0.78, "beta": 0.70}  # each method's mean accuracy
@@ -116,7 +117,7 @@ def test_seeds_that_disagree_give_wider_intervals_than_examples_only(published):
 
 def test_seeds_that_agree_give_the_examples_only_interval(tmp_path):
     exp = make_exp(tmp_path, spread=0.0, rng_seed=1)
-    rows = protocol.rows(protocol.collect(exp), resamples=4000)
+    rows = protocol_report.rows(protocol_report.collect(exp), resamples=4000)
     beta = next(r for r in rows if r["method"] == "beta")
     width = beta["examples_high"] - beta["examples_low"]
     assert beta["low"] == pytest.approx(beta["examples_low"], abs=0.08 * width)
@@ -239,7 +240,7 @@ def test_outputs_that_are_not_ours_are_refused(tmp_path):
 
 
 def test_scrub_drops_machine_paths_and_keeps_the_rest(tmp_path):
-    from spafit_jax import evidence
+    from spafit_jax.experiments import evidence
 
     exp = tmp_path / "EXP"
     record = {"workdir": str(exp / "runs/t/m/seed1"), "model": "/opt/models/all-MiniLM-L6-v2",

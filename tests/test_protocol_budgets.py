@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from spafit_jax import expstate, protocol, results, selection, seedruns
-from spafit_jax.devsplit import Split
+from spafit_jax.experiments import expstate, selection, seedruns
+from spafit_jax import protocol
+from spafit_jax.experiments import protocol_report
+from spafit_jax.training import results
+from spafit_jax.experiments.devsplit import Split
 
 N = 300
 DEV = {"bitfit-short": {1e-3: 0.6, 1e-2: 0.7, 0.1: 0.65},  # top edge, extended once: bracketed
@@ -168,7 +171,7 @@ def test_a_bad_choice_field_is_one_line(exp, tmp_path):
 
 
 def test_dev_curves_have_a_panel_per_budget_and_a_line_per_value_of_the_other_keys(exp, tmp_path):
-    from spafit_jax import protocol_plots
+    from spafit_jax.experiments import protocol_plots
 
     index = json.loads((exp["work"] / "selection.json").read_text())
     for i, e in enumerate(index["search"]):  # as if each method searched a second key (SPAFIT's n1) with the rate
@@ -183,12 +186,12 @@ def test_dev_curves_have_a_panel_per_budget_and_a_line_per_value_of_the_other_ke
 
 
 def test_family_and_the_commit_line_without_selections_record():
-    assert protocol.family("lora-long", "long") == "lora" and protocol.family("spafit-1-3", None) == "spafit-1-3"
-    assert protocol.family("long", "long") == "long"  # a method named like its budget keeps its name
+    assert protocol_report.family("lora-long", "long") == "lora" and protocol_report.family("spafit-1-3", None) == "spafit-1-3"
+    assert protocol_report.family("long", "long") == "long"  # a method named like its budget keeps its name
     rows = [{"commits": "abc1234"}, {"commits": "abc1234, def5678"}, {"commits": ""}]
     mixed = "Code: MIXED COMMITS: abc1234, def5678; each row's commits are in protocol.csv."
-    assert protocol.commits_note({}, rows) == mixed
-    assert protocol.commits_note({}, rows[:1]) == "Code: commit abc1234."
-    assert protocol.commits_note({}, rows[2:]) == "Code: the cells recorded no commit."
-    assert protocol.commits_note({"commits": {"c" * 12: 4}, "mixed_commits": False}, rows) == (
+    assert protocol_report.commits_note({}, rows) == mixed
+    assert protocol_report.commits_note({}, rows[:1]) == "Code: commit abc1234."
+    assert protocol_report.commits_note({}, rows[2:]) == "Code: the cells recorded no commit."
+    assert protocol_report.commits_note({"commits": {"c" * 12: 4}, "mixed_commits": False}, rows) == (
         f"Code: every finished cell ran on commit {'c' * 12} (4 cells).")

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from spafit_jax import config as config_lib
-from spafit_jax import pictures, report, rundir, tables
+from spafit_jax.config import files as config_lib
+from spafit_jax.experiments import pictures, tables
+from spafit_jax import report
+from spafit_jax.experiments import reporting
+from spafit_jax.training import rundir
 
 # method label -> (config overrides, trainable params, accuracy of seed 0 on task "a"); "b" scores 0.1 less.
 METHODS = {
@@ -63,7 +66,7 @@ def exp(tiny_model_dir, tmp_path_factory):
     (root / "runs/a/unfinished/seed0").mkdir(parents=True)
     (root / "runs/b/damaged/seed0").mkdir(parents=True)
     (root / "runs/b/damaged/seed0/results.json").write_text('{"task": "b", "meth')
-    return root, report.write_report(root)
+    return root, reporting.write_report(root)
 
 
 def test_summary_csv_has_a_row_per_run_with_its_numbers(exp):

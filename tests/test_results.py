@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from spafit_jax import results
+from spafit_jax.training import results
 
 
 def record(**kw):

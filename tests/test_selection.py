@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from spafit_jax import protocol, selection
+from spafit_jax import protocol
+from spafit_jax.experiments import selection
 from spafit_jax.experiment import main
 
 TINY_RUN = {"data.limit_train": 48, "data.limit_eval": 24, "data.max_length": 32, "train.batch_size": 8,
@@ -181,8 +182,8 @@ def test_a_task_can_have_its_own_dev_size():
 
 
 def test_a_named_dev_split_must_be_neither_the_train_nor_the_test_split():
-    from spafit_jax.config import load_config
-    from spafit_jax.devsplit import carve
+    from spafit_jax.config.files import load_config
+    from spafit_jax.experiments.devsplit import carve
 
     data = load_config([], ["data.task=bbc_news"]).data
     for name, what in (("train", "train"), ("validation", "test")):
@@ -201,16 +202,16 @@ def retry_experiment(root: Path, tiny_model_dir, seeds, extend) -> Path:
 
 def failing(monkeypatch, folders: str):
     """train_and_evaluate fails (a DataError, as a broken disk or file would) for run folders containing `folders`."""
-    from spafit_jax import train
+    from spafit_jax.training import trainer
     from spafit_jax.errors import DataError
 
-    real = train.train_and_evaluate
+    real = trainer.train_and_evaluate
 
     def fake(cfg, workdir=None, **kw):
         if folders in str(workdir):
             raise DataError("the data disk is gone; mount it again")
         return real(cfg, workdir, **kw)
-    monkeypatch.setattr(train, "train_and_evaluate", fake)
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake)
 
 
 def test_a_search_whose_every_cell_failed_is_retried_once_the_cause_is_fixed(tiny_model_dir, tmp_path, monkeypatch):

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spafit_jax import masking, optimizer, steps
-from spafit_jax.bert import BertConfig, BertForSequenceClassification
+from spafit_jax import masking
+from spafit_jax.training import optimizer, steps
+from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
 from spafit_jax.methods import FROZEN
-from spafit_jax.plan import make_plan
-from spafit_jax.schema import MethodConfig
+from spafit_jax.training.plan import make_plan
+from spafit_jax.config.schema import MethodConfig
 
 CFG = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
                  intermediate_size=256, max_position_embeddings=64)

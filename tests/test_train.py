@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from spafit_jax import config as config_lib
-from spafit_jax import results
+from spafit_jax.config import files as config_lib
+from spafit_jax.training import results
 from spafit_jax.errors import CheckpointError
 from spafit_jax.methods import FROZEN
-from spafit_jax.train import main, train_and_evaluate
+from spafit_jax.train import main
+from spafit_jax.training.trainer import train_and_evaluate
 from tests.parallel_worker import signal_after_records
 
 
@@ -28,7 +29,7 @@ def cfg(model_dir, *extra):
 
 
 def data_labels():
-    from spafit_jax import tasks
+    from spafit_jax.data import tasks
 
     return list(tasks.get_task("bbc_news").label_names)
 
@@ -219,7 +220,7 @@ def test_the_command_line_keeps_compiled_steps_in_a_user_cache_unless_told_other
         assert done.returncode == 0, done.stderr[-2000:]
 
     default = tmp_path / "xdg" / "spafit_jax" / "jax"
-    probe = "from spafit_jax.compiling import use_compile_cache; print(use_compile_cache())"
+    probe = "from spafit_jax.training.compiling import use_compile_cache; print(use_compile_cache())"
     for setting, expect in (("off", "None"), (str(tmp_path / "mine"), str(tmp_path / "mine")), ("", str(default))):
         out = subprocess.run([sys.executable, "-c", probe], env={**e, "SPAFIT_COMPILE_CACHE": setting},
                              capture_output=True, text=True, timeout=300)

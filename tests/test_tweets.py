@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spafit_jax import config as config_lib
-from spafit_jax import data, tasks, tweets
+from spafit_jax.config import files as config_lib
+from spafit_jax.data import pipeline as data, tasks, tweets
 from spafit_jax.errors import DataError
-from spafit_jax.schema import DataConfig
+from spafit_jax.config.schema import DataConfig
 from spafit_jax.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
