@@ -12,7 +12,6 @@ import sys
 from spafit_jax.tpu import specs as tpu_specs
 from spafit_jax.config.files import load_config
 from spafit_jax.errors import DataError
-from spafit_jax.errors import SpafitError
 from spafit_jax.tpu import epoch
 
 
@@ -42,9 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: 0, or 2 with one line for bad input."""
+    """Command-line entry point (`cli.run_command`): 0, or 2 with one line for bad input."""
+    from spafit_jax import cli
+
     args = build_parser().parse_intermixed_args(argv)
-    try:
+
+    def show(r):  # each program as it compiles (they can take minutes each): JSON on stdout, else a line
+        if args.json:
+            print(json.dumps(r), flush=True)
+        elif args.compile == "all":
+            print(f"compiled {r['strategy']} {r['program']}: est. step {epoch.seconds_text(r['est_step_seconds'])} s in "
+                  f"{r['compile_seconds']:.0f} s", file=sys.stderr, flush=True)
+
+    def work() -> int:
         cfg = load_config(args.config, args.overrides)
         tpu_specs.prepare(compile_cache=False)
         if args.eval_lengths and not args.lengths:
@@ -54,22 +63,14 @@ def main(argv: list[str] | None = None) -> int:
             evl = epoch.read_lengths(args.eval_lengths, cfg.data.max_length) if args.eval_lengths else None
         else:
             train, evl = epoch.task_lengths(cfg, args.tokenizer or cfg.model.name)
-        def show(r):  # each program as it compiles (they can take minutes each): JSON on stdout, else a line
-            if args.json:
-                print(json.dumps(r), flush=True)
-            elif args.compile == "all":
-                print(f"compiled {r['strategy']} {r['program']}: est. step {epoch._seconds(r['est_step_seconds'])} s in "
-                      f"{r['compile_seconds']:.0f} s", file=sys.stderr, flush=True)
-
         records = epoch.estimate(cfg, args.topology, train, evl, compile_=args.compile == "all", progress=show)
-    except SpafitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print("\n".join(json.dumps(r) for r in records if r["record"] != "aot_epoch_program"))
-    else:
-        print(epoch.format_text(records))
-    return 0
+        if args.json:
+            print("\n".join(json.dumps(r) for r in records if r["record"] != "aot_epoch_program"))
+        else:
+            print(epoch.format_text(records))
+        return 0
+
+    return cli.run_command(work, compile_cache=False)
 
 
 if __name__ == "__main__":

@@ -58,9 +58,10 @@ def test_epoch_batches_are_the_trainers_batches():
 
     p = epoch.packed_batches(_cfg("data.packing=true"), train, evl, devices=1)
     r = p["rows_per_step"]
-    assert r == packing.rows_per_step(train, 16, max_length=T, max_segments=K, seed=0)
-    shapes, frac = _seen(packing.train_batches(tr, 16, r, max_segments=K, seed=0, epoch=0))
-    assert dict(p["shapes"]["train"]) == shapes == {(r, T): len(train) // 16}  # one train program
+    lay = packing.layout(train, 16, max_length=T, max_segments=K, seed=0)
+    assert r == lay.rows
+    shapes, frac = _seen(packing.train_batches(tr, lay, max_segments=K, seed=0, epoch=0))
+    assert dict(p["shapes"]["train"]) == shapes == {(r, T): lay.steps}  # one train program
     assert p["real_token_fraction"]["train"] == pytest.approx(frac)
     slots, per = packing.eval_rows(ev, 16, max_segments=K)
     shapes, frac = _seen(batch for _, batch in packing.eval_batches(ev, slots, per))
@@ -105,7 +106,9 @@ def test_estimate_compiles_the_packed_programs_and_adds_up_the_epoch(libtpu, tmp
         for kind, total in (("train", "est_train_epoch_seconds"), ("eval", "est_eval_seconds")):
             mine = [r for r in progs if r["kind"] == kind]
             assert summary[total] == pytest.approx(sum(r["est_step_seconds"] * r["batches"] for r in mine))
-        assert summary["train_steps"] == len(train) // 16 and "estimate" in summary["estimate"]
+        steps = len(train) // 16 if strategy == "bucketed" else packing.layout(  # v5e:2x2: 4 devices
+            train, 16, max_length=T, max_segments=K, seed=0, multiple=4).steps
+        assert summary["train_steps"] == steps and "estimate" in summary["estimate"]
     packed = [r for r in records if r.get("strategy") == "packed" and r["record"] == "aot_epoch"][0]
     assert (packed["train_programs"], packed["eval_programs"]) == (1, 1)
 

@@ -109,10 +109,10 @@ def packed_batches(cfg: Config, train: np.ndarray, evl: np.ndarray | None, devic
     """The packed epoch (data.packing=true): {"train"/"eval": {(rows, length): batches}}, R and the fractions."""
     t, d = cfg.train, cfg.data
     k, m = d.max_segments, d.max_length
-    r = packing.rows_per_step(train, t.batch_size, max_length=m, max_segments=k, seed=t.seed,
-                              multiple=devices * t.grad_accum)
-    slots = packing.train_slots(train, t.batch_size, r, max_length=m, max_segments=k, seed=t.seed, epoch=0)
-    steps = slots.shape[0]
+    lay = packing.layout(train, t.batch_size, max_length=m, max_segments=k, seed=t.seed,
+                         multiple=devices * t.grad_accum)
+    slots = packing.train_slots(train, lay, max_length=m, max_segments=k, seed=t.seed, epoch=0)
+    steps, r = lay.steps, lay.rows
     held = packing.packed_examples(slots)
     shapes = {"train": collections.Counter({(r, m): steps}), "eval": collections.Counter()}
     fraction = {"train": float(train[held].sum()) / (steps * r * m), "eval": None}
@@ -189,7 +189,8 @@ def estimate(cfg: Config, topology: str, train: np.ndarray, evl: np.ndarray | No
     return records
 
 
-def _seconds(x) -> str:
+def seconds_text(x) -> str:
+    """A number of seconds (or a ratio) to three significant digits; "-" for None."""
     return "-" if x is None else f"{x:.3g}"
 
 
@@ -199,18 +200,18 @@ def format_text(records: list[dict]) -> str:
     for r in records:
         if r["record"] == "aot_epoch_program":
             lines.append(f"  {r['strategy']:<8} {r['program']:<24} x {r['batches']:>6} batches  est. step "
-                         f"{_seconds(None if r['est_step_seconds'] is None else r['est_step_seconds'] * 1e3)} ms  "
+                         f"{seconds_text(None if r['est_step_seconds'] is None else r['est_step_seconds'] * 1e3)} ms  "
                          f"compile {r['compile_seconds']:.1f} s{'' if r['fits'] is not False else '  DOES NOT FIT'}")
         elif r["record"] == "aot_epoch":
             fr = r["real_token_fraction"]
             lines.append(f"{r['strategy']}: {r['train_steps']} train steps over {r['train_programs']} program(s), "
                          f"{r['eval_batches']} eval batches over {r['eval_programs']}; real tokens train "
                          f"{fr['train']:.3f}" + ("" if fr["eval"] is None else f", eval {fr['eval']:.3f}")
-                         + f"; est. epoch {_seconds(r['est_train_epoch_seconds'])} s, est. eval "
-                         f"{_seconds(r['est_eval_seconds'])} s; {r['compile_count']} compiles"
+                         + f"; est. epoch {seconds_text(r['est_train_epoch_seconds'])} s, est. eval "
+                         f"{seconds_text(r['est_eval_seconds'])} s; {r['compile_count']} compiles"
                          + ("" if r["compile_seconds_here"] is None else f", {r['compile_seconds_here']:.0f} s here"))
         else:
-            lines.append(f"packed / bucketed: est. epoch x{_seconds(r['est_train_epoch_ratio'])}, est. eval "
-                         f"x{_seconds(r['est_eval_ratio'])}, compiles x{_seconds(r['compile_count_ratio'])}")
+            lines.append(f"packed / bucketed: est. epoch x{seconds_text(r['est_train_epoch_ratio'])}, est. eval "
+                         f"x{seconds_text(r['est_eval_ratio'])}, compiles x{seconds_text(r['compile_count_ratio'])}")
             lines.append(f"({r['estimate']})")
     return "\n".join(lines)
