@@ -115,7 +115,7 @@ def test_cache_holds_real_lengths_and_its_batches_the_right_rows(nodrop):
     (["train.cache_max_gb=1e-9"], "above train.cache_max_gb=1e-09"),
 ])
 def test_refusals_are_one_line(nodrop, tmp_path, capsys, extra, words):
-    argv = [*tiny_run(nodrop), "train.cache_frozen=true", *extra]
+    argv = [*tiny_run(nodrop), "data.packing=false", "train.cache_frozen=true", *extra]
     assert main(["--workdir", str(tmp_path), *[f"{a}" for a in argv]]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and words in err and "train.cache" in err, err
@@ -132,7 +132,7 @@ def test_mesh_and_pmap_on_8_devices_match_one_device_without_cache(nodrop, refer
     runs = {"mesh": ["parallel.mode=mesh"], "pmap": ["parallel.mode=pmap", "train.grad_accum=2"]}
     with Procs() as procs:
         started = {name: procs.start([PYTHON, "-m", "spafit_jax.train", "--workdir", str(tmp_path / name),
-                                      *tiny_run(nodrop), "train.cache_frozen=true", *extra],
+                                      *tiny_run(nodrop), "data.packing=false", "train.cache_frozen=true", *extra],
                                      env(8, tmp_path / "tokens"), tmp_path / f"{name}.txt")
                    for name, extra in runs.items()}
         deadline = time.monotonic() + 600
@@ -150,7 +150,7 @@ def test_two_processes_each_with_its_cache_match_one_device_without_cache(nodrop
             "distributed.num_processes=2", "distributed.initialization_timeout=300"]
     with Procs() as procs:
         pair = [procs.start([PYTHON, str(ROOT / "tests" / "parallel_worker.py"), "train", "--workdir",
-                             str(tmp_path / "two"), *tiny_run(nodrop), "train.cache_frozen=true", *dist,
+                             str(tmp_path / "two"), *tiny_run(nodrop), "data.packing=false", "train.cache_frozen=true", *dist,
                              f"distributed.process_id={i}"], env(2, tmp_path / "tokens"), tmp_path / f"p{i}.txt")
                 for i in range(2)]
         deadline = time.monotonic() + 600

@@ -16,6 +16,7 @@ import yaml
 
 from spafit_jax.experiments import expstate, selection, seedruns
 from spafit_jax import protocol
+from spafit_jax.experiments import protocol_files
 from spafit_jax.experiments import protocol_report
 from spafit_jax.training import results
 from spafit_jax.experiments.devsplit import Split
@@ -159,15 +160,15 @@ def test_the_published_tables_are_recomputed_from_the_evidence(exp):
 def test_a_bad_budget_field_is_one_line(exp, tmp_path, value):
     index = json.loads((exp["work"] / "selection.json").read_text())
     index["seeds"][0]["budget"] = value
-    with pytest.raises(protocol.ProtocolError, match=r"not a selection.json .*\(bad or missing field budget\)"):
-        protocol.check_index(index, tmp_path / "selection.json")
+    with pytest.raises(protocol_files.ProtocolError, match=r"not a selection.json .*\(bad or missing field budget\)"):
+        protocol_files.check_index(index, tmp_path / "selection.json")
 
 
 def test_a_bad_choice_field_is_one_line(exp, tmp_path):
     index = json.loads((exp["work"] / "selection.json").read_text())
     index["choices"]["bbc_news/lora-long"]["bracketed"] = "no"
-    with pytest.raises(protocol.ProtocolError, match="bracketed, extension_stopped"):
-        protocol.check_index(index, tmp_path / "selection.json")
+    with pytest.raises(protocol_files.ProtocolError, match="bracketed, extension_stopped"):
+        protocol_files.check_index(index, tmp_path / "selection.json")
 
 
 def test_dev_curves_have_a_panel_per_budget_and_a_line_per_value_of_the_other_keys(exp, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from spafit_jax import protocol
+from spafit_jax.experiments import intervals
 from spafit_jax.experiments import selection
 from spafit_jax.experiment import main
 
@@ -148,7 +148,7 @@ def test_paired_bootstrap_matches_scipy_on_the_per_example_differences():
         pred = np.where(right, labels, (labels + 1) % 3)
         return np.eye(3)[pred]
     a, b = [logits(0.8), logits(0.75)], [logits(0.7), logits(0.72), logits(0.68)]
-    got = protocol.paired_bootstrap(a, b, labels, "accuracy", resamples=2000, seed=1)
+    got = intervals.paired_bootstrap(a, b, labels, "accuracy", resamples=2000, seed=1)
     # by hand: each example's correctness averaged over a method's seeds, then a minus b
     d = np.mean([x.argmax(-1) == labels for x in a], 0) - np.mean([x.argmax(-1) == labels for x in b], 0)
     assert got["difference"] == pytest.approx(np.mean([(x.argmax(-1) == labels).mean() for x in a])
@@ -159,7 +159,7 @@ def test_paired_bootstrap_matches_scipy_on_the_per_example_differences():
     assert got["low"] == pytest.approx(d.mean() - 1.96 * se, abs=0.01)
     assert got["high"] == pytest.approx(d.mean() + 1.96 * se, abs=0.01)
     assert got["significant"] == (got["low"] > 0 or got["high"] < 0)
-    same = protocol.paired_bootstrap(a[:1], a[:1], labels, "accuracy")
+    same = intervals.paired_bootstrap(a[:1], a[:1], labels, "accuracy")
     assert same == {"difference": 0.0, "low": 0.0, "high": 0.0, "significant": False}
 
 
