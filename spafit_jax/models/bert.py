@@ -324,9 +324,7 @@ class BertModel(EncoderModule):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
                  hidden_BxTxD=None, start: int = 0, stop: int | None = None, segment_starts=None):
         c = self.config
-        packed = segment_starts is not None
-        if packed:
-            check_packed(segment_starts, (input_ids if hidden_BxTxD is None else hidden_BxTxD).shape, attention_mask)
+        packed = check_packed(segment_starts, input_ids if hidden_BxTxD is None else hidden_BxTxD, attention_mask)
         if hidden_BxTxD is None:
             if attention_mask is None:
                 attention_mask = jnp.ones_like(input_ids)

@@ -288,9 +288,7 @@ class ModernBertModel(_MB):
     def __call__(self, input_ids, attention_mask=None, deterministic: bool = True, hidden_BxTxD=None,
                  start: int = 0, stop: int | None = None, segment_starts=None):
         c = self.config
-        packed = segment_starts is not None
-        if packed:
-            check_packed(segment_starts, (input_ids if hidden_BxTxD is None else hidden_BxTxD).shape, attention_mask)
+        packed = check_packed(segment_starts, input_ids if hidden_BxTxD is None else hidden_BxTxD, attention_mask)
         if hidden_BxTxD is None:
             x = self.child(_Embeddings, "embeddings")(input_ids, deterministic)
         else:

@@ -10,9 +10,13 @@ import jax.numpy as jnp
 from spafit_jax.errors import ConfigError
 
 
-def check_packed(segment_starts, input_shape, attention_mask) -> None:
-    """Trace-time checks of a packed call: `segment_starts` an integer [B, K] array (K >= 1) of the
-    inputs' batch size, and `attention_mask` (the segment ids) given. Raises a one-line ConfigError."""
+def check_packed(segment_starts, inputs, attention_mask) -> bool:
+    """Whether a call is packed (`segment_starts` given), after its trace-time checks: `segment_starts` an integer
+    [B, K] array (K >= 1) of the batch size of `inputs` (the token ids, or the hidden states entering a layer),
+    and `attention_mask` (the segment ids) given. Raises a one-line ConfigError."""
+    if segment_starts is None:
+        return False
+    input_shape = inputs.shape
     shape, dtype = getattr(segment_starts, "shape", None), getattr(segment_starts, "dtype", None)
     if shape is None or len(shape) != 2 or shape[1] < 1 or not jnp.issubdtype(dtype, jnp.integer):
         raise ConfigError(f"segment_starts must be an integer array [rows, K] with K >= 1, got shape {shape} dtype "
@@ -23,6 +27,7 @@ def check_packed(segment_starts, input_shape, attention_mask) -> None:
     if attention_mask is None:
         raise ConfigError("segment_starts needs attention_mask holding the segment ids (1 .. K, 0 on padding); "
                           "pass the packed batch's attention_mask")
+    return True
 
 
 def segment_mask(segment_ids_BxT):
