@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from spafit_jax.models.bert import (
-    BertConfig, BertForSequenceClassification, attention_bias, first_tokens, segment_mask, segment_positions,
-)
+from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
+from spafit_jax.models.segments import attention_bias, first_tokens, segment_mask, segment_positions
 from spafit_jax.models.deberta import DebertaConfig, DebertaForSequenceClassification
 from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRAConfig

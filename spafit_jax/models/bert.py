@@ -10,9 +10,9 @@ is DistilBERT's `q_lin`).
 
 Packed rows (sequence packing, issue 29): `model.apply(vars, input_ids, attention_mask, token_type_ids,
 deterministic, segment_starts=starts_BxK)` reads `attention_mask` as segment ids (1 .. K, 0 on
-padding), attends only within a segment (`attention_bias`), restarts positions at each segment
-(`segment_positions`; RoBERTa / XLM-R at pad_token_id + 1), pools each segment's first token
-(`first_tokens`) and returns logits [B, K, num_labels]. `segment_starts=None` is the unpacked model.
+padding), attends only within a segment (`segments.attention_bias`), restarts positions at each segment
+(`segments.segment_positions`; RoBERTa / XLM-R at pad_token_id + 1), pools each segment's first token
+(`segments.first_tokens`) and returns logits [B, K, num_labels]. `segment_starts=None` is the unpacked model.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 from spafit_jax.models import families
 from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRA, LoRAConfig
+from spafit_jax.models.segments import attention_bias, check_packed, first_tokens, segment_positions
 
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -158,55 +159,6 @@ def _sinusoidal_init(key, shape, dtype=jnp.float32):
     n_pos, dim = shape
     angles = np.arange(n_pos)[:, None] / np.power(10000, 2 * (np.arange(dim) // 2) / dim)[None]
     return jnp.asarray(np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles)), dtype)
-
-
-def check_packed(segment_starts, input_shape, attention_mask) -> None:
-    """Trace-time checks of a packed call: `segment_starts` an integer [B, K] array (K >= 1) of the
-    inputs' batch size, and `attention_mask` (the segment ids) given. Raises a one-line ConfigError."""
-    shape, dtype = getattr(segment_starts, "shape", None), getattr(segment_starts, "dtype", None)
-    if shape is None or len(shape) != 2 or shape[1] < 1 or not jnp.issubdtype(dtype, jnp.integer):
-        raise ConfigError(f"segment_starts must be an integer array [rows, K] with K >= 1, got shape {shape} dtype "
-                          f"{dtype}; pass the packed batch's segment_starts (or None for unpacked rows)")
-    if shape[0] != input_shape[0]:
-        raise ConfigError(f"segment_starts has {shape[0]} rows but the inputs have {input_shape[0]}; pass the "
-                          "segment_starts of the same packed batch")
-    if attention_mask is None:
-        raise ConfigError("segment_starts needs attention_mask holding the segment ids (1 .. K, 0 on padding); "
-                          "pass the packed batch's attention_mask")
-
-
-def segment_mask(segment_ids_BxT):
-    """bool [B, 1, T, T]: query q may attend key t iff both carry the same non-zero segment id."""
-    ids = segment_ids_BxT
-    return (ids[:, None, :, None] == ids[:, None, None, :]) & (ids[:, None, None, :] > 0)
-
-
-def attention_bias(attention_mask_BxT, packed: bool = False):
-    """The additive float32 attention bias, built once per forward: unpacked [B, 1, 1, T] (0 on real
-    keys, the float32 minimum on padding); packed [B, 1, T, T] from the segment ids (`segment_mask`).
-    A padding query of a packed row sees no key and attends uniformly: its output is never read."""
-    low = jnp.finfo(jnp.float32).min
-    if not packed:
-        return jnp.where(attention_mask_BxT[:, None, None, :] > 0, 0.0, low)
-    return jnp.where(segment_mask(attention_mask_BxT), 0.0, low)
-
-
-def segment_positions(segment_ids_BxT):
-    """int32 [B, T]: each token's position within its segment (0 at its first token, where the segment
-    id changes), 0 on padding (segment id 0). Segments are contiguous runs of one id."""
-    ids = segment_ids_BxT
-    t_T = jnp.arange(ids.shape[-1], dtype=jnp.int32)
-    change_BxT = jnp.concatenate([jnp.ones_like(ids[:, :1], bool), ids[:, 1:] != ids[:, :-1]], axis=1)
-    start_BxT = jax.lax.cummax(jnp.where(change_BxT, t_T[None], 0), axis=1)
-    return jnp.where(ids > 0, t_T[None] - start_BxT, 0)
-
-
-def first_tokens(x_BxTxD, segment_starts_BxK=None):
-    """The first token of each row [B, D]; packed, of each segment [B, K, D] (a start outside the row is
-    clipped into it, so an absent segment's slot holds a real, finite token)."""
-    if segment_starts_BxK is None:
-        return x_BxTxD[:, 0]
-    return jnp.take_along_axis(x_BxTxD, segment_starts_BxK[..., None].astype(jnp.int32), axis=1, mode="clip")
 
 
 def position_ids(input_ids_BxT, config: BertConfig, segment_ids_BxT=None):
@@ -372,9 +324,7 @@ class BertModel(EncoderModule):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
                  hidden_BxTxD=None, start: int = 0, stop: int | None = None, segment_starts=None):
         c = self.config
-        packed = segment_starts is not None
-        if packed:
-            check_packed(segment_starts, (input_ids if hidden_BxTxD is None else hidden_BxTxD).shape, attention_mask)
+        packed = check_packed(segment_starts, input_ids if hidden_BxTxD is None else hidden_BxTxD, attention_mask)
         if hidden_BxTxD is None:
             if attention_mask is None:
                 attention_mask = jnp.ones_like(input_ids)
@@ -422,7 +372,24 @@ class _ClassificationHead(EncoderModule):
         return self.dense(self.num_labels, "out_proj", x, deterministic)
 
 
-class BertForSequenceClassification(EncoderModule):
+class SplitAtLayer:
+    """`lower` and `upper`: a sequence classifier cut at layer n1 (the frozen-stratum cache, `frozen.py`), the same
+    in every family (a mixin of each family's ForSequenceClassification, whose __call__ takes these arguments)."""
+
+    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int, segment_starts=None):
+        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout
+        (packed rows when `segment_starts` is given)."""
+        return self(input_ids, attention_mask, token_type_ids, True, stop=n1, segment_starts=segment_starts)
+
+    def upper(self, hidden_BxTxD, attention_mask=None, token_type_ids=None, deterministic: bool = True, *,
+              n1: int, segment_starts=None, **unused):
+        """Logits [B, num_labels] (packed: [B, K, num_labels]) from the hidden states that enter layer n1
+        (`lower`'s output): layers n1 .. L-1, the pooler and the head; `token_type_ids` are not needed
+        past the embeddings."""
+        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1, segment_starts=segment_starts)
+
+
+class BertForSequenceClassification(EncoderModule, SplitAtLayer):
     """An encoder of `config.model_type` under its prefix (`bert`, `roberta`, ...) and the family's
     head; logits [B, num_labels] (num_labels == 1: a regressor); packed (`segment_starts` [B, K]
     given), logits [B, K, num_labels] of each segment's first token.
@@ -454,17 +421,6 @@ class BertForSequenceClassification(EncoderModule):
         logits = self.dense(self.num_labels, "classifier", pooled, deterministic)
         return logits.astype(jnp.float32)
 
-    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int, segment_starts=None):
-        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout
-        (packed rows when `segment_starts` is given)."""
-        return self(input_ids, attention_mask, token_type_ids, True, stop=n1, segment_starts=segment_starts)
-
-    def upper(self, hidden_BxTxD, attention_mask=None, token_type_ids=None, deterministic: bool = True, *,
-              n1: int, segment_starts=None, **unused):
-        """Logits [B, num_labels] (packed: [B, K, num_labels]) from the hidden states that enter layer n1
-        (`lower`'s output): layers n1 .. L-1, the pooler and the head; `token_type_ids` are not needed
-        past the embeddings."""
-        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1, segment_starts=segment_starts)
 
 
 #: the same class serves every family; this name reads better outside BERT.

@@ -17,8 +17,8 @@ attention/output/dense, intermediate -> intermediate/dense, output -> output/den
 `share_att_key` the adapted query/key projections also project the relative embeddings, as PEFT's
 wrapped modules do. The model has `BertForSequenceClassification`'s interface (`lower`, `upper`).
 
-Packed rows (`segment_starts` [B, K] given; see `bert`): attention within segments (`bert.segment_mask`),
-absolute positions restarting per segment (`bert.segment_positions`), the convolution reading only its
+Packed rows (`segment_starts` [B, K] given; see `bert`): attention within segments (`segments.segment_mask`),
+absolute positions restarting per segment (`segments.segment_positions`), the convolution reading only its
 own segment's tokens, the pooler on each segment's first token: logits [B, K, num_labels]. Relative
 positions need nothing: a query and a key of one segment are as far apart as in the unpacked example.
 """
@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from spafit_jax.models.bert import (
-    ACTIVATIONS, BertConfig, BertIntermediate, BertOutput, Dropout, EncoderModule, check_packed, first_tokens,
-    segment_mask, segment_positions,
+    ACTIVATIONS, BertConfig, BertIntermediate, BertOutput, Dropout, EncoderModule, SplitAtLayer,
 )
+from spafit_jax.models.segments import check_packed, first_tokens, segment_mask, segment_positions
 from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRA
 
@@ -309,9 +309,7 @@ class DebertaModel(_Deberta):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic: bool = True,
                  hidden_BxTxD=None, start: int = 0, stop: int | None = None, segment_starts=None):
         c = self.config
-        packed = segment_starts is not None
-        if packed:
-            check_packed(segment_starts, (input_ids if hidden_BxTxD is None else hidden_BxTxD).shape, attention_mask)
+        packed = check_packed(segment_starts, input_ids if hidden_BxTxD is None else hidden_BxTxD, attention_mask)
         if hidden_BxTxD is None:
             attention_mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
             token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
@@ -325,7 +323,7 @@ class DebertaModel(_Deberta):
         return self.child(DebertaEncoder, "encoder")(x, attention_mask, deterministic, start, stop, packed)
 
 
-class DebertaForSequenceClassification(_Deberta):
+class DebertaForSequenceClassification(_Deberta, SplitAtLayer):
     """`deberta` and DebertaV2ForSequenceClassification's head: dropout (pooler_dropout) -> `pooler/dense`
     -> pooler_hidden_act on the first token, dropout (cls_dropout, else hidden_dropout_prob) ->
     `classifier`; logits [B, num_labels] (num_labels == 1: a regressor); packed, [B, K, num_labels]."""
@@ -345,16 +343,6 @@ class DebertaForSequenceClassification(_Deberta):
         rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
         pooled = Dropout(rate)(pooled, deterministic=deterministic)
         return self.linear(self.num_labels, "classifier")(pooled, deterministic).astype(jnp.float32)
-
-    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int, segment_starts=None):
-        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout (packed rows
-        when `segment_starts` is given)."""
-        return self(input_ids, attention_mask, token_type_ids, True, stop=n1, segment_starts=segment_starts)
-
-    def upper(self, hidden_BxTxD, attention_mask=None, token_type_ids=None, deterministic: bool = True, *,
-              n1: int, segment_starts=None, **unused):
-        """Logits [B, num_labels] (packed: [B, K, num_labels]) from the hidden states that enter layer n1."""
-        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1, segment_starts=segment_starts)
 
 
 class _Pooler(_Deberta):

@@ -36,8 +36,8 @@ PEFT adapts whole modules, so a PEFT adapter carries attention_output / intermed
 exactly (attn.Wo, mlp.Wi, mlp.Wo); adapters on slices of Wqkv are refused by the PEFT export with
 one line (export them merged with --format hf).
 
-Packed rows (`segment_starts` [B, K] given; see `bert`): attention within segments (`bert.segment_mask`; the
-local window inside them), rotary positions restarting per segment (`bert.segment_positions`), each
+Packed rows (`segment_starts` [B, K] given; see `bert`): attention within segments (`segments.segment_mask`; the
+local window inside them), rotary positions restarting per segment (`segments.segment_positions`), each
 segment's first token or mean through the head: logits [B, K, num_labels].
 """
 
@@ -52,8 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from spafit_jax.models.bert import (
-    ACTIVATIONS, BertConfig, Dropout, EncoderModule, check_packed, first_tokens, segment_mask, segment_positions,
+    ACTIVATIONS, BertConfig, Dropout, EncoderModule, SplitAtLayer,
 )
+from spafit_jax.models.segments import check_packed, first_tokens, segment_mask, segment_positions
 from spafit_jax.errors import ConfigError
 from spafit_jax.lora import LoRA
 
@@ -221,7 +222,7 @@ class ModernBertLayer(_MB):
 def attention_biases(attention_mask_BxT, config: ModernBertConfig, packed: bool = False) -> dict[str, jax.Array]:
     """Additive attention masks: GLOBAL [B,1,1,T] over the real keys; LOCAL [B,1,T,T] also keeping
     only keys at most `local_attention // 2` positions from the query (transformers' sliding window).
-    Packed: both [B,1,T,T] over the keys of the query's segment (`bert.segment_mask`); within a
+    Packed: both [B,1,T,T] over the keys of the query's segment (`segments.segment_mask`); within a
     segment the distance of two tokens is their distance in the unpacked example."""
     keep_Bx1xQxT = segment_mask(attention_mask_BxT) if packed else (attention_mask_BxT > 0)[:, None, None, :]
     T = attention_mask_BxT.shape[-1]
@@ -266,7 +267,7 @@ class _Encoder(_MB):
 def rotary_tables(config: ModernBertConfig, T: int, dtype,
                   positions_BxT=None) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{layer type: (cos, sin) [T, K]} of positions 0 .. T-1, computed in float32 and cast to `dtype`;
-    [B, T, K] of `positions_BxT` when given (packed rows: `bert.segment_positions`)."""
+    [B, T, K] of `positions_BxT` when given (packed rows: `segments.segment_positions`)."""
     out = {}
     pos = jnp.arange(T, dtype=jnp.float32) if positions_BxT is None else positions_BxT.astype(jnp.float32)
     for kind in set(config.layer_types):
@@ -287,9 +288,7 @@ class ModernBertModel(_MB):
     def __call__(self, input_ids, attention_mask=None, deterministic: bool = True, hidden_BxTxD=None,
                  start: int = 0, stop: int | None = None, segment_starts=None):
         c = self.config
-        packed = segment_starts is not None
-        if packed:
-            check_packed(segment_starts, (input_ids if hidden_BxTxD is None else hidden_BxTxD).shape, attention_mask)
+        packed = check_packed(segment_starts, input_ids if hidden_BxTxD is None else hidden_BxTxD, attention_mask)
         if hidden_BxTxD is None:
             x = self.child(_Embeddings, "embeddings")(input_ids, deterministic)
         else:
@@ -329,7 +328,7 @@ class _Head(_MB):
         return self.norm_layer("norm")(ACTIVATIONS[c.classifier_activation](x))
 
 
-class ModernBertForSequenceClassification(_MB):
+class ModernBertForSequenceClassification(_MB, SplitAtLayer):
     """`model` (the encoder), the pooled `head`, dropout and `classifier`: logits [B, num_labels] (1: a regressor);
     packed (`segment_starts` [B, K]), [B, K, num_labels].
 
@@ -353,16 +352,6 @@ class ModernBertForSequenceClassification(_MB):
         pooled = self.child(_Head, "head")(pool(x, attention_mask, c.classifier_pooling, segment_starts), deterministic)
         pooled = Dropout(c.classifier_dropout or 0.0)(pooled, deterministic=deterministic)
         return self.linear(self.num_labels, "classifier", pooled, deterministic, True).astype(jnp.float32)
-
-    def lower(self, input_ids, attention_mask=None, token_type_ids=None, *, n1: int, segment_starts=None):
-        """Hidden states [B, T, D] after the embeddings and layers 0 .. n1-1, without dropout (packed rows
-        when `segment_starts` is given)."""
-        return self(input_ids, attention_mask, token_type_ids, True, stop=n1, segment_starts=segment_starts)
-
-    def upper(self, hidden_BxTxD, attention_mask=None, token_type_ids=None, deterministic: bool = True, *,
-              n1: int, segment_starts=None, **unused):
-        """Logits [B, num_labels] (packed: [B, K, num_labels]) from the hidden states that enter layer n1."""
-        return self(None, attention_mask, None, deterministic, hidden_BxTxD, start=n1, segment_starts=segment_starts)
 
 
 #: the names `hf.family_classes` looks up in a family's module.
