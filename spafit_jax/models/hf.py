@@ -25,7 +25,9 @@ from spafit_jax.models import families
 from spafit_jax.models.bert import BertConfig, BertForSequenceClassification
 from spafit_jax.errors import LoadError
 from spafit_jax.lora import LoRAConfig
-from spafit_jax.models.peft_io import PEFT_CONFIG, PEFT_WEIGHTS, missing_adapters, read_json, read_peft
+from spafit_jax.models.peft_io import (
+    PEFT_CONFIG, PEFT_WEIGHTS, is_finite_number, missing_adapters, read_json, read_peft,
+)
 from spafit_jax.models.weights import FLAX, SAFETENSORS_INDEX, TORCH, read_weights
 
 log = logging.getLogger("spafit_jax")
@@ -128,7 +130,6 @@ def check_fields(cls: type, fields: Mapping[str, Any], source: str) -> None:
     import dataclasses
 
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))  # noqa: E731
     for f in dataclasses.fields(cls):
         if f.name not in fields or fields[f.name] is None:
             continue
@@ -137,7 +138,7 @@ def check_fields(cls: type, fields: Mapping[str, Any], source: str) -> None:
             raise _field_error(source, f.name, value, "a whole number >= 1")
         if kind.startswith("int") and not whole(value):
             raise _field_error(source, f.name, value, "a whole number")
-        if kind.startswith("float") and not number(value):
+        if kind.startswith("float") and not is_finite_number(value):
             raise _field_error(source, f.name, value, "a finite number")
         if kind.startswith("float") and "dropout" in f.name and not 0 <= value < 1:
             raise _field_error(source, f.name, value, "a dropout rate in [0, 1)")

@@ -167,7 +167,8 @@ def read_peft(folder: str | os.PathLike, num_layers: int,
     return lora, from_peft_state(state, model_type)
 
 
-def _is_number(v: Any) -> bool:
+def is_finite_number(v: Any) -> bool:
+    """A JSON number (int or float, not a bool) that is finite: what config.json and adapter_config.json checks ask."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
@@ -182,8 +183,8 @@ def _is_regex(v: Any) -> bool:
 PEFT_FIELDS = {  # adapter_config.json field -> (check, what it must be); absent fields take PEFT's defaults
     "peft_type": (lambda v: isinstance(v, str), "a string (LORA)"),
     "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "lora_alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "lora_dropout": (lambda v: v is None or _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "lora_alpha": (lambda v: is_finite_number(v) and v > 0, "a number > 0"),
+    "lora_dropout": (lambda v: v is None or is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false (JSON booleans, not strings)"),
     "target_modules": (lambda v: isinstance(v, str) and v and _is_regex(v) or isinstance(v, list) and v
                        and all(isinstance(m, str) and m for m in v), "a list of module names or one valid regex"),
