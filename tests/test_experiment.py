@@ -196,3 +196,20 @@ def test_shipped_experiments_load():
     glue = cells["glue_paper"]
     assert len(glue) == 135 and len({c.task for c in glue}) == 9
     assert {c.config().model.name for c in glue} == {"bert-large-cased"}
+
+
+def test_the_time_left_counts_the_cells_the_caller_runs_later(tmp_path, monkeypatch):
+    """A selection runs its grid a method at a time: the estimate after each chunk counts the later ones too."""
+    from spafit_jax.errors import SpafitError
+    from spafit_jax.experiments import grid as grid_lib
+    from spafit_jax.training import trainer
+
+    def fails(cfg, folder):
+        raise SpafitError("no training here")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", fails)
+    cell = grid_lib.Cell("bbc_news", "bitfit", 0, ("configs/default.yaml",), ())
+    lines: list[str] = []
+    grid_lib.run_cells([cell], tmp_path, echo=lines.append, later=3)
+    grid_lib.run_cells([cell], tmp_path, echo=lines.append)
+    assert re.search(r"FAILED .* · about \dm\d\ds left$", lines[1]) and lines[3].endswith("· last cell"), lines

@@ -49,7 +49,22 @@ def test_meter_counts_tokens_shapes_and_keeps_its_window():
     assert meter.efficiency("log") == 10 / 16 and meter.tokens["log"] == [0, 0] and meter.tokens["run"] == [10, 16]
     meter.step(3.0, compiled=True)
     meter.step(1.0, compiled=False)
-    assert meter.examples_per_second(steps=2, batch_size=8) == 8.0  # the compiled step is left out
+    assert meter.examples_per_second() == 2.0  # the compiled step is left out
+    assert meter.examples_per_second(processes=4) == 8.0
+
+
+def test_meter_counts_the_examples_a_packed_batch_holds():
+    meter = loop.Meter()  # two rows: 3 segments, then 1 segment and an empty slot; then a bucketed pad row
+    packed = {"attention_mask": np.array([[1, 2, 2, 3], [1, 1, 1, 0]]),
+              "weights": np.array([[1, 1, 1], [1, 0, 0]], np.float32)}
+    bucketed = {"attention_mask": np.array([[1, 1, 0], [0, 0, 0]]), "weights": np.array([1, 0], np.float32)}
+    assert meter.batch(packed, (2, 4)) and meter.examples == 4
+    meter.step(1.0, compiled=True)
+    assert not meter.batch(packed, (2, 4))
+    meter.step(2.0, compiled=False)
+    assert meter.batch(bucketed, (2, 3)) and meter.examples == 1
+    meter.step(5.0, compiled=True)
+    assert meter.examples_per_second() == 2.0  # 4 examples in the 2 s of the one step that did not compile
 
 def test_guard_skips_then_stops_after_the_limit(tmp_path):
     writer = Writer()

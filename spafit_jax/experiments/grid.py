@@ -339,11 +339,12 @@ def tally(status: dict[str, str]) -> tuple[dict[str, int], list[str]]:
 
 
 def run_cells(cells: Sequence[Cell], workdir: str | os.PathLike, *, fail_fast: bool = False,
-              echo=_echo) -> dict[str, str]:
+              echo=_echo, later: int = 0) -> dict[str, str]:
     """Trains each unfinished cell in turn; returns {cell name: "done" | "skipped" | "failed: ..." | "stopped"}.
 
     A SpafitError fails only its cell (written to <cell>/error.txt) unless `fail_fast`; a SIGTERM
-    (the run saves a checkpoint and returns) stops the grid. One progress line per cell.
+    (the run saves a checkpoint and returns) stops the grid. One progress line per cell, its time estimate
+    counting `later` more cells that the caller runs after these.
     """
     from spafit_jax.training import rundir
     from spafit_jax.training import trainer
@@ -378,7 +379,7 @@ def run_cells(cells: Sequence[Cell], workdir: str | os.PathLike, *, fail_fast: b
             status[cell.name], outcome = "done", f"{best.metric} {run.results.eval[best.metric]:.4f}"
         spent.append(time.perf_counter() - t0)
         left -= 1
-        eta = f"about {_clock(left * sum(spent) / len(spent))} left" if left else "last cell"
+        eta = f"about {_clock((left + later) * sum(spent) / len(spent))} left" if left + later else "last cell"
         echo(f"{head}: {outcome} in {_clock(spent[-1])} · elapsed {_clock(time.perf_counter() - start)} · {eta}")
         if fail_fast and status[cell.name].startswith("failed"):
             echo("stopping: --fail-fast")

@@ -105,7 +105,7 @@ def run_seeds(cells: Sequence[Any], split_of: dict[str, Split], workdir: Path, f
         def echo(line: str, i=i) -> None:
             print(line.replace("[1/1]", f"[seed {i}/{len(cells)}]", 1), flush=True)
 
-        status.update(grid_lib.run_cells([cell], workdir, fail_fast=fail_fast, echo=echo))
+        status.update(grid_lib.run_cells([cell], workdir, fail_fast=fail_fast, echo=echo, later=len(cells) - i))
         folder = cell.folder(workdir)
         if (folder / rundir.RESULTS).exists() and not (folder / TEST_JSON).exists():
             try:

@@ -419,7 +419,9 @@ def _search_then_choose(cells, search: Search, split_of, base, workdir: Path, ar
                     line = line.replace(f"[{i}/{n}]", f"[search {offset + i}/{total}]", 1)
                 print(line, flush=True)
 
-            status.update(grid_lib.run_cells(todo, workdir, fail_fast=args.fail_fast, echo=echo))
+            later = sum(c.name in picked_base and c.name not in ran and c not in todo  # unfinished search cells
+                        and not (c.folder(workdir) / rundir.RESULTS).exists() for c in base)  # of later methods
+            status.update(grid_lib.run_cells(todo, workdir, fail_fast=args.fail_fast, echo=echo, later=later))
             ran |= {c.name for c in todo}
             count += len(todo)
             stopped = "stopped" in status.values() or (args.fail_fast and any(s.startswith("failed") for s in status.values()))

@@ -74,10 +74,13 @@ class Meter:
                                 for k in self.tokens if k in window.get("tokens", {})})
         self.shapes: set[tuple] = set()
         self.run_seconds = self.compile_seconds = 0.0  # this invocation's step time, and that of steps that compiled
+        self.examples = 0  # the last batch's examples on this process (packed rows hold several)
+        self.steady_examples = 0  # this invocation's examples in steps that did not compile
 
     def batch(self, local: dict, shape: tuple) -> bool:
-        """Counts a batch's tokens; whether its step compiles (a shape not seen before)."""
+        """Counts a batch's tokens and examples (weighted > 0); whether its step compiles (a shape not seen before)."""
         real, padded = batching.padding_efficiency(local)
+        self.examples = int((np.asarray(local["weights"]) > 0).sum())
         for counts in self.tokens.values():
             counts[0], counts[1] = counts[0] + real, counts[1] + padded
         compiles = shape not in self.shapes
@@ -87,6 +90,7 @@ class Meter:
     def step(self, seconds: float, compiled: bool) -> None:
         self.run_seconds += seconds
         self.compile_seconds += seconds if compiled else 0.0
+        self.steady_examples += 0 if compiled else self.examples
 
     def efficiency(self, since: str) -> float:
         """Real tokens / padded tokens of this process's rows since the last log, epoch or start; resets."""
@@ -98,11 +102,11 @@ class Meter:
         """What a checkpoint keeps so that a resumed run logs exactly what an uninterrupted one does."""
         return {"losses": [float(x) for x in self.losses], "tokens": self.tokens}
 
-    def examples_per_second(self, steps: int, batch_size: int) -> float:
-        """Steady-state training throughput of `steps` steps of this invocation: steps that compiled are left out."""
-        steps -= len(self.shapes)
+    def examples_per_second(self, processes: int = 1) -> float:
+        """Steady-state training throughput of this invocation: the examples of steps that did not compile, on
+        this process times `processes` (hosts' shares differ by a few examples when packed), per second."""
         seconds = self.run_seconds - self.compile_seconds
-        return steps * batch_size / seconds if steps > 0 and seconds > 0 else 0.0
+        return self.steady_examples * processes / seconds if seconds > 0 else 0.0
 
 
 class Guard:
@@ -256,7 +260,7 @@ class Loop:
 
     def examples_per_second(self) -> float:
         """Steady-state training throughput of this invocation (steps that compiled left out)."""
-        return self.meter.examples_per_second(self.step - self.start, self.cfg.train.batch_size)
+        return self.meter.examples_per_second(jax.process_count())
 
     def _steps(self, state, frozen, batches, evaluator, tools, stopping):
         meter, writer, guard, bar = tools
@@ -275,7 +279,7 @@ class Loop:
             self.step += 1
             guard.push(self.step, out["finite"])
             guard.check(upto=self.step - 1)
-            n_log += t.batch_size
+            n_log += meter.examples * jax.process_count()
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == total:
                 guard.check(upto=self.step)
