@@ -103,7 +103,93 @@ def test_report_writes_beside_other_files_and_replaces_only_its_own(run, tmp_pat
     assert report.main([str(run), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "notes.txt").read_text() == "kept" and not (tmp_path / "stale.png").exists()
     assert (tmp_path / "table.md").read_text() != "old table"
-    assert json.loads(marker.read_text())["files"] == written
+    assert set(json.loads(marker.read_text())["files"]) == set(written)
+
+
+def test_report_never_replaces_its_own_file_after_the_user_edited_it(run, tmp_path, capsys):
+    assert report.main([str(run), "--out", str(tmp_path)]) == 0
+    (tmp_path / "table.md").write_text("my edits to the report's table")
+    line = refused(report.main, [run, "--out", tmp_path], capsys, tmp_path)
+    assert "table.md" in line and "changed since" in line and ".spafit-report.json" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".report-")) == []
+
+
+def test_a_list_marker_of_an_earlier_version_still_counts_its_files_as_the_reports(run, tmp_path, capsys):
+    assert report.main([str(run), "--out", str(tmp_path)]) == 0
+    marker = tmp_path / outputs.marker_of("report")
+    hashes = json.loads(marker.read_text())["files"]
+    assert all(len(h) == 64 for h in hashes.values())  # {name: sha256}
+    marker.write_text(json.dumps({"files": sorted(hashes)}))  # the list an earlier version wrote
+    (tmp_path / "table.md").write_text("edited: no hash to tell")
+    assert report.main([str(run), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "table.md").read_text() != "edited: no hash to tell"
+    assert set(json.loads(marker.read_text())["files"]) == set(hashes)
+
+
+# ------------------------------------------------------------------ one rule for a command's files in a shared folder
+
+
+def _build(files):
+    def build(folder):
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+    return build
+
+
+@pytest.mark.parametrize("command", ["report", "protocol"])
+def test_report_and_protocol_refuse_in_the_same_words(tmp_path, command):
+    folder = tmp_path / "out"
+    outputs.write_files(folder, _build({"table.md": "t", "sub/a.csv": "a"}), command)
+    assert set(json.loads((folder / f".spafit-{command}.json").read_text())["files"]) == {"table.md", "sub/a.csv"}
+    (folder / "table.md").write_text("edited")
+    (folder / "notes.md").write_text("mine")
+    before = snapshot(tmp_path)
+    shapes = {}
+    for name, cause in [("table.md", "changed"), ("notes.md", "theirs")]:
+        with pytest.raises(outputs.OutputError) as e:
+            outputs.write_files(folder, _build({name: "new"}), command, names=[name])
+        line = str(e.value)
+        assert "\n" not in line and line.startswith(f"--out {folder} already holds {name}, which {command} ")
+        assert f".spafit-{command}.json" in line and "move it aside or choose another --out" in line, line
+        shapes[cause] = line.replace(command, "CMD")
+    assert "which CMD did not write there" in shapes["theirs"] and "changed since" in shapes["changed"]
+    for where in (tmp_path / "a-file", tmp_path / "a-file" / "sub"):
+        (tmp_path / "a-file").write_text("x")
+        with pytest.raises(outputs.OutputError, match="is a file, not a folder"):
+            outputs.write_files(where, _build({"t": "t"}), command)
+        (tmp_path / "a-file").unlink()
+    assert snapshot(tmp_path) == before
+
+
+def test_a_failed_write_leaves_everything_as_it_was(tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    outputs.write_files(folder, _build({"a.md": "1", "b.md": "1", "old.png": "1"}), "report")
+    before = snapshot(tmp_path)
+
+    def broken(folder):
+        (folder / "a.md").write_text("2")
+        raise RuntimeError("the pictures failed")
+
+    with pytest.raises(RuntimeError):
+        outputs.write_files(folder, broken, "report")
+    assert snapshot(tmp_path) == before
+    real, calls = outputs.os.replace, []
+
+    def replace(a, b):  # the last file's rename fails: the files already moved go back
+        calls.append(Path(b))
+        if Path(b) == folder / "c" / "new.md":
+            raise OSError(28, "No space left on device", str(b))
+        return real(a, b)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    with pytest.raises(outputs.OutputError, match="No space left on device"):
+        outputs.write_files(folder, _build({"a.md": "3", "b.md": "3", "c/new.md": "3"}), "report")
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == before and folder / "b.md" in calls and not (folder / "c").exists()
+    with pytest.raises(RuntimeError):
+        outputs.write_files(tmp_path / "new" / "deeper", broken, "report")
+    assert not (tmp_path / "new").exists()  # the folders this call made are gone
 
 
 # ------------------------------------------------------------------ a resume never mixes batches

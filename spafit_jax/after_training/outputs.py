@@ -1,22 +1,32 @@
-"""Where the commands after training write (predict's --output, export's --out): checked before any
-work, written atomically, and never over what we did not write.
+"""Where the commands after training write (predict's --output, export's --out, report's and protocol's
+--out): checked before any work, written atomically, and never over what we did not write.
 
 `check_file` / `write_file` serve a single output file (a temporary file beside it, then a rename);
 `check_folder` / `replace_folder` serve an export folder, which is written whole into a temporary
 folder and swapped in, the old one (an export of ours, `MARKER`) deleted only once the new one is
 complete. `run_places` names what a run folder's trainer owns (its files and folders, its base model),
-which `check_file` and `check_folder` never let another command write; `check_files_ours` /
-`write_files` serve a command that writes named files into a folder the user may share (report's --out):
-never over a file that command did not write there (its marker, `.spafit-<command>.json`, lists them).
+which `check_file` and `check_folder` never let another command write.
+
+`check_files_ours` / `write_files` are the one rule for a command that writes named files into a folder
+the user may share (report's and protocol's --out): the command's marker there, `.spafit-<command>.json`
+(`marker_of`), records {name: sha256} of each file it wrote. A name that exists and is not in the marker,
+or whose bytes changed since, is refused before anything changes (a marker of an older version, a plain
+list of names, counts its names as ours with nothing to compare). So is a folder that is a file or lies
+under one. The files are made in a temporary folder inside it and renamed into place; an earlier write's
+files that this one does not make are deleted; a failure puts every file back and removes the folders
+the call created.
 Every refusal is an `OutputError`: one line naming the path, the option and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import IO, Callable, Mapping, Sequence
@@ -243,10 +253,10 @@ def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
 
-def _written(folder: Path, marker: str = MARKER) -> list[str]:
-    """The files `marker` (an export folder's by default) says were written there ([] for a damaged marker)."""
+def _written(folder: Path) -> list[str]:
+    """The files an export folder's marker says were written there ([] for a damaged marker)."""
     try:
-        files = json.loads((folder / marker).read_text()).get("files")
+        files = json.loads((folder / MARKER).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         return []
     return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []
@@ -286,54 +296,129 @@ def marker_of(command: str) -> str:
     return f".spafit-{command}.json"
 
 
-def ours(folder: Path, command: str) -> set[str]:
-    """The files the marker of `command` in `folder` says it wrote there (none for a missing or damaged marker)."""
-    return set(_written(folder, marker_of(command)))
+def ours(folder: Path, command: str) -> dict[str, str | None]:
+    """{name: sha256} of the files the marker of `command` in `folder` says it wrote there ({} for a missing or
+    damaged marker); a name's hash is None where the marker is an old list of names (nothing to compare)."""
+    try:
+        files = json.loads((folder / marker_of(command)).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if isinstance(files, list):  # written before the hashes were recorded
+        files = dict.fromkeys(f for f in files if isinstance(f, str))
+    if not isinstance(files, dict):
+        return {}
+    inside = (k for k in files if isinstance(k, str) and k and not Path(k).is_absolute() and ".." not in Path(k).parts)
+    return {k: files[k] if isinstance(files[k], str) else None for k in inside}  # never a path outside `folder`
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _refuse_theirs(path: Path, names: Sequence[str], command: str, flag: str) -> None:
+    """Refuses (OutputError) where a file of `names`, or one `command`'s marker in `path` lists, exists in
+    `path` and is not `command`'s unchanged: one it did not write, or one whose bytes differ from the marker's."""
+    mine = ours(path, command)
+    theirs, changed = [], []
+    for name in dict.fromkeys([*names, *mine]):
+        file = path / name
+        if not (file.exists() or file.is_symlink()):
+            continue
+        if name not in mine:
+            theirs.append(name)
+            continue
+        try:
+            same = file.is_file() and not file.is_symlink() and mine[name] in (None, _sha256(file))
+        except OSError as e:
+            raise OutputError(f"{flag} {path}: {name} cannot be read ({e.strerror or e}); make it readable or choose "
+                              f"another {flag}") from None
+        if not same:
+            changed.append(name)
+    if theirs or changed:
+        listed = theirs or changed
+        what = (f"which {command} did not write there (not in {marker_of(command)})" if theirs else
+                f"which {command} wrote there but which changed since (sha256 differs from {marker_of(command)})")
+        raise OutputError(f"{flag} {path} already holds {', '.join(listed[:3])}{' ...' if len(listed) > 3 else ''}, "
+                          f"{what}; {command} never replaces or deletes such a file: move it aside or choose another "
+                          f"{flag}")
 
 
 def check_files_ours(folder: str | os.PathLike, names: Sequence[str], command: str, *, flag: str = "--out") -> Path:
-    """The absolute path of `folder`, refused (OutputError) where `command` may not write `names` into it:
-    a file, a pseudo-filesystem, or a folder that holds one of `names` which `command` did not write there
-    (its marker lists what it wrote). A new folder, or one of other files only, is fine."""
+    """The absolute path of `folder`, refused (OutputError, nothing written) where `command` may not write
+    `names` into it: a file, a folder under a file, a pseudo-filesystem, or a folder that holds one of `names`
+    (or of the files its marker lists) that `command` did not write there or that changed since. A new
+    folder, or one of other files only, is fine."""
     path = _place(folder, flag, "folder")
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {path} is a file; name a folder (it is created if missing)")
-    mine = ours(path, command) if path.is_dir() else set()
-    theirs = sorted(n for n in names if (path / n).exists() and n not in mine)
-    if theirs:
-        raise OutputError(f"{flag} {path} holds {', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}, which "
-                          f"{command} did not write (not in {marker_of(command)}); it never replaces them: move them "
-                          f"out or choose another {flag}")
+        raise OutputError(f"{flag} {path} is a file, not a folder; name a new folder (or one {command} wrote)")
+    if path.is_dir():
+        _refuse_theirs(path, names, command, flag)
     return path
 
 
-def write_files(folder: str | os.PathLike, build: Callable[[Path], None], command: str, *,
-                flag: str = "--out") -> dict[str, Path]:
-    """Writes the files `build(tmp)` makes (in a temporary folder beside `folder`) into `folder`, each by
-    rename, and lists them in `command`'s marker; files of an earlier write of `command` that this one
-    does not make are deleted. Refused first (`check_files_ours`, nothing written) where one would replace
-    a file `command` did not write. Returns {file name: path}."""
-    path = check_files_ours(folder, (), command, flag=flag)
-    stamp = f"{os.getpid()}-{time.time_ns()}"
-    tmp = path.with_name(f".{path.name}.new-{stamp}")
+def write_files(folder: str | os.PathLike, build: Callable[[Path], None], command: str, *, flag: str = "--out",
+                names: Sequence[str] = ()) -> dict[str, Path]:
+    """Writes the files `build(tmp)` makes (in a temporary folder inside `folder`) into `folder`, each by rename,
+    and records them with their sha256 in `command`'s marker; files of an earlier write of `command` that this
+    one does not make are deleted. Refused (`check_files_ours`) before `build` for `names` and again after it for
+    the files made, in both cases before anything in `folder` changes. All or nothing: a failure puts back the
+    files it moved and removes the folders this call created. Returns {file name: path}."""
+    path = check_files_ours(folder, names, command, flag=flag)
+    marker = path / marker_of(command)
+    made = next((p for p in [*reversed(path.parents), path] if not p.exists()), None)  # the first folder we create
+    before = marker.read_bytes() if marker.is_file() else None
+    moved: list[tuple[Path, Path | None]] = []  # (a file put in place, where the one it replaced waits, if any)
+    folders: list[Path] = []  # the subfolders of `path` this call created
+    work, marked = None, False
     try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        try:
-            build(tmp)
-            names = _files(tmp)
-            check_files_ours(path, names, command, flag=flag)
-            path.mkdir(exist_ok=True)
-            old = ours(path, command)
-            write_atomic(path / marker_of(command), json.dumps({"files": sorted(old | set(names))}, indent=2))
-            for name in names:
-                (path / name).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp / name, path / name)
-            for name in sorted(old - set(names)):  # pictures an earlier report drew and this one does not
-                (path / name).unlink(missing_ok=True)
-            write_atomic(path / marker_of(command), json.dumps({"files": names}, indent=2))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        raise OutputError(describe(e, flag)) from None
-    return {name: path / name for name in names}
+        path.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{command}-", dir=path))
+        (work / "new").mkdir()
+        build(work / "new")
+        new = _files(work / "new")
+        _refuse_theirs(path, new, command, flag)
+        old = ours(path, command)
+        hashes = {name: _sha256(work / "new" / name) for name in new}
+        # until the files are in place the marker claims them all, unhashed: a kill in between leaves them ours
+        marked = True
+        write_atomic(marker, json.dumps({"files": {**old, **dict.fromkeys(new)}}, indent=1, sort_keys=True) + "\n")
+        for name in [*new, *(n for n in old if n not in hashes)]:  # then what an earlier write made and this does not
+            dest, aside = path / name, work / "old" / name
+            if dest.exists() or dest.is_symlink():
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(dest, aside)
+                moved.append((dest, aside))
+            if name in hashes:
+                folders += [p for p in reversed(dest.parents) if path in p.parents and not p.exists()]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                moved.append((dest, None))
+                os.replace(work / "new" / name, dest)
+        write_atomic(marker, json.dumps({"files": hashes}, indent=1, sort_keys=True) + "\n")
+    except BaseException as e:
+        for dest, aside in reversed(moved):  # put back what was there, in the reverse order
+            with contextlib.suppress(OSError):
+                if aside is None:
+                    dest.unlink(missing_ok=True)
+                else:
+                    os.replace(aside, dest)
+        for sub in reversed(folders):
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+        with contextlib.suppress(OSError):
+            if marked and before is None:
+                marker.unlink(missing_ok=True)
+            elif marked:
+                write_atomic(marker, before)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OutputError(describe(e, flag)) from None
+        raise
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    return {name: path / name for name in new}

@@ -20,7 +20,8 @@ distinguishable from it, not a ranking of the others.
 
 Every file read is checked: a damaged or missing one (selection.json, test.json, results.json, predictions
 that do not fit their labels or their test.json) is one `error:` line and exit status 2, and nothing is written;
-the output folder may hold only files that protocol wrote there itself (`.spafit-protocol.json` lists them).
+the output folder may hold only files that protocol wrote there itself and nobody changed since
+(`.spafit-protocol.json` records their sha256: `outputs.write_files`, the rule report follows too).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Reads every run folder's results.json, config.yaml and metrics.jsonl: the experi
 by their results: task, method, `@n1=..,n2=..` for spafit, `train.seed`). Writes to DIR (default
 EXP/report): summary.csv (a row per run), table.md (the paper's layout), pictures as PNG and SVG
 (matplotlib, no global backend state) and index.html showing them together; never over a file of
-those names that no report wrote (DIR may hold the user's own files). The runs are read and
-tabled by `tables`, the pictures drawn by `pictures`; this module writes the files and the page.
+those names that no report wrote, or that changed since (DIR may hold the user's own files). The runs
+are read and tabled by `tables`, the pictures drawn by `pictures`; this module writes the files and the page.
 
 The score of a run is its task's main metric (results' best.metric) on the first eval split at the
 end of training, shown x100 as mean ± sample std over seeds.
@@ -59,7 +59,8 @@ def write_report(exp: str | Path | None, folders: Sequence[str | Path] = (), out
     """Writes summary.csv, table.md, the pictures and index.html to `out` (default EXP/report); returns {file name: path}.
 
     `out` may be a new folder, or one that holds other files: a file of the same name is replaced only where an
-    earlier report wrote it (`outputs.write_files`, the marker `.spafit-report.json`), else refused before any work."""
+    earlier report wrote it and nobody changed it since (`outputs.write_files`, the marker `.spafit-report.json`),
+    else refused before any work."""
     out = Path(out) if out is not None else Path(exp if exp is not None else folders[0]) / "report"
     outputs.check_files_ours(out, FILES, COMMAND)
     runs, left_out = collect(exp, folders)

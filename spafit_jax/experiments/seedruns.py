@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,10 +73,8 @@ def score_test(folder: Path, split: Split) -> dict:
     logits = loaded.logits(ex.texts_a, ex.texts_b, batch_size=loaded.config.train.eval_batch_size)
     record = {"split": split.info["test"], "examples": len(ex), "step": loaded.step,
               "metrics": metrics.compute_metrics(loaded.spec, logits, ex.labels), "sha256": sha}
-    tmp = folder / f".{TEST_PREDICTIONS}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, logits=logits, labels=ex.labels)
-    tmp.replace(folder / TEST_PREDICTIONS)
+    rundir.write_atomic(folder / TEST_PREDICTIONS, lambda f: np.savez(f, logits=logits, labels=ex.labels),
+                        per_process=True, binary=True)
     rundir.write_atomic(folder / TEST_JSON, json.dumps(record, indent=2) + "\n")
     return record
 

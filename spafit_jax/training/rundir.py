@@ -260,19 +260,21 @@ def finite_json(obj):
     return obj
 
 
-def write_atomic(path: Path, text: str | Callable[[IO[str]], None], *, per_process: bool = False,
-                 newline: str | None = None) -> None:
+def write_atomic(path: Path, text: str | bytes | Callable[[IO], None], *, per_process: bool = False,
+                 newline: str | None = None, binary: bool = False) -> None:
     """`path` holds `text` or what it held before (a full disk leaves no half file, and no tmp file).
 
-    `text` is the whole content, or a function that writes it to the open temporary file (opened with
-    `newline`, as `open` takes it). `per_process`: the temporary file is named after this host and
-    process, for files that several processes (shards on one mounted folder) may write at once; the
-    last rename wins. The one atomic file write of the package (`outputs.write_file` adds its errors).
+    `text` is the whole content (str, or bytes), or a function that writes it to the open temporary file
+    (opened with `newline`, as `open` takes it; in binary mode with `binary`, e.g. for `np.savez`).
+    `per_process`: the temporary file is named after this host and process, for files that several
+    processes (shards on one mounted folder) may write at once; the last rename wins. The one atomic file
+    write of the package (`outputs.write_file` adds its errors).
     """
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp" if per_process
                          else path.name + ".tmp")
+    binary = binary or isinstance(text, bytes)
     try:
-        with naming(tmp), open(tmp, "w", encoding="utf-8", newline=newline) as f:
+        with naming(tmp), (open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline=newline)) as f:
             if callable(text):
                 text(f)
             else:
