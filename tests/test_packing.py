@@ -159,6 +159,15 @@ def test_layout_holds_batch_size_examples_a_step_and_wastes_under_a_step():
         packing.layout(lengths, 3201, max_length=T, max_segments=K, seed=0)
 
 
+def test_a_layout_far_from_batch_size_examples_a_step_says_so():
+    lengths = np.full(640, 4)  # 8 segments fill a row of 32 tokens: batch 8 is one row, rounded up to 8 devices' rows
+    assert packing.drift(640, packing.layout(lengths, 64, max_length=32, max_segments=8, seed=0, multiple=8), 64, 8) \
+        is None
+    lay = packing.layout(lengths, 8, max_length=32, max_segments=8, seed=0, multiple=8)
+    line = packing.drift(640, lay, 8, 8)
+    assert lay.rows == 8 and "holds about 64 examples, not train.batch_size=8" in line and "\n" not in line
+
+
 def test_train_slots_are_seeded_per_epoch_and_hold_every_example_in_fixed_steps():
     lengths = lengths_of(600)
     lay = packing.layout(lengths, 32, max_length=T, max_segments=K, seed=3, multiple=4)

@@ -130,6 +130,22 @@ def layout(lengths, batch_size: int, *, max_length: int, max_segments: int, seed
     return Layout(per, -(-rows // per))
 
 
+DRIFT = 0.25  # a step holding more than this share away from train.batch_size examples is worth a warning
+
+
+def drift(n: int, layout: Layout, batch_size: int, multiple: int) -> str | None:
+    """A warning line when `layout`'s steps hold far from `batch_size` of the `n` examples on average: rows per
+    step must be a multiple of `multiple` (devices x grad_accum), which a small batch of short examples rounds far
+    off (a learning rate tuned at `batch_size` then sees other batches). None when within DRIFT."""
+    per_step = n / layout.steps
+    if abs(per_step / batch_size - 1) <= DRIFT:
+        return None
+    return (f"packing: a step holds about {per_step:.0f} examples, not train.batch_size={batch_size}: its "
+            f"{layout.rows} rows must be a multiple of devices x grad_accum ({multiple}) and hold about "
+            f"{n / (layout.rows * layout.steps):.1f} examples each; for steps of about {batch_size}, lower "
+            f"data.max_segments to about {max(1, round(batch_size / layout.rows))} or set data.packing=false")
+
+
 def train_slots(lengths, layout: Layout, *, max_length: int, max_segments: int, seed: int, epoch: int
                 ) -> np.ndarray:
     """The global packing of one epoch: example indices int64 [steps, rows, max_segments] (EMPTY = none).

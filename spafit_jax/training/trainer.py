@@ -152,10 +152,13 @@ def _packed_layout(cfg: Config, run: loading.ModelAndTask) -> packing.Layout:
     """The packed steps (`packing.layout`: rows of about train.batch_size examples, a multiple of the devices x
     train.grad_accum, and steps per epoch); a one-line ConfigError when the model family cannot pack."""
     packing.check_model(run.model, f"model.name={cfg.model.name} ({type(run.model).__name__})")
-    t = cfg.train
-    return packing.layout(run.task.train.lengths, t.batch_size, max_length=run.task.train.max_length,
-                                 max_segments=cfg.data.max_segments, seed=t.seed,
-                                 multiple=jax.device_count() * t.grad_accum)
+    t, multiple, lengths = cfg.train, jax.device_count() * cfg.train.grad_accum, run.task.train.lengths
+    lay = packing.layout(lengths, t.batch_size, max_length=run.task.train.max_length,
+                         max_segments=cfg.data.max_segments, seed=t.seed, multiple=multiple)
+    warning = packing.drift(len(lengths), lay, t.batch_size, multiple)
+    if warning:
+        log.warning(warning)
+    return lay
 
 
 def cache_advice(cfg: Config, plan) -> str | None:
