@@ -272,7 +272,7 @@ def test_models_that_cannot_represent_their_inputs_are_refused_before_training(f
     assert expect in line, line
 
 
-def test_a_run_whose_every_step_was_skipped_fails_and_writes_no_results(tiny_model_dir, tmp_path, capsys):
+def test_base_weights_holding_nan_are_refused_at_load(tiny_model_dir, tmp_path, capsys):
     import numpy as np
     from flax.serialization import msgpack_restore, msgpack_serialize
 
@@ -280,10 +280,23 @@ def test_a_run_whose_every_step_was_skipped_fails_and_writes_no_results(tiny_mod
     shutil.copytree(tiny_model_dir, folder)
     tree = msgpack_restore((folder / "flax_model.msgpack").read_bytes())
     table = tree["bert"]["embeddings"]["word_embeddings"]
-    table["embedding"] = np.full_like(table["embedding"], np.nan)
+    table["embedding"] = np.array(table["embedding"])
+    table["embedding"][3, :2] = np.nan
     (folder / "flax_model.msgpack").write_bytes(msgpack_serialize(tree))
     capsys.readouterr()
     assert train_main(["--workdir", str(tmp_path / "run"), *small(tiny_model_dir, f"model.name={folder}")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "embeddings/word_embeddings/embedding holds 2 non-finite value(s)" in line and "damaged" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_every_step_was_skipped_fails_and_writes_no_results(tiny_model_dir, tmp_path, capsys):
+    rows = "".join(f"{'good' if i % 2 else 'bad'} text {i},{1e30 * (i + 1)}\n" for i in range(16))
+    (tmp_path / "huge.csv").write_text("text,label\n" + rows)  # finite labels whose squared error overflows float32
+    data = ["data.task=local", f"data.train_file={tmp_path / 'huge.csv'}", f"data.eval_file={tmp_path / 'huge.csv'}",
+            "data.is_regression=true"]
+    capsys.readouterr()
+    assert train_main(["--workdir", str(tmp_path / "run"), *small(tiny_model_dir, *data)]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "every one of the 2 steps" in line and "no results.json" in line, line
     assert not (tmp_path / "run" / "results.json").exists()

@@ -236,6 +236,10 @@ def load_pretrained(
                 "the weights do not belong to this config"
             )
         params[path] = jnp.asarray(value, dtype=param_dtype)
+        if jnp.issubdtype(params[path].dtype, jnp.inexact) and not bool(jnp.isfinite(params[path]).all()):
+            bad = int((~jnp.isfinite(params[path])).sum())
+            raise LoadError(f"{folder}: {path} holds {bad} non-finite value(s) (NaN or inf); the weight file is "
+                            "damaged: download or save the model again")
     for path, value in fresh.items():
         if path not in params:
             params[path] = value
