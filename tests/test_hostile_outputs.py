@@ -91,6 +91,12 @@ def test_report_never_replaces_a_users_own_file(run, tmp_path, capsys, mine):
     assert sorted(p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}")) == []
 
 
+@pytest.mark.parametrize("inside", ["checkpoints", "checkpoints/report", "tokenizer"])
+def test_report_never_writes_inside_a_runs_own_folders(run, capsys, inside):
+    line = refused(report.main, [run, "--out", run / inside], capsys, run)
+    assert f"inside the run's {inside.split('/')[0]}/" in line and "choose a folder outside it" in line, line
+
+
 def test_report_writes_beside_other_files_and_replaces_only_its_own(run, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("kept")
     assert report.main([str(run), "--out", str(tmp_path)]) == 0

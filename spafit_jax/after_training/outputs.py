@@ -355,6 +355,11 @@ def check_files_ours(folder: str | os.PathLike, names: Sequence[str], command: s
     path = _place(folder, flag, "folder")
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path} is a file, not a folder; name a new folder (or one {command} wrote)")
+    real = Path(os.path.realpath(path))
+    for above in (real, *real.parents):  # a run's own folder (checkpoints/, tokenizer/, ...) is the trainer's alone
+        if above.name in rundir.OWN_FOLDERS and (above.parent / rundir.CONFIG).is_file():
+            raise OutputError(f"{flag} {path} is inside the run's {above.name}/ ({above.parent}); writing there would "
+                              f"change what the run saved: choose a folder outside it, e.g. {above.parent / command}")
     if path.is_dir():
         _refuse_theirs(path, names, command, flag)
     return path
