@@ -252,3 +252,22 @@ def test_scrub_drops_machine_paths_and_keeps_the_rest(tmp_path):
         "k": ["."]}
     assert evidence.commit_of({"steps": 3}, {"code_version": {"commit": "abc"}}) == "abc"
     assert evidence.commit_of({"git_commit": "def"}) == "def" and evidence.commit_of(None, {}) is None
+
+
+@pytest.mark.parametrize("name", ["fair_budgets"])
+def test_the_published_verdict_recomputes_from_its_evidence(name, tmp_path):
+    """docs/results/<name> (the README's verdict) stays recomputable by this code: the tables from its evidence
+    alone equal the published ones byte for byte, and each test mean is the seeds' accuracy on the predictions."""
+    pub = Path(__file__).resolve().parents[1] / "docs" / "results" / name
+    shutil.copytree(pub, tmp_path / name)  # read from a copy: the published folder is never written
+    rc, out, err = run("--from-published", tmp_path / name)
+    assert rc == 0 and "identical" in out, err
+    rows = read_csv(pub / "protocol.csv")
+    for task in {r["task"] for r in rows}:
+        with np.load(pub / "evidence" / f"predictions-{task}.npz") as f:
+            arrays = {k: f[k] for k in f.files}
+        for row in (r for r in rows if r["task"] == task):
+            accs = [(v == arrays["labels"]).mean() for k, v in arrays.items() if k.startswith(row["method"] + "@")]
+            assert len(accs) == int(row["seeds"]) >= 3 and float(row["test_mean"]) == pytest.approx(np.mean(accs))
+    assert not any("/work/" in p.read_text() or "/tmp/" in p.read_text()
+                   for p in pub.rglob("*") if p.suffix in (".json", ".md", ".csv"))
