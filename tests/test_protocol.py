@@ -271,3 +271,23 @@ def test_the_published_verdict_recomputes_from_its_evidence(name, tmp_path):
             assert len(accs) == int(row["seeds"]) >= 3 and float(row["test_mean"]) == pytest.approx(np.mean(accs))
     assert not any("/work/" in p.read_text() or "/tmp/" in p.read_text()
                    for p in pub.rglob("*") if p.suffix in (".json", ".md", ".csv"))
+
+
+def test_the_table_and_differences_csv_give_one_interval_per_pair(published):
+    """Each method's difference to the best in protocol.csv is differences.csv's best - method, turned round: the
+    same draws, so the two files never disagree on an interval or a mark."""
+    pub = published["pub"]
+    pairs = {(r["task"], r["budget"], r["a"], r["b"]): r for r in read_csv(pub / "differences.csv")}
+    rows = read_csv(pub / "protocol.csv")
+    checked = 0
+    for row in rows:
+        if row["diff"] == "":
+            continue
+        best = next(r["method"] for r in rows if (r["task"], r["budget"]) == (row["task"], row["budget"]) and r["diff"] == "")
+        pair = pairs[(row["task"], row["budget"], best, row["method"])]
+        for mine, theirs in (("diff", "diff"), ("low", "high"), ("high", "low"), ("examples_low", "examples_high"),
+                             ("examples_high", "examples_low")):
+            assert float(row[mine]) == pytest.approx(-float(pair[theirs]), abs=1e-12), (row["method"], mine)
+        assert row["significant"] == pair["significant"]
+        checked += 1
+    assert checked >= 1

@@ -181,8 +181,11 @@ def rows(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
         for m in preds:
             seeds, choice = runs[(task, m)], index["choices"][f"{task}/{m}"]
             score = intervals.two_stage(preds[m], None, labels, metric, resamples=resamples)
-            hier = None if m == best else intervals.two_stage(preds[m], preds[best], labels, metric, resamples=resamples)
-            ex = None if m == best else examples_only(preds[m], preds[best], labels, metric, resamples=resamples)
+            # best - m as differences.csv draws it (same draws), turned round: one interval per pair, both files
+            hier = None if m == best else _turned(intervals.two_stage(preds[best], preds[m], labels, metric,
+                                                                      resamples=resamples))
+            ex = None if m == best else _turned(examples_only(preds[best], preds[m], labels, metric,
+                                                              resamples=resamples))
             out.append({"task": task, "method": m, "budget": budget or "", "metric": metric,
                         "chosen": _value(choice.get("chosen")),
                         "dev": choice.get("dev"), "ties": ", ".join(choice.get("ties") or []),
@@ -198,6 +201,12 @@ def rows(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
                         "train_seconds": statistics.fmean(r["train_seconds"] or 0.0 for r in seeds),
                         **_search_notes(choice, seeds)})
     return out
+
+
+def _turned(interval: dict[str, Any]) -> dict[str, Any]:
+    """The interval of b - a from that of a - b: the estimate and the bounds negated and swapped."""
+    point = {k: -interval[k] for k in ("estimate", "difference") if k in interval}
+    return {**interval, **point, "low": -interval["high"], "high": -interval["low"]}
 
 
 def _pair(task: str, budget: str, a: str, b: str, metric: str, preds: dict, labels: np.ndarray, compared: str,
