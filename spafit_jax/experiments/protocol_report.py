@@ -181,32 +181,24 @@ def rows(data: dict, *, resamples: int = RESAMPLES) -> list[dict[str, Any]]:
         for m in preds:
             seeds, choice = runs[(task, m)], index["choices"][f"{task}/{m}"]
             score = intervals.two_stage(preds[m], None, labels, metric, resamples=resamples)
-            # best - m as differences.csv draws it (same draws), turned round: one interval per pair, both files
-            hier = None if m == best else _turned(intervals.two_stage(preds[best], preds[m], labels, metric,
-                                                                      resamples=resamples))
-            ex = None if m == best else _turned(examples_only(preds[best], preds[m], labels, metric,
-                                                              resamples=resamples))
+            # differences.csv's best - m (the same draws) turned round: one interval per pair in both files
+            pair = None if m == best else _pair(task, budget or "", best, m, metric, preds, labels, "methods",
+                                                resamples)
             out.append({"task": task, "method": m, "budget": budget or "", "metric": metric,
                         "chosen": _value(choice.get("chosen")),
                         "dev": choice.get("dev"), "ties": ", ".join(choice.get("ties") or []),
                         "failed_search": len(choice.get("failed") or []), "seeds": len(seeds), "test_mean": means[m],
                         "test_std": statistics.stdev(scores[m]) if len(seeds) > 1 else None,
                         "test_low": score["low"], "test_high": score["high"],
-                        "best": m == best, "diff": None if hier is None else hier["estimate"],
-                        "low": None if hier is None else hier["low"], "high": None if hier is None else hier["high"],
-                        "significant": None if hier is None else hier["significant"],
-                        "examples_low": None if ex is None else ex["low"],
-                        "examples_high": None if ex is None else ex["high"],
+                        "best": m == best, "diff": None if pair is None else -pair["diff"],
+                        "low": None if pair is None else -pair["high"], "high": None if pair is None else -pair["low"],
+                        "significant": None if pair is None else pair["significant"],
+                        "examples_low": None if pair is None else -pair["examples_high"],
+                        "examples_high": None if pair is None else -pair["examples_low"],
                         "params": seeds[0]["params"],
                         "train_seconds": statistics.fmean(r["train_seconds"] or 0.0 for r in seeds),
                         **_search_notes(choice, seeds)})
     return out
-
-
-def _turned(interval: dict[str, Any]) -> dict[str, Any]:
-    """The interval of b - a from that of a - b: the estimate and the bounds negated and swapped."""
-    point = {k: -interval[k] for k in ("estimate", "difference") if k in interval}
-    return {**interval, **point, "low": -interval["high"], "high": -interval["low"]}
 
 
 def _pair(task: str, budget: str, a: str, b: str, metric: str, preds: dict, labels: np.ndarray, compared: str,
